@@ -1,0 +1,19 @@
+//! Generates the tvix wire types and gRPC stubs from `protos/` with protoc.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = [
+        "protos/tvix/castore/protos/castore.proto",
+        "protos/tvix/castore/protos/rpc_blobstore.proto",
+        "protos/tvix/castore/protos/rpc_directory.proto",
+        "protos/tvix/store/protos/pathinfo.proto",
+        "protos/tvix/store/protos/rpc_pathinfo.proto",
+    ];
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .bytes(".")
+        .file_descriptor_set_path(out.join("tvix_descriptor.bin"))
+        .compile_protos(&protos, &["protos"])?;
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    Ok(())
+}

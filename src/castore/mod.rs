@@ -1,0 +1,11 @@
+//! The content-addressed data model: digests, nodes, directories and the
+//! rules for streaming directory graphs.
+pub mod digest;
+pub mod directory;
+pub mod graph;
+pub mod node;
+
+pub use digest::B3Digest;
+pub use directory::{Directory, DirectoryError};
+pub use graph::{GraphError, LeavesFirst, RootFirst, ValidatedGraph};
+pub use node::{Node, NodeError};

@@ -1,0 +1,11 @@
+//! tvix-virtiofsd: a tvix-store compatible content-addressed store and the
+//! pieces that serve it to microVMs as a read-only /nix/store.
+//!
+//! Data flows wire → castore model → store services → NAR/import → CLI.
+pub mod castore;
+pub mod import;
+pub mod nar;
+pub mod nix;
+pub mod pathinfo;
+pub mod services;
+pub mod wire;

@@ -1,0 +1,205 @@
+//! Blob client for a remote tvix-store. Every blob read is checked against
+//! its digest before the first byte is handed out: the stream is spooled to
+//! memory (small blobs) or an unnamed temporary file (large ones) while
+//! hashing, so a lying server yields an error, never wrong bytes.
+use super::{BlobReader, BlobService, BlobWriter};
+use crate::castore::B3Digest;
+use crate::services::channel::MAX_MESSAGE_SIZE;
+use crate::services::{Error, Result};
+use crate::wire::castore::blob_service_client::BlobServiceClient;
+use crate::wire::castore::{BlobChunk, ReadBlobRequest, StatBlobRequest};
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use std::io::{Seek, Write};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::Code;
+
+/// Blobs up to this size are verified in memory; larger ones in a temporary file.
+const SPOOL_IN_MEMORY: usize = 4 << 20;
+/// Size of the chunks we upload.
+const CHUNK: usize = 1 << 20;
+
+#[derive(Clone)]
+pub struct GrpcBlobService {
+    client: BlobServiceClient<Channel>,
+}
+
+impl GrpcBlobService {
+    pub fn new(channel: Channel) -> Self {
+        Self {
+            client: BlobServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(MAX_MESSAGE_SIZE),
+        }
+    }
+}
+
+enum Spool {
+    Memory(Vec<u8>),
+    File(std::io::BufWriter<std::fs::File>),
+}
+
+impl Spool {
+    fn push(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if let Spool::Memory(buf) = self {
+            if buf.len() + data.len() <= SPOOL_IN_MEMORY {
+                buf.extend_from_slice(data);
+                return Ok(());
+            }
+            let mut f = std::io::BufWriter::with_capacity(1 << 20, tempfile::tempfile()?);
+            f.write_all(buf)?;
+            *self = Spool::File(f);
+        }
+        if let Spool::File(f) = self {
+            f.write_all(data)?;
+        }
+        Ok(())
+    }
+
+    fn into_reader(self) -> std::io::Result<Box<dyn BlobReader>> {
+        Ok(match self {
+            Spool::Memory(buf) => Box::new(std::io::Cursor::new(Bytes::from(buf))),
+            Spool::File(f) => {
+                let mut f = f.into_inner().map_err(|e| e.into_error())?;
+                f.rewind()?;
+                Box::new(tokio::fs::File::from_std(f))
+            }
+        })
+    }
+}
+
+#[async_trait]
+impl BlobService for GrpcBlobService {
+    async fn has(&self, digest: &B3Digest) -> Result<bool> {
+        let req = StatBlobRequest {
+            digest: (*digest).into(),
+            ..Default::default()
+        };
+        match self.client.clone().stat(req).await {
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == Code::NotFound => Ok(false),
+            Err(s) => Err(s.into()),
+        }
+    }
+
+    async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
+        let req = ReadBlobRequest {
+            digest: (*digest).into(),
+        };
+        let mut stream = match self.client.clone().read(req).await {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == Code::NotFound => return Ok(None),
+            Err(s) => return Err(s.into()),
+        };
+        let mut hasher = blake3::Hasher::new();
+        let mut spool = Spool::Memory(Vec::new());
+        let mut first = true;
+        loop {
+            match stream.message().await {
+                Ok(Some(chunk)) => {
+                    hasher.update(&chunk.data);
+                    spool.push(&chunk.data)?;
+                }
+                Ok(None) => break,
+                Err(s) if first && s.code() == Code::NotFound => return Ok(None),
+                Err(s) => return Err(s.into()),
+            }
+            first = false;
+        }
+        let actual = B3Digest::from(hasher.finalize());
+        if actual != *digest {
+            tracing::error!(expected = %digest, %actual, "remote store sent a corrupt blob");
+            return Err(Error::DigestMismatch {
+                expected: *digest,
+                actual,
+            });
+        }
+        Ok(Some(spool.into_reader()?))
+    }
+
+    async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
+        let (tx, rx) = mpsc::channel::<BlobChunk>(4);
+        let mut client = self.client.clone();
+        let call = tokio::spawn(async move {
+            client
+                .put(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .map(|r| r.into_inner())
+        });
+        Ok(Box::new(GrpcWriter {
+            tx: Some(tx),
+            call,
+            hasher: blake3::Hasher::new(),
+            buf: BytesMut::new(),
+        }))
+    }
+}
+
+struct GrpcWriter {
+    tx: Option<mpsc::Sender<BlobChunk>>,
+    call: JoinHandle<Result<crate::wire::castore::PutBlobResponse, tonic::Status>>,
+    hasher: blake3::Hasher,
+    buf: BytesMut,
+}
+
+impl GrpcWriter {
+    async fn send(&mut self, data: Bytes) -> Result<()> {
+        let Some(tx) = &self.tx else {
+            return Err(Error::Protocol("blob upload already failed".into()));
+        };
+        if tx.send(BlobChunk { data }).await.is_err() {
+            // The call ended early; its status says why.
+            self.tx = None;
+            return Err(match (&mut self.call).await {
+                Ok(Err(s)) => s.into(),
+                Ok(Ok(_)) => Error::Protocol("server closed the blob upload early".into()),
+                Err(e) => std::io::Error::other(e).into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BlobWriter for GrpcWriter {
+    async fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.hasher.update(data);
+        self.buf.extend_from_slice(data);
+        while self.buf.len() >= CHUNK {
+            let chunk = self.buf.split_to(CHUNK).freeze();
+            self.send(chunk).await?;
+        }
+        Ok(())
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<B3Digest> {
+        if !self.buf.is_empty() {
+            let chunk = self.buf.split().freeze();
+            self.send(chunk).await?;
+        }
+        self.tx = None;
+        let resp = (&mut self.call).await.map_err(std::io::Error::other)??;
+        let expected = B3Digest::from(self.hasher.finalize());
+        let got = B3Digest::try_from(&resp.digest[..])
+            .map_err(|e| Error::Protocol(format!("Put answered a bad digest: {e}")))?;
+        if got != expected {
+            return Err(Error::DigestMismatch {
+                expected,
+                actual: got,
+            });
+        }
+        Ok(expected)
+    }
+}
+
+impl Drop for GrpcWriter {
+    fn drop(&mut self) {
+        // Not closed: reset the call instead of ending the stream, so the
+        // server does not store a truncated blob.
+        if self.tx.is_some() {
+            self.call.abort();
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! Directories as files named by their digest under `ROOT/directories/`,
+//! holding the canonical encoding. Written leaves first through temporary
+//! files, so whatever a crash leaves visible is complete; re-checked against
+//! the digest on every read, so on-disk corruption is an error, not a wrong tree.
+use super::DirectoryService;
+use crate::castore::{B3Digest, Directory, ValidatedGraph};
+use crate::services::{Error, Result};
+use async_trait::async_trait;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone)]
+pub struct LocalDirectoryService {
+    root: PathBuf,
+}
+
+impl LocalDirectoryService {
+    pub fn open(root: &Path) -> Result<Self> {
+        std::fs::create_dir_all(root.join("directories"))?;
+        std::fs::create_dir_all(root.join("tmp"))?;
+        Ok(Self { root: root.into() })
+    }
+
+    fn path_of(&self, digest: &B3Digest) -> PathBuf {
+        let hex = digest.to_hex();
+        self.root.join("directories").join(&hex[..2]).join(hex)
+    }
+}
+
+#[async_trait]
+impl DirectoryService for LocalDirectoryService {
+    async fn get(&self, digest: &B3Digest) -> Result<Option<Directory>> {
+        let bytes = match tokio::fs::read(self.path_of(digest)).await {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let actual = B3Digest::of(&bytes);
+        if actual != *digest {
+            return Err(Error::DigestMismatch {
+                expected: *digest,
+                actual,
+            });
+        }
+        Ok(Some(Directory::decode(&bytes)?))
+    }
+
+    async fn put_graph(&self, graph: ValidatedGraph) -> Result<B3Digest> {
+        let root = graph
+            .root()
+            .ok_or_else(|| Error::InvalidRequest("empty directory graph".into()))?;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            for (digest, dir) in &graph.dirs {
+                let dest = this.path_of(digest);
+                if dest.exists() {
+                    continue;
+                }
+                if let Some(parent) = dest.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                let mut tmp = tempfile::NamedTempFile::new_in(this.root.join("tmp"))?;
+                tmp.write_all(&dir.encode())?;
+                tmp.persist(&dest).map_err(|e| e.error)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        Ok(root)
+    }
+}

@@ -1,0 +1,75 @@
+//! Directory storage: validated directories addressed by their digest.
+use crate::castore::{B3Digest, Directory, LeavesFirst, ValidatedGraph};
+use crate::services::{Error, Result};
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use std::collections::{HashSet, VecDeque};
+
+pub mod grpc;
+pub mod local;
+pub mod memory;
+
+#[async_trait]
+pub trait DirectoryService: Send + Sync + 'static {
+    async fn get(&self, digest: &B3Digest) -> Result<Option<Directory>>;
+
+    /// The tree below `root`: root first, breadth-first, each directory once.
+    /// The stream is empty when `root` is unknown.
+    fn get_recursive(&self, root: B3Digest) -> BoxStream<'_, Result<Directory>> {
+        Box::pin(async_stream::try_stream! {
+            let mut queue = VecDeque::from([root]);
+            let mut seen = HashSet::from([root]);
+            while let Some(digest) = queue.pop_front() {
+                let Some(dir) = self.get(&digest).await? else {
+                    if digest == root {
+                        return;
+                    }
+                    Err(Error::NotFound(format!("directory {digest} (below {root})")))?;
+                    return;
+                };
+                for (_, child, _) in dir.child_directories() {
+                    if seen.insert(child) {
+                        queue.push_back(child);
+                    }
+                }
+                yield dir;
+            }
+        })
+    }
+
+    /// Stores a validated graph (leaves first) and answers its root digest.
+    async fn put_graph(&self, graph: ValidatedGraph) -> Result<B3Digest>;
+}
+
+/// Stores one directory whose children are already stored (or that has none).
+pub async fn put_one(svc: &dyn DirectoryService, dir: Directory) -> Result<B3Digest> {
+    let mut g = LeavesFirst::new();
+    // children already stored elsewhere are fine here: validate names/sizes only
+    if dir.child_directories().next().is_some() {
+        let digest = dir.digest();
+        svc.put_graph(ValidatedGraph {
+            dirs: vec![(digest, dir)],
+        })
+        .await
+    } else {
+        g.add(dir)?;
+        svc.put_graph(g.finish()?).await
+    }
+}
+
+/// Collects a whole tree, for callers that walk it (NAR rendering).
+pub async fn get_tree(
+    svc: &dyn DirectoryService,
+    root: B3Digest,
+) -> Result<std::collections::HashMap<B3Digest, Directory>> {
+    use futures::TryStreamExt;
+    let mut out = std::collections::HashMap::new();
+    let mut s = svc.get_recursive(root);
+    while let Some(d) = s.try_next().await? {
+        out.insert(d.digest(), d);
+    }
+    if out.is_empty() {
+        return Err(Error::NotFound(format!("directory {root}")));
+    }
+    Ok(out)
+}

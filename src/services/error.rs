@@ -1,0 +1,72 @@
+//! The one error type the store services return, whatever the backend.
+use crate::castore::{B3Digest, DirectoryError, GraphError, NodeError};
+use crate::pathinfo::PathInfoError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("invalid directory: {0}")]
+    Directory(#[from] DirectoryError),
+    #[error("invalid node: {0}")]
+    Node(#[from] NodeError),
+    #[error("invalid directory graph: {0}")]
+    Graph(#[from] GraphError),
+    #[error("invalid path info: {0}")]
+    PathInfo(#[from] PathInfoError),
+    #[error("digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch {
+        expected: B3Digest,
+        actual: B3Digest,
+    },
+    #[error("size mismatch for {digest}: expected {expected} bytes, got {actual}")]
+    SizeMismatch {
+        digest: B3Digest,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("malformed NAR: {0}")]
+    Nar(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("the store is read-only")]
+    ReadOnly,
+    #[error("invalid store address {0:?}: {1}")]
+    InvalidAddress(String, String),
+    #[error("remote store: {}: {}", .0.code(), .0.message())]
+    Remote(Box<tonic::Status>),
+    #[error("remote store transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("remote store protocol violation: {0}")]
+    Protocol(String),
+}
+
+impl From<tonic::Status> for Error {
+    fn from(s: tonic::Status) -> Self {
+        Error::Remote(Box::new(s))
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        use tonic::Status;
+        match e {
+            Error::NotFound(m) => Status::not_found(m),
+            Error::ReadOnly => Status::permission_denied(e.to_string()),
+            Error::Remote(s) => Status::unavailable(format!("upstream: {}", s.message())),
+            Error::Directory(_)
+            | Error::Node(_)
+            | Error::Graph(_)
+            | Error::PathInfo(_)
+            | Error::DigestMismatch { .. }
+            | Error::SizeMismatch { .. }
+            | Error::Nar(_)
+            | Error::InvalidRequest(_) => Status::invalid_argument(e.to_string()),
+            _ => Status::internal(e.to_string()),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,17 @@
+//! Path info storage: store path metadata, looked up by the 20-byte hash part.
+use crate::pathinfo::PathInfo;
+use crate::services::Result;
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+
+pub mod grpc;
+pub mod local;
+pub mod memory;
+
+#[async_trait]
+pub trait PathInfoService: Send + Sync + 'static {
+    async fn get(&self, digest: &[u8; 20]) -> Result<Option<PathInfo>>;
+    /// Stores `info`, replacing an earlier entry for the same store path.
+    async fn put(&self, info: PathInfo) -> Result<PathInfo>;
+    fn list(&self) -> BoxStream<'_, Result<PathInfo>>;
+}

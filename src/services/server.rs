@@ -1,0 +1,203 @@
+//! gRPC servers that expose any backend as the tvix-store protocol.
+use crate::castore::{B3Digest, Directory, LeavesFirst, Node};
+use crate::pathinfo::PathInfo;
+use crate::services::{Error, Store};
+use crate::wire::castore as cpb;
+use crate::wire::store as spb;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Chunk size of blob reads we serve.
+const READ_CHUNK: usize = 256 << 10;
+
+fn digest_arg(b: &[u8]) -> Result<B3Digest, Status> {
+    B3Digest::try_from(b).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn read_only() -> Status {
+    Status::from(Error::ReadOnly)
+}
+
+/// Serves the three services of `store`; `read_only` refuses every Put.
+#[derive(Clone)]
+pub struct StoreServer {
+    store: Store,
+    read_only: bool,
+}
+
+impl StoreServer {
+    pub fn new(store: Store, read_only: bool) -> Self {
+        Self { store, read_only }
+    }
+}
+
+#[tonic::async_trait]
+impl cpb::blob_service_server::BlobService for StoreServer {
+    type ReadStream = BoxStream<'static, Result<cpb::BlobChunk, Status>>;
+
+    async fn stat(
+        &self,
+        req: Request<cpb::StatBlobRequest>,
+    ) -> Result<Response<cpb::StatBlobResponse>, Status> {
+        let digest = digest_arg(&req.get_ref().digest)?;
+        if self.store.blob.has(&digest).await? {
+            Ok(Response::new(cpb::StatBlobResponse::default()))
+        } else {
+            Err(Status::not_found(format!("blob {digest}")))
+        }
+    }
+
+    async fn read(
+        &self,
+        req: Request<cpb::ReadBlobRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
+        let digest = digest_arg(&req.get_ref().digest)?;
+        let reader = self
+            .store
+            .blob
+            .open_read(&digest)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("blob {digest}")))?;
+        let s = tokio_util::io::ReaderStream::with_capacity(reader, READ_CHUNK).map(|r| {
+            r.map(|data| cpb::BlobChunk { data })
+                .map_err(|e| Status::internal(e.to_string()))
+        });
+        Ok(Response::new(Box::pin(s)))
+    }
+
+    async fn put(
+        &self,
+        req: Request<Streaming<cpb::BlobChunk>>,
+    ) -> Result<Response<cpb::PutBlobResponse>, Status> {
+        if self.read_only {
+            return Err(read_only());
+        }
+        let mut stream = req.into_inner();
+        let mut w = self.store.blob.open_write().await?;
+        while let Some(chunk) = stream.message().await? {
+            w.write(&chunk.data).await?;
+        }
+        let digest = w.close().await?;
+        Ok(Response::new(cpb::PutBlobResponse {
+            digest: digest.into(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl cpb::directory_service_server::DirectoryService for StoreServer {
+    type GetStream = BoxStream<'static, Result<cpb::Directory, Status>>;
+
+    async fn get(
+        &self,
+        req: Request<cpb::GetDirectoryRequest>,
+    ) -> Result<Response<Self::GetStream>, Status> {
+        let req = req.into_inner();
+        let Some(cpb::get_directory_request::ByWhat::Digest(d)) = req.by_what else {
+            return Err(Status::invalid_argument("by_what missing"));
+        };
+        let root = digest_arg(&d)?;
+        let svc = self.store.directory.clone();
+        let s = async_stream::try_stream! {
+            if req.recursive {
+                let mut s = svc.get_recursive(root);
+                while let Some(d) = s.next().await {
+                    yield d?.to_proto();
+                }
+            } else if let Some(d) = svc.get(&root).await? {
+                yield d.to_proto();
+            }
+        };
+        Ok(Response::new(Box::pin(s)))
+    }
+
+    async fn put(
+        &self,
+        req: Request<Streaming<cpb::Directory>>,
+    ) -> Result<Response<cpb::PutDirectoryResponse>, Status> {
+        if self.read_only {
+            return Err(read_only());
+        }
+        let mut stream = req.into_inner();
+        let mut graph = LeavesFirst::new();
+        while let Some(msg) = stream.message().await? {
+            let dir = Directory::try_from(msg).map_err(Error::from)?;
+            graph.add(dir).map_err(Error::from)?;
+        }
+        let graph = graph.finish().map_err(Error::from)?;
+        let root = self.store.directory.put_graph(graph).await?;
+        Ok(Response::new(cpb::PutDirectoryResponse {
+            root_digest: root.into(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl spb::path_info_service_server::PathInfoService for StoreServer {
+    type ListStream = BoxStream<'static, Result<spb::PathInfo, Status>>;
+
+    async fn get(
+        &self,
+        req: Request<spb::GetPathInfoRequest>,
+    ) -> Result<Response<spb::PathInfo>, Status> {
+        let Some(spb::get_path_info_request::ByWhat::ByOutputHash(h)) = req.into_inner().by_what
+        else {
+            return Err(Status::invalid_argument("by_what missing"));
+        };
+        let digest = <[u8; 20]>::try_from(&h[..]).map_err(|_| {
+            Status::invalid_argument(format!("output hash is {} bytes, expected 20", h.len()))
+        })?;
+        match self.store.path_info.get(&digest).await? {
+            Some(info) => Ok(Response::new(info.to_proto())),
+            None => Err(Status::not_found("path info not found")),
+        }
+    }
+
+    async fn put(&self, req: Request<spb::PathInfo>) -> Result<Response<spb::PathInfo>, Status> {
+        if self.read_only {
+            return Err(read_only());
+        }
+        let info = PathInfo::try_from(req.into_inner()).map_err(Error::from)?;
+        // Nothing dangling is published: the tree must have been uploaded first.
+        let present = match &info.node {
+            Node::Directory { digest, .. } => self.store.directory.get(digest).await?.is_some(),
+            Node::File { digest, .. } => self.store.blob.has(digest).await?,
+            Node::Symlink { .. } => true,
+        };
+        if !present {
+            return Err(Status::failed_precondition(format!(
+                "contents of {} were not uploaded before its path info",
+                info.store_path
+            )));
+        }
+        let info = self.store.path_info.put(info).await?;
+        Ok(Response::new(info.to_proto()))
+    }
+
+    async fn calculate_nar(
+        &self,
+        req: Request<cpb::Node>,
+    ) -> Result<Response<spb::CalculateNarResponse>, Status> {
+        let (_, node) = Node::from_proto_root(req.get_ref()).map_err(Error::from)?;
+        let (nar_size, sha) = crate::nar::calculate_nar(&node, &self.store).await?;
+        Ok(Response::new(spb::CalculateNarResponse {
+            nar_size,
+            nar_sha256: bytes::Bytes::copy_from_slice(&sha),
+        }))
+    }
+
+    async fn list(
+        &self,
+        _: Request<spb::ListPathInfoRequest>,
+    ) -> Result<Response<Self::ListStream>, Status> {
+        let svc = self.store.path_info.clone();
+        let s = async_stream::try_stream! {
+            let mut s = svc.list();
+            while let Some(info) = s.next().await {
+                yield info?.to_proto();
+            }
+        };
+        Ok(Response::new(Box::pin(s)))
+    }
+}
