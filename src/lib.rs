@@ -3,6 +3,7 @@
 //!
 //! Data flows wire → castore model → store services → NAR/import → CLI.
 pub mod castore;
+pub mod cli;
 pub mod import;
 pub mod nar;
 pub mod nix;

@@ -1,0 +1,272 @@
+//! `import`, `copy` and `import-nar`: the ways store paths get into the store.
+use crate::nar::Ingested;
+use crate::nix::path_info_json::{parse_path_info_json, NixPathInfo};
+use crate::nix::store_path::{make_source_path, StorePath};
+use crate::pathinfo::{ContentAddress, PathInfo, Signature};
+use crate::services::Store;
+use crate::wire::store::nar_info::ca::Hash as CaKind;
+use anyhow::{anyhow, bail, Context};
+use clap::Args;
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// Files or directories to add; each becomes /nix/store/<hash>-<basename>.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct CopyArgs {
+    /// Output of `nix path-info --json --recursive` for the paths (Nix 2.8
+    /// list form or newer map form); without it, `nix path-info` is run.
+    #[arg(long)]
+    pub path_info: Option<PathBuf>,
+
+    /// Store paths to copy from this host's /nix/store, with their closure.
+    #[arg(required = true)]
+    pub paths: Vec<String>,
+
+    /// Store paths imported in parallel.
+    #[arg(long, default_value_t = 4)]
+    pub jobs: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct ImportNarArgs {
+    /// Output of `nix path-info --json` describing the store paths (name,
+    /// references, NAR hash and size).
+    #[arg(long)]
+    pub path_info: PathBuf,
+
+    /// STORE_PATH=NAR_FILE pairs; NAR_FILE `-` reads stdin.
+    #[arg(required = true)]
+    pub nars: Vec<String>,
+}
+
+fn progress(msg: &str) -> ProgressBar {
+    // Hidden when stderr is not a terminal.
+    let pb = ProgressBar::new_spinner();
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} {bytes} ({bytes_per_sec})") {
+        pb.set_style(style);
+    }
+    pb.set_message(msg.to_string());
+    pb.enable_steady_tick(std::time::Duration::from_millis(200));
+    pb
+}
+
+/// `nix-store --add`: a "source" path named after the file, no references.
+pub async fn import(store: Store, args: ImportArgs) -> anyhow::Result<()> {
+    for path in &args.paths {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| anyhow!("{}: no usable file name", path.display()))?;
+        let pb = progress(name);
+        let inc = |n: u64| pb.inc(n);
+        let ing = crate::import::ingest_path(path, &store, &inc)
+            .await
+            .with_context(|| format!("importing {}", path.display()))?;
+        pb.finish_and_clear();
+        let store_path = make_source_path(name, &ing.nar_sha256, &[])
+            .with_context(|| format!("{}: cannot name a store path after it", path.display()))?;
+        let info = PathInfo {
+            store_path,
+            node: ing.node,
+            references: vec![],
+            nar_size: ing.nar_size,
+            nar_sha256: ing.nar_sha256,
+            signatures: vec![],
+            deriver: None,
+            ca: Some(ContentAddress {
+                kind: CaKind::NarSha256,
+                digest: bytes::Bytes::copy_from_slice(&ing.nar_sha256),
+            }),
+        };
+        let info = store.path_info.put(info).await?;
+        println!("{}", info.store_path);
+    }
+    Ok(())
+}
+
+fn read_path_infos(file: &Path) -> anyhow::Result<Vec<NixPathInfo>> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    parse_path_info_json(&bytes).with_context(|| format!("parsing {}", file.display()))
+}
+
+/// Asks the host's Nix for the closure of `paths`.
+async fn nix_path_info(paths: &[StorePath]) -> anyhow::Result<Vec<NixPathInfo>> {
+    let out = tokio::process::Command::new("nix")
+        .args([
+            "--extra-experimental-features",
+            "nix-command",
+            "path-info",
+            "--json",
+            "--recursive",
+        ])
+        .args(paths.iter().map(|p| p.to_absolute_path()))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await
+        .context("running `nix path-info` (pass --path-info FILE where Nix is not installed)")?;
+    if !out.status.success() {
+        bail!("`nix path-info` failed: {}", out.status);
+    }
+    parse_path_info_json(&out.stdout).context("parsing the output of `nix path-info`")
+}
+
+/// The closure of `roots` within `infos`, every member described.
+fn closure(roots: &[StorePath], infos: Vec<NixPathInfo>) -> anyhow::Result<Vec<NixPathInfo>> {
+    let mut by_path: BTreeMap<StorePath, NixPathInfo> =
+        infos.into_iter().map(|i| (i.path.clone(), i)).collect();
+    let mut out = Vec::new();
+    let mut todo: VecDeque<StorePath> = roots.iter().cloned().collect();
+    while let Some(p) = todo.pop_front() {
+        let Some(info) = by_path.remove(&p) else {
+            if out.iter().any(|i: &NixPathInfo| i.path == p) || todo.contains(&p) {
+                continue;
+            }
+            bail!("{p} is not described by the path info (is the JSON from --recursive?)");
+        };
+        todo.extend(info.references.iter().filter(|r| **r != p).cloned());
+        out.push(info);
+    }
+    Ok(out)
+}
+
+fn to_path_info(n: &NixPathInfo, ing: Ingested) -> anyhow::Result<PathInfo> {
+    if n.nar_hash.algo() != crate::nix::hash::HashAlgo::Sha256 {
+        bail!("{}: NAR hash is not SHA-256", n.path);
+    }
+    if ing.nar_sha256[..] != *n.nar_hash.digest() || ing.nar_size != n.nar_size {
+        bail!(
+            "{}: NAR mismatch: expected {} ({} bytes), got {} ({} bytes)",
+            n.path,
+            n.nar_hash.to_sri(),
+            n.nar_size,
+            crate::nix::hash::NixHash::new(
+                crate::nix::hash::HashAlgo::Sha256,
+                ing.nar_sha256.to_vec()
+            )
+            .map(|h| h.to_sri())
+            .unwrap_or_default(),
+            ing.nar_size
+        );
+    }
+    let mut references = n.references.clone();
+    references.sort();
+    Ok(PathInfo {
+        store_path: n.path.clone(),
+        node: ing.node,
+        references,
+        nar_size: ing.nar_size,
+        nar_sha256: ing.nar_sha256,
+        signatures: n
+            .signatures
+            .iter()
+            .map(|(name, data)| Signature {
+                name: name.clone(),
+                data: bytes::Bytes::copy_from_slice(data),
+            })
+            .collect(),
+        deriver: n.deriver.clone(),
+        ca: n.ca.as_ref().map(ContentAddress::from_nix),
+    })
+}
+
+/// Whether the store already holds `n` with the same NAR hash.
+async fn present(store: &Store, n: &NixPathInfo) -> anyhow::Result<bool> {
+    Ok(store
+        .path_info
+        .get(n.path.digest())
+        .await?
+        .is_some_and(|i| i.nar_sha256[..] == *n.nar_hash.digest() && i.store_path == n.path))
+}
+
+/// Runs `one` for every path with `jobs` in flight; reports every failure, fails if any did.
+async fn for_each<'a, F, Fut>(items: Vec<NixPathInfo>, jobs: usize, one: F) -> anyhow::Result<()>
+where
+    F: Fn(NixPathInfo) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + 'a,
+{
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(items)
+        .map(one)
+        .buffer_unordered(jobs.max(1))
+        .collect()
+        .await;
+    let failed: Vec<_> = results.into_iter().filter_map(Result::err).collect();
+    for e in &failed {
+        eprintln!("error: {e:#}");
+    }
+    if !failed.is_empty() {
+        bail!("{} store path(s) failed", failed.len());
+    }
+    Ok(())
+}
+
+pub async fn copy(store: Store, args: CopyArgs) -> anyhow::Result<()> {
+    let roots = args
+        .paths
+        .iter()
+        .map(|p| super::parse_store_path(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let infos = match &args.path_info {
+        Some(f) => read_path_infos(f)?,
+        None => nix_path_info(&roots).await?,
+    };
+    let todo = closure(&roots, infos)?;
+    let pb = progress(&format!("copying {} store paths", todo.len()));
+    let store = &store;
+    let pb = &pb;
+    let r = for_each(todo, args.jobs, |n| async move {
+        if present(store, &n).await? {
+            return Ok(());
+        }
+        let src = PathBuf::from(n.path.to_absolute_path());
+        let inc = |b: u64| pb.inc(b);
+        let ing = crate::import::ingest_path(&src, store, &inc)
+            .await
+            .with_context(|| format!("{}", n.path))?;
+        let info = to_path_info(&n, ing)?;
+        store.path_info.put(info).await?;
+        pb.println(format!("copied {}", n.path));
+        Ok(())
+    })
+    .await;
+    pb.finish_and_clear();
+    r?;
+    for p in &roots {
+        println!("{p}");
+    }
+    Ok(())
+}
+
+pub async fn import_nar(store: Store, args: ImportNarArgs) -> anyhow::Result<()> {
+    let infos = read_path_infos(&args.path_info)?;
+    for pair in &args.nars {
+        let (sp, file) = pair
+            .split_once('=')
+            .ok_or_else(|| anyhow!("{pair:?}: expected STORE_PATH=NAR_FILE"))?;
+        let sp = super::parse_store_path(sp)?;
+        let n = infos
+            .iter()
+            .find(|i| i.path == sp)
+            .ok_or_else(|| anyhow!("{sp} is not described by {}", args.path_info.display()))?;
+        let ing = if file == "-" {
+            crate::nar::ingest_nar(tokio::io::stdin(), &store).await
+        } else {
+            let f = tokio::fs::File::open(file)
+                .await
+                .with_context(|| format!("opening {file}"))?;
+            crate::nar::ingest_nar(f, &store).await
+        }
+        .with_context(|| format!("{sp}: reading NAR {file}"))?;
+        let info = to_path_info(n, ing)?;
+        store.path_info.put(info).await?;
+        println!("{sp}");
+    }
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! Command line: store selection shared by all commands, one file per command group.
+use crate::services::{Addr, Store};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+pub mod daemon;
+pub mod import;
+pub mod query;
+
+/// A tvix-store compatible content-addressed store that serves a read-only
+/// /nix/store to microVMs.
+#[derive(Parser, Debug)]
+#[command(name = "tvix-virtiofsd", version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    /// Log level: error, warn, info, debug or trace (or a tracing filter).
+    #[arg(
+        long,
+        global = true,
+        env = "TVIX_VIRTIOFSD_LOG",
+        default_value = "info"
+    )]
+    pub log_level: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve the store's BlobService, DirectoryService and PathInfoService over gRPC.
+    Daemon(daemon::DaemonArgs),
+    /// Add files or directories as store paths, exactly as `nix-store --add` does.
+    Import(import::ImportArgs),
+    /// Copy store paths and their closure from this host's /nix/store.
+    Copy(import::CopyArgs),
+    /// Add store paths from NAR files, checked against Nix's path info.
+    ImportNar(import::ImportNarArgs),
+    /// Write the NAR of a store path to stdout.
+    Nar(query::NarArgs),
+    /// Show name, NAR hash, NAR size and references of store paths.
+    PathInfo(query::PathInfoArgs),
+}
+
+/// Which store the command works on.
+#[derive(Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// Store for all three services: local:///PATH, memory://, grpc+unix:///PATH
+    /// or grpc+http://HOST:PORT [default: local:// in $TVIX_VIRTIOFSD_STORE,
+    /// else /var/lib/tvix-virtiofsd for root, else $XDG_DATA_HOME/tvix-virtiofsd].
+    #[arg(long, global = true, env = "TVIX_VIRTIOFSD_STORE_URL")]
+    pub store: Option<String>,
+
+    /// Blob service address (overrides --store for blobs).
+    #[arg(long, global = true, env = "BLOB_SERVICE_ADDR")]
+    pub blob_service_addr: Option<String>,
+
+    /// Directory service address (overrides --store for directories).
+    #[arg(long, global = true, env = "DIRECTORY_SERVICE_ADDR")]
+    pub directory_service_addr: Option<String>,
+
+    /// Path info service address (overrides --store for path infos).
+    #[arg(long, global = true, env = "PATH_INFO_SERVICE_ADDR")]
+    pub path_info_service_addr: Option<String>,
+}
+
+/// The embedded store's directory when none is given.
+pub fn default_store_dir() -> anyhow::Result<PathBuf> {
+    if let Some(d) = std::env::var_os("TVIX_VIRTIOFSD_STORE").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(d));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(PathBuf::from("/var/lib/tvix-virtiofsd"));
+    }
+    let data = match std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(
+            std::env::var_os("HOME").context("neither XDG_DATA_HOME nor HOME is set")?,
+        )
+        .join(".local/share"),
+    };
+    Ok(data.join("tvix-virtiofsd"))
+}
+
+impl StoreArgs {
+    pub fn addrs(&self) -> anyhow::Result<[Addr; 3]> {
+        let base = match &self.store {
+            Some(s) => s.clone(),
+            None => {
+                let dir = default_store_dir()?;
+                let dir = std::path::absolute(&dir)
+                    .with_context(|| format!("store directory {}", dir.display()))?;
+                format!("local://{}", dir.display())
+            }
+        };
+        let pick = |o: &Option<String>| -> anyhow::Result<Addr> {
+            let s = o.as_deref().unwrap_or(&base);
+            Ok(s.parse::<Addr>()?)
+        };
+        Ok([
+            pick(&self.blob_service_addr)?,
+            pick(&self.directory_service_addr)?,
+            pick(&self.path_info_service_addr)?,
+        ])
+    }
+
+    pub fn open(&self) -> anyhow::Result<Store> {
+        let [b, d, p] = self.addrs()?;
+        Store::open(&b, &d, &p).context("opening the store")
+    }
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Daemon(a) => daemon::run(&cli.store, a).await,
+        Command::Import(a) => import::import(cli.store.open()?, a).await,
+        Command::Copy(a) => import::copy(cli.store.open()?, a).await,
+        Command::ImportNar(a) => import::import_nar(cli.store.open()?, a).await,
+        Command::Nar(a) => query::nar(cli.store.open()?, a).await,
+        Command::PathInfo(a) => query::path_info(cli.store.open()?, a).await,
+    }
+}
+
+/// Parses a store path given absolute or as a basename.
+pub fn parse_store_path(s: &str) -> anyhow::Result<crate::nix::store_path::StorePath> {
+    use crate::nix::store_path::StorePath;
+    let p = if s.starts_with('/') {
+        StorePath::from_absolute_path(s.trim_end_matches('/'))
+    } else {
+        StorePath::from_basename(s)
+    };
+    p.with_context(|| format!("{s:?} is not a store path"))
+}
