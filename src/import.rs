@@ -92,6 +92,7 @@ impl Walker<'_> {
             if seen == size {
                 self.nar.file_data(&data).await?;
                 w.write(&data).await?;
+                (self.progress)(seen);
             }
         } else {
             let mut f = tokio::fs::File::open(path).await.map_err(io_at(path))?;

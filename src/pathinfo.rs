@@ -137,7 +137,7 @@ impl TryFrom<pb::PathInfo> for PathInfo {
             }
             let sp = StorePath::from_basename(rname)
                 .map_err(|e| PathInfoError::ReferenceName(rname.clone(), e))?;
-            if &sp.digest()[..] != &digest[..] {
+            if sp.digest()[..] != digest[..] {
                 return Err(PathInfoError::ReferenceMismatch(rname.clone(), i));
             }
             references.push(sp);
@@ -185,6 +185,45 @@ impl TryFrom<pb::PathInfo> for PathInfo {
             deriver,
             ca,
         })
+    }
+}
+
+impl ContentAddress {
+    /// From Nix's content address (`fixed:r:sha256:…` and friends).
+    pub fn from_nix(ca: &crate::nix::hash::ContentAddress) -> Self {
+        use crate::nix::hash::{CaMethod, HashAlgo};
+        let kind = match (ca.method(), ca.hash().algo()) {
+            (CaMethod::NarRecursive, HashAlgo::Sha256) => CaKind::NarSha256,
+            (CaMethod::NarRecursive, HashAlgo::Sha1) => CaKind::NarSha1,
+            (CaMethod::NarRecursive, HashAlgo::Sha512) => CaKind::NarSha512,
+            (CaMethod::NarRecursive, HashAlgo::Md5) => CaKind::NarMd5,
+            (CaMethod::Text, _) => CaKind::TextSha256,
+            (CaMethod::Flat, HashAlgo::Sha256) => CaKind::FlatSha256,
+            (CaMethod::Flat, HashAlgo::Sha1) => CaKind::FlatSha1,
+            (CaMethod::Flat, HashAlgo::Sha512) => CaKind::FlatSha512,
+            (CaMethod::Flat, HashAlgo::Md5) => CaKind::FlatMd5,
+        };
+        Self {
+            kind,
+            digest: Bytes::copy_from_slice(ca.hash().digest()),
+        }
+    }
+
+    /// Nix's text form, as `nix path-info` prints it.
+    pub fn to_nix_string(&self) -> String {
+        use crate::nix::nixbase32::encode;
+        let d = encode(&self.digest);
+        match self.kind {
+            CaKind::NarSha256 => format!("fixed:r:sha256:{d}"),
+            CaKind::NarSha1 => format!("fixed:r:sha1:{d}"),
+            CaKind::NarSha512 => format!("fixed:r:sha512:{d}"),
+            CaKind::NarMd5 => format!("fixed:r:md5:{d}"),
+            CaKind::TextSha256 => format!("text:sha256:{d}"),
+            CaKind::FlatSha256 => format!("fixed:sha256:{d}"),
+            CaKind::FlatSha1 => format!("fixed:sha1:{d}"),
+            CaKind::FlatSha512 => format!("fixed:sha512:{d}"),
+            CaKind::FlatMd5 => format!("fixed:md5:{d}"),
+        }
     }
 }
 
@@ -252,44 +291,5 @@ mod tests {
         let mut pb = sample().to_proto();
         pb.narinfo.as_mut().unwrap().ca.as_mut().unwrap().digest = Bytes::from_static(&[1; 20]);
         assert!(PathInfo::try_from(pb).is_err());
-    }
-}
-
-impl ContentAddress {
-    /// From Nix's content address (`fixed:r:sha256:…` and friends).
-    pub fn from_nix(ca: &crate::nix::hash::ContentAddress) -> Self {
-        use crate::nix::hash::{CaMethod, HashAlgo};
-        let kind = match (ca.method(), ca.hash().algo()) {
-            (CaMethod::NarRecursive, HashAlgo::Sha256) => CaKind::NarSha256,
-            (CaMethod::NarRecursive, HashAlgo::Sha1) => CaKind::NarSha1,
-            (CaMethod::NarRecursive, HashAlgo::Sha512) => CaKind::NarSha512,
-            (CaMethod::NarRecursive, HashAlgo::Md5) => CaKind::NarMd5,
-            (CaMethod::Text, _) => CaKind::TextSha256,
-            (CaMethod::Flat, HashAlgo::Sha256) => CaKind::FlatSha256,
-            (CaMethod::Flat, HashAlgo::Sha1) => CaKind::FlatSha1,
-            (CaMethod::Flat, HashAlgo::Sha512) => CaKind::FlatSha512,
-            (CaMethod::Flat, HashAlgo::Md5) => CaKind::FlatMd5,
-        };
-        Self {
-            kind,
-            digest: Bytes::copy_from_slice(ca.hash().digest()),
-        }
-    }
-
-    /// Nix's text form, as `nix path-info` prints it.
-    pub fn to_nix_string(&self) -> String {
-        use crate::nix::nixbase32::encode;
-        let d = encode(&self.digest);
-        match self.kind {
-            CaKind::NarSha256 => format!("fixed:r:sha256:{d}"),
-            CaKind::NarSha1 => format!("fixed:r:sha1:{d}"),
-            CaKind::NarSha512 => format!("fixed:r:sha512:{d}"),
-            CaKind::NarMd5 => format!("fixed:r:md5:{d}"),
-            CaKind::TextSha256 => format!("text:sha256:{d}"),
-            CaKind::FlatSha256 => format!("fixed:sha256:{d}"),
-            CaKind::FlatSha1 => format!("fixed:sha1:{d}"),
-            CaKind::FlatSha512 => format!("fixed:sha512:{d}"),
-            CaKind::FlatMd5 => format!("fixed:md5:{d}"),
-        }
     }
 }

@@ -99,6 +99,21 @@ async fn bind(listen: &str) -> anyhow::Result<Listener> {
     }
 }
 
+/// Disables Nagle on accepted connections: without it every small request
+/// waits for the peer's delayed ACK (~40 ms), which dominates per-blob reads.
+pub fn nodelay(
+    s: TcpListenerStream,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt;
+    s.map(|r| {
+        r.inspect(|c| {
+            if let Err(e) = c.set_nodelay(true) {
+                tracing::warn!("cannot set TCP_NODELAY: {e}");
+            }
+        })
+    })
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
@@ -141,6 +156,9 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
 
     let max = crate::services::channel::MAX_MESSAGE_SIZE;
     let router = Server::builder()
+        .layer(tower::util::MapRequestLayer::new(
+            crate::services::server::reset_is_error,
+        ))
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_alpha)
@@ -169,7 +187,7 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
         Listener::Tcp(l) => {
             tracing::info!("listening on {}{ro}", l.local_addr()?);
             router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(l), shutdown_signal())
+                .serve_with_incoming_shutdown(nodelay(TcpListenerStream::new(l)), shutdown_signal())
                 .await?;
         }
         Listener::Unix(l, path) => {

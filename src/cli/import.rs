@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
@@ -186,23 +186,77 @@ async fn present(store: &Store, n: &NixPathInfo) -> anyhow::Result<bool> {
         .is_some_and(|i| i.nar_sha256[..] == *n.nar_hash.digest() && i.store_path == n.path))
 }
 
-/// Runs `one` for every path with `jobs` in flight; reports every failure, fails if any did.
-async fn for_each<'a, F, Fut>(items: Vec<NixPathInfo>, jobs: usize, one: F) -> anyhow::Result<()>
-where
-    F: Fn(NixPathInfo) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>> + 'a,
-{
-    let results: Vec<anyhow::Result<()>> = futures::stream::iter(items)
-        .map(one)
-        .buffer_unordered(jobs.max(1))
-        .collect()
-        .await;
-    let failed: Vec<_> = results.into_iter().filter_map(Result::err).collect();
-    for e in &failed {
-        eprintln!("error: {e:#}");
+/// Copies one path unless the store already has it.
+async fn copy_one(store: &Store, n: &NixPathInfo, pb: &ProgressBar) -> anyhow::Result<()> {
+    if present(store, n).await? {
+        return Ok(());
     }
-    if !failed.is_empty() {
-        bail!("{} store path(s) failed", failed.len());
+    let src = PathBuf::from(n.path.to_absolute_path());
+    let inc = |b: u64| pb.inc(b);
+    let ing = crate::import::ingest_path(&src, store, &inc)
+        .await
+        .with_context(|| format!("{}", n.path))?;
+    store.path_info.put(to_path_info(n, ing)?).await?;
+    pb.println(format!("copied {}", n.path));
+    Ok(())
+}
+
+/// Copies in dependency order, `jobs` at a time: a path is stored only after
+/// all its references are, so a failure never leaves a partial closure.
+async fn copy_in_order(
+    store: &Store,
+    todo: Vec<NixPathInfo>,
+    jobs: usize,
+    pb: &ProgressBar,
+) -> anyhow::Result<()> {
+    let mut pending: BTreeMap<StorePath, NixPathInfo> =
+        todo.into_iter().map(|i| (i.path.clone(), i)).collect();
+    let mut done = HashSet::new();
+    let mut failed = HashSet::new();
+    let mut errors = Vec::new();
+    while !pending.is_empty() {
+        let mut ready = Vec::new();
+        let mut progressed = false;
+        for (p, n) in &pending {
+            let refs = n.references.iter().filter(|r| *r != p);
+            if let Some(r) = refs.clone().find(|r| failed.contains(*r)) {
+                errors.push(anyhow!("{p}: not copied because its reference {r} failed"));
+                failed.insert(p.clone());
+                progressed = true;
+            } else if refs.clone().all(|r| done.contains(r)) {
+                ready.push(n.clone());
+            }
+        }
+        pending.retain(|p, _| !failed.contains(p));
+        if ready.is_empty() {
+            if progressed {
+                continue;
+            }
+            bail!("reference cycle among {} store paths", pending.len());
+        }
+        let results: Vec<(StorePath, anyhow::Result<()>)> = futures::stream::iter(ready)
+            .map(|n| async move { (n.path.clone(), copy_one(store, &n, pb).await) })
+            .buffer_unordered(jobs.max(1))
+            .collect()
+            .await;
+        for (p, r) in results {
+            pending.remove(&p);
+            match r {
+                Ok(()) => {
+                    done.insert(p);
+                }
+                Err(e) => {
+                    errors.push(e);
+                    failed.insert(p);
+                }
+            }
+        }
+    }
+    for e in &errors {
+        pb.suspend(|| eprintln!("error: {e:#}"));
+    }
+    if !errors.is_empty() {
+        bail!("{} store path(s) were not copied", errors.len());
     }
     Ok(())
 }
@@ -219,23 +273,7 @@ pub async fn copy(store: Store, args: CopyArgs) -> anyhow::Result<()> {
     };
     let todo = closure(&roots, infos)?;
     let pb = progress(&format!("copying {} store paths", todo.len()));
-    let store = &store;
-    let pb = &pb;
-    let r = for_each(todo, args.jobs, |n| async move {
-        if present(store, &n).await? {
-            return Ok(());
-        }
-        let src = PathBuf::from(n.path.to_absolute_path());
-        let inc = |b: u64| pb.inc(b);
-        let ing = crate::import::ingest_path(&src, store, &inc)
-            .await
-            .with_context(|| format!("{}", n.path))?;
-        let info = to_path_info(&n, ing)?;
-        store.path_info.put(info).await?;
-        pb.println(format!("copied {}", n.path));
-        Ok(())
-    })
-    .await;
+    let r = copy_in_order(&store, todo, args.jobs, &pb).await;
     pb.finish_and_clear();
     r?;
     for p in &roots {

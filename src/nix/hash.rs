@@ -68,7 +68,7 @@ pub enum HashError {
         actual: usize,
     },
     #[error("invalid nixbase32 hash: {0}")]
-    Nix32(#[from] Nixbase32Error),
+    Nix32(Nixbase32Error),
     #[error("invalid hex hash: {0}")]
     Hex(DecodeError),
     #[error("invalid base64 hash: {0}")]
@@ -128,7 +128,7 @@ impl NixHash {
         let digest = if bytes.len() == 2 * n {
             HEXLOWER_PERMISSIVE.decode(bytes).map_err(HashError::Hex)?
         } else if bytes.len() == nixbase32::encoded_len(n) {
-            nixbase32::decode(bytes)?
+            nixbase32::decode(bytes).map_err(HashError::Nix32)?
         } else if bytes.len() == BASE64.encode_len(n) {
             BASE64.decode(bytes).map_err(HashError::Base64)?
         } else {

@@ -27,39 +27,35 @@ pub struct NixPathInfo {
 #[derive(Debug, Error)]
 pub enum PathInfoJsonError {
     #[error("path-info JSON is not valid JSON: {0}")]
-    Json(#[source] serde_json::Error),
+    Json(serde_json::Error),
     #[error("path-info JSON is neither a list nor an object")]
     UnexpectedShape,
     #[error("path-info list entry {index} has no string \"path\"")]
     MissingPath { index: usize },
-    #[error("{path}: not a valid store path: {source}")]
+    #[error("{path}: not a valid store path: {reason}")]
     InvalidPath {
         path: String,
-        #[source]
-        source: StorePathError,
+        reason: StorePathError,
     },
     #[error("{path}: path is not valid in the Nix store")]
     NotValid { path: String },
-    #[error("{path}: malformed entry: {source}")]
+    #[error("{path}: malformed entry: {reason}")]
     Entry {
         path: String,
-        #[source]
-        source: serde_json::Error,
+        reason: serde_json::Error,
     },
-    #[error("{path}: field {field}: {source}")]
+    #[error("{path}: field {field}: {reason}")]
     Hash {
         path: String,
         field: &'static str,
-        #[source]
-        source: HashError,
+        reason: HashError,
     },
-    #[error("{path}: field {field}: {value:?}: {source}")]
+    #[error("{path}: field {field}: {value:?}: {reason}")]
     StorePathField {
         path: String,
         field: &'static str,
         value: String,
-        #[source]
-        source: StorePathError,
+        reason: StorePathError,
     },
     #[error("{path}: malformed signature {signature:?}")]
     Signature { path: String, signature: String },
@@ -107,7 +103,12 @@ pub fn parse_path_info_json(bytes: &[u8]) -> Result<Vec<NixPathInfo>, PathInfoJs
 fn convert(path: String, entry: Value) -> Result<NixPathInfo, PathInfoJsonError> {
     let store_path = match StorePath::from_absolute_path(&path) {
         Ok(p) => p,
-        Err(source) => return Err(PathInfoJsonError::InvalidPath { path, source }),
+        Err(source) => {
+            return Err(PathInfoJsonError::InvalidPath {
+                path,
+                reason: source,
+            })
+        }
     };
     // New Nix: `null`; Nix 2.8: `{"path": ..., "valid": false}`.
     if entry.is_null() || entry.get("valid") == Some(&Value::Bool(false)) {
@@ -115,19 +116,24 @@ fn convert(path: String, entry: Value) -> Result<NixPathInfo, PathInfoJsonError>
     }
     let raw: RawPathInfo = match serde_json::from_value(entry) {
         Ok(raw) => raw,
-        Err(source) => return Err(PathInfoJsonError::Entry { path, source }),
+        Err(source) => {
+            return Err(PathInfoJsonError::Entry {
+                path,
+                reason: source,
+            })
+        }
     };
     let hash_err = |field, source| PathInfoJsonError::Hash {
         path: path.clone(),
         field,
-        source,
+        reason: source,
     };
     let sp = |field, value: String| {
         StorePath::from_absolute_path(&value).map_err(|source| PathInfoJsonError::StorePathField {
             path: path.clone(),
             field,
             value,
-            source,
+            reason: source,
         })
     };
     let nar_hash = NixHash::parse(&raw.nar_hash).map_err(|e| hash_err("narHash", e))?;

@@ -28,7 +28,7 @@ pub enum StorePathError {
     #[error("digest part is {0} characters long, expected {DIGEST_CHARS}")]
     InvalidHashLength(usize),
     #[error("invalid digest: {0}")]
-    InvalidHash(#[from] Nixbase32Error),
+    InvalidHash(Nixbase32Error),
     #[error("store path name is empty")]
     EmptyName,
     #[error("store path name is {0} bytes long, at most {MAX_NAME_LEN} allowed")]
@@ -93,7 +93,8 @@ impl StorePath {
         if hash.len() != DIGEST_CHARS {
             return Err(StorePathError::InvalidHashLength(hash.len()));
         }
-        let digest = nixbase32::decode_fixed::<20>(hash.as_bytes())?;
+        let digest =
+            nixbase32::decode_fixed::<20>(hash.as_bytes()).map_err(StorePathError::InvalidHash)?;
         Self::new(digest, name)
     }
 

@@ -5,15 +5,15 @@ use crate::pathinfo::PathInfoError;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("I/O error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("invalid directory: {0}")]
-    Directory(#[from] DirectoryError),
+    Directory(DirectoryError),
     #[error("invalid node: {0}")]
-    Node(#[from] NodeError),
+    Node(NodeError),
     #[error("invalid directory graph: {0}")]
-    Graph(#[from] GraphError),
+    Graph(GraphError),
     #[error("invalid path info: {0}")]
-    PathInfo(#[from] PathInfoError),
+    PathInfo(PathInfoError),
     #[error("digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch {
         expected: B3Digest,
@@ -38,10 +38,30 @@ pub enum Error {
     #[error("remote store: {}: {}", .0.code(), .0.message())]
     Remote(Box<tonic::Status>),
     #[error("remote store transport: {0}")]
-    Transport(#[from] tonic::transport::Error),
+    Transport(tonic::transport::Error),
     #[error("remote store protocol violation: {0}")]
     Protocol(String),
 }
+
+// Written out instead of `#[from]`, which would also make the inner error the
+// `source()` and print it twice in `{:#}` chains.
+macro_rules! wrap {
+    ($($variant:ident($ty:ty)),*) => {$(
+        impl From<$ty> for Error {
+            fn from(e: $ty) -> Self {
+                Error::$variant(e)
+            }
+        }
+    )*};
+}
+wrap!(
+    Io(std::io::Error),
+    Directory(DirectoryError),
+    Node(NodeError),
+    Graph(GraphError),
+    PathInfo(PathInfoError),
+    Transport(tonic::transport::Error)
+);
 
 impl From<tonic::Status> for Error {
     fn from(s: tonic::Status) -> Self {

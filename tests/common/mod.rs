@@ -1,0 +1,148 @@
+//! Helpers shared by the integration tests: in-process gRPC servers, the
+//! daemon as a real process, and the binary under test.
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tvix_virtiofsd::services::server::StoreServer;
+use tvix_virtiofsd::services::{Addr, Store};
+use tvix_virtiofsd::wire::{castore, store};
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tvix-virtiofsd"))
+}
+
+/// Serves `backend` over gRPC in this process on a unix socket (in `dir`)
+/// or loopback TCP, and returns the address a client uses.
+pub async fn serve_in_process(backend: Store, unix_dir: Option<&Path>) -> String {
+    let srv = StoreServer::new(backend, false);
+    let router = tonic::transport::Server::builder()
+        .layer(tower::util::MapRequestLayer::new(
+            tvix_virtiofsd::services::server::reset_is_error,
+        ))
+        .add_service(castore::blob_service_server::BlobServiceServer::new(
+            srv.clone(),
+        ))
+        .add_service(castore::directory_service_server::DirectoryServiceServer::new(srv.clone()))
+        .add_service(store::path_info_service_server::PathInfoServiceServer::new(
+            srv,
+        ));
+    match unix_dir {
+        Some(dir) => {
+            let path = dir.join("store.sock");
+            let l = tokio::net::UnixListener::bind(&path).expect("bind unix socket");
+            tokio::spawn(
+                router.serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(l)),
+            );
+            format!("grpc+unix://{}", path.display())
+        }
+        None => {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind tcp");
+            let addr = l.local_addr().expect("local addr");
+            tokio::spawn(
+                router.serve_with_incoming(tvix_virtiofsd::cli::daemon::nodelay(
+                    tokio_stream::wrappers::TcpListenerStream::new(l),
+                )),
+            );
+            format!("grpc+http://{addr}")
+        }
+    }
+}
+
+/// A client store for a gRPC address.
+pub fn grpc_store(addr: &str) -> Store {
+    let a: Addr = addr.parse().expect("address");
+    Store::open(&a, &a, &a).expect("open grpc store")
+}
+
+/// `tvix-virtiofsd daemon` as a real process; SIGTERM on drop.
+pub struct Daemon {
+    pub child: Child,
+    /// Client address: grpc+unix:///… or grpc+http://…
+    pub addr: String,
+}
+
+impl Daemon {
+    /// Starts the daemon on `listen` (HOST:PORT or unix:PATH) over `store_url`.
+    pub fn start(store_url: &str, listen: &str, extra: &[&str]) -> Daemon {
+        let child = Command::new(bin())
+            .args(["--store", store_url, "daemon", "--listen", listen])
+            .args(extra)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn daemon");
+        let addr = match listen.strip_prefix("unix:") {
+            Some(p) => format!("grpc+unix://{p}"),
+            None => format!("grpc+http://{listen}"),
+        };
+        let d = Daemon { child, addr };
+        d.wait_ready(listen);
+        d
+    }
+
+    fn wait_ready(&self, listen: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = match listen.strip_prefix("unix:") {
+                Some(p) => std::os::unix::net::UnixStream::connect(p).is_ok(),
+                None => std::net::TcpStream::connect(listen).is_ok(),
+            };
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not start listening on {listen}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id() as i32;
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let status = self.child.wait().expect("wait daemon");
+        std::mem::forget(self);
+        status
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free loopback TCP port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Runs the CLI with `args`, asserting success; returns stdout.
+pub fn cli_ok(args: &[&str]) -> Vec<u8> {
+    let out = Command::new(bin()).args(args).output().expect("run cli");
+    assert!(
+        out.status.success(),
+        "tvix-virtiofsd {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Runs the CLI with `args`, asserting failure; returns stderr.
+pub fn cli_err(args: &[&str]) -> String {
+    let out = Command::new(bin()).args(args).output().expect("run cli");
+    assert!(
+        !out.status.success(),
+        "tvix-virtiofsd {args:?} unexpectedly succeeded"
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}

@@ -1,0 +1,8 @@
+//! The in-memory backend.
+use tvix_virtiofsd::services::Store;
+
+async fn make_store() -> (Store, ()) {
+    (Store::memory(), ())
+}
+
+conformance_suite!(make_store);
