@@ -598,3 +598,38 @@ fn copy_and_read_back_through_daemons() {
     let status = unix.stop();
     assert!(status.success(), "unix daemon exited with {status}");
 }
+
+/// `.nar.xz` and `.nar.zst` (what binary caches serve) are decompressed on
+/// the way in and checked against Nix's hash of the plain NAR.
+#[test]
+fn import_compressed_nars() {
+    require_nix();
+    let closure = fixture_closure();
+    let tmp = tempfile::tempdir().unwrap();
+    let json = fixture_path_info_file(tmp.path());
+    let json = json.to_str().unwrap();
+    for (tool, ext) in [("xz", "xz"), ("zstd", "zst")] {
+        assert!(
+            on_path(tool),
+            "{tool} is needed for this test (xz-utils, zstd)"
+        );
+        let store = local_url(&tmp.path().join(format!("store-{ext}")));
+        for (i, p) in closure.iter().enumerate() {
+            let plain = nix_ok("nix-store", &["--dump", p]);
+            let raw = tmp.path().join(format!("{i}-{ext}.nar"));
+            std::fs::write(&raw, &plain).unwrap();
+            // both tools keep the input and write RAW.EXT next to it
+            let st = Command::new(tool)
+                .args(["-q", "-k", "-f"])
+                .arg(&raw)
+                .status()
+                .unwrap();
+            assert!(st.success(), "{tool} failed");
+            let f = tmp.path().join(format!("{i}-{ext}.nar.{ext}"));
+            let pair = format!("{p}={}", f.display());
+            cli_ok(&["--store", &store, "import-nar", "--path-info", json, &pair]);
+            let ours = cli_ok(&["--store", &store, "nar", p]);
+            assert!(ours == plain, "{p}: NAR differs after import of .nar.{ext}");
+        }
+    }
+}

@@ -42,7 +42,8 @@ pub struct ImportNarArgs {
     #[arg(long)]
     pub path_info: PathBuf,
 
-    /// STORE_PATH=NAR_FILE pairs; NAR_FILE `-` reads stdin.
+    /// STORE_PATH=NAR_FILE pairs; NAR_FILE `-` reads stdin; `.xz` and
+    /// `.zst` files are decompressed.
     #[arg(required = true)]
     pub nars: Vec<String>,
 }
@@ -282,6 +283,19 @@ pub async fn copy(store: Store, args: CopyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Decompresses `.nar.xz` and `.nar.zst` (binary cache formats) on the fly.
+fn decompressed(name: &str, f: tokio::fs::File) -> Box<dyn tokio::io::AsyncRead + Unpin + Send> {
+    use async_compression::tokio::bufread::{XzDecoder, ZstdDecoder};
+    let buf = tokio::io::BufReader::with_capacity(1 << 17, f);
+    if name.ends_with(".xz") {
+        Box::new(XzDecoder::new(buf))
+    } else if name.ends_with(".zst") {
+        Box::new(ZstdDecoder::new(buf))
+    } else {
+        Box::new(buf)
+    }
+}
+
 pub async fn import_nar(store: Store, args: ImportNarArgs) -> anyhow::Result<()> {
     let infos = read_path_infos(&args.path_info)?;
     for pair in &args.nars {
@@ -293,15 +307,17 @@ pub async fn import_nar(store: Store, args: ImportNarArgs) -> anyhow::Result<()>
             .iter()
             .find(|i| i.path == sp)
             .ok_or_else(|| anyhow!("{sp} is not described by {}", args.path_info.display()))?;
-        let ing = if file == "-" {
-            crate::nar::ingest_nar(tokio::io::stdin(), &store).await
+        let input: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if file == "-" {
+            Box::new(tokio::io::stdin())
         } else {
             let f = tokio::fs::File::open(file)
                 .await
                 .with_context(|| format!("opening {file}"))?;
-            crate::nar::ingest_nar(f, &store).await
-        }
-        .with_context(|| format!("{sp}: reading NAR {file}"))?;
+            decompressed(file, f)
+        };
+        let ing = crate::nar::ingest_nar(input, &store)
+            .await
+            .with_context(|| format!("{sp}: reading NAR {file}"))?;
         let info = to_path_info(n, ing)?;
         store.path_info.put(info).await?;
         println!("{sp}");
