@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 cargo build --release --quiet
 B=$PWD/target/release/tvix-virtiofsd
 work=$(mktemp -d /var/tmp/tvix-bench.XXXXXX)
-trap 'kill $daemon 2>/dev/null || true; rm -rf "$work"' EXIT
+trap '[ -n "${daemon:-}" ] && kill $daemon 2>/dev/null; rm -rf "$work"' EXIT
 
 bytes=$(du -sb --apparent-size "$TREE" | cut -f1)
 files=$(find "$TREE" -type f | wc -l)
@@ -49,11 +49,20 @@ $B --store "$ours_store" import "$TREE" > /dev/null
 t_ours_nar=$(median ":" $B --store "$ours_store" nar "$path")
 t_nix_nar=$(median ":" nix-store --dump "$path")
 
-$B --store "local://$work/dstore" daemon --listen "unix:$work/d.sock" 2>/dev/null &
-daemon=$!
-for _ in $(seq 100); do [ -S "$work/d.sock" ] && break; sleep 0.1; done
-grpc="grpc+unix://$work/d.sock"
-t_grpc=$(median "rm -rf $work/dstore/blobs $work/dstore/directories $work/dstore/pathinfo" $B --store "$grpc" import "$TREE")
+# through the daemon: a fresh daemon and store per run (started outside any
+# command substitution, which would wait for the daemon's stdout to close)
+ts=()
+for i in $(seq "$RUNS"); do
+  [ -n "${daemon:-}" ] && { kill "$daemon"; wait "$daemon" 2>/dev/null || true; }
+  $B --store "local://$work/dstore$i" daemon --listen "unix:$work/d$i.sock" >/dev/null 2>&1 &
+  daemon=$!
+  for _ in $(seq 100); do [ -S "$work/d$i.sock" ] && break; sleep 0.1; done
+  t0=$(now)
+  $B --store "grpc+unix://$work/d$i.sock" import "$TREE" > /dev/null
+  ts+=("$(echo "$(now) - $t0" | bc -l)")
+done
+t_grpc=$(printf '%s\n' "${ts[@]}" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+grpc="grpc+unix://$work/d$RUNS.sock"
 t_grpc_nar=$(median ":" $B --store "$grpc" nar "$path")
 
 cat <<OUT

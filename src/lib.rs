@@ -4,6 +4,8 @@
 //! Data flows wire → castore model → store services → NAR/import → CLI.
 pub mod castore;
 pub mod cli;
+pub mod fs;
+pub mod fuse;
 pub mod import;
 pub mod nar;
 pub mod nix;

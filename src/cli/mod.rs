@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 pub mod daemon;
 pub mod import;
+pub mod mount;
 pub mod query;
 
 /// A tvix-store compatible content-addressed store that serves a read-only
@@ -39,6 +40,8 @@ pub enum Command {
     Copy(import::CopyArgs),
     /// Add store paths from NAR files, checked against Nix's path info.
     ImportNar(import::ImportNarArgs),
+    /// Mount the store read-only as a /nix/store view through FUSE.
+    Mount(mount::MountArgs),
     /// Write the NAR of a store path to stdout.
     Nar(query::NarArgs),
     /// Show name, NAR hash, NAR size and references of store paths.
@@ -121,6 +124,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Import(a) => import::import(cli.store.open()?, a).await,
         Command::Copy(a) => import::copy(cli.store.open()?, a).await,
         Command::ImportNar(a) => import::import_nar(cli.store.open()?, a).await,
+        Command::Mount(a) => mount::run(&cli.store, a).await,
         Command::Nar(a) => query::nar(cli.store.open()?, a).await,
         Command::PathInfo(a) => query::path_info(cli.store.open()?, a).await,
     }

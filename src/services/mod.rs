@@ -4,6 +4,7 @@ pub mod blob;
 pub mod channel;
 pub mod directory;
 mod error;
+mod local_tmp;
 pub mod pathinfo;
 pub mod server;
 

@@ -19,7 +19,7 @@ impl LocalBlobService {
     pub fn open(root: &Path) -> Result<Self> {
         let blobs = root.join("blobs");
         std::fs::create_dir_all(&blobs)?;
-        std::fs::create_dir_all(root.join("tmp"))?;
+        super::super::local_tmp::prepare(root)?;
         Ok(Self { root: root.into() })
     }
 

@@ -17,7 +17,7 @@ pub struct LocalDirectoryService {
 impl LocalDirectoryService {
     pub fn open(root: &Path) -> Result<Self> {
         std::fs::create_dir_all(root.join("directories"))?;
-        std::fs::create_dir_all(root.join("tmp"))?;
+        super::super::local_tmp::prepare(root)?;
         Ok(Self { root: root.into() })
     }
 

@@ -22,7 +22,7 @@ pub struct LocalPathInfoService {
 impl LocalPathInfoService {
     pub fn open(root: &Path) -> Result<Self> {
         std::fs::create_dir_all(root.join("pathinfo"))?;
-        std::fs::create_dir_all(root.join("tmp"))?;
+        super::super::local_tmp::prepare(root)?;
         Ok(Self { root: root.into() })
     }
 

@@ -1,0 +1,676 @@
+//! The read-only /nix/store view of a store, as a fuse-backend-rs
+//! `FileSystem`: served to the host kernel over /dev/fuse (`crate::fuse`)
+//! and, later, to guests over virtio-fs. Store paths appear as
+//! `<hash>-<name>` below the root; trees are fetched on first access and
+//! every byte served has been checked against its BLAKE3 digest.
+mod attr;
+mod inodes;
+
+use crate::castore::{B3Digest, Directory, Node};
+use crate::nix::store_path::StorePath;
+use crate::services::blob::BlobReader;
+use crate::services::Store;
+use attr::{dtype, stat, NEGATIVE_TTL, TTL};
+use bytes::Bytes;
+use fuse_backend_rs::api::filesystem::{
+    Context, DirEntry, Entry, FileSystem, FsOptions, GetxattrReply, ListxattrReply, OpenOptions,
+    SetattrValid, ZeroCopyReader, ZeroCopyWriter,
+};
+use futures::TryStreamExt;
+pub use inodes::{InodeKind, Inodes, ROOT_INO};
+use std::collections::{HashMap, HashSet};
+use std::ffi::CStr;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+const XATTR_BLOB: &[u8] = b"user.tvix.castore.blob.digest";
+const XATTR_DIR: &[u8] = b"user.tvix.castore.directory.digest";
+
+/// How the view behaves.
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    /// Let `readdir` of the root list every store path.
+    pub list_root: bool,
+    /// Upper bound for one store request; past it the reader gets ETIMEDOUT.
+    pub store_timeout: Duration,
+}
+
+/// A directory's entries in order, as readdir walks them.
+type Listing = Arc<Vec<(Bytes, Node)>>;
+
+struct OpenFile {
+    reader: Box<dyn BlobReader>,
+    pos: u64,
+    size: u64,
+}
+
+pub struct StoreFs {
+    store: Store,
+    rt: tokio::runtime::Handle,
+    cfg: FsConfig,
+    inodes: Inodes,
+    dirs: Mutex<HashMap<B3Digest, Arc<Directory>>>,
+    verified: Mutex<HashSet<B3Digest>>,
+    files: Mutex<HashMap<u64, Arc<Mutex<OpenFile>>>>,
+    root_listings: Mutex<HashMap<u64, Listing>>,
+    next_handle: AtomicU64,
+}
+
+fn err(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl StoreFs {
+    /// `rt` runs the store calls; FUSE workers block on it from their own threads.
+    pub fn new(store: Store, rt: tokio::runtime::Handle, cfg: FsConfig) -> Self {
+        Self {
+            store,
+            rt,
+            cfg,
+            inodes: Inodes::default(),
+            dirs: Mutex::new(HashMap::new()),
+            verified: Mutex::new(HashSet::new()),
+            files: Mutex::new(HashMap::new()),
+            root_listings: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+        }
+    }
+
+    /// Live inodes, for tests.
+    pub fn inode_count(&self) -> usize {
+        self.inodes.len()
+    }
+
+    /// Runs a store call with the configured time limit; failures become
+    /// errnos for the reader and a log line for the operator.
+    fn block<T>(
+        &self,
+        what: impl std::fmt::Display,
+        fut: impl std::future::Future<Output = crate::services::Result<T>>,
+    ) -> io::Result<T> {
+        // The timer must be created inside the runtime.
+        let limit = self.cfg.store_timeout;
+        match self
+            .rt
+            .block_on(async move { tokio::time::timeout(limit, fut).await })
+        {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                tracing::error!("{what}: {e}");
+                Err(err(libc::EIO))
+            }
+            Err(_) => {
+                tracing::error!(
+                    "{what}: store did not answer within {:?}",
+                    self.cfg.store_timeout
+                );
+                Err(err(libc::ETIMEDOUT))
+            }
+        }
+    }
+
+    fn kind(&self, ino: u64) -> io::Result<Arc<InodeKind>> {
+        self.inodes.get(ino).ok_or_else(|| err(libc::ENOENT))
+    }
+
+    /// A directory's listing, from the cache or the store.
+    fn directory(&self, digest: &B3Digest) -> io::Result<Arc<Directory>> {
+        if let Some(d) = lock(&self.dirs).get(digest) {
+            return Ok(d.clone());
+        }
+        let d = self
+            .block(
+                format_args!("directory {digest}"),
+                self.store.directory.get(digest),
+            )?
+            .ok_or_else(|| {
+                tracing::error!("directory {digest} is missing from the store");
+                err(libc::EIO)
+            })?;
+        let d = Arc::new(d);
+        lock(&self.dirs).insert(*digest, d.clone());
+        Ok(d)
+    }
+
+    /// Fetches a store path's whole tree in one recursive call.
+    fn prefetch_tree(&self, root: &B3Digest) -> io::Result<()> {
+        if lock(&self.dirs).contains_key(root) {
+            return Ok(());
+        }
+        let tree = self.block(format_args!("directory tree {root}"), async {
+            let mut s = self.store.directory.get_recursive(*root);
+            let mut out = Vec::new();
+            while let Some(d) = s.try_next().await? {
+                out.push(d);
+            }
+            Ok(out)
+        })?;
+        let mut dirs = lock(&self.dirs);
+        for d in tree {
+            dirs.insert(d.digest(), Arc::new(d));
+        }
+        Ok(())
+    }
+
+    fn dir_nlink(&self, kind: &InodeKind) -> io::Result<u64> {
+        match kind {
+            InodeKind::Node(Node::Directory { digest, .. }) => {
+                let d = self.directory(digest)?;
+                Ok(2 + d.child_directories().count() as u64)
+            }
+            _ => Ok(2),
+        }
+    }
+
+    fn entry(&self, ino: u64, kind: &InodeKind) -> io::Result<Entry> {
+        Ok(Entry {
+            inode: ino,
+            generation: 0,
+            attr: stat(ino, kind, self.dir_nlink(kind)?),
+            attr_flags: 0,
+            attr_timeout: TTL,
+            entry_timeout: TTL,
+        })
+    }
+
+    fn negative(timeout: Duration) -> Entry {
+        Entry {
+            entry_timeout: timeout,
+            ..Default::default()
+        }
+    }
+
+    /// Resolves a store path basename below the root.
+    fn lookup_store_path(&self, name: &[u8]) -> io::Result<Entry> {
+        // Not a store path basename: it can never exist, no store call.
+        let Some(sp) = std::str::from_utf8(name)
+            .ok()
+            .and_then(|n| StorePath::from_basename(n).ok())
+        else {
+            return Ok(Self::negative(TTL));
+        };
+        let info = self.block(
+            format_args!("path info {sp}"),
+            self.store.path_info.get(sp.digest()),
+        )?;
+        // The name is part of the store path: `<hash>-<othername>` is absent.
+        let Some(info) = info.filter(|i| i.store_path == sp) else {
+            return Ok(Self::negative(NEGATIVE_TTL));
+        };
+        if let Node::Directory { digest, .. } = &info.node {
+            self.prefetch_tree(digest)?;
+        }
+        let ino = self
+            .inodes
+            .lookup(ROOT_INO, &Bytes::copy_from_slice(name), &info.node);
+        self.entry(ino, &InodeKind::Node(info.node))
+    }
+
+    /// Opens a blob and checks it against its digest and size once per
+    /// mount, so no unverified byte is ever served.
+    fn open_blob(&self, digest: &B3Digest, size: u64) -> io::Result<Box<dyn BlobReader>> {
+        let verified = lock(&self.verified).contains(digest);
+        self.block(format_args!("blob {digest}"), async {
+            let mut r = self
+                .store
+                .blob
+                .open_read(digest)
+                .await?
+                .ok_or_else(|| crate::services::Error::NotFound(format!("blob {digest}")))?;
+            if !verified {
+                let mut h = blake3::Hasher::new();
+                let mut buf = vec![0u8; 1 << 17];
+                let mut n_total = 0u64;
+                loop {
+                    let n = r.read(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    h.update(&buf[..n]);
+                    n_total += n as u64;
+                }
+                let actual = B3Digest::from(h.finalize());
+                if actual != *digest {
+                    return Err(crate::services::Error::DigestMismatch {
+                        expected: *digest,
+                        actual,
+                    });
+                }
+                if n_total != size {
+                    return Err(crate::services::Error::SizeMismatch {
+                        digest: *digest,
+                        expected: size,
+                        actual: n_total,
+                    });
+                }
+                r.rewind().await?;
+            }
+            Ok(r)
+        })
+        .inspect(|_| {
+            lock(&self.verified).insert(*digest);
+        })
+    }
+
+    fn new_handle(&self) -> u64 {
+        self.next_handle.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The listing of a directory inode: (name, node) in order.
+    fn listing(&self, ino: u64, handle: u64) -> io::Result<Listing> {
+        match &*self.kind(ino)? {
+            InodeKind::Root => Ok(lock(&self.root_listings)
+                .get(&handle)
+                .cloned()
+                .unwrap_or_default()),
+            InodeKind::Node(Node::Directory { digest, .. }) => {
+                let d = self.directory(digest)?;
+                Ok(Arc::new(
+                    d.entries()
+                        .map(|(n, node)| (n.clone(), node.clone()))
+                        .collect(),
+                ))
+            }
+            InodeKind::Node(_) => Err(err(libc::ENOTDIR)),
+        }
+    }
+
+    /// Shared by readdir and readdirplus: `.`, `..`, then the entries, with
+    /// offsets that are positions in that list (stable across calls).
+    fn walk_dir(
+        &self,
+        ino: u64,
+        handle: u64,
+        offset: u64,
+        mut emit: impl FnMut(DirEntry, Option<(&Bytes, &Node)>) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        let entries = self.listing(ino, handle)?;
+        let dots: [&[u8]; 2] = [b".", b".."];
+        let total = entries.len() as u64 + 2;
+        for pos in offset..total {
+            let next = pos + 1;
+            let written = if pos < 2 {
+                emit(
+                    DirEntry {
+                        ino: if pos == 0 { ino } else { ROOT_INO },
+                        offset: next,
+                        type_: libc::DT_DIR as u32,
+                        name: dots[pos as usize],
+                    },
+                    None,
+                )?
+            } else {
+                let (name, node) = &entries[(pos - 2) as usize];
+                emit(
+                    DirEntry {
+                        // d_ino only; the real number comes with lookup
+                        ino: u64::MAX - pos,
+                        offset: next,
+                        type_: dtype(node),
+                        name,
+                    },
+                    Some((name, node)),
+                )?
+            };
+            if written == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn erofs<T>() -> io::Result<T> {
+    Err(err(libc::EROFS))
+}
+
+impl FileSystem for StoreFs {
+    type Inode = u64;
+    type Handle = u64;
+
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        let want = FsOptions::ASYNC_READ
+            | FsOptions::PARALLEL_DIROPS
+            | FsOptions::MAX_PAGES
+            | FsOptions::CACHE_SYMLINKS
+            | FsOptions::DO_READDIRPLUS
+            | FsOptions::READDIRPLUS_AUTO;
+        Ok(capable & want)
+    }
+
+    fn lookup(&self, _: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        let name = name.to_bytes();
+        match &*self.kind(parent)? {
+            InodeKind::Root => self.lookup_store_path(name),
+            InodeKind::Node(Node::Directory { digest, .. }) => {
+                let dir = self.directory(digest)?;
+                let Some(node) = dir.get(name) else {
+                    return Ok(Self::negative(TTL));
+                };
+                let ino = self
+                    .inodes
+                    .lookup(parent, &Bytes::copy_from_slice(name), node);
+                self.entry(ino, &InodeKind::Node(node.clone()))
+            }
+            InodeKind::Node(_) => Err(err(libc::ENOTDIR)),
+        }
+    }
+
+    fn forget(&self, _: &Context, inode: u64, count: u64) {
+        self.inodes.forget(inode, count);
+    }
+
+    fn batch_forget(&self, _: &Context, requests: Vec<(u64, u64)>) {
+        for (ino, count) in requests {
+            self.inodes.forget(ino, count);
+        }
+    }
+
+    fn getattr(
+        &self,
+        _: &Context,
+        inode: u64,
+        _: Option<u64>,
+    ) -> io::Result<(libc::stat64, Duration)> {
+        let kind = self.kind(inode)?;
+        Ok((stat(inode, &kind, self.dir_nlink(&kind)?), TTL))
+    }
+
+    fn readlink(&self, _: &Context, inode: u64) -> io::Result<Vec<u8>> {
+        match &*self.kind(inode)? {
+            InodeKind::Node(Node::Symlink { target }) => Ok(target.to_vec()),
+            _ => Err(err(libc::EINVAL)),
+        }
+    }
+
+    fn open(
+        &self,
+        _: &Context,
+        inode: u64,
+        flags: u32,
+        _: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        let flags = flags as i32;
+        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+            return erofs();
+        }
+        let (digest, size) = match &*self.kind(inode)? {
+            InodeKind::Node(Node::File { digest, size, .. }) => (*digest, *size),
+            InodeKind::Node(Node::Symlink { .. }) => return Err(err(libc::ELOOP)),
+            _ => return Err(err(libc::EISDIR)),
+        };
+        let reader = self.open_blob(&digest, size)?;
+        let h = self.new_handle();
+        lock(&self.files).insert(
+            h,
+            Arc::new(Mutex::new(OpenFile {
+                reader,
+                pos: 0,
+                size,
+            })),
+        );
+        Ok((Some(h), OpenOptions::KEEP_CACHE, None))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &self,
+        _: &Context,
+        _: u64,
+        handle: u64,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        _: Option<u64>,
+        _: u32,
+    ) -> io::Result<usize> {
+        let file = lock(&self.files)
+            .get(&handle)
+            .cloned()
+            .ok_or_else(|| err(libc::EBADF))?;
+        let mut f = lock(&file);
+        if offset >= f.size {
+            return Ok(0);
+        }
+        let n = (size as u64)
+            .min(f.size - offset)
+            .min(w.available_bytes() as u64) as usize;
+        let mut buf = vec![0u8; n];
+        let f = &mut *f;
+        self.block("reading a blob", async {
+            if f.pos != offset {
+                f.reader.seek(std::io::SeekFrom::Start(offset)).await?;
+            }
+            f.reader.read_exact(&mut buf).await?;
+            Ok(())
+        })?;
+        f.pos = offset + n as u64;
+        w.write_all(&buf)?;
+        Ok(n)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn release(
+        &self,
+        _: &Context,
+        _: u64,
+        _: u32,
+        handle: u64,
+        _: bool,
+        _: bool,
+        _: Option<u64>,
+    ) -> io::Result<()> {
+        lock(&self.files).remove(&handle);
+        Ok(())
+    }
+
+    fn statfs(&self, _: &Context, _: u64) -> io::Result<libc::statvfs64> {
+        // SAFETY: statvfs64 is plain data; all-zero is a valid value.
+        let mut st: libc::statvfs64 = unsafe { std::mem::zeroed() };
+        st.f_bsize = 4096;
+        st.f_frsize = 4096;
+        st.f_namemax = 255;
+        st.f_files = self.inodes.len() as u64;
+        Ok(st)
+    }
+
+    fn getxattr(
+        &self,
+        _: &Context,
+        inode: u64,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<GetxattrReply> {
+        let value = match (&*self.kind(inode)?, name.to_bytes()) {
+            (InodeKind::Node(Node::File { digest, .. }), XATTR_BLOB)
+            | (InodeKind::Node(Node::Directory { digest, .. }), XATTR_DIR) => {
+                digest.to_string().into_bytes()
+            }
+            _ => return Err(err(libc::ENODATA)),
+        };
+        if size == 0 {
+            Ok(GetxattrReply::Count(value.len() as u32))
+        } else if (size as usize) < value.len() {
+            Err(err(libc::ERANGE))
+        } else {
+            Ok(GetxattrReply::Value(value))
+        }
+    }
+
+    fn listxattr(&self, _: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
+        let mut names = match &*self.kind(inode)? {
+            InodeKind::Node(Node::File { .. }) => XATTR_BLOB.to_vec(),
+            InodeKind::Node(Node::Directory { .. }) => XATTR_DIR.to_vec(),
+            _ => Vec::new(),
+        };
+        if !names.is_empty() {
+            names.push(0);
+        }
+        if size == 0 {
+            Ok(ListxattrReply::Count(names.len() as u32))
+        } else if (size as usize) < names.len() {
+            Err(err(libc::ERANGE))
+        } else {
+            Ok(ListxattrReply::Names(names))
+        }
+    }
+
+    fn opendir(&self, _: &Context, inode: u64, _: u32) -> io::Result<(Option<u64>, OpenOptions)> {
+        match &*self.kind(inode)? {
+            InodeKind::Root => {
+                if !self.cfg.list_root {
+                    return Ok((None, OpenOptions::empty()));
+                }
+                // A snapshot per handle keeps offsets stable while the store changes.
+                let mut all = self.block("listing store paths", async {
+                    let mut s = self.store.path_info.list();
+                    let mut out = Vec::new();
+                    while let Some(info) = s.try_next().await? {
+                        out.push((Bytes::from(info.store_path.to_basename()), info.node));
+                    }
+                    Ok(out)
+                })?;
+                all.sort_by(|a, b| a.0.cmp(&b.0));
+                all.dedup_by(|a, b| a.0 == b.0);
+                let h = self.new_handle();
+                lock(&self.root_listings).insert(h, Arc::new(all));
+                Ok((Some(h), OpenOptions::empty()))
+            }
+            InodeKind::Node(Node::Directory { digest, .. }) => {
+                self.directory(digest)?;
+                Ok((None, OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE))
+            }
+            InodeKind::Node(_) => Err(err(libc::ENOTDIR)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _: &Context,
+        inode: u64,
+        handle: u64,
+        _: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.walk_dir(inode, handle, offset, |d, _| add_entry(d))
+    }
+
+    fn readdirplus(
+        &self,
+        _: &Context,
+        inode: u64,
+        handle: u64,
+        _: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.walk_dir(inode, handle, offset, |mut d, child| {
+            let Some((name, node)) = child else {
+                return add_entry(d, Entry::default());
+            };
+            let ino = self.inodes.lookup(inode, name, node);
+            d.ino = ino;
+            let written = self
+                .entry(ino, &InodeKind::Node(node.clone()))
+                .and_then(|e| add_entry(d, e));
+            // The kernel counts a lookup only for entries it received.
+            if !matches!(written, Ok(n) if n > 0) {
+                self.inodes.forget(ino, 1);
+            }
+            written
+        })
+    }
+
+    fn releasedir(&self, _: &Context, _: u64, _: u32, handle: u64) -> io::Result<()> {
+        lock(&self.root_listings).remove(&handle);
+        Ok(())
+    }
+
+    // Everything that would change the store is refused.
+
+    fn setattr(
+        &self,
+        _: &Context,
+        _: u64,
+        _: libc::stat64,
+        _: Option<u64>,
+        _: SetattrValid,
+    ) -> io::Result<(libc::stat64, Duration)> {
+        erofs()
+    }
+
+    fn symlink(&self, _: &Context, _: &CStr, _: u64, _: &CStr) -> io::Result<Entry> {
+        erofs()
+    }
+
+    fn mknod(&self, _: &Context, _: u64, _: &CStr, _: u32, _: u32, _: u32) -> io::Result<Entry> {
+        erofs()
+    }
+
+    fn mkdir(&self, _: &Context, _: u64, _: &CStr, _: u32, _: u32) -> io::Result<Entry> {
+        erofs()
+    }
+
+    fn unlink(&self, _: &Context, _: u64, _: &CStr) -> io::Result<()> {
+        erofs()
+    }
+
+    fn rmdir(&self, _: &Context, _: u64, _: &CStr) -> io::Result<()> {
+        erofs()
+    }
+
+    fn rename(&self, _: &Context, _: u64, _: &CStr, _: u64, _: &CStr, _: u32) -> io::Result<()> {
+        erofs()
+    }
+
+    fn link(&self, _: &Context, _: u64, _: u64, _: &CStr) -> io::Result<Entry> {
+        erofs()
+    }
+
+    fn create(
+        &self,
+        _: &Context,
+        _: u64,
+        _: &CStr,
+        _: fuse_backend_rs::abi::fuse_abi::CreateIn,
+    ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
+        erofs()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &self,
+        _: &Context,
+        _: u64,
+        _: u64,
+        _: &mut dyn ZeroCopyReader,
+        _: u32,
+        _: u64,
+        _: Option<u64>,
+        _: bool,
+        _: u32,
+        _: u32,
+    ) -> io::Result<usize> {
+        erofs()
+    }
+
+    fn setxattr(&self, _: &Context, _: u64, _: &CStr, _: &[u8], _: u32) -> io::Result<()> {
+        erofs()
+    }
+
+    fn removexattr(&self, _: &Context, _: u64, _: &CStr) -> io::Result<()> {
+        erofs()
+    }
+
+    fn fallocate(&self, _: &Context, _: u64, _: u64, _: u32, _: u64, _: u64) -> io::Result<()> {
+        erofs()
+    }
+}

@@ -1,0 +1,320 @@
+//! The store view mounted for real through /dev/fuse, compared with the
+//! /nix/store Nix itself made for the same paths, over the embedded store
+//! and over a gRPC daemon.
+mod common;
+
+use common::{bin, cli_ok, Daemon};
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Whether real FUSE mounts can run here; says so loudly when not.
+fn fuse_available() -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("!!! SKIPPING FUSE TEST: cannot open /dev/fuse: {e} !!!");
+            false
+        }
+    }
+}
+
+fn is_mounted(mnt: &Path) -> bool {
+    let m = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let want = mnt.to_str().unwrap();
+    m.lines().any(|l| l.split(' ').nth(4) == Some(want))
+}
+
+/// `tvix-virtiofsd mount` as a process; unmounted with SIGTERM on drop.
+struct Mount {
+    child: Child,
+    path: PathBuf,
+}
+
+impl Mount {
+    fn start(store: &str, mnt: &Path, extra: &[&str]) -> Mount {
+        std::fs::create_dir_all(mnt).unwrap();
+        let child = Command::new(bin())
+            .args(["--store", store, "mount", mnt.to_str().unwrap()])
+            .args(extra)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let m = Mount {
+            child,
+            path: mnt.canonicalize().unwrap(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !is_mounted(&m.path) {
+            assert!(Instant::now() < deadline, "mount did not appear");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    fn stop(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let st = self.child.wait().unwrap();
+        assert!(!is_mounted(&self.path), "still mounted after SIGTERM");
+        std::mem::forget(self);
+        st
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn require_nix() {
+    assert!(
+        Command::new("nix-store").arg("--version").output().is_ok(),
+        "nix-store is not on PATH: these tests compare with Nix (apt-get install nix-bin)"
+    );
+}
+
+/// Builds the Nix fixture closure and returns its paths.
+fn fixture_closure() -> Vec<String> {
+    let app = sh("NIX_REMOTE= bash tests/fixtures/nix-closure.sh");
+    let app = app.trim();
+    sh(&format!("NIX_REMOTE= nix-store -qR {app}"))
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// What `find` reports for a tree, the way the issue compares it: type and
+/// mode, symlink target, path; sizes for files and symlinks; mtime.
+fn listing(root: &str) -> String {
+    sh(&format!(
+        "cd {root} && find . -printf '%M %l %T@ %p\\n' | sort && find . ! -type d -printf '%s %p\\n' | sort"
+    ))
+}
+
+fn compare_closure(mnt: &Path, closure: &[String]) {
+    for p in closure {
+        let base = Path::new(p).file_name().unwrap().to_str().unwrap();
+        let ours = mnt.join(base);
+        sh(&format!("diff -r --no-dereference {p} {}", ours.display()));
+        assert_eq!(listing(p), listing(ours.to_str().unwrap()), "{p}");
+    }
+}
+
+#[test]
+fn mount_matches_nix_store() {
+    if !fuse_available() {
+        return;
+    }
+    require_nix();
+    let closure = fixture_closure();
+    let tmp = tempfile::tempdir().unwrap();
+    let store = format!("local://{}", tmp.path().join("store").display());
+    let mut args = vec!["--store", store.as_str(), "copy"];
+    args.extend(closure.iter().map(String::as_str));
+    cli_ok(&args);
+
+    // embedded store
+    let mnt = tmp.path().join("mnt");
+    let m = Mount::start(&store, &mnt, &[]);
+    compare_closure(&m.path, &closure);
+
+    // a binary from the mount runs
+    let bb = closure
+        .iter()
+        .find(|p| p.ends_with("-busybox-static"))
+        .unwrap();
+    let bb_base = Path::new(bb).file_name().unwrap().to_str().unwrap();
+    let out = sh(&format!(
+        "{}/{bb_base}/busybox echo hello from the mount",
+        m.path.display()
+    ));
+    assert_eq!(out, "hello from the mount\n");
+
+    // the name is part of the store path; junk names are absent; the root lists nothing
+    let hash = &bb_base[..32];
+    assert!(!m.path.join(format!("{hash}-othername")).exists());
+    assert!(!m.path.join("not-a-store-path").exists());
+    assert_eq!(std::fs::read_dir(&m.path).unwrap().count(), 0);
+
+    // writes fail with EROFS
+    for cmd in [
+        format!("touch {}/new", m.path.display()),
+        format!("mkdir {}/{bb_base}/d", m.path.display()),
+        format!("echo x >> {}/{bb_base}/busybox", m.path.display()),
+        format!("rm {}/{bb_base}/busybox", m.path.display()),
+    ] {
+        let out = Command::new("sh").args(["-c", &cmd]).output().unwrap();
+        assert!(!out.status.success(), "{cmd} succeeded");
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.contains("Read-only file system"), "{cmd}: {e}");
+    }
+
+    // digests as xattrs, as tvix-store exposes them
+    let f = CString::new(format!("{}/{bb_base}/busybox", m.path.display())).unwrap();
+    let mut buf = [0u8; 128];
+    let name = CString::new("user.tvix.castore.blob.digest").unwrap();
+    // SAFETY: valid C strings and a buffer of the given size.
+    let n = unsafe {
+        libc::getxattr(
+            f.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    assert!(n > 0, "getxattr failed");
+    let data = std::fs::read(format!("{bb}/busybox")).unwrap();
+    let want = tvix_virtiofsd::castore::B3Digest::of(&data).to_string();
+    assert_eq!(&buf[..n as usize], want.as_bytes());
+    assert!(m.stop().success());
+
+    // the same through a gRPC daemon on a unix socket
+    let sock = tmp.path().join("d.sock");
+    let d = Daemon::start(
+        &store,
+        &format!("unix:{}", sock.display()),
+        &["--read-only"],
+    );
+    let mnt2 = tmp.path().join("mnt2");
+    let m = Mount::start(&d.addr, &mnt2, &[]);
+    compare_closure(&m.path, &closure);
+    assert!(m.stop().success());
+    assert!(d.stop().success());
+}
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Random-offset preads of a 256 MiB file, a 10,000-entry directory read
+/// whole and resumed with telldir/seekdir.
+#[test]
+fn large_file_and_directory() {
+    use std::os::unix::fs::FileExt;
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("big");
+    std::fs::create_dir_all(src.join("many")).unwrap();
+    let data = pseudo_random(256 << 20, 3);
+    std::fs::write(src.join("blob"), &data).unwrap();
+    for i in 0..10_000 {
+        std::fs::write(src.join("many").join(format!("e{i:05}")), i.to_string()).unwrap();
+    }
+    let store = format!("local://{}", tmp.path().join("store").display());
+    let path = String::from_utf8(cli_ok(&[
+        "--store",
+        &store,
+        "import",
+        src.to_str().unwrap(),
+    ]))
+    .unwrap();
+    let base = Path::new(path.trim())
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let m = Mount::start(&store, &tmp.path().join("mnt"), &[]);
+    let root = m.path.join(&base);
+
+    let f = std::fs::File::open(root.join("blob")).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), data.len() as u64);
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    for _ in 0..300 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let len = (x % 300_000) as usize + 1;
+        let off = (x >> 20) as usize % (data.len() - len);
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, off as u64).unwrap();
+        assert!(buf == data[off..off + len], "bytes differ at {off}+{len}");
+    }
+    let mut tail = vec![0u8; 100];
+    let n = f.read_at(&mut tail, data.len() as u64 - 10).unwrap();
+    assert_eq!(n, 10);
+    drop(f);
+
+    // readdir of 10,000 entries: each exactly once; telldir/seekdir resume
+    let dir = CString::new(root.join("many").to_str().unwrap()).unwrap();
+    // SAFETY: opendir/readdir/telldir/seekdir/closedir on a handle we own;
+    // each dirent is read before the next readdir call.
+    let (all, again) = unsafe {
+        let d = libc::opendir(dir.as_ptr());
+        assert!(!d.is_null());
+        let mut names = Vec::new();
+        let mut mark = None;
+        let mut after_mark = Vec::new();
+        loop {
+            if names.len() == 5000 && mark.is_none() {
+                mark = Some(libc::telldir(d));
+            }
+            let e = libc::readdir(d);
+            if e.is_null() {
+                break;
+            }
+            let name = std::ffi::CStr::from_ptr((*e).d_name.as_ptr())
+                .to_string_lossy()
+                .into_owned();
+            if mark.is_some() {
+                after_mark.push(name.clone());
+            }
+            names.push(name);
+        }
+        libc::seekdir(d, mark.unwrap());
+        let mut again = Vec::new();
+        loop {
+            let e = libc::readdir(d);
+            if e.is_null() {
+                break;
+            }
+            again.push(
+                std::ffi::CStr::from_ptr((*e).d_name.as_ptr())
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+        libc::closedir(d);
+        assert_eq!(again, after_mark);
+        (names, again)
+    };
+    let mut real: Vec<String> = all.into_iter().filter(|n| n != "." && n != "..").collect();
+    let n = real.len();
+    real.sort();
+    real.dedup();
+    assert_eq!(real.len(), n, "duplicate entries");
+    assert_eq!(n, 10_000);
+    assert!(!again.is_empty());
+    assert!(m.stop().success());
+}
