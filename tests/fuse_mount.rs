@@ -318,3 +318,153 @@ fn large_file_and_directory() {
     assert!(!again.is_empty());
     assert!(m.stop().success());
 }
+
+/// `--list-root` lists 20,000 store paths, each exactly once, across as
+/// many readdir calls as the kernel needs.
+#[test]
+fn root_listing_of_20000_paths() {
+    use tvix_virtiofsd::castore::Node;
+    use tvix_virtiofsd::nix::store_path::StorePath;
+    use tvix_virtiofsd::pathinfo::PathInfo;
+    use tvix_virtiofsd::services::Store;
+    if !fuse_available() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = Store::memory();
+    let mut want = Vec::new();
+    rt.block_on(async {
+        for i in 0..20_000u32 {
+            let h = blake3::hash(&i.to_le_bytes());
+            let digest: [u8; 20] = h.as_bytes()[..20].try_into().unwrap();
+            let sp = StorePath::new(digest, format!("p{i}")).unwrap();
+            want.push(sp.to_basename());
+            backend
+                .path_info
+                .put(PathInfo {
+                    store_path: sp,
+                    node: Node::Symlink {
+                        target: "/nowhere".into(),
+                    },
+                    references: vec![],
+                    nar_size: 0,
+                    nar_sha256: [0; 32],
+                    signatures: vec![],
+                    deriver: None,
+                    ca: None,
+                })
+                .await
+                .unwrap();
+        }
+    });
+    let addr = rt.block_on(common::serve_in_process(backend, Some(tmp.path())));
+    let m = Mount::start(&addr, &tmp.path().join("mnt"), &["--list-root"]);
+    let mut got: Vec<String> = std::fs::read_dir(&m.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(got.len(), 20_000);
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    assert!(std::fs::symlink_metadata(m.path.join(&want[123]))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(m.stop().success());
+}
+
+/// A store that hangs or goes away yields an error after a bounded time;
+/// the mount stays up and serves again once the store is back. A corrupt
+/// blob in the embedded store is EIO, never its bytes.
+#[test]
+fn outage_and_corruption() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store_dir = tmp.path().join("store");
+    let store = format!("local://{}", store_dir.display());
+    let mut paths = Vec::new();
+    for i in 0..3 {
+        let f = tmp.path().join(format!("file{i}"));
+        std::fs::write(&f, format!("content {i}\n")).unwrap();
+        let out = cli_ok(&["--store", &store, "import", f.to_str().unwrap()]);
+        let p = String::from_utf8(out).unwrap().trim().to_string();
+        paths.push(
+            Path::new(&p)
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let sock = tmp.path().join("d.sock");
+    let listen = format!("unix:{}", sock.display());
+    let d = Daemon::start(&store, &listen, &[]);
+    let mnt = tmp.path().join("mnt");
+    let m = Mount::start(&d.addr, &mnt, &["--store-timeout", "2"]);
+    assert_eq!(
+        std::fs::read_to_string(m.path.join(&paths[0])).unwrap(),
+        "content 0\n"
+    );
+
+    // hung store: SIGSTOP the daemon
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGSTOP) };
+    let t0 = Instant::now();
+    let e = std::fs::read_to_string(m.path.join(&paths[1])).unwrap_err();
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "not bounded: {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        matches!(e.raw_os_error(), Some(libc::ETIMEDOUT) | Some(libc::EIO)),
+        "{e}"
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGCONT) };
+    assert_eq!(
+        std::fs::read_to_string(m.path.join(&paths[1])).unwrap(),
+        "content 1\n"
+    );
+
+    // store down, then back on the same socket
+    assert!(d.stop().success());
+    let t0 = Instant::now();
+    assert!(std::fs::read_to_string(m.path.join(&paths[2])).is_err());
+    assert!(t0.elapsed() < Duration::from_secs(15));
+    let d = Daemon::start(&store, &listen, &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match std::fs::read_to_string(m.path.join(&paths[2])) {
+            Ok(s) => {
+                assert_eq!(s, "content 2\n");
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "no recovery: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(m.stop().success());
+    assert!(d.stop().success());
+
+    // corrupt every blob on disk (same length): reads fail with EIO
+    for shard in std::fs::read_dir(store_dir.join("blobs"))
+        .unwrap()
+        .flatten()
+    {
+        for f in std::fs::read_dir(shard.path()).unwrap().flatten() {
+            let mut b = std::fs::read(f.path()).unwrap();
+            b[0] ^= 0xff;
+            std::fs::write(f.path(), b).unwrap();
+        }
+    }
+    let m = Mount::start(&store, &tmp.path().join("mnt2"), &[]);
+    let e = std::fs::read(m.path.join(&paths[0])).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert!(m.stop().success());
+}

@@ -1,0 +1,157 @@
+//! The FileSystem implementation called directly, the way a hostile guest
+//! could call it over virtio-fs (no kernel VFS in between): writes are
+//! EROFS, unknown inodes and handles are errors, never panics.
+use fuse_backend_rs::api::filesystem::{Context, FileSystem};
+use std::ffi::CString;
+use std::sync::Arc;
+use std::time::Duration;
+use tvix_virtiofsd::castore::Node;
+use tvix_virtiofsd::fs::{FsConfig, StoreFs, ROOT_INO};
+use tvix_virtiofsd::nix::store_path::StorePath;
+use tvix_virtiofsd::pathinfo::PathInfo;
+use tvix_virtiofsd::services::{blob, Store};
+
+fn errno<T>(r: std::io::Result<T>) -> i32 {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.raw_os_error().unwrap_or(-1),
+    }
+}
+
+fn setup() -> (tokio::runtime::Runtime, Arc<StoreFs>, String) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = Store::memory();
+    let sp = StorePath::from_basename("00000000000000000000000000000000-file").unwrap();
+    rt.block_on(async {
+        let digest = blob::put_bytes(store.blob.as_ref(), b"contents")
+            .await
+            .unwrap();
+        store
+            .path_info
+            .put(PathInfo {
+                store_path: sp.clone(),
+                node: Node::File {
+                    digest,
+                    size: 8,
+                    executable: false,
+                },
+                references: vec![],
+                nar_size: 0,
+                nar_sha256: [0; 32],
+                signatures: vec![],
+                deriver: None,
+                ca: None,
+            })
+            .await
+            .unwrap();
+    });
+    let fs = Arc::new(StoreFs::new(
+        store,
+        rt.handle().clone(),
+        FsConfig {
+            list_root: false,
+            store_timeout: Duration::from_secs(5),
+        },
+    ));
+    (rt, fs, sp.to_basename())
+}
+
+#[test]
+fn writes_are_erofs_and_bad_ids_are_errors() {
+    let (_rt, fs, name) = setup();
+    let ctx = Context::default();
+    let cname = CString::new(name.clone()).unwrap();
+    let e = fs.lookup(&ctx, ROOT_INO, &cname).unwrap();
+    assert!(e.inode > ROOT_INO);
+    assert_eq!(e.attr.st_size, 8);
+    assert_eq!(e.attr.st_mode & 0o7777, 0o444);
+    let x = CString::new("x").unwrap();
+    assert_eq!(errno(fs.mkdir(&ctx, ROOT_INO, &x, 0o755, 0)), libc::EROFS);
+    assert_eq!(errno(fs.unlink(&ctx, ROOT_INO, &cname)), libc::EROFS);
+    assert_eq!(errno(fs.rmdir(&ctx, ROOT_INO, &x)), libc::EROFS);
+    assert_eq!(errno(fs.symlink(&ctx, &x, ROOT_INO, &x)), libc::EROFS);
+    assert_eq!(errno(fs.link(&ctx, e.inode, ROOT_INO, &x)), libc::EROFS);
+    assert_eq!(
+        errno(fs.rename(&ctx, ROOT_INO, &cname, ROOT_INO, &x, 0)),
+        libc::EROFS
+    );
+    assert_eq!(errno(fs.setxattr(&ctx, e.inode, &x, b"v", 0)), libc::EROFS);
+    assert_eq!(errno(fs.removexattr(&ctx, e.inode, &x)), libc::EROFS);
+    // SAFETY: stat64 is plain data.
+    let st: libc::stat64 = unsafe { std::mem::zeroed() };
+    assert_eq!(
+        errno(fs.setattr(
+            &ctx,
+            e.inode,
+            st,
+            None,
+            fuse_backend_rs::api::filesystem::SetattrValid::MODE
+        )),
+        libc::EROFS
+    );
+    for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_TRUNC] {
+        assert_eq!(errno(fs.open(&ctx, e.inode, flags as u32, 0)), libc::EROFS);
+    }
+    // unknown inodes and handles from a guest
+    for ino in [0, 999_999, u64::MAX] {
+        assert_eq!(errno(fs.getattr(&ctx, ino, None)), libc::ENOENT);
+        assert_eq!(errno(fs.lookup(&ctx, ino, &x)), libc::ENOENT);
+        assert_eq!(
+            errno(fs.open(&ctx, ino, libc::O_RDONLY as u32, 0)),
+            libc::ENOENT
+        );
+        fs.forget(&ctx, ino, 10);
+    }
+    assert_eq!(errno(fs.readlink(&ctx, e.inode)), libc::EINVAL);
+    // looking up below a file is ENOTDIR
+    assert_eq!(errno(fs.lookup(&ctx, e.inode, &x)), libc::ENOTDIR);
+    // an open file reads; forget releases the inode
+    let (h, _, _) = fs.open(&ctx, e.inode, libc::O_RDONLY as u32, 0).unwrap();
+    assert!(h.is_some());
+    fs.forget(&ctx, e.inode, 1);
+    assert_eq!(fs.inode_count(), 0);
+    assert_eq!(errno(fs.getattr(&ctx, e.inode, None)), libc::ENOENT);
+}
+
+#[test]
+fn names_are_part_of_store_paths() {
+    let (_rt, fs, name) = setup();
+    let ctx = Context::default();
+    let other = CString::new(format!("{}-other", &name[..32])).unwrap();
+    assert_eq!(fs.lookup(&ctx, ROOT_INO, &other).unwrap().inode, 0);
+    for junk in [
+        "x",
+        "..",
+        "00000000000000000000000000000000",
+        "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee-x",
+    ] {
+        let c = CString::new(junk).unwrap();
+        assert_eq!(fs.lookup(&ctx, ROOT_INO, &c).unwrap().inode, 0, "{junk}");
+    }
+}
+
+#[test]
+fn xattrs_expose_digests() {
+    use fuse_backend_rs::api::filesystem::GetxattrReply;
+    let (_rt, fs, name) = setup();
+    let ctx = Context::default();
+    let e = fs
+        .lookup(&ctx, ROOT_INO, &CString::new(name).unwrap())
+        .unwrap();
+    let key = CString::new("user.tvix.castore.blob.digest").unwrap();
+    let want = tvix_virtiofsd::castore::B3Digest::of(b"contents").to_string();
+    match fs.getxattr(&ctx, e.inode, &key, 0).unwrap() {
+        GetxattrReply::Count(n) => assert_eq!(n as usize, want.len()),
+        _ => panic!("size 0 asks for the length"),
+    }
+    match fs.getxattr(&ctx, e.inode, &key, 100).unwrap() {
+        GetxattrReply::Value(v) => assert_eq!(v, want.as_bytes()),
+        _ => panic!("expected the value"),
+    }
+    assert_eq!(errno(fs.getxattr(&ctx, e.inode, &key, 3)), libc::ERANGE);
+    let other = CString::new("user.tvix.castore.directory.digest").unwrap();
+    assert_eq!(
+        errno(fs.getxattr(&ctx, e.inode, &other, 100)),
+        libc::ENODATA
+    );
+}
