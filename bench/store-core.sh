@@ -7,6 +7,7 @@
 # cache: this measures the programs, not the disk.
 # Usage: bench/store-core.sh [TREE] [RUNS]   (default /usr/share, 3 runs; root, Nix)
 set -euo pipefail
+shopt -s inherit_errexit
 TREE=${1:-/usr/share}
 RUNS=${2:-3}
 export NIX_REMOTE=
@@ -16,7 +17,11 @@ B=$PWD/target/release/tvix-virtiofsd
 work=$(mktemp -d /var/tmp/tvix-bench.XXXXXX)
 trap '[ -n "${daemon:-}" ] && kill $daemon 2>/dev/null; rm -rf "$work"' EXIT
 
-bytes=$(du -sb --apparent-size "$TREE" | cut -f1)
+# a private copy, so packages installed meanwhile cannot change the input
+mkdir -p "$work/src"
+cp -a "$TREE" "$work/src/"
+TREE="$work/src/$(basename "$TREE")"
+bytes=$(find "$TREE" -type f -printf '%s\n' | awk '{s+=$1} END {printf "%d", s}')
 files=$(find "$TREE" -type f | wc -l)
 tar cf - "$TREE" 2>/dev/null > /dev/null   # warm the page cache
 

@@ -41,8 +41,11 @@ pub struct FsConfig {
 /// A directory's entries in order, as readdir walks them.
 type Listing = Arc<Vec<(Bytes, Node)>>;
 
+/// An open file. The blob is opened (and verified) on the first read, not
+/// at open: with a warm page cache (KEEP_CACHE) no read ever comes.
 struct OpenFile {
-    reader: Box<dyn BlobReader>,
+    digest: B3Digest,
+    reader: Option<Box<dyn BlobReader>>,
     pos: u64,
     size: u64,
 }
@@ -406,12 +409,12 @@ impl FileSystem for StoreFs {
             InodeKind::Node(Node::Symlink { .. }) => return Err(err(libc::ELOOP)),
             _ => return Err(err(libc::EISDIR)),
         };
-        let reader = self.open_blob(&digest, size)?;
         let h = self.new_handle();
         lock(&self.files).insert(
             h,
             Arc::new(Mutex::new(OpenFile {
-                reader,
+                digest,
+                reader: None,
                 pos: 0,
                 size,
             })),
@@ -442,13 +445,21 @@ impl FileSystem for StoreFs {
         let n = (size as u64)
             .min(f.size - offset)
             .min(w.available_bytes() as u64) as usize;
-        let mut buf = vec![0u8; n];
         let f = &mut *f;
-        self.block("reading a blob", async {
-            if f.pos != offset {
-                f.reader.seek(std::io::SeekFrom::Start(offset)).await?;
+        let reader = match &mut f.reader {
+            Some(r) => r,
+            None => {
+                f.pos = 0;
+                f.reader.insert(self.open_blob(&f.digest, f.size)?)
             }
-            f.reader.read_exact(&mut buf).await?;
+        };
+        let mut buf = vec![0u8; n];
+        let pos = f.pos;
+        self.block("reading a blob", async {
+            if pos != offset {
+                reader.seek(std::io::SeekFrom::Start(offset)).await?;
+            }
+            reader.read_exact(&mut buf).await?;
             Ok(())
         })?;
         f.pos = offset + n as u64;

@@ -9,6 +9,9 @@ use async_trait::async_trait;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// Blobs up to this size are read into memory when opened.
+const SMALL_BLOB: u64 = 256 << 10;
+
 #[derive(Clone)]
 pub struct LocalBlobService {
     root: PathBuf,
@@ -36,11 +39,28 @@ impl BlobService for LocalBlobService {
     }
 
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
-        match tokio::fs::File::open(self.path_of(digest)).await {
-            Ok(f) => Ok(Some(Box::new(f))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        let path = self.path_of(digest);
+        // Small blobs (most files in a store) are read whole in the same
+        // blocking call that opens them: one thread hop instead of three.
+        let opened =
+            tokio::task::spawn_blocking(move || -> std::io::Result<Option<Box<dyn BlobReader>>> {
+                let mut f = match std::fs::File::open(&path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+                if f.metadata()?.len() <= SMALL_BLOB {
+                    let mut buf = Vec::new();
+                    std::io::Read::read_to_end(&mut f, &mut buf)?;
+                    return Ok(Some(Box::new(std::io::Cursor::new(bytes::Bytes::from(
+                        buf,
+                    )))));
+                }
+                Ok(Some(Box::new(tokio::fs::File::from_std(f))))
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+        Ok(opened)
     }
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
