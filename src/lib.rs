@@ -11,4 +11,5 @@ pub mod nar;
 pub mod nix;
 pub mod pathinfo;
 pub mod services;
+pub mod vhost_user;
 pub mod wire;

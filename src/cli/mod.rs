@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod import;
 pub mod mount;
 pub mod query;
+pub mod virtiofs;
 
 /// A tvix-store compatible content-addressed store that serves a read-only
 /// /nix/store to microVMs.
@@ -46,6 +47,8 @@ pub enum Command {
     Nar(query::NarArgs),
     /// Show name, NAR hash, NAR size and references of store paths.
     PathInfo(query::PathInfoArgs),
+    /// Serve the store read-only to a microVM as a vhost-user virtio-fs device.
+    Virtiofs(virtiofs::VirtiofsArgs),
 }
 
 /// Which store the command works on.
@@ -127,6 +130,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Mount(a) => mount::run(&cli.store, a).await,
         Command::Nar(a) => query::nar(cli.store.open()?, a).await,
         Command::PathInfo(a) => query::path_info(cli.store.open()?, a).await,
+        Command::Virtiofs(a) => virtiofs::run(&cli.store, a).await,
     }
 }
 

@@ -1,0 +1,824 @@
+//! The vhost-user virtio-fs device: serves the store view (`StoreFs`) to one
+//! VMM (QEMU `vhost-user-fs-pci`, cloud-hypervisor `--fs`) over a unix
+//! socket, with vhost-user-backend doing the protocol and a pool of worker
+//! threads doing the FUSE requests.
+//!
+//! Queue 0 is the high-priority queue (FORGET, INTERRUPT): it is served on
+//! its own vring thread, inline, so it never waits behind store fetches.
+//! Queues 1..=N carry ordinary requests: their vring thread only pops
+//! descriptor chains and hands them to the pool, so one slow fetch stalls
+//! one worker, not the device.
+use crate::fs::StoreFs;
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Error as ProtocolError, Listener};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+/// Length of the virtio-fs `tag` field in the device configuration space.
+pub const TAG_LEN: usize = 36;
+/// Most request queues: the vring threads' queue masks are 64-bit and
+/// queue 0 is the high-priority queue.
+pub const MAX_REQUEST_QUEUES: usize = 63;
+/// Largest virtqueue the VMM may configure.
+pub const MAX_QUEUE_SIZE: usize = 1024;
+/// What `--print-capabilities` prints: the vhost-user backend conventions'
+/// description for libvirt. No optional feature (migration, separate
+/// options) is claimed because none is implemented.
+pub const CAPABILITIES_JSON: &str = r#"{"type":"fs"}"#;
+
+/// The vring thread that serves the high-priority queue; thread 1 serves
+/// every request queue.
+const HIPRIO_THREAD: usize = 0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("tag {0:?}: must be 1 to 36 bytes without NUL")]
+    InvalidTag(String),
+    #[error("{0} request queues: must be between 1 and {MAX_REQUEST_QUEUES}")]
+    InvalidQueueCount(usize),
+    // Causes are part of the message (not `source`), so `{:#}` does not
+    // print them twice.
+    #[error("cannot start a thread: {0}")]
+    Thread(io::Error),
+    #[error("socket {}: {err}", path.display())]
+    Socket { path: PathBuf, err: io::Error },
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("file descriptor {fd}: {reason}")]
+    BadFd { fd: RawFd, reason: String },
+    #[error("group {0:?}: {1}")]
+    Group(String, String),
+    // vhost_user_backend::Error is neither std::error::Error nor Sync,
+    // so only its message is kept.
+    #[error("vhost-user: {0}")]
+    Daemon(String),
+}
+
+/// What the device offers the guest.
+#[derive(Debug, Clone)]
+pub struct DeviceConfig {
+    /// The name the guest mounts the file system by.
+    pub tag: String,
+    /// Request queues besides the high-priority queue.
+    pub request_queues: usize,
+    /// Worker threads serving the request queues.
+    pub threads: usize,
+}
+
+impl DeviceConfig {
+    fn validate(&self) -> Result<(), Error> {
+        check_tag(&self.tag)?;
+        if self.request_queues == 0 || self.request_queues > MAX_REQUEST_QUEUES {
+            return Err(Error::InvalidQueueCount(self.request_queues));
+        }
+        Ok(())
+    }
+
+    /// The virtio-fs configuration space: `tag` zero-padded to 36 bytes,
+    /// then `num_request_queues` as le32.
+    fn config_space(&self) -> Vec<u8> {
+        let mut cfg = vec![0u8; TAG_LEN + 4];
+        let tag = self.tag.as_bytes();
+        let n = tag.len().min(TAG_LEN);
+        cfg[..n].copy_from_slice(&tag[..n]);
+        let queues = u32::try_from(self.request_queues).unwrap_or(u32::MAX);
+        cfg[TAG_LEN..].copy_from_slice(&queues.to_le_bytes());
+        cfg
+    }
+}
+
+/// Checks a virtio-fs tag: the guest sees it as a NUL-padded 36-byte field.
+pub fn check_tag(tag: &str) -> Result<(), Error> {
+    if tag.is_empty() || tag.len() > TAG_LEN || tag.as_bytes().contains(&0) {
+        return Err(Error::InvalidTag(tag.to_owned()));
+    }
+    Ok(())
+}
+
+type Mem = GuestMemoryMmap;
+type FsServer = Server<Arc<StoreFs>>;
+
+/// One descriptor chain on its way to a worker. It owns a reference to the
+/// guest memory it was popped from, so a memory table update in between
+/// cannot unmap its buffers.
+struct Job {
+    queue: usize,
+    vring: VringRwLock,
+    mem: Arc<Mem>,
+    chain: DescriptorChain<Arc<Mem>>,
+}
+
+/// The virtio-fs backend given to `VhostUserDaemon`.
+pub struct FsBackend {
+    server: Arc<FsServer>,
+    config: DeviceConfig,
+    config_space: Vec<u8>,
+    mem: RwLock<GuestMemoryAtomic<Mem>>,
+    event_idx: AtomicBool,
+    /// A vring thread could not get an exit event: the daemon must then
+    /// not be dropped, as that joins the vring threads.
+    no_exit_event: AtomicBool,
+    jobs: Sender<Job>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl FsBackend {
+    /// Starts the worker pool; `mem` is the memory the daemon updates.
+    fn new(
+        server: Arc<FsServer>,
+        config: DeviceConfig,
+        mem: GuestMemoryAtomic<Mem>,
+    ) -> Result<Self, Error> {
+        config.validate()?;
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..config.threads.max(1) {
+            let server = server.clone();
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("virtiofs-{i}"))
+                .spawn(move || worker(&server, &rx))
+                .map_err(Error::Thread)?;
+        }
+        Ok(Self {
+            server,
+            config_space: config.config_space(),
+            config,
+            mem: RwLock::new(mem),
+            event_idx: AtomicBool::new(false),
+            no_exit_event: AtomicBool::new(false),
+            jobs,
+        })
+    }
+
+    fn memory(&self) -> Arc<Mem> {
+        let mem = self.mem.read().unwrap_or_else(|e| e.into_inner());
+        mem.memory().into_inner()
+    }
+
+    /// Pops every available chain of `vring` and serves it: inline for the
+    /// high-priority queue, through the pool otherwise.
+    fn drain(&self, vring: &VringRwLock, queue: usize) {
+        let mem = self.memory();
+        loop {
+            // The write guard is a temporary of this statement: it must be
+            // released before the chain is served, which locks the vring again.
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else { break };
+            let job = Job {
+                queue,
+                vring: vring.clone(),
+                mem: mem.clone(),
+                chain,
+            };
+            if queue == 0 {
+                serve(&self.server, job);
+            } else if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
+                // Only possible if every worker is gone: still answer.
+                serve(&self.server, job);
+            }
+        }
+    }
+}
+
+/// A pool thread: serves chains until the backend goes away.
+fn worker(server: &FsServer, rx: &Mutex<Receiver<Job>>) {
+    loop {
+        let job = lock(rx).recv();
+        match job {
+            Ok(job) => serve(server, job),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Serves one chain and returns it to the guest.
+fn serve(server: &FsServer, job: Job) {
+    let head = job.chain.head_index();
+    let len = handle_chain(server, &job.mem, job.chain, job.queue);
+    complete(&job.vring, head, len, job.queue);
+}
+
+/// Runs one FUSE request; returns the bytes written into the chain's
+/// writable part, 0 when the chain is unusable or the request failed, so
+/// the descriptor always goes back to the guest.
+fn handle_chain(
+    server: &FsServer,
+    mem: &Mem,
+    chain: DescriptorChain<Arc<Mem>>,
+    queue: usize,
+) -> u32 {
+    let head = chain.head_index();
+    let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("queue {queue}: descriptor chain {head}: unreadable: {e}");
+            return 0;
+        }
+    };
+    let writer = match VirtioFsWriter::new(mem, chain) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!("queue {queue}: descriptor chain {head}: unwritable: {e}");
+            return 0;
+        }
+    };
+    // A panic would be a bug in one request; it must not take a worker
+    // (or, for the high-priority queue, a vring thread) down.
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        server.handle_message(reader, writer.into(), None, None)
+    }));
+    match r {
+        Ok(Ok(n)) => u32::try_from(n).unwrap_or_else(|_| {
+            tracing::warn!("queue {queue}: reply of {n} bytes does not fit a used length");
+            0
+        }),
+        Ok(Err(e)) => {
+            tracing::debug!("queue {queue}: FUSE request: {e}");
+            0
+        }
+        Err(_) => {
+            tracing::error!("BUG: a virtio-fs request handler panicked");
+            0
+        }
+    }
+}
+
+/// Puts a served chain on the used ring and notifies the guest if it asked
+/// to be (EVENT_IDX) or always (without it). `add_used` and
+/// `needs_notification` run under one lock so concurrent workers cannot
+/// miss a notification.
+fn complete(vring: &VringRwLock, head: u16, len: u32, queue: usize) {
+    let mut state = vring.get_mut();
+    if !state.get_queue().ready() {
+        // The VMM stopped the queue while the request ran.
+        tracing::debug!("queue {queue}: stopped; dropping the reply to chain {head}");
+        return;
+    }
+    if let Err(e) = state.add_used(head, len) {
+        tracing::warn!("queue {queue}: cannot return chain {head}: {e}");
+        return;
+    }
+    let notify = state.needs_notification().unwrap_or_else(|e| {
+        tracing::warn!("queue {queue}: reading used_event: {e}");
+        true
+    });
+    if notify {
+        if let Err(e) = state.signal_used_queue() {
+            tracing::warn!("queue {queue}: cannot notify the guest: {e}");
+        }
+    }
+}
+
+impl VhostUserBackend for FsBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        1 + self.config.request_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1u64 << VIRTIO_RING_F_EVENT_IDX)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // REPLY_ACK is added by the vhost crate itself.
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // An out-of-range read gets an empty answer, which the vhost crate
+        // reports to the VMM as a failure.
+        let start = offset as usize;
+        start
+            .checked_add(size as usize)
+            .and_then(|end| self.config_space.get(start..end))
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default()
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // The virtio-fs configuration space is read-only: writes are
+        // ignored, as a device does. An error here would end the vhost-user
+        // connection, and with it the daemon.
+        tracing::debug!("ignoring a {}-byte config write at {offset}", buf.len());
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<Mem>) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = mem;
+        Ok(())
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Dropping the daemon joins its vring threads after signalling
+        // these: without them, returning after a disconnect would hang.
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                tracing::error!("vring thread {thread_index}: no exit event: {e}");
+                self.no_exit_event.store(true, Ordering::Release);
+                None
+            }
+        }
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // Thread 0: the high-priority queue; thread 1: all request queues.
+        let requests = ((1u64 << self.config.request_queues) - 1) << 1;
+        vec![1, requests]
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // Errors returned here stop the vring thread for good, so problems
+        // with one queue or chain are logged instead.
+        let index = usize::from(device_event);
+        let Some(vring) = vrings.get(index) else {
+            tracing::warn!("vring thread {thread_id}: unexpected event {device_event}");
+            return Ok(());
+        };
+        let queue = if thread_id == HIPRIO_THREAD {
+            0
+        } else {
+            index + 1
+        };
+        if !self.event_idx.load(Ordering::Acquire) {
+            self.drain(vring, queue);
+            return Ok(());
+        }
+        // EVENT_IDX: no kicks while draining; re-arm, and drain again if
+        // the guest added chains in between.
+        loop {
+            if let Err(e) = vring.disable_notification() {
+                tracing::warn!("queue {queue}: disabling notifications: {e}");
+            }
+            self.drain(vring, queue);
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::warn!("queue {queue}: enabling notifications: {e}");
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serves `fs` to the one VMM that connects to `listener`, until it
+/// disconnects (`Ok`) or the vhost-user conversation fails. Blocks.
+pub fn serve_one(
+    fs: Arc<StoreFs>,
+    config: DeviceConfig,
+    listener: UnixListener,
+) -> Result<(), Error> {
+    // An inherited socket may be non-blocking; the daemon's accept loop
+    // would then spin.
+    listener.set_nonblocking(false).map_err(|e| Error::BadFd {
+        fd: listener.as_raw_fd(),
+        reason: e.to_string(),
+    })?;
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let server = Arc::new(Server::new(fs));
+    let backend = Arc::new(FsBackend::new(server, config, mem.clone())?);
+    let mut daemon = VhostUserDaemon::new("tvix-virtiofsd".to_owned(), backend.clone(), mem)
+        .map_err(|e| Error::Daemon(e.to_string()))?;
+    let mut listener = Listener::from(listener);
+    let result = daemon
+        .start(&mut listener)
+        .map_err(|e| Error::Daemon(e.to_string()))
+        .and_then(|()| {
+            tracing::info!("VMM connected");
+            match daemon.wait() {
+                Ok(())
+                | Err(vhost_user_backend::Error::HandleRequest(
+                    ProtocolError::Disconnected | ProtocolError::PartialMessage,
+                )) => {
+                    tracing::info!("VMM disconnected");
+                    Ok(())
+                }
+                Err(e) => Err(Error::Daemon(e.to_string())),
+            }
+        });
+    if backend.no_exit_event.load(Ordering::Acquire) {
+        // Dropping would join a vring thread that cannot be told to stop;
+        // the process is about to exit anyway.
+        std::mem::forget(daemon);
+    }
+    result
+}
+
+/// A socket file this process created; removed on drop, unless something
+/// else has replaced it meanwhile.
+#[derive(Debug)]
+pub struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketFile {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        match fs::symlink_metadata(&self.path) {
+            Ok(m) if m.dev() == self.dev && m.ino() == self.ino => {
+                if let Err(e) = fs::remove_file(&self.path) {
+                    tracing::warn!("cannot remove {}: {e}", self.path.display());
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Creates the listening socket at `path`: a stale socket there is
+/// replaced, any other file is left alone. The socket is 0600, or 0660
+/// owned by `group`, from the moment it appears at `path`: it is bound in a
+/// private (0700) directory next to `path`, given its mode and group there,
+/// then renamed into place, rather than by changing the process-wide umask.
+pub fn bind_socket(
+    path: &Path,
+    group: Option<libc::gid_t>,
+) -> Result<(UnixListener, SocketFile), Error> {
+    let err = |err| Error::Socket {
+        path: path.to_owned(),
+        err,
+    };
+    let stale = match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => true,
+        Ok(_) => return Err(Error::NotASocket(path.to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => return Err(err(e)),
+    };
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    // A short name: unix socket paths are limited to 107 bytes.
+    let tmp = tempfile::Builder::new()
+        .prefix(".v")
+        .rand_bytes(6)
+        .tempdir_in(parent)
+        .map_err(err)?;
+    let tmp_path = tmp.path().join("s");
+    let listener = UnixListener::bind(&tmp_path).map_err(err)?;
+    // chown before widening the mode, so only the right group ever gets in.
+    let mode = match group {
+        Some(gid) => {
+            std::os::unix::fs::chown(&tmp_path, None, Some(gid)).map_err(err)?;
+            0o660
+        }
+        None => 0o600,
+    };
+    fs::set_permissions(&tmp_path, fs::Permissions::from_mode(mode)).map_err(err)?;
+    fs::rename(&tmp_path, path).map_err(err)?;
+    if stale {
+        tracing::info!("replaced the stale socket {}", path.display());
+    }
+    let meta = fs::symlink_metadata(path).map_err(err)?;
+    let file = SocketFile {
+        path: path.to_owned(),
+        dev: meta.dev(),
+        ino: meta.ino(),
+    };
+    Ok((listener, file))
+}
+
+/// Takes ownership of an inherited listening unix socket (`--fd`, systemd).
+pub fn listener_from_fd(fd: RawFd) -> Result<UnixListener, Error> {
+    let bad = |reason: String| Error::BadFd { fd, reason };
+    if fd < 0 {
+        return Err(bad("not a file descriptor".into()));
+    }
+    // SAFETY: fstat writes only into the stat buffer we own; an fd that is
+    // not open is reported as EBADF.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: see above.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(bad(io::Error::last_os_error().to_string()));
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(bad("not a socket".into()));
+    }
+    let sockopt = |opt: libc::c_int| -> Result<libc::c_int, Error> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: v and len are live locals of the sizes given; the kernel
+        // writes at most len bytes into v.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(bad(io::Error::last_os_error().to_string()));
+        }
+        Ok(v)
+    };
+    if sockopt(libc::SO_DOMAIN)? != libc::AF_UNIX {
+        return Err(bad("not a unix socket".into()));
+    }
+    if sockopt(libc::SO_ACCEPTCONN)? == 0 {
+        return Err(bad("not listening".into()));
+    }
+    // Not inherited by anything we might start.
+    // SAFETY: fcntl on an open fd with an integer argument touches no memory.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return Err(bad(io::Error::last_os_error().to_string()));
+    }
+    // SAFETY: fd is open and a listening unix socket (checked above), and
+    // whoever passed it to us (--fd, systemd) hands over its ownership;
+    // nothing else in this process uses it.
+    Ok(unsafe { UnixListener::from_raw_fd(fd) })
+}
+
+/// The socket systemd passed (socket activation), if it passed one to us:
+/// LISTEN_PID is our pid and LISTEN_FDS ≥ 1; the first is fd 3.
+pub fn systemd_listener() -> Result<Option<UnixListener>, Error> {
+    const SD_LISTEN_FDS_START: RawFd = 3;
+    let ours = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|p| p == std::process::id());
+    if !ours {
+        return Ok(None);
+    }
+    let n = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse::<u32>().ok())
+        .unwrap_or(0);
+    if n == 0 {
+        return Ok(None);
+    }
+    if n > 1 {
+        tracing::warn!("LISTEN_FDS={n}: serving the first socket (fd 3) only");
+    }
+    listener_from_fd(SD_LISTEN_FDS_START).map(Some)
+}
+
+/// Resolves `--socket-group`: a group name or a numeric gid.
+pub fn group_id(group: &str) -> Result<libc::gid_t, Error> {
+    if let Ok(gid) = group.parse::<libc::gid_t>() {
+        return Ok(gid);
+    }
+    let name = std::ffi::CString::new(group)
+        .map_err(|_| Error::Group(group.to_owned(), "contains a NUL byte".into()))?;
+    let mut buf = vec![0u8; 1024];
+    loop {
+        // SAFETY: group is plain old data; all-zero is a valid value.
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer refers to a live local or buffer of the
+        // stated length; getgrnam_r writes only into them.
+        let rc = unsafe {
+            libc::getgrnam_r(
+                name.as_ptr(),
+                &mut grp,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut result,
+            )
+        };
+        if rc == libc::ERANGE && buf.len() < (1 << 20) {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        if rc != 0 {
+            return Err(Error::Group(
+                group.to_owned(),
+                io::Error::from_raw_os_error(rc).to_string(),
+            ));
+        }
+        if result.is_null() {
+            return Err(Error::Group(group.to_owned(), "no such group".into()));
+        }
+        return Ok(grp.gr_gid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(tag: &str, queues: usize) -> DeviceConfig {
+        DeviceConfig {
+            tag: tag.into(),
+            request_queues: queues,
+            threads: 1,
+        }
+    }
+
+    #[test]
+    fn config_space_layout() {
+        let cfg = config("nix-store", 3).config_space();
+        assert_eq!(cfg.len(), 40);
+        assert_eq!(&cfg[..9], b"nix-store");
+        assert!(cfg[9..36].iter().all(|&b| b == 0));
+        assert_eq!(&cfg[36..], &3u32.to_le_bytes());
+    }
+
+    #[test]
+    fn tags() {
+        assert!(check_tag("nix-store").is_ok());
+        assert!(check_tag(&"a".repeat(36)).is_ok());
+        assert!(check_tag(&"a".repeat(37)).is_err());
+        assert!(check_tag("").is_err());
+        assert!(check_tag("a\0b").is_err());
+        assert!(config("x", 0).validate().is_err());
+        assert!(config("x", 64).validate().is_err());
+        assert!(config("x", 63).validate().is_ok());
+    }
+
+    /// Three chains through the request queue and the pool: INIT gets its
+    /// reply length, FORGET 0 (no reply), a chain pointing outside guest
+    /// memory 0; all three come back on the used ring.
+    #[test]
+    fn request_queue_round_trip() {
+        use crate::fs::FsConfig;
+        use crate::services::Store;
+        use fuse_backend_rs::abi::fuse_abi::{ForgetIn, InHeader, InitIn, Opcode};
+        use std::collections::HashMap;
+        use std::time::{Duration, Instant};
+        use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+        use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+        use virtio_queue::mock::MockSplitQueue;
+        use vm_memory::{ByteValued, Bytes, GuestAddress};
+
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let fs = Arc::new(StoreFs::new(
+            Store::memory(),
+            rt.handle().clone(),
+            FsConfig {
+                list_root: false,
+                store_timeout: Duration::from_secs(5),
+            },
+        ));
+        let atomic = GuestMemoryAtomic::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap(),
+        );
+        let mem = atomic.memory();
+        let vq = MockSplitQueue::new(&*mem, 16);
+
+        let header = |opcode: Opcode, body: usize, unique: u64| InHeader {
+            len: (std::mem::size_of::<InHeader>() + body) as u32,
+            opcode: opcode as u32,
+            unique,
+            nodeid: 1,
+            ..Default::default()
+        };
+        let init_in = InitIn {
+            major: 7,
+            minor: 33,
+            max_readahead: 0x20000,
+            flags: 0,
+        };
+        let mut init = header(Opcode::Init, std::mem::size_of::<InitIn>(), 1)
+            .as_slice()
+            .to_vec();
+        init.extend_from_slice(init_in.as_slice());
+        let mut forget = header(Opcode::Forget, std::mem::size_of::<ForgetIn>(), 2)
+            .as_slice()
+            .to_vec();
+        forget.extend_from_slice(ForgetIn { nlookup: 1 }.as_slice());
+        mem.write_slice(&init, GuestAddress(0x10_0000)).unwrap();
+        mem.write_slice(&forget, GuestAddress(0x11_0000)).unwrap();
+
+        let next = VRING_DESC_F_NEXT as u16;
+        let write = VRING_DESC_F_WRITE as u16;
+        let descs: Vec<RawDescriptor> = [
+            Descriptor::new(0x10_0000, init.len() as u32, next, 1),
+            Descriptor::new(0x20_0000, 0x1000, write, 0),
+            Descriptor::new(0x11_0000, forget.len() as u32, next, 3),
+            Descriptor::new(0x21_0000, 0x1000, write, 0),
+            // outside guest memory
+            Descriptor::new(0x8000_0000, 64, 0, 0),
+        ]
+        .into_iter()
+        .map(RawDescriptor::from)
+        .collect();
+        vq.add_desc_chains(&descs, 0).unwrap();
+
+        let vring = VringRwLock::new(atomic.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+
+        let backend = FsBackend::new(
+            Arc::new(Server::new(fs)),
+            config("nix-store", 1),
+            atomic.clone(),
+        )
+        .unwrap();
+        assert_eq!(backend.num_queues(), 2);
+        assert_eq!(backend.queues_per_thread(), vec![0b1, 0b10]);
+        backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 1)
+            .unwrap();
+
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while vq.used().idx().load() < 3 {
+            assert!(Instant::now() < deadline, "chains not returned");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let used: HashMap<u32, u32> = (0..3)
+            .map(|i| {
+                let e = vq.used().ring().ref_at(i).unwrap().load();
+                (e.id(), e.len())
+            })
+            .collect();
+        // OutHeader (16) + InitOut (64)
+        assert_eq!(used.get(&0), Some(&80));
+        assert_eq!(used.get(&2), Some(&0));
+        assert_eq!(used.get(&4), Some(&0));
+    }
+
+    #[test]
+    fn socket_file_lifecycle() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        fs::write(&path, b"not a socket").unwrap();
+        assert!(matches!(
+            bind_socket(&path, None),
+            Err(Error::NotASocket(_))
+        ));
+        fs::remove_file(&path).unwrap();
+        let (l, f) = bind_socket(&path, None).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        drop(l);
+        // the stale socket left by a dead daemon is replaced
+        let (l2, f2) = bind_socket(&path, None).unwrap();
+        drop(f); // a different socket now: left alone
+        assert!(path.exists());
+        drop((l2, f2));
+        assert!(!path.exists());
+        let l3 = UnixListener::bind(dir.path().join("t.sock")).unwrap();
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(l3);
+        assert!(listener_from_fd(fd).is_ok());
+        let file = fs::File::open(dir.path()).unwrap();
+        assert!(listener_from_fd(file.as_raw_fd()).is_err());
+    }
+}
