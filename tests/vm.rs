@@ -1,0 +1,226 @@
+//! Real microVMs (QEMU, Debian kernel, busybox initramfs from
+//! `vm-tests/`) mount the store through `tvix-virtiofsd virtiofs` and run
+//! programs from it. Guests boot with TCG (see vm-tests/README.md).
+mod common;
+
+use common::{bin, cli_ok};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn require_tools() {
+    for (tool, pkg) in [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("nix-store", "nix-bin"),
+    ] {
+        assert!(
+            Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap().status.success(),
+            "{tool} is not installed: the microVM tests need it (apt-get install {pkg}); .ci/run installs it"
+        );
+    }
+}
+
+/// A store path of 5,200 files (and symlinks and executables), added with
+/// real Nix; deterministic, so reruns reuse it.
+fn big_store_path(tmp: &Path) -> String {
+    let src = tmp.join("vmtest-tree");
+    for i in 0..5200u32 {
+        let d = src.join(format!("d{:02}", i % 52));
+        std::fs::create_dir_all(&d).unwrap();
+        let f = d.join(format!("f{i:04}"));
+        std::fs::write(&f, format!("file {i}\n").repeat((i % 7 + 1) as usize)).unwrap();
+        if i % 13 == 0 {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        if i % 97 == 0 {
+            std::os::unix::fs::symlink(format!("f{i:04}"), d.join(format!("l{i:04}"))).unwrap();
+        }
+    }
+    sh(&format!("NIX_REMOTE= nix-store --add {}", src.display()))
+        .trim()
+        .to_string()
+}
+
+/// Listing and checksums of a closure, printed the same way on the host
+/// (coreutils) and in the guest (busybox): modes, sizes and symlink targets
+/// of everything but directories, then sha256 of every file.
+const DIGEST_SCRIPT: &str = r#"digest() {
+  for p in "$@"; do
+    (cd "$p" && find . ! -type d | sort | while read -r f; do
+       if [ -L "$f" ]; then echo "L $(stat -c '%A %s' "$f") $f -> $(readlink "$f")";
+       else echo "F $(stat -c '%A %s' "$f") $f"; fi; done
+     cd "$p" && find . -type f | sort | xargs sha256sum)
+  done
+}
+"#;
+
+fn start_daemon(store: &str, sock: &Path) -> std::process::Child {
+    Command::new(bin())
+        .args([
+            "--store",
+            store,
+            "virtiofs",
+            "--socket-path",
+            sock.to_str().unwrap(),
+            "--tag",
+            "nix-store",
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn run_vm(sock: &Path, script: &str, dir: &Path) -> (i32, String) {
+    let f = dir.join("guest.sh");
+    std::fs::write(&f, script).unwrap();
+    let out = Command::new("bash")
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vm-tests/run-vm.sh"))
+        .args([
+            "--socket",
+            sock.to_str().unwrap(),
+            "--script",
+            f.to_str().unwrap(),
+            "--timeout",
+            "300",
+        ])
+        .output()
+        .unwrap();
+    let console = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!(
+        "--- guest console ---\n{console}\n--- end ({}) ---",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), console)
+}
+
+fn line_after<'a>(console: &'a str, key: &str) -> &'a str {
+    console
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("guest printed no {key:?} line"))
+        .trim()
+}
+
+/// One boot covers the whole story: a program from the store runs; every
+/// file of a 5,000+ file closure has the same bytes, modes, sizes and
+/// symlinks as in /nix/store; 16 parallel readers get the same bytes;
+/// writes fail with EROFS and no host path is reachable; and the daemon
+/// exits 0 once the VM is gone.
+#[test]
+fn microvm_runs_programs_from_the_store() {
+    require_tools();
+    let tmp = tempfile::tempdir().unwrap();
+    let app = sh("NIX_REMOTE= bash tests/fixtures/nix-closure.sh")
+        .trim()
+        .to_string();
+    let big = big_store_path(tmp.path());
+    let closure: Vec<String> = sh(&format!("NIX_REMOTE= nix-store -qR {app} {big}"))
+        .lines()
+        .map(String::from)
+        .collect();
+    let nfiles: usize = sh(&format!("find {} -type f | wc -l", closure.join(" ")))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(nfiles >= 5000, "closure has only {nfiles} files");
+
+    let store = format!("local://{}", tmp.path().join("store").display());
+    let mut args = vec!["--store", store.as_str(), "copy"];
+    args.extend(closure.iter().map(String::as_str));
+    cli_ok(&args);
+
+    // what the host sees in Nix's own /nix/store
+    let host_script = format!("{DIGEST_SCRIPT}digest {}", closure.join(" "));
+    let host = sh(&host_script);
+    // the guest hashes "$(digest ...)", which drops trailing newlines
+    let host_sum = {
+        use sha2::Digest;
+        data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(
+            host.trim_end_matches('\n').as_bytes(),
+        ))
+    };
+
+    let sock = tmp.path().join("vfs.sock");
+    let mut daemon = start_daemon(&store, &sock);
+    let guest = format!(
+        r#"set -u
+{DIGEST_SCRIPT}
+echo "APP: $({app}/bin/app)"
+printf '%s' "$(digest {paths})" | sha256sum | sed 's/^/SUM: /'
+echo "FILES: $(find {paths} -type f | wc -l)"
+# 16 parallel readers over the whole closure
+i=0
+while [ $i -lt 16 ]; do
+  (find {paths} -type f | sort | xargs cat | sha256sum > /tmp/par.$i) &
+  i=$((i+1))
+done
+wait
+echo "PARALLEL: $(cat /tmp/par.* | sort -u | wc -l)"
+touch /nix/store/new 2>&1 | sed 's/^/TOUCH: /'
+echo x 2>&1 >> {app}/bin/app | sed 's/^/APPEND: /'
+echo "ROOT: $(ls -A /nix/store | wc -l)"
+for p in etc tmp root proc .. nix-store; do [ -e /nix/store/$p/passwd ] && echo "ESCAPE: $p"; done
+[ -e /nix/store/{bad} ] && echo "ESCAPE: othername"
+exit 7
+"#,
+        paths = closure.join(" "),
+        bad = format!(
+            "{}-othername",
+            &Path::new(&app).file_name().unwrap().to_str().unwrap()[..32]
+        ),
+    );
+    let (status, console) = run_vm(&sock, &guest, tmp.path());
+    assert_eq!(status, 7, "guest script did not finish");
+
+    let numbers = closure
+        .iter()
+        .find(|p| p.ends_with("-fixture-data"))
+        .unwrap();
+    assert_eq!(
+        line_after(&console, "APP: "),
+        format!("20000 {numbers}/share/numbers")
+    );
+    assert_eq!(line_after(&console, "FILES: "), nfiles.to_string());
+    assert_eq!(
+        line_after(&console, "SUM: ").split_whitespace().next(),
+        host_sum.split_whitespace().next(),
+        "closure listing/checksums differ between guest and /nix/store"
+    );
+    assert_eq!(
+        line_after(&console, "PARALLEL: "),
+        "1",
+        "parallel readers disagree"
+    );
+    assert!(line_after(&console, "TOUCH: ").contains("Read-only file system"));
+    assert!(line_after(&console, "APPEND: ").contains("Read-only file system"));
+    assert_eq!(line_after(&console, "ROOT: "), "0");
+    assert!(
+        !console.contains("ESCAPE:"),
+        "guest reached something outside the store paths"
+    );
+
+    // the VM is gone: the daemon exits 0 and removes its socket
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = daemon.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "daemon still running after the VM exited"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(status.success(), "daemon exited with {status}");
+    assert!(!sock.exists(), "daemon left its socket");
+}

@@ -1,0 +1,58 @@
+#!/bin/sh
+# vmtest guest init: mount the virtiofs share at /nix/store, run the test
+# script passed via fw_cfg (opt/run), report its status and power off.
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TERM=dumb
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/null >/dev/console 2>&1
+mkdir -p /dev/pts /dev/shm /root
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /dev/shm
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+
+finish() {
+    echo
+    echo "VMTEST-EXIT=$1"
+    sync
+    poweroff -f
+    sleep 10
+}
+
+fail() {
+    echo "VMTEST-ERROR: $*"
+    finish 125
+}
+
+echo  # the firmware may have left the cursor mid-line
+echo "vmtest: init started at uptime $(uptime_s)s"
+
+TAG=nix-store
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        vmtest.tag=*) TAG=${arg#vmtest.tag=} ;;
+    esac
+done
+
+for m in $(cat /etc/vmtest-modules); do
+    insmod "/lib/modules/$m.ko" || fail "insmod $m failed"
+done
+
+if [ "$TAG" != none ]; then
+    mount -t virtiofs -o ro "$TAG" /nix/store || fail "mounting virtiofs tag '$TAG' at /nix/store failed"
+fi
+
+RUN=/sys/firmware/qemu_fw_cfg/by_name/opt/run/raw
+[ -r "$RUN" ] || fail "no test script (fw_cfg opt/run missing)"
+cat "$RUN" >/run.sh || fail "reading $RUN failed"
+
+echo "vmtest: running test script at uptime $(uptime_s)s"
+cd /
+sh /run.sh
+status=$?
+echo "vmtest: test script finished at uptime $(uptime_s)s"
+finish "$status"
