@@ -152,6 +152,10 @@ fn microvm_runs_programs_from_the_store() {
 
     let sock = tmp.path().join("vfs.sock");
     let mut daemon = start_daemon(&store, &sock);
+    let bad = format!(
+        "{}-othername",
+        &Path::new(&app).file_name().unwrap().to_str().unwrap()[..32]
+    );
     let guest = format!(
         r#"set -u
 {DIGEST_SCRIPT}
