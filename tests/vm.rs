@@ -178,10 +178,6 @@ for p in etc tmp root proc .. nix-store; do [ -e /nix/store/$p/passwd ] && echo 
 exit 7
 "#,
         paths = closure.join(" "),
-        bad = format!(
-            "{}-othername",
-            &Path::new(&app).file_name().unwrap().to_str().unwrap()[..32]
-        ),
     );
     let (status, console) = run_vm(&sock, &guest, tmp.path());
     assert_eq!(status, 7, "guest script did not finish");
