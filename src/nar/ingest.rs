@@ -131,7 +131,7 @@ impl<R: AsyncRead + Unpin + Send> Parser<'_, R> {
         Ok(s)
     }
 
-    async fn expect(&mut self, token: &[u8]) -> Result<()> {
+    async fn token(&mut self, token: &[u8]) -> Result<()> {
         let got = self.read_str(16).await?;
         if got != token {
             return Err(bad(format!(
@@ -148,16 +148,16 @@ impl<R: AsyncRead + Unpin + Send> Parser<'_, R> {
             if depth > MAX_DEPTH {
                 return Err(bad("directories nested too deeply"));
             }
-            self.expect(b"(").await?;
-            self.expect(b"type").await?;
+            self.token(b"(").await?;
+            self.token(b"type").await?;
             let kind = self.read_str(16).await?;
             let node = match &kind[..] {
                 b"regular" => self.regular().await?,
                 b"symlink" => {
-                    self.expect(b"target").await?;
+                    self.token(b"target").await?;
                     let target = self.read_str(4095).await?;
                     validate_target(&target).map_err(|e| bad(format!("symlink target {e}")))?;
-                    self.expect(b")").await?;
+                    self.token(b")").await?;
                     Node::Symlink {
                         target: target.into(),
                     }
@@ -178,7 +178,7 @@ impl<R: AsyncRead + Unpin + Send> Parser<'_, R> {
         let mut tok = self.read_str(16).await?;
         let executable = tok == b"executable";
         if executable {
-            self.expect(b"").await?;
+            self.token(b"").await?;
             tok = self.read_str(16).await?;
         }
         if tok != b"contents" {
@@ -199,7 +199,7 @@ impl<R: AsyncRead + Unpin + Send> Parser<'_, R> {
         }
         let digest = w.close().await?;
         self.read_padding(size).await?;
-        self.expect(b")").await?;
+        self.token(b")").await?;
         Ok(Node::File {
             digest,
             size,
@@ -217,8 +217,8 @@ impl<R: AsyncRead + Unpin + Send> Parser<'_, R> {
                 b"entry" => {}
                 _ => return Err(bad("expected \"entry\" or \")\" in directory")),
             }
-            self.expect(b"(").await?;
-            self.expect(b"name").await?;
+            self.token(b"(").await?;
+            self.token(b"name").await?;
             let name = self.read_str(255).await?;
             validate_name(&name).map_err(|e| {
                 bad(format!(
@@ -232,9 +232,9 @@ impl<R: AsyncRead + Unpin + Send> Parser<'_, R> {
                     String::from_utf8_lossy(&name)
                 )));
             }
-            self.expect(b"node").await?;
+            self.token(b"node").await?;
             let child = self.node(depth + 1).await?;
-            self.expect(b")").await?;
+            self.token(b")").await?;
             dir.add(Bytes::from(name.clone()), child)?;
             prev = Some(name);
         }
