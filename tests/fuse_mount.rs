@@ -3,7 +3,7 @@
 //! and over a gRPC daemon.
 mod common;
 
-use common::{bin, cli_ok, Daemon};
+use common::{bin, cli_ok, pseudo_random, sh, Daemon};
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -74,16 +74,6 @@ impl Drop for Mount {
         let _ = self.child.wait();
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
     }
-}
-
-fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 fn require_nix() {
@@ -200,19 +190,6 @@ fn mount_matches_nix_store() {
     compare_closure(&m.path, &closure);
     assert!(m.stop().success());
     assert!(d.stop().success());
-}
-
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// Random-offset preads of a 256 MiB file, a 10,000-entry directory read

@@ -4,25 +4,11 @@
 //! read-only) and the standard health/reflection services.
 mod common;
 
-use common::{cli_ok, free_port, grpc_store, Daemon};
+use common::{cli_ok, free_port, grpc_store, pseudo_random, Daemon};
 use std::io::Write;
 use std::path::Path;
 use tokio::io::AsyncReadExt;
 use tvix_virtiofsd::castore::B3Digest;
-
-/// Deterministic incompressible-looking bytes (xorshift), fast to make.
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;

@@ -3,19 +3,9 @@
 //! programs from it. Guests boot with TCG (see vm-tests/README.md).
 mod common;
 
-use common::{bin, cli_ok};
+use common::{bin, cli_ok, sh};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-
-fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 fn require_tools() {
     for (tool, pkg) in [

@@ -73,6 +73,34 @@ pub struct StoreArgs {
     pub path_info_service_addr: Option<String>,
 }
 
+/// How the /nix/store view behaves, shared by `mount` and `virtiofs`.
+#[derive(Args, Debug, Clone)]
+pub struct ViewArgs {
+    /// List every store path in the root directory (off: the root lists
+    /// nothing, but any store path can be looked up by name).
+    #[arg(long)]
+    pub list_root: bool,
+
+    /// Seconds one store request may take before the reader gets ETIMEDOUT.
+    #[arg(long, default_value_t = 30)]
+    pub store_timeout: u64,
+}
+
+impl ViewArgs {
+    /// Opens the store and builds the view over it; store calls run on the
+    /// current tokio runtime.
+    pub fn open(&self, store: &StoreArgs) -> anyhow::Result<std::sync::Arc<crate::fs::StoreFs>> {
+        Ok(std::sync::Arc::new(crate::fs::StoreFs::new(
+            store.open()?,
+            tokio::runtime::Handle::current(),
+            crate::fs::FsConfig {
+                list_root: self.list_root,
+                store_timeout: std::time::Duration::from_secs(self.store_timeout),
+            },
+        )))
+    }
+}
+
 /// The embedded store's directory when none is given.
 pub fn default_store_dir() -> anyhow::Result<PathBuf> {
     if let Some(d) = std::env::var_os("TVIX_VIRTIOFSD_STORE").filter(|d| !d.is_empty()) {

@@ -1,22 +1,15 @@
 //! `mount`: the store view on a host directory through FUSE.
 use super::StoreArgs;
-use crate::fs::{FsConfig, StoreFs};
 use crate::fuse::FuseMount;
 use anyhow::Context;
 use clap::Args;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Args, Debug)]
 pub struct MountArgs {
     /// Directory to mount the store on.
     pub mountpoint: PathBuf,
-
-    /// List every store path in the root directory (off: the root lists
-    /// nothing, but any store path can be looked up by name).
-    #[arg(long)]
-    pub list_root: bool,
 
     /// Let users other than the one mounting access the mount.
     #[arg(long)]
@@ -26,9 +19,8 @@ pub struct MountArgs {
     #[arg(long, default_value_t = default_threads())]
     pub threads: usize,
 
-    /// Seconds one store request may take before the reader gets ETIMEDOUT.
-    #[arg(long, default_value_t = 30)]
-    pub store_timeout: u64,
+    #[command(flatten)]
+    pub view: super::ViewArgs,
 }
 
 fn default_threads() -> usize {
@@ -38,15 +30,7 @@ fn default_threads() -> usize {
 }
 
 pub async fn run(store_args: &StoreArgs, args: MountArgs) -> anyhow::Result<()> {
-    let store = store_args.open()?;
-    let fs = Arc::new(StoreFs::new(
-        store,
-        tokio::runtime::Handle::current(),
-        FsConfig {
-            list_root: args.list_root,
-            store_timeout: Duration::from_secs(args.store_timeout),
-        },
-    ));
+    let fs = args.view.open(store_args)?;
     let mount = FuseMount::mount(fs, &args.mountpoint, args.threads, args.allow_other)
         .with_context(|| format!("mounting {}", args.mountpoint.display()))?;
     tracing::info!("mounted on {}", args.mountpoint.display());

@@ -2,15 +2,12 @@
 //! the store view to the one VMM that connects, and exits 0 when the VMM
 //! disconnects or on SIGTERM/SIGINT, removing the socket it created.
 use super::StoreArgs;
-use crate::fs::{FsConfig, StoreFs};
 use crate::vhost_user::{self, DeviceConfig, SocketFile, MAX_REQUEST_QUEUES};
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use std::os::fd::RawFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
 
 #[derive(Args, Debug)]
 pub struct VirtiofsArgs {
@@ -49,14 +46,8 @@ pub struct VirtiofsArgs {
     #[arg(long)]
     pub print_capabilities: bool,
 
-    /// List every store path in the root directory (off: the root lists
-    /// nothing, but any store path can be looked up by name).
-    #[arg(long)]
-    pub list_root: bool,
-
-    /// Seconds one store request may take before the guest gets ETIMEDOUT.
-    #[arg(long, default_value_t = 30)]
-    pub store_timeout: u64,
+    #[command(flatten)]
+    pub view: super::ViewArgs,
 }
 
 fn default_pool_size() -> u16 {
@@ -102,15 +93,7 @@ pub async fn run(store_args: &StoreArgs, args: VirtiofsArgs) -> anyhow::Result<(
     let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
 
     let (listener, socket_file) = listener(&args)?;
-    let store = store_args.open()?;
-    let fs = Arc::new(StoreFs::new(
-        store,
-        tokio::runtime::Handle::current(),
-        FsConfig {
-            list_root: args.list_root,
-            store_timeout: Duration::from_secs(args.store_timeout),
-        },
-    ));
+    let fs = args.view.open(store_args)?;
     let config = DeviceConfig {
         tag: args.tag,
         request_queues: usize::from(args.request_queues),
