@@ -11,5 +11,6 @@ pub mod nar;
 pub mod nix;
 pub mod pathinfo;
 pub mod services;
+pub mod socket;
 pub mod vhost_user;
 pub mod wire;

@@ -2,7 +2,8 @@
 //! the store view to the one VMM that connects, and exits 0 when the VMM
 //! disconnects or on SIGTERM/SIGINT, removing the socket it created.
 use super::StoreArgs;
-use crate::vhost_user::{self, DeviceConfig, SocketFile, MAX_REQUEST_QUEUES};
+use crate::socket::{self, SocketFile};
+use crate::vhost_user::{self, DeviceConfig, MAX_REQUEST_QUEUES};
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use std::os::fd::RawFd;
@@ -65,18 +66,18 @@ fn parse_tag(s: &str) -> Result<String, String> {
 /// The listening socket, and the socket file to remove if we created it.
 fn listener(args: &VirtiofsArgs) -> anyhow::Result<(UnixListener, Option<SocketFile>)> {
     if let Some(fd) = args.fd {
-        return Ok((vhost_user::listener_from_fd(fd)?, None));
+        return Ok((socket::listener_from_fd(fd)?, None));
     }
     if let Some(path) = &args.socket_path {
         let group = args
             .socket_group
             .as_deref()
-            .map(vhost_user::group_id)
+            .map(socket::group_id)
             .transpose()?;
-        let (l, f) = vhost_user::bind_socket(path, group)?;
+        let (l, f) = socket::bind_socket(path, group)?;
         return Ok((l, Some(f)));
     }
-    match vhost_user::systemd_listener()? {
+    match socket::systemd_listener()? {
         Some(l) => Ok((l, None)),
         None => bail!("give --socket-path or --fd (or start under systemd socket activation)"),
     }
