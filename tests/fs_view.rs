@@ -1,6 +1,8 @@
 //! The FileSystem implementation called directly, the way a hostile guest
 //! could call it over virtio-fs (no kernel VFS in between): writes are
 //! EROFS, unknown inodes and handles are errors, never panics.
+mod common;
+
 use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 use std::ffi::CString;
 use std::sync::Arc;
@@ -8,7 +10,6 @@ use std::time::Duration;
 use tvix_virtiofsd::castore::Node;
 use tvix_virtiofsd::fs::{FsConfig, StoreFs, ROOT_INO};
 use tvix_virtiofsd::nix::store_path::StorePath;
-use tvix_virtiofsd::pathinfo::PathInfo;
 use tvix_virtiofsd::services::{blob, Store};
 
 fn errno<T>(r: std::io::Result<T>) -> i32 {
@@ -28,20 +29,14 @@ fn setup() -> (tokio::runtime::Runtime, Arc<StoreFs>, String) {
             .unwrap();
         store
             .path_info
-            .put(PathInfo {
-                store_path: sp.clone(),
-                node: Node::File {
+            .put(common::bare_path_info(
+                sp.clone(),
+                Node::File {
                     digest,
                     size: 8,
                     executable: false,
                 },
-                references: vec![],
-                nar_size: 0,
-                nar_sha256: [0; 32],
-                signatures: vec![],
-                deriver: None,
-                ca: None,
-            })
+            ))
             .await
             .unwrap();
     });

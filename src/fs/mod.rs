@@ -330,6 +330,18 @@ impl StoreFs {
     }
 }
 
+/// The xattr size protocol: size 0 asks for the length (`Err(len)`), a
+/// buffer too small is ERANGE, otherwise the bytes (`Ok`).
+fn xattr_reply(size: u32, bytes: Vec<u8>) -> io::Result<Result<Vec<u8>, u32>> {
+    if size == 0 {
+        Ok(Err(bytes.len() as u32))
+    } else if (size as usize) < bytes.len() {
+        Err(err(libc::ERANGE))
+    } else {
+        Ok(Ok(bytes))
+    }
+}
+
 fn erofs<T>() -> io::Result<T> {
     Err(err(libc::EROFS))
 }
@@ -506,13 +518,10 @@ impl FileSystem for StoreFs {
             }
             _ => return Err(err(libc::ENODATA)),
         };
-        if size == 0 {
-            Ok(GetxattrReply::Count(value.len() as u32))
-        } else if (size as usize) < value.len() {
-            Err(err(libc::ERANGE))
-        } else {
-            Ok(GetxattrReply::Value(value))
-        }
+        Ok(match xattr_reply(size, value)? {
+            Ok(v) => GetxattrReply::Value(v),
+            Err(n) => GetxattrReply::Count(n),
+        })
     }
 
     fn listxattr(&self, _: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
@@ -524,13 +533,10 @@ impl FileSystem for StoreFs {
         if !names.is_empty() {
             names.push(0);
         }
-        if size == 0 {
-            Ok(ListxattrReply::Count(names.len() as u32))
-        } else if (size as usize) < names.len() {
-            Err(err(libc::ERANGE))
-        } else {
-            Ok(ListxattrReply::Names(names))
-        }
+        Ok(match xattr_reply(size, names)? {
+            Ok(v) => ListxattrReply::Names(v),
+            Err(n) => ListxattrReply::Count(n),
+        })
     }
 
     fn opendir(&self, _: &Context, inode: u64, _: u32) -> io::Result<(Option<u64>, OpenOptions)> {

@@ -174,3 +174,21 @@ pub fn sh(cmd: &str) -> String {
     );
     String::from_utf8(out.stdout).expect("utf-8 output")
 }
+
+/// A path info with just a name and a root node (no references, no NAR
+/// facts), for tests that only need the store path to exist.
+pub fn bare_path_info(
+    store_path: tvix_virtiofsd::nix::store_path::StorePath,
+    node: tvix_virtiofsd::castore::Node,
+) -> tvix_virtiofsd::pathinfo::PathInfo {
+    tvix_virtiofsd::pathinfo::PathInfo {
+        store_path,
+        node,
+        references: vec![],
+        nar_size: 0,
+        nar_sha256: [0; 32],
+        signatures: vec![],
+        deriver: None,
+        ca: None,
+    }
+}
