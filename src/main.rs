@@ -1,5 +1,5 @@
 use clap::Parser;
-use tvix_virtiofsd::cli::{run, Cli};
+use tvix_virtiofsd::cli::Cli;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -9,18 +9,8 @@ fn main() -> std::process::ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    match tvix_virtiofsd::cli::main(cli) {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE

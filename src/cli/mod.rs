@@ -90,14 +90,19 @@ impl ViewArgs {
     /// Opens the store and builds the view over it; store calls run on the
     /// current tokio runtime.
     pub fn open(&self, store: &StoreArgs) -> anyhow::Result<std::sync::Arc<crate::fs::StoreFs>> {
-        Ok(std::sync::Arc::new(crate::fs::StoreFs::new(
-            store.open()?,
+        Ok(self.view(store.open()?))
+    }
+
+    /// The view over an opened store, on the current tokio runtime.
+    pub fn view(&self, store: Store) -> std::sync::Arc<crate::fs::StoreFs> {
+        std::sync::Arc::new(crate::fs::StoreFs::new(
+            store,
             tokio::runtime::Handle::current(),
             crate::fs::FsConfig {
                 list_root: self.list_root,
                 store_timeout: std::time::Duration::from_secs(self.store_timeout),
             },
-        )))
+        ))
     }
 }
 
@@ -148,7 +153,21 @@ impl StoreArgs {
     }
 }
 
-/// Runs a parsed command line.
+/// Runs a parsed command line. `virtiofs` sets up its sandbox before any
+/// thread exists, so it starts its own runtime; the others share one.
+pub fn main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    if let Command::Virtiofs(a) = cli.command {
+        return virtiofs::main(&cli.store, a);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(run(cli))?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Runs a parsed command line on the current runtime.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Daemon(a) => daemon::run(&cli.store, a).await,
@@ -158,7 +177,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Mount(a) => mount::run(&cli.store, a).await,
         Command::Nar(a) => query::nar(cli.store.open()?, a).await,
         Command::PathInfo(a) => query::path_info(cli.store.open()?, a).await,
-        Command::Virtiofs(a) => virtiofs::run(&cli.store, a).await,
+        Command::Virtiofs(_) => anyhow::bail!("virtiofs runs through cli::main"),
     }
 }
 

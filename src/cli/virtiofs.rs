@@ -1,7 +1,15 @@
 //! `virtiofs`: the vhost-user virtio-fs daemon, one per microVM. It serves
 //! the store view to the one VMM that connects, and exits 0 when the VMM
 //! disconnects or on SIGTERM/SIGINT, removing the socket it created.
+//!
+//! Order matters: the socket is opened, the sandbox entered (a fork: no
+//! thread may exist yet), the rlimit set, capabilities dropped, seccomp
+//! installed, and only then the runtime and the worker threads start.
 use super::StoreArgs;
+use crate::privileges;
+use crate::sandbox::{self, Needs, Role, SandboxMode};
+use crate::seccomp::{self, SeccompAction};
+use crate::services::{Addr, Store};
 use crate::socket::{self, SocketFile};
 use crate::vhost_user::{self, DeviceConfig, MAX_REQUEST_QUEUES};
 use anyhow::{anyhow, bail, Context};
@@ -9,6 +17,7 @@ use clap::Args;
 use std::os::fd::RawFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 #[derive(Args, Debug)]
 pub struct VirtiofsArgs {
@@ -47,6 +56,25 @@ pub struct VirtiofsArgs {
     #[arg(long)]
     pub print_capabilities: bool,
 
+    /// Confinement of the serving process: namespace (new namespaces and an
+    /// empty read-only root), chroot (no namespaces), or none (debugging).
+    #[arg(long, value_enum, default_value_t = SandboxMode::Namespace)]
+    pub sandbox: SandboxMode,
+
+    /// What a system call outside the seccomp policy does: kill the
+    /// process, log it, trap (SIGSYS), or none (no filter).
+    #[arg(long, value_enum, default_value_t = SeccompAction::Kill)]
+    pub seccomp: SeccompAction,
+
+    /// Maximum number of open files [default: raise the soft limit to the
+    /// hard limit].
+    #[arg(long)]
+    pub rlimit_nofile: Option<u64>,
+
+    /// Make a forbidden system call once confined (tests the policy).
+    #[arg(long, hide = true)]
+    pub selftest_seccomp: bool,
+
     #[command(flatten)]
     pub view: super::ViewArgs,
 }
@@ -83,28 +111,82 @@ fn listener(args: &VirtiofsArgs) -> anyhow::Result<(UnixListener, Option<SocketF
     }
 }
 
-pub async fn run(store_args: &StoreArgs, args: VirtiofsArgs) -> anyhow::Result<()> {
+/// Runs the command; the exit code is the serving process's.
+pub fn main(store_args: &StoreArgs, args: VirtiofsArgs) -> anyhow::Result<ExitCode> {
     if args.print_capabilities {
         println!("{}", vhost_user::CAPABILITIES_JSON);
-        return Ok(());
+        return Ok(ExitCode::SUCCESS);
     }
+    let (listener, socket_file) = listener(&args)?;
+    match &socket_file {
+        Some(f) => tracing::info!("listening for the VMM on {}", f.path().display()),
+        None => tracing::info!("listening for the VMM on the inherited socket"),
+    }
+    let addrs = store_args.addrs()?;
+    // An embedded store is created (and tidied) here, while we may write:
+    // the sandbox only ever sees it read-only.
+    let local = |a: &Addr| match a {
+        Addr::Local(_) => a.clone(),
+        _ => Addr::Memory,
+    };
+    Store::open(&local(&addrs[0]), &local(&addrs[1]), &local(&addrs[2]))
+        .context("opening the embedded store")?;
+    let (needs, addrs) = Needs::of_store(&addrs)?;
+    let (role, addrs) = sandbox::enter(args.sandbox, &needs, addrs)?;
+    if let Role::Supervisor(sup) = role {
+        // The child serves; we only wait, holding nothing but the socket
+        // file to remove at the end.
+        drop(listener);
+        if let Err(e) = privileges::drop_all(true) {
+            tracing::warn!("supervisor: {e}");
+        }
+        tracing::debug!("serving process {}", sup.child_pid());
+        let code = sup.wait();
+        drop(socket_file);
+        return Ok(ExitCode::from(code));
+    }
+    // The serving process may not see the socket file: its supervisor (or
+    // in --sandbox none, this process after serving) removes it.
+    let socket_file = match args.sandbox {
+        SandboxMode::None => socket_file,
+        _ => {
+            std::mem::forget(socket_file);
+            None
+        }
+    };
+    privileges::set_rlimit_nofile(args.rlimit_nofile)?;
+    privileges::drop_all(args.sandbox == SandboxMode::None)?;
+    seccomp::install(args.seccomp)?;
+    if args.selftest_seccomp {
+        seccomp::selftest();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let [b, d, p] = &addrs;
+    let store = Store::open_read_only(b, d, p).context("opening the store")?;
+    rt.block_on(serve(store, args, listener, socket_file))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(
+    store: Store,
+    args: VirtiofsArgs,
+    listener: UnixListener,
+    socket_file: Option<SocketFile>,
+) -> anyhow::Result<()> {
     // Before anything that takes time: a signal from here on is a clean exit.
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
 
-    let (listener, socket_file) = listener(&args)?;
-    let fs = args.view.open(store_args)?;
+    let fs = args.view.view(store);
     let config = DeviceConfig {
         tag: args.tag,
         request_queues: usize::from(args.request_queues),
         threads: usize::from(args.thread_pool_size),
     };
-    match &socket_file {
-        Some(f) => tracing::info!("waiting for the VMM on {}", f.path().display()),
-        None => tracing::info!("waiting for the VMM on the inherited socket"),
-    }
-
     // The vhost-user daemon blocks: it runs on its own thread (not the
     // blocking pool, which would hold up the runtime's shutdown), and this
     // task waits for it or for a signal.

@@ -27,3 +27,19 @@ pub fn prepare(root: &Path) -> std::io::Result<PathBuf> {
     }
     Ok(tmp)
 }
+
+/// A store opened for reading must exist: a typo in the path is an
+/// operator error, not an empty store.
+pub fn check_exists(root: &Path) -> std::io::Result<()> {
+    match std::fs::metadata(root) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::NotADirectory,
+            format!("store {} is not a directory", root.display()),
+        )),
+        Err(e) => Err(std::io::Error::new(
+            e.kind(),
+            format!("store {}: {e}", root.display()),
+        )),
+    }
+}

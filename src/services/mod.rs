@@ -81,6 +81,16 @@ impl Store {
     /// Opens each service at its own address; services at the same remote
     /// address share one connection, and `memory://` ones one store.
     pub fn open(blob: &Addr, directory: &Addr, path_info: &Addr) -> Result<Self> {
+        Self::open_with(blob, directory, path_info, false)
+    }
+
+    /// As `open`, for a reader that never writes (the sandboxed view): an
+    /// embedded store is neither created nor tidied, only looked at.
+    pub fn open_read_only(blob: &Addr, directory: &Addr, path_info: &Addr) -> Result<Self> {
+        Self::open_with(blob, directory, path_info, true)
+    }
+
+    fn open_with(blob: &Addr, directory: &Addr, path_info: &Addr, ro: bool) -> Result<Self> {
         let mut channels: HashMap<Addr, Channel> = HashMap::new();
         let mut channel = |a: &Addr| -> Result<Channel> {
             if let Some(c) = channels.get(a) {
@@ -97,16 +107,23 @@ impl Store {
         let mem = Self::memory();
         let blob: Arc<dyn BlobService> = match blob {
             Addr::Memory => mem.blob.clone(),
+            Addr::Local(p) if ro => Arc::new(blob::local::LocalBlobService::open_existing(p)?),
             Addr::Local(p) => Arc::new(blob::local::LocalBlobService::open(p)?),
             a => Arc::new(blob::grpc::GrpcBlobService::new(channel(a)?)),
         };
         let directory: Arc<dyn DirectoryService> = match directory {
             Addr::Memory => mem.directory.clone(),
+            Addr::Local(p) if ro => {
+                Arc::new(directory::local::LocalDirectoryService::open_existing(p)?)
+            }
             Addr::Local(p) => Arc::new(directory::local::LocalDirectoryService::open(p)?),
             a => Arc::new(directory::grpc::GrpcDirectoryService::new(channel(a)?)),
         };
         let path_info: Arc<dyn PathInfoService> = match path_info {
             Addr::Memory => mem.path_info.clone(),
+            Addr::Local(p) if ro => {
+                Arc::new(pathinfo::local::LocalPathInfoService::open_existing(p)?)
+            }
             Addr::Local(p) => Arc::new(pathinfo::local::LocalPathInfoService::open(p)?),
             a => Arc::new(pathinfo::grpc::GrpcPathInfoService::new(channel(a)?)),
         };

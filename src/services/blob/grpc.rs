@@ -1,6 +1,6 @@
 //! Blob client for a remote tvix-store. Every blob read is checked against
 //! its digest before the first byte is handed out: the stream is spooled to
-//! memory (small blobs) or an unnamed temporary file (large ones) while
+//! memory (small blobs) or an unnamed file (large ones) while
 //! hashing, so a lying server yields an error, never wrong bytes.
 use super::{BlobReader, BlobService, BlobWriter};
 use crate::castore::B3Digest;
@@ -41,6 +41,22 @@ enum Spool {
     File(std::io::BufWriter<std::fs::File>),
 }
 
+/// An unnamed file for a large blob: in the temporary directory, or in
+/// memory (memfd) where there is none, as inside the sandbox, whose root
+/// is read-only and empty.
+fn spool_file() -> std::io::Result<std::fs::File> {
+    if std::fs::metadata(std::env::temp_dir()).is_ok() {
+        return tempfile::tempfile();
+    }
+    // SAFETY: the name is a valid C string; the new fd is owned below.
+    let fd = unsafe { libc::memfd_create(c"tvix-blob".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and belongs to nobody else.
+    Ok(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
 impl Spool {
     fn push(&mut self, data: &[u8]) -> std::io::Result<()> {
         if let Spool::Memory(buf) = self {
@@ -48,7 +64,7 @@ impl Spool {
                 buf.extend_from_slice(data);
                 return Ok(());
             }
-            let mut f = std::io::BufWriter::with_capacity(1 << 20, tempfile::tempfile()?);
+            let mut f = std::io::BufWriter::with_capacity(1 << 20, spool_file()?);
             f.write_all(buf)?;
             *self = Spool::File(f);
         }

@@ -19,6 +19,12 @@ pub struct LocalBlobService {
 
 impl LocalBlobService {
     /// Opens (creating if needed) the blob area of a local store at `root`.
+    /// Opens an existing store for reading only: nothing is created.
+    pub fn open_existing(root: &Path) -> Result<Self> {
+        super::super::local_tmp::check_exists(root)?;
+        Ok(Self { root: root.into() })
+    }
+
     pub fn open(root: &Path) -> Result<Self> {
         let blobs = root.join("blobs");
         std::fs::create_dir_all(&blobs)?;

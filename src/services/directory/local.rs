@@ -15,6 +15,12 @@ pub struct LocalDirectoryService {
 }
 
 impl LocalDirectoryService {
+    /// Opens an existing store for reading only: nothing is created.
+    pub fn open_existing(root: &Path) -> Result<Self> {
+        super::super::local_tmp::check_exists(root)?;
+        Ok(Self { root: root.into() })
+    }
+
     pub fn open(root: &Path) -> Result<Self> {
         std::fs::create_dir_all(root.join("directories"))?;
         super::super::local_tmp::prepare(root)?;

@@ -1,0 +1,595 @@
+//! Confinement of the serving process (as virtiofsd's `--sandbox`).
+//!
+//! The process forks before any thread exists. The child serves: in
+//! `namespace` mode it gets fresh mount, PID, IPC, UTS and (unless the store
+//! is reached over TCP) network namespaces, plus a user namespace when not
+//! started as root, and its root becomes an empty read-only tmpfs holding
+//! only what the store needs, bind-mounted read-only at the same paths. In
+//! `chroot` mode it is chrooted without namespaces. The parent stays
+//! outside, forwards SIGTERM/SIGINT/SIGHUP, keeps the socket file it
+//! created (the child cannot see it) and exits with the child's status.
+use crate::services::Addr;
+use std::ffi::CString;
+use std::io;
+use std::net::ToSocketAddrs;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SandboxMode {
+    /// New namespaces and an empty read-only root (default).
+    Namespace,
+    /// chroot without namespaces, for hosts that lack them.
+    Chroot,
+    /// No confinement: for debugging only.
+    None,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("sandbox: {what}: {err}")]
+    Sys { what: String, err: io::Error },
+    #[error("sandbox: {0}")]
+    Setup(String),
+}
+
+fn sys(what: impl Into<String>) -> impl FnOnce(io::Error) -> SandboxError {
+    let what = what.into();
+    move |err| SandboxError::Sys { what, err }
+}
+
+/// Turns a libc return value into a result, with errno as the error.
+fn check(rc: libc::c_int, what: impl Into<String>) -> Result<libc::c_int, SandboxError> {
+    if rc < 0 {
+        Err(sys(what)(io::Error::last_os_error()))
+    } else {
+        Ok(rc)
+    }
+}
+
+fn cstr(p: &Path) -> Result<CString, SandboxError> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| SandboxError::Setup(format!("{} contains a NUL byte", p.display())))
+}
+
+/// A host path the serving process needs, at the same absolute path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exposed {
+    pub path: PathBuf,
+    pub is_dir: bool,
+}
+
+/// What the store needs from the host once the sandbox is up.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// Embedded store directories and unix sockets of remote stores.
+    pub paths: Vec<Exposed>,
+    /// A store reached over TCP keeps the host's network namespace.
+    pub network: bool,
+}
+
+impl Needs {
+    /// What serving `addrs` needs, and the addresses to use inside the
+    /// sandbox: paths made canonical (bind mounts follow no symlinks),
+    /// host names resolved (no resolver files inside).
+    pub fn of_store(addrs: &[Addr; 3]) -> Result<(Needs, [Addr; 3]), SandboxError> {
+        let mut needs = Needs::default();
+        let mut out = addrs.clone();
+        for a in out.iter_mut() {
+            let is_dir = matches!(a, Addr::Local(_));
+            match a {
+                Addr::Memory => {}
+                Addr::Local(p) | Addr::GrpcUnix(p) => {
+                    let canon = std::fs::canonicalize(&*p).map_err(|e| {
+                        SandboxError::Setup(format!(
+                            "{} {}: {e}",
+                            if is_dir {
+                                "store directory"
+                            } else {
+                                "store socket (start the store daemon first)"
+                            },
+                            p.display()
+                        ))
+                    })?;
+                    *p = canon.clone();
+                    let e = Exposed {
+                        path: canon,
+                        is_dir,
+                    };
+                    if !needs.paths.contains(&e) {
+                        needs.paths.push(e);
+                    }
+                }
+                Addr::GrpcHttp(hp) => {
+                    needs.network = true;
+                    let sa = hp
+                        .to_socket_addrs()
+                        .map_err(|e| SandboxError::Setup(format!("resolving {hp}: {e}")))?
+                        .next()
+                        .ok_or_else(|| SandboxError::Setup(format!("{hp} has no address")))?;
+                    let resolved = sa.to_string();
+                    if resolved != *hp {
+                        tracing::info!("store {hp} resolved to {resolved} before sandboxing");
+                        *hp = resolved;
+                    }
+                }
+            }
+        }
+        Ok((needs, out))
+    }
+}
+
+/// Which side of the fork this process is on.
+pub enum Role {
+    /// Serve, confined.
+    Serving,
+    /// Wait for the serving child.
+    Supervisor(Supervisor),
+}
+
+/// Enters the sandbox. Must be called while the process has one thread.
+/// Returns the role and the store addresses valid inside the sandbox.
+pub fn enter(
+    mode: SandboxMode,
+    needs: &Needs,
+    addrs: [Addr; 3],
+) -> Result<(Role, [Addr; 3]), SandboxError> {
+    match mode {
+        SandboxMode::None => {
+            tracing::warn!("--sandbox none: serving without confinement (for debugging only)");
+            Ok((Role::Serving, addrs))
+        }
+        SandboxMode::Namespace => {
+            if needs.network {
+                tracing::info!("keeping the host network namespace: the store is reached over TCP");
+            }
+            ensure_single_threaded()?;
+            // SAFETY: geteuid/getegid have no preconditions.
+            let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+            let userns = uid != 0;
+            let mut flags = libc::CLONE_NEWPID;
+            if userns {
+                flags |= libc::CLONE_NEWUSER;
+            }
+            // SAFETY: unshare only changes this (single-threaded) process's namespaces.
+            check(unsafe { libc::unshare(flags) }, "unshare(PID, user)")?;
+            if userns {
+                map_own_ids(uid, gid)?;
+            }
+            match fork()? {
+                Some(sup) => Ok((Role::Supervisor(sup), addrs)),
+                None => {
+                    namespace_child(needs)?;
+                    Ok((Role::Serving, addrs))
+                }
+            }
+        }
+        SandboxMode::Chroot => {
+            ensure_single_threaded()?;
+            let (root, addrs) = chroot_root(needs, addrs)?;
+            match fork()? {
+                Some(sup) => Ok((Role::Supervisor(sup), addrs)),
+                None => {
+                    chroot_child(root.as_deref())?;
+                    Ok((Role::Serving, addrs))
+                }
+            }
+        }
+    }
+}
+
+/// fork() is only sound here with one thread: count them.
+fn ensure_single_threaded() -> Result<(), SandboxError> {
+    let n = std::fs::read_dir("/proc/self/task")
+        .map_err(sys("reading /proc/self/task"))?
+        .count();
+    if n != 1 {
+        return Err(SandboxError::Setup(format!(
+            "{n} threads exist before the fork (internal error)"
+        )));
+    }
+    Ok(())
+}
+
+/// In a fresh user namespace: keep our own uid and gid (so the store's
+/// files keep their owners), nothing else.
+fn map_own_ids(uid: libc::uid_t, gid: libc::gid_t) -> Result<(), SandboxError> {
+    std::fs::write("/proc/self/setgroups", "deny").map_err(sys("writing setgroups"))?;
+    std::fs::write("/proc/self/uid_map", format!("{uid} {uid} 1"))
+        .map_err(sys("writing uid_map"))?;
+    std::fs::write("/proc/self/gid_map", format!("{gid} {gid} 1"))
+        .map_err(sys("writing gid_map"))?;
+    Ok(())
+}
+
+const FORWARDED: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+fn signal_set(sigs: &[libc::c_int]) -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for &s in sigs {
+            libc::sigaddset(&mut set, s);
+        }
+    }
+    set
+}
+
+/// Forks with the forwarded signals and SIGCHLD blocked, so the parent
+/// can take them with sigwaitinfo; the child unblocks them at once.
+/// Returns the supervisor in the parent, None in the child.
+fn fork() -> Result<Option<Supervisor>, SandboxError> {
+    let mut sigs = FORWARDED.to_vec();
+    sigs.push(libc::SIGCHLD);
+    let set = signal_set(&sigs);
+    // SAFETY: sigset_t is plain data, filled in by sigprocmask.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: both sets are valid for the call.
+    check(
+        unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) },
+        "blocking signals",
+    )?;
+    // SAFETY: the process has a single thread (checked by the caller), so
+    // the child inherits no lock held by another thread.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        let err = io::Error::last_os_error();
+        // SAFETY: restores the mask saved above.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+        return Err(sys("fork")(err));
+    }
+    if pid == 0 {
+        // SAFETY: restores the mask saved above; PR_SET_PDEATHSIG takes a
+        // signal number and has no memory effects.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        }
+        return Ok(None);
+    }
+    Ok(Some(Supervisor { child: pid, set }))
+}
+
+/// The parent side: forwards signals to the serving child and reaps it.
+pub struct Supervisor {
+    child: libc::pid_t,
+    set: libc::sigset_t,
+}
+
+impl Supervisor {
+    pub fn child_pid(&self) -> libc::pid_t {
+        self.child
+    }
+
+    /// Waits for the child; returns the exit status to exit with (128 +
+    /// signal number when it was killed, as a shell reports it).
+    pub fn wait(self) -> u8 {
+        loop {
+            if let Some(code) = self.reap() {
+                return code;
+            }
+            // SAFETY: `set` is a valid signal set; a null info is allowed.
+            let sig = unsafe { libc::sigwaitinfo(&self.set, std::ptr::null_mut()) };
+            if sig > 0 && FORWARDED.contains(&sig) {
+                tracing::debug!("forwarding signal {sig} to the serving process");
+                // SAFETY: kill has no memory effects.
+                unsafe { libc::kill(self.child, sig) };
+            }
+        }
+    }
+
+    fn reap(&self) -> Option<u8> {
+        let mut status = 0;
+        // SAFETY: `status` is a valid out-pointer.
+        let rc = unsafe { libc::waitpid(self.child, &mut status, libc::WNOHANG) };
+        if rc == 0 {
+            return None;
+        }
+        if rc < 0 {
+            tracing::error!(
+                "waiting for the serving process: {}",
+                io::Error::last_os_error()
+            );
+            return Some(1);
+        }
+        if libc::WIFEXITED(status) {
+            return Some(u8::try_from(libc::WEXITSTATUS(status)).unwrap_or(1));
+        }
+        if libc::WIFSIGNALED(status) {
+            let sig = libc::WTERMSIG(status);
+            if sig == libc::SIGSYS {
+                tracing::error!(
+                    "the serving process was killed by SIGSYS: it made a system call \
+                     outside the seccomp policy (rerun with --seccomp log to find it)"
+                );
+            } else {
+                tracing::error!("the serving process was killed by signal {sig}");
+            }
+            return Some(128u8.saturating_add(u8::try_from(sig).unwrap_or(127)));
+        }
+        None
+    }
+}
+
+/// The child in namespace mode: private mounts, a tmpfs root with the
+/// needed paths bind-mounted read-only, pivot_root into it.
+fn namespace_child(needs: &Needs) -> Result<(), SandboxError> {
+    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    if !needs.network {
+        flags |= libc::CLONE_NEWNET;
+    }
+    // SAFETY: unshare only changes this process's namespaces.
+    check(
+        unsafe { libc::unshare(flags) },
+        "unshare(mount, IPC, UTS, net)",
+    )?;
+    // Nothing we mount propagates back to the host, nor the host's to us.
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+    )?;
+
+    // Open what we expose before the tmpfs could hide it.
+    let mut opened = Vec::new();
+    for e in &needs.paths {
+        let c = cstr(&e.path)?;
+        // SAFETY: `c` is a valid C string; O_PATH opens without access.
+        let fd = check(
+            unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) },
+            format!("opening {}", e.path.display()),
+        )?;
+        // SAFETY: `fd` was just opened and is owned by nobody else.
+        opened.push((e, unsafe {
+            <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        }));
+    }
+
+    let new_root = std::env::temp_dir();
+    mount(
+        Some("tvix-virtiofsd"),
+        &new_root,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some("mode=0755,size=1m,nr_inodes=1024"),
+    )?;
+    for (e, fd) in &opened {
+        let rel = e.path.strip_prefix("/").unwrap_or(&e.path);
+        let target = new_root.join(rel);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(sys(format!("creating {}", parent.display())))?;
+        }
+        if e.is_dir {
+            std::fs::create_dir(&target)
+        } else {
+            std::fs::File::create(&target).map(drop)
+        }
+        .map_err(sys(format!("creating {}", target.display())))?;
+        let src = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        mount(
+            Some(&*src.to_string_lossy()),
+            &target,
+            None,
+            libc::MS_BIND,
+            None,
+        )?;
+        remount_read_only(&target)?;
+    }
+    drop(opened);
+
+    let root = cstr(&new_root)?;
+    // SAFETY: valid C strings; pivot_root(".", ".") stacks the old root
+    // under the new one, and the detach below removes it.
+    unsafe {
+        check(libc::chdir(root.as_ptr()), "chdir to the new root")?;
+        check(
+            libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int,
+            "pivot_root",
+        )?;
+        check(
+            libc::umount2(c".".as_ptr(), libc::MNT_DETACH),
+            "detaching the old root",
+        )?;
+        check(libc::chdir(c"/".as_ptr()), "chdir /")?;
+    }
+    remount_read_only(Path::new("/"))?;
+    Ok(())
+}
+
+fn mount(
+    src: Option<&str>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<(), SandboxError> {
+    let c = |s: Option<&str>| s.map(|s| CString::new(s).unwrap_or_default());
+    let (src_c, fs_c, data_c) = (c(src), c(fstype), c(data));
+    let target_c = cstr(target)?;
+    let ptr = |o: &Option<CString>| o.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+    // SAFETY: all pointers are valid C strings or null, as mount(2) allows.
+    let rc = unsafe {
+        libc::mount(
+            ptr(&src_c),
+            target_c.as_ptr(),
+            ptr(&fs_c),
+            flags,
+            ptr(&data_c).cast(),
+        )
+    };
+    check(
+        rc,
+        format!(
+            "mount {} on {}",
+            src.or(fstype).unwrap_or("(flags)"),
+            target.display()
+        ),
+    )
+    .map(drop)
+}
+
+/// Makes the mount at `target` read-only, nosuid, nodev, noexec, keeping
+/// its atime flags (a user namespace may not change locked ones).
+fn remount_read_only(target: &Path) -> Result<(), SandboxError> {
+    let c = cstr(target)?;
+    // SAFETY: statvfs is plain data filled in by the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string and `st` a valid out-pointer.
+    check(
+        unsafe { libc::statvfs(c.as_ptr(), &mut st) },
+        format!("statvfs {}", target.display()),
+    )?;
+    let mut flags = libc::MS_REMOUNT
+        | libc::MS_BIND
+        | libc::MS_RDONLY
+        | libc::MS_NOSUID
+        | libc::MS_NODEV
+        | libc::MS_NOEXEC;
+    for (st_flag, ms_flag) in [
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ] {
+        if st.f_flag & st_flag != 0 {
+            flags |= ms_flag;
+        }
+    }
+    mount(None, target, None, flags, None)
+}
+
+/// The chroot directory: the one directory holding what the store needs
+/// (the store directory, or the directory of a remote's socket); None for
+/// stores that need no path. Addresses are rewritten relative to it.
+fn chroot_root(
+    needs: &Needs,
+    mut addrs: [Addr; 3],
+) -> Result<(Option<PathBuf>, [Addr; 3]), SandboxError> {
+    let mut root: Option<PathBuf> = None;
+    for e in &needs.paths {
+        let dir = if e.is_dir {
+            e.path.clone()
+        } else {
+            e.path.parent().unwrap_or(Path::new("/")).to_path_buf()
+        };
+        match &root {
+            Some(r) if *r != dir => {
+                return Err(SandboxError::Setup(format!(
+                    "--sandbox chroot can expose one directory, but the store needs {} and {}: \
+                     use --sandbox namespace",
+                    r.display(),
+                    dir.display()
+                )))
+            }
+            _ => root = Some(dir),
+        }
+    }
+    if let Some(r) = &root {
+        for a in addrs.iter_mut() {
+            if let Addr::Local(p) | Addr::GrpcUnix(p) = a {
+                let rel = p.strip_prefix(r).unwrap_or(Path::new(""));
+                *p = Path::new("/").join(rel);
+            }
+        }
+    }
+    Ok((root, addrs))
+}
+
+/// The child in chroot mode. Without a directory to expose it is chrooted
+/// into an empty directory that is removed first, so nothing can be created
+/// in it either.
+fn chroot_child(root: Option<&Path>) -> Result<(), SandboxError> {
+    let dir = match root {
+        Some(r) => r.to_path_buf(),
+        None => tempfile::Builder::new()
+            .prefix("tvix-virtiofsd-root.")
+            .tempdir()
+            .map_err(sys("creating an empty root"))?
+            .keep(),
+    };
+    let c = cstr(&dir)?;
+    // SAFETY: valid C strings; chdir + chroot(".") keep working on a
+    // directory removed in between.
+    unsafe {
+        check(libc::chdir(c.as_ptr()), format!("chdir {}", dir.display()))?;
+        if root.is_none() {
+            check(libc::rmdir(c.as_ptr()), "removing the empty root")?;
+        }
+        check(
+            libc::chroot(c".".as_ptr()),
+            format!("chroot {}", dir.display()),
+        )?;
+        check(libc::chdir(c"/".as_ptr()), "chdir /")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn needs_of_stores() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = tmp.path().join("store");
+        std::fs::create_dir(&store).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&store, &link).unwrap();
+        let a = Addr::Local(link);
+        let (needs, out) = Needs::of_store(&[a.clone(), a.clone(), Addr::Memory]).unwrap();
+        let canon = std::fs::canonicalize(&store).unwrap();
+        assert_eq!(needs.paths.len(), 1, "one path exposed once");
+        assert_eq!(needs.paths[0].path, canon);
+        assert!(!needs.network);
+        assert_eq!(out[0], Addr::Local(canon));
+
+        let t = Addr::GrpcHttp("localhost:1".into());
+        let (needs, out) = Needs::of_store(&[t.clone(), t.clone(), t]).unwrap();
+        assert!(needs.network && needs.paths.is_empty());
+        assert!(
+            matches!(&out[0], Addr::GrpcHttp(h) if h.ends_with(":1") && !h.starts_with("localhost"))
+        );
+
+        let missing = Addr::GrpcUnix(tmp.path().join("nope.sock"));
+        let err = Needs::of_store(&[missing.clone(), missing.clone(), missing])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("start the store daemon first"), "{err}");
+    }
+
+    #[test]
+    fn chroot_rewrites_paths_under_one_root() {
+        let needs = Needs {
+            paths: vec![Exposed {
+                path: "/run/store/s.sock".into(),
+                is_dir: false,
+            }],
+            network: false,
+        };
+        let a = Addr::GrpcUnix("/run/store/s.sock".into());
+        let (root, out) = chroot_root(&needs, [a.clone(), a, Addr::Memory]).unwrap();
+        assert_eq!(root.as_deref(), Some(Path::new("/run/store")));
+        assert_eq!(out[0], Addr::GrpcUnix("/s.sock".into()));
+
+        let two = Needs {
+            paths: vec![
+                Exposed {
+                    path: "/a".into(),
+                    is_dir: true,
+                },
+                Exposed {
+                    path: "/b".into(),
+                    is_dir: true,
+                },
+            ],
+            network: false,
+        };
+        let err = chroot_root(&two, [Addr::Memory, Addr::Memory, Addr::Memory]).unwrap_err();
+        assert!(err.to_string().contains("use --sandbox namespace"));
+    }
+}
