@@ -91,7 +91,7 @@ mod tests {
     fn policy_compiles_for_every_action() {
         for a in [SeccompAction::Kill, SeccompAction::Log, SeccompAction::Trap] {
             let prog = compile(a).unwrap().unwrap();
-            assert!(prog.len() > 50, "{a:?}: {} instructions", prog.len());
+            assert!(prog.len() > 40, "{a:?}: {} instructions", prog.len());
         }
         assert!(compile(SeccompAction::None).unwrap().is_none());
     }
@@ -131,9 +131,16 @@ mod tests {
         ] {
             assert!(!names.contains(&forbidden), "{forbidden} is allowed");
         }
-        let mut sorted = names.clone();
-        sorted.sort_unstable();
-        sorted.dedup();
-        assert_eq!(sorted.len(), names.len(), "a syscall is listed twice");
+        // seccompiler ORs the rules of one syscall, and a rule without
+        // arguments among rules with arguments is silently dropped
+        let rules = json[FILTER]["filter"].as_array().unwrap();
+        for r in rules.iter().filter(|r| r.get("args").is_none()) {
+            let n = r["syscall"].as_str().unwrap();
+            assert_eq!(
+                names.iter().filter(|&&m| m == n).count(),
+                1,
+                "{n} listed twice"
+            );
+        }
     }
 }

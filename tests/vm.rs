@@ -110,38 +110,81 @@ fn line_after<'a>(console: &'a str, key: &str) -> &'a str {
 fn microvm_runs_programs_from_the_store() {
     require_tools();
     let tmp = tempfile::tempdir().unwrap();
-    let app = sh("NIX_REMOTE= bash tests/fixtures/nix-closure.sh")
-        .trim()
-        .to_string();
-    let big = big_store_path(tmp.path());
-    let closure: Vec<String> = sh(&format!("NIX_REMOTE= nix-store -qR {app} {big}"))
-        .lines()
-        .map(String::from)
-        .collect();
-    let nfiles: usize = sh(&format!("find {} -type f | wc -l", closure.join(" ")))
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(nfiles >= 5000, "closure has only {nfiles} files");
+    let fixture = Fixture::new(tmp.path());
+    // the embedded store, then the same store through a gRPC daemon on a
+    // unix socket; the sandbox (default: namespace, seccomp kill) is on
+    story(&fixture, &fixture.store, tmp.path());
+    let remote = common::Daemon::start(
+        &fixture.store,
+        &format!("unix:{}", tmp.path().join("store.sock").display()),
+        &["--read-only"],
+    );
+    story(&fixture, &remote.addr, tmp.path());
+    assert!(remote.stop().success());
+}
 
-    let store = format!("local://{}", tmp.path().join("store").display());
-    let mut args = vec!["--store", store.as_str(), "copy"];
-    args.extend(closure.iter().map(String::as_str));
-    cli_ok(&args);
+/// The Nix closure under test, copied into an embedded store.
+struct Fixture {
+    app: String,
+    closure: Vec<String>,
+    nfiles: usize,
+    host_sum: String,
+    store: String,
+}
 
-    // what the host sees in Nix's own /nix/store
-    let host_script = format!("{DIGEST_SCRIPT}digest {}", closure.join(" "));
-    let host = sh(&host_script);
-    // the guest hashes "$(digest ...)", which drops trailing newlines
-    let host_sum = {
-        use sha2::Digest;
-        data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(
-            host.trim_end_matches('\n').as_bytes(),
-        ))
-    };
+impl Fixture {
+    fn new(tmp: &Path) -> Fixture {
+        let app = sh("NIX_REMOTE= bash tests/fixtures/nix-closure.sh")
+            .trim()
+            .to_string();
+        let big = big_store_path(tmp);
+        let closure: Vec<String> = sh(&format!("NIX_REMOTE= nix-store -qR {app} {big}"))
+            .lines()
+            .map(String::from)
+            .collect();
+        let nfiles: usize = sh(&format!("find {} -type f | wc -l", closure.join(" ")))
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(nfiles >= 5000, "closure has only {nfiles} files");
 
-    let sock = tmp.path().join("vfs.sock");
-    let mut daemon = start_daemon(&store, &sock);
+        let store = format!("local://{}", tmp.join("store").display());
+        let mut args = vec!["--store", store.as_str(), "copy"];
+        args.extend(closure.iter().map(String::as_str));
+        cli_ok(&args);
+
+        // what the host sees in Nix's own /nix/store
+        let host_script = format!("{DIGEST_SCRIPT}digest {}", closure.join(" "));
+        let host = sh(&host_script);
+        // the guest hashes "$(digest ...)", which drops trailing newlines
+        let host_sum = {
+            use sha2::Digest;
+            data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(
+                host.trim_end_matches('\n').as_bytes(),
+            ))
+        };
+
+        Fixture {
+            app,
+            closure,
+            nfiles,
+            host_sum,
+            store,
+        }
+    }
+}
+
+fn story(fx: &Fixture, store: &str, tmp: &Path) {
+    let Fixture {
+        app,
+        closure,
+        nfiles,
+        host_sum,
+        ..
+    } = fx;
+    eprintln!("=== microVM over {store}");
+    let sock = tmp.join("vfs.sock");
+    let mut daemon = start_daemon(store, &sock);
     let bad = format!(
         "{}-othername",
         &Path::new(&app).file_name().unwrap().to_str().unwrap()[..32]
@@ -169,7 +212,7 @@ exit 7
 "#,
         paths = closure.join(" "),
     );
-    let (status, console) = run_vm(&sock, &guest, tmp.path());
+    let (status, console) = run_vm(&sock, &guest, tmp);
     assert_eq!(status, 7, "guest script did not finish");
 
     let numbers = closure

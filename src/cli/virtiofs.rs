@@ -58,12 +58,12 @@ pub struct VirtiofsArgs {
 
     /// Confinement of the serving process: namespace (new namespaces and an
     /// empty read-only root), chroot (no namespaces), or none (debugging).
-    #[arg(long, value_enum, default_value_t = SandboxMode::Namespace)]
+    #[arg(long, value_enum, env = "TVIX_VIRTIOFSD_SANDBOX", default_value_t = SandboxMode::Namespace)]
     pub sandbox: SandboxMode,
 
     /// What a system call outside the seccomp policy does: kill the
     /// process, log it, trap (SIGSYS), or none (no filter).
-    #[arg(long, value_enum, default_value_t = SeccompAction::Kill)]
+    #[arg(long, value_enum, env = "TVIX_VIRTIOFSD_SECCOMP", default_value_t = SeccompAction::Kill)]
     pub seccomp: SeccompAction,
 
     /// Maximum number of open files [default: raise the soft limit to the
@@ -165,7 +165,11 @@ pub fn main(store_args: &StoreArgs, args: VirtiofsArgs) -> anyhow::Result<ExitCo
         .build()
         .context("starting the async runtime")?;
     let [b, d, p] = &addrs;
-    let store = Store::open_read_only(b, d, p).context("opening the store")?;
+    // gRPC channels start their tasks on the runtime they are opened in
+    let store = {
+        let _rt = rt.enter();
+        Store::open_sandboxed(b, d, p).context("opening the store")?
+    };
     rt.block_on(serve(store, args, listener, socket_file))?;
     Ok(ExitCode::SUCCESS)
 }

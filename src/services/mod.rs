@@ -84,9 +84,10 @@ impl Store {
         Self::open_with(blob, directory, path_info, false)
     }
 
-    /// As `open`, for a reader that never writes (the sandboxed view): an
-    /// embedded store is neither created nor tidied, only looked at.
-    pub fn open_read_only(blob: &Addr, directory: &Addr, path_info: &Addr) -> Result<Self> {
+    /// As `open`, for the sandboxed view, which only reads and has no
+    /// writable directory: an embedded store is neither created nor
+    /// tidied, and large remote blobs are spooled into memory files.
+    pub fn open_sandboxed(blob: &Addr, directory: &Addr, path_info: &Addr) -> Result<Self> {
         Self::open_with(blob, directory, path_info, true)
     }
 
@@ -109,6 +110,7 @@ impl Store {
             Addr::Memory => mem.blob.clone(),
             Addr::Local(p) if ro => Arc::new(blob::local::LocalBlobService::open_existing(p)?),
             Addr::Local(p) => Arc::new(blob::local::LocalBlobService::open(p)?),
+            a if ro => Arc::new(blob::grpc::GrpcBlobService::new(channel(a)?).with_memfd_spool()),
             a => Arc::new(blob::grpc::GrpcBlobService::new(channel(a)?)),
         };
         let directory: Arc<dyn DirectoryService> = match directory {

@@ -24,6 +24,9 @@ const CHUNK: usize = 1 << 20;
 #[derive(Clone)]
 pub struct GrpcBlobService {
     client: BlobServiceClient<Channel>,
+    /// Spool large blobs into memory files rather than the temp directory
+    /// (inside the sandbox there is no writable directory).
+    memfd_spool: bool,
 }
 
 impl GrpcBlobService {
@@ -32,20 +35,26 @@ impl GrpcBlobService {
             client: BlobServiceClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_SIZE)
                 .max_encoding_message_size(MAX_MESSAGE_SIZE),
+            memfd_spool: false,
         }
+    }
+
+    /// Large blobs are spooled into memory files (memfd), not the temp directory.
+    pub fn with_memfd_spool(mut self) -> Self {
+        self.memfd_spool = true;
+        self
     }
 }
 
 enum Spool {
-    Memory(Vec<u8>),
+    Memory(Vec<u8>, bool),
     File(std::io::BufWriter<std::fs::File>),
 }
 
 /// An unnamed file for a large blob: in the temporary directory, or in
-/// memory (memfd) where there is none, as inside the sandbox, whose root
-/// is read-only and empty.
-fn spool_file() -> std::io::Result<std::fs::File> {
-    if std::fs::metadata(std::env::temp_dir()).is_ok() {
+/// memory (memfd).
+fn spool_file(memfd: bool) -> std::io::Result<std::fs::File> {
+    if !memfd {
         return tempfile::tempfile();
     }
     // SAFETY: the name is a valid C string; the new fd is owned below.
@@ -59,12 +68,12 @@ fn spool_file() -> std::io::Result<std::fs::File> {
 
 impl Spool {
     fn push(&mut self, data: &[u8]) -> std::io::Result<()> {
-        if let Spool::Memory(buf) = self {
+        if let Spool::Memory(buf, memfd) = self {
             if buf.len() + data.len() <= SPOOL_IN_MEMORY {
                 buf.extend_from_slice(data);
                 return Ok(());
             }
-            let mut f = std::io::BufWriter::with_capacity(1 << 20, spool_file()?);
+            let mut f = std::io::BufWriter::with_capacity(1 << 20, spool_file(*memfd)?);
             f.write_all(buf)?;
             *self = Spool::File(f);
         }
@@ -76,7 +85,7 @@ impl Spool {
 
     fn into_reader(self) -> std::io::Result<Box<dyn BlobReader>> {
         Ok(match self {
-            Spool::Memory(buf) => Box::new(std::io::Cursor::new(Bytes::from(buf))),
+            Spool::Memory(buf, _) => Box::new(std::io::Cursor::new(Bytes::from(buf))),
             Spool::File(f) => {
                 let mut f = f.into_inner().map_err(|e| e.into_error())?;
                 f.rewind()?;
@@ -110,7 +119,7 @@ impl BlobService for GrpcBlobService {
             Err(s) => return Err(s.into()),
         };
         let mut hasher = blake3::Hasher::new();
-        let mut spool = Spool::Memory(Vec::new());
+        let mut spool = Spool::Memory(Vec::new(), self.memfd_spool);
         let mut first = true;
         loop {
             match stream.message().await {
