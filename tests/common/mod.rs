@@ -211,9 +211,9 @@ pub fn vmms() -> Vec<&'static str> {
         vec!["qemu", "cloud-hypervisor"]
     } else {
         eprintln!(
-            "!!! SKIPPING cloud-hypervisor: {ch:?} is not installed (not on PATH, \
-             CLOUD_HYPERVISOR unset); only QEMU runs these microVM tests. \
-             See vm-tests/README.md."
+            "!!! SKIPPING cloud-hypervisor: {ch:?} is not installed (looked for \
+             $CLOUD_HYPERVISOR, else cloud-hypervisor on PATH); only QEMU runs \
+             these microVM tests. See vm-tests/README.md."
         );
         vec!["qemu"]
     }
