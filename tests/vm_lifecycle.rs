@@ -244,8 +244,14 @@ fn slow_fetch_case(vmm: &str) {
 P={store_path}
 sha256sum $P/slow > /tmp/slow.sum &
 pid=$!
-# give the slow read time to reach the daemon (the host checks it did)
-sleep 2
+# wait until the reader sleeps in the kernel (on the daemon), plus a
+# margin; the host checks that the slow fetch really was in flight
+i=0
+while [ $i -lt 100 ]; do
+  case "$(cut -d' ' -f3 /proc/$pid/stat 2>/dev/null)" in D|S) break ;; esac
+  sleep 0.1; i=$((i+1))
+done
+sleep 1
 echo "FAST-SUM: $(cat $P/fast1 $P/fast2 $P/fast3 | sha256sum)"
 echo "LIST: $(ls $P | tr '\n' ' ')"
 echo FAST-DONE
