@@ -89,6 +89,24 @@ fn line_index(console: &str, line: &str) -> Option<usize> {
     console.lines().position(|l| l == line)
 }
 
+/// Panics with the daemon's state and log unless the guest script exited
+/// with `want` (a daemon that died early shows up here, not as a bare
+/// run-vm.sh status).
+fn assert_guest_status(status: i32, want: i32, daemon: &mut Child, log: &Path) {
+    if status == want {
+        return;
+    }
+    let state = match daemon.try_wait().unwrap() {
+        Some(s) => format!("the daemon had exited: {s}"),
+        None => "the daemon is still running".to_string(),
+    };
+    panic!(
+        "guest script exited with {status}, not {want} (124 timeout, 125 harness failure); \
+         {state}; daemon log:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
 /// Waits for the daemon to exit on its own (the VMM went away).
 fn wait_exit(daemon: &mut Child, log: &Path) -> ExitStatus {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -272,7 +290,7 @@ exit 0
     });
     // Whatever happened, let a still waiting fetch go.
     gate.send_replace(true);
-    assert_eq!(status, 0, "guest script failed (run-vm.sh status {status})");
+    assert_guest_status(status, 0, &mut daemon, &log);
 
     let done = line_index(&console, "FAST-DONE").expect("guest did not finish the fast reads");
     let pending = line_index(&console, "SLOW-PENDING").unwrap_or_else(|| {
@@ -416,7 +434,7 @@ exit 5
         &["--script-via", "initrd"],
         |_| {},
     );
-    assert_eq!(status, 5, "guest script did not finish");
+    assert_guest_status(status, 5, &mut daemon, &log);
     assert!(
         console
             .lines()
