@@ -1,6 +1,7 @@
 #!/bin/sh
 # vmtest guest init: mount the virtiofs share at /nix/store, run the test
-# script passed via fw_cfg (opt/run), report its status and power off.
+# script (appended to the initramfs as /vmtest/run.sh, or passed via QEMU's
+# fw_cfg as opt/run), report its status and power off.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TERM=dumb
 
 mount -t proc proc /proc
@@ -46,11 +47,21 @@ if [ "$TAG" != none ]; then
     mount -t virtiofs -o ro "$TAG" /nix/store || fail "mounting virtiofs tag '$TAG' at /nix/store failed"
 fi
 
+# The test script: /vmtest/run.sh when run-vm.sh appended it to the
+# initramfs as a second cpio archive (--script-via initrd, the only way with
+# VMMs without fw_cfg such as cloud-hypervisor), else QEMU's fw_cfg opt/run.
 RUN=/sys/firmware/qemu_fw_cfg/by_name/opt/run/raw
-[ -r "$RUN" ] || fail "no test script (fw_cfg opt/run missing)"
-cat "$RUN" >/run.sh || fail "reading $RUN failed"
+if [ -e /vmtest/run.sh ]; then
+    SRC=initrd
+    cp /vmtest/run.sh /run.sh || fail "copying /vmtest/run.sh failed"
+elif [ -r "$RUN" ]; then
+    SRC=fw_cfg
+    cat "$RUN" >/run.sh || fail "reading $RUN failed"
+else
+    fail "no test script (neither /vmtest/run.sh in the initramfs nor fw_cfg opt/run)"
+fi
 
-echo "vmtest: running test script at uptime $(uptime_s)s"
+echo "vmtest: running test script (from $SRC) at uptime $(uptime_s)s"
 cd /
 sh /run.sh
 status=$?

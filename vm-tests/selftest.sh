@@ -3,7 +3,8 @@
 #
 # Shares a small directory with a virtiofs daemon, boots a guest that lists
 # /nix/store, prints a file from it and exits 3, and checks that run-vm.sh
-# printed the file and exited 3. Then checks that a hung guest times out (124).
+# printed the file and exited 3. Then checks that a script can come through
+# the initramfs (--script-via initrd) and that a hung guest times out (124).
 #
 # The daemon defaults to rust-vmm's reference virtiofsd, e.g. built with
 #   apt-get install -y libseccomp-dev libcap-ng-dev
@@ -57,6 +58,14 @@ check "directory listed" grep -q "some-dir" "$TMP/out"
 check "store mounted read-only" bash -c "! grep -q 'store not mounted read-only' '$TMP/out'"
 wait "$dpid" 2>/dev/null || true
 dpid=
+
+# The script through the initramfs (how cloud-hypervisor gets it), no fw_cfg.
+printf 'echo "script at $(ls /vmtest/run.sh)"\nexit 4\n' >"$TMP/initrd.sh"
+rc=0
+"$HERE/run-vm.sh" --script "$TMP/initrd.sh" --script-via initrd --timeout 120 >"$TMP/out3" || rc=$?
+check "--script-via initrd: exit status is 4 (got $rc)" [ "$rc" -eq 4 ]
+check "--script-via initrd: script came from the initramfs" \
+    grep -q '^vmtest: running test script (from initrd)' "$TMP/out3"
 
 if [ -z "${SKIP_TIMEOUT_TEST:-}" ]; then
     echo 'echo sleeping; sleep 1000' >"$TMP/hang.sh"

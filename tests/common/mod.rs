@@ -192,3 +192,29 @@ pub fn bare_path_info(
         ca: None,
     }
 }
+
+/// The VMMs the microVM tests boot each guest with: QEMU always, plus
+/// cloud-hypervisor when its binary is installed ($CLOUD_HYPERVISOR, else
+/// `cloud-hypervisor` on PATH, as vm-tests/run-vm.sh looks for it). A
+/// skipped cloud-hypervisor is announced loudly, never silently dropped.
+pub fn vmms() -> Vec<&'static str> {
+    let ch = std::env::var("CLOUD_HYPERVISOR")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "cloud-hypervisor".into());
+    let found = Command::new("sh")
+        .args(["-c", "command -v \"$1\" >/dev/null", "sh", &ch])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if found {
+        vec!["qemu", "cloud-hypervisor"]
+    } else {
+        eprintln!(
+            "!!! SKIPPING cloud-hypervisor: {ch:?} is not installed (looked for \
+             $CLOUD_HYPERVISOR, else cloud-hypervisor on PATH); only QEMU runs \
+             these microVM tests. See vm-tests/README.md."
+        );
+        vec!["qemu"]
+    }
+}

@@ -1,0 +1,457 @@
+//! MicroVM lifecycle of `tvix-virtiofsd virtiofs`, with real guests (see
+//! vm-tests/README.md) and real gRPC over unix sockets:
+//! * one store fetch that hangs does not hold up the guest's other reads;
+//! * the daemon serves a listening socket inherited with `--fd`, and leaves
+//!   the socket file (which it did not create) in place;
+//! * the test script reaches the guest through the initramfs
+//!   (`run-vm.sh --script-via initrd`, the way cloud-hypervisor needs).
+//!
+//! Each case runs once per VMM from `common::vmms()`: QEMU (TCG) always,
+//! cloud-hypervisor where it is installed.
+mod common;
+
+use common::{bin, cli_ok, pseudo_random, serve_in_process, sh, vmms};
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tvix_virtiofsd::castore::B3Digest;
+use tvix_virtiofsd::services::blob::{BlobReader, BlobService, BlobWriter};
+use tvix_virtiofsd::services::{Addr, Store};
+
+fn require_tools(tools: &[(&str, &str)]) {
+    for (tool, pkg) in tools {
+        assert!(
+            Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .unwrap()
+                .status
+                .success(),
+            "{tool} is not installed: the microVM tests need it (apt-get install {pkg}); .ci/run installs it"
+        );
+    }
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(data))
+}
+
+/// Boots a guest with vm-tests/run-vm.sh and hands each console line to
+/// `on_line` as it arrives (so a test can act while the guest runs).
+/// Returns run-vm.sh's exit status (the guest script's) and the console.
+fn run_vm(
+    vmm: &str,
+    sock: &Path,
+    script: &str,
+    dir: &Path,
+    extra: &[&str],
+    mut on_line: impl FnMut(&str),
+) -> (i32, String) {
+    let f = dir.join("guest.sh");
+    std::fs::write(&f, script).unwrap();
+    let mut child = Command::new("bash")
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vm-tests/run-vm.sh"))
+        .args(["--vmm", vmm, "--socket"])
+        .arg(sock)
+        .arg("--script")
+        .arg(&f)
+        .args(["--timeout", "300"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut console = String::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        eprintln!("guest({vmm})| {line}");
+        on_line(&line);
+        console.push_str(&line);
+        console.push('\n');
+    }
+    let status = child.wait().unwrap();
+    (status.code().unwrap_or(-1), console)
+}
+
+fn line_after<'a>(console: &'a str, key: &str) -> &'a str {
+    console
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("guest printed no {key:?} line"))
+        .trim()
+}
+
+fn line_index(console: &str, line: &str) -> Option<usize> {
+    console.lines().position(|l| l == line)
+}
+
+/// Panics with the daemon's state and log unless the guest script exited
+/// with `want` (a daemon that died early shows up here, not as a bare
+/// run-vm.sh status).
+fn assert_guest_status(status: i32, want: i32, daemon: &mut Child, log: &Path) {
+    if status == want {
+        return;
+    }
+    let state = match daemon.try_wait().unwrap() {
+        Some(s) => format!("the daemon had exited: {s}"),
+        None => "the daemon is still running".to_string(),
+    };
+    panic!(
+        "guest script exited with {status}, not {want} (124 timeout, 125 harness failure); \
+         {state}; daemon log:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+/// Waits for the daemon to exit on its own (the VMM went away).
+fn wait_exit(daemon: &mut Child, log: &Path) -> ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = daemon.try_wait().unwrap() {
+            eprintln!(
+                "--- daemon log ---\n{}--- end ---",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+            panic!(
+                "daemon still running 20 s after the VM exited; log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// What the gated blob service saw, in order.
+#[derive(Debug, Clone, PartialEq)]
+enum Event {
+    /// The slow blob was asked for; its open now waits for the gate.
+    SlowStart,
+    /// The slow blob's open returned.
+    SlowEnd,
+    /// Any other blob was opened.
+    Open(B3Digest),
+}
+
+/// A blob service that holds back one blob: opening it waits until the
+/// test opens the gate. Every other call goes straight through.
+struct GatedBlobs {
+    inner: Arc<dyn BlobService>,
+    slow: B3Digest,
+    gate: tokio::sync::watch::Receiver<bool>,
+    events: Arc<Mutex<Vec<Event>>>,
+}
+
+#[async_trait::async_trait]
+impl BlobService for GatedBlobs {
+    async fn has(&self, digest: &B3Digest) -> tvix_virtiofsd::services::Result<bool> {
+        self.inner.has(digest).await
+    }
+
+    async fn open_read(
+        &self,
+        digest: &B3Digest,
+    ) -> tvix_virtiofsd::services::Result<Option<Box<dyn BlobReader>>> {
+        if *digest != self.slow {
+            self.events.lock().unwrap().push(Event::Open(*digest));
+            return self.inner.open_read(digest).await;
+        }
+        self.events.lock().unwrap().push(Event::SlowStart);
+        // An error means the test is over (sender dropped): go on.
+        let _ = self.gate.clone().wait_for(|&open| open).await;
+        let r = self.inner.open_read(digest).await;
+        self.events.lock().unwrap().push(Event::SlowEnd);
+        r
+    }
+
+    async fn open_write(&self) -> tvix_virtiofsd::services::Result<Box<dyn BlobWriter>> {
+        self.inner.open_write().await
+    }
+}
+
+/// One blob fetch that hangs (its gRPC Read does not answer) must not
+/// stall the guest's other requests: the daemon's worker pool keeps
+/// serving while one worker waits on the store. The guest starts reading
+/// `slow`, then reads three other files and reports that it got them while
+/// the slow read is still pending; the store side confirms that the slow
+/// fetch was in flight, unanswered, while the other blobs were fetched.
+/// Only then does the test let the slow blob through, and the guest
+/// checks its bytes. Ordering, not timing: the gate opens on the guest's
+/// report, well inside the daemon's 30 s store timeout.
+#[test]
+fn slow_store_fetch_does_not_stall_other_guest_reads() {
+    require_tools(&[("qemu-system-x86_64", "qemu-system-x86")]);
+    for vmm in vmms() {
+        let t0 = Instant::now();
+        slow_fetch_case(vmm);
+        eprintln!("slow-fetch case with {vmm}: {:.1?}", t0.elapsed());
+    }
+}
+
+fn slow_fetch_case(vmm: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("lifecycle");
+    std::fs::create_dir_all(&src).unwrap();
+    let slow = pseudo_random(1 << 20, 11);
+    std::fs::write(src.join("slow"), &slow).unwrap();
+    let fast: Vec<Vec<u8>> = (1..=3u64)
+        .map(|i| pseudo_random(20_000 * i as usize, 100 + i))
+        .collect();
+    for (i, data) in fast.iter().enumerate() {
+        std::fs::write(src.join(format!("fast{}", i + 1)), data).unwrap();
+    }
+    let local = tmp.path().join("store");
+    let out = cli_ok(&[
+        "--store",
+        &format!("local://{}", local.display()),
+        "import",
+        src.to_str().unwrap(),
+    ]);
+    let store_path = String::from_utf8(out).unwrap().trim().to_string();
+    assert!(
+        store_path.starts_with("/nix/store/") && store_path.ends_with("-lifecycle"),
+        "import printed {store_path:?}"
+    );
+
+    // The local store, its blobs behind the gate, served over gRPC on a
+    // unix socket from this process.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let a = Addr::Local(local);
+    let inner = Store::open(&a, &a, &a).unwrap();
+    let (gate, gate_rx) = tokio::sync::watch::channel(false);
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let slow_digest = B3Digest::of(&slow);
+    let fast_digests: Vec<B3Digest> = fast.iter().map(|d| B3Digest::of(d)).collect();
+    let store = Store {
+        blob: Arc::new(GatedBlobs {
+            inner: inner.blob.clone(),
+            slow: slow_digest,
+            gate: gate_rx,
+            events: events.clone(),
+        }),
+        ..inner
+    };
+    let addr = rt.block_on(serve_in_process(store, Some(tmp.path())));
+
+    let sock = tmp.path().join("vfs.sock");
+    let log = tmp.path().join("daemon.log");
+    // Default store timeout (30 s) on purpose: the gate opens long before.
+    let mut daemon = Command::new(bin())
+        .args(["--store", &addr, "virtiofs", "--socket-path"])
+        .arg(&sock)
+        .args(["--thread-pool-size", "4"])
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+
+    let guest = format!(
+        r#"set -u
+P={store_path}
+sha256sum $P/slow > /tmp/slow.sum &
+pid=$!
+# wait until the reader sleeps in the kernel (on the daemon), plus a
+# margin; the host checks that the slow fetch really was in flight
+i=0
+while [ $i -lt 100 ]; do
+  case "$(cut -d' ' -f3 /proc/$pid/stat 2>/dev/null)" in D|S) break ;; esac
+  sleep 0.1; i=$((i+1))
+done
+sleep 1
+echo "FAST-SUM: $(cat $P/fast1 $P/fast2 $P/fast3 | sha256sum)"
+echo "LIST: $(ls $P | tr '\n' ' ')"
+echo FAST-DONE
+kill -0 $pid 2>/dev/null && echo SLOW-PENDING
+wait $pid
+echo "SLOW-STATUS: $?"
+echo "SLOW-SUM: $(cat /tmp/slow.sum)"
+exit 0
+"#
+    );
+    // What the store had seen when the guest reported SLOW-PENDING.
+    let mut at_pending: Option<Vec<Event>> = None;
+    let (status, console) = run_vm(vmm, &sock, &guest, tmp.path(), &[], |line| {
+        if line == "SLOW-PENDING" && at_pending.is_none() {
+            at_pending = Some(events.lock().unwrap().clone());
+            gate.send_replace(true);
+        }
+    });
+    // Whatever happened, let a still waiting fetch go.
+    gate.send_replace(true);
+    assert_guest_status(status, 0, &mut daemon, &log);
+
+    let done = line_index(&console, "FAST-DONE").expect("guest did not finish the fast reads");
+    let pending = line_index(&console, "SLOW-PENDING").unwrap_or_else(|| {
+        panic!(
+            "no SLOW-PENDING: the slow read had ended (status {:?}) before the fast reads \
+             were done, so the hung fetch held them up",
+            console
+                .lines()
+                .find_map(|l| l.strip_prefix("SLOW-STATUS: "))
+        )
+    });
+    assert!(done < pending);
+    let mut want_fast = Vec::new();
+    for d in &fast {
+        want_fast.extend_from_slice(d);
+    }
+    assert_eq!(
+        line_after(&console, "FAST-SUM: ").split_whitespace().next(),
+        Some(sha256_hex(&want_fast).as_str()),
+        "fast files read wrong"
+    );
+    assert_eq!(line_after(&console, "LIST: "), "fast1 fast2 fast3 slow");
+
+    // The store's view when the guest said the fast reads were done: the
+    // slow fetch had started and not returned, and every fast blob was
+    // fetched after it started.
+    let seen = at_pending.unwrap();
+    eprintln!("store events at SLOW-PENDING: {seen:?}");
+    let start = seen
+        .iter()
+        .position(|e| *e == Event::SlowStart)
+        .expect("the slow blob was never requested before the guest's fast reads");
+    assert!(
+        !seen.contains(&Event::SlowEnd),
+        "the slow fetch had returned"
+    );
+    for d in &fast_digests {
+        assert!(
+            seen[start..].contains(&Event::Open(*d)),
+            "fast blob {d} was not fetched while the slow fetch hung: {seen:?}"
+        );
+    }
+
+    // After the gate opened, the slow read completed with the right bytes.
+    assert_eq!(line_after(&console, "SLOW-STATUS: "), "0");
+    assert_eq!(
+        line_after(&console, "SLOW-SUM: ").split_whitespace().next(),
+        Some(sha256_hex(&slow).as_str()),
+        "slow file read wrong"
+    );
+    assert!(events.lock().unwrap().contains(&Event::SlowEnd));
+
+    let st = wait_exit(&mut daemon, &log);
+    assert!(st.success(), "daemon exited with {st}");
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !log_text.contains("did not answer"),
+        "a store request timed out"
+    );
+    assert!(!sock.exists(), "daemon left the socket it created");
+}
+
+/// `virtiofs --fd N`: the test creates and binds the listening socket,
+/// the daemon inherits it as fd 3 and serves a VM through it, the guest
+/// runs a program from the store (its script handed over through the
+/// initramfs), and once the VM is gone the daemon exits 0 and leaves the
+/// socket file, which it did not create, where it was.
+#[test]
+fn virtiofs_serves_an_inherited_socket() {
+    require_tools(&[
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("nix-store", "nix-bin"),
+    ]);
+    let tmp = tempfile::tempdir().unwrap();
+    let app = sh("NIX_REMOTE= bash tests/fixtures/nix-closure.sh")
+        .trim()
+        .to_string();
+    let data = sh(&format!("NIX_REMOTE= nix-store -qR {app}"))
+        .lines()
+        .find(|p| p.ends_with("-fixture-data"))
+        .expect("the fixture closure has no data path")
+        .to_string();
+    let store = format!("local://{}", tmp.path().join("store").display());
+    cli_ok(&["--store", &store, "copy", &app]);
+    for vmm in vmms() {
+        let t0 = Instant::now();
+        inherited_socket_case(vmm, &store, &app, &data);
+        eprintln!("inherited-socket case with {vmm}: {:.1?}", t0.elapsed());
+    }
+}
+
+fn inherited_socket_case(vmm: &str, store: &str, app: &str, data: &str) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    const CHILD_FD: i32 = 3;
+
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vfs.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let fd = listener.as_raw_fd();
+    let log = dir.path().join("daemon.log");
+    let mut cmd = Command::new(bin());
+    cmd.args(["--store", store, "virtiofs", "--fd", &CHILD_FD.to_string()])
+        .args(["--thread-pool-size", "2"])
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    // SAFETY: the hook runs in the forked child just before exec and only
+    // calls dup2/fcntl (async-signal-safe, no allocation). `fd` is the
+    // listener's, open in the parent until after spawn. dup2 gives the
+    // copy no FD_CLOEXEC; if the listener already is fd 3, dup2 would be a
+    // no-op, so its FD_CLOEXEC is cleared instead.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = if fd == CHILD_FD {
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, CHILD_FD)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut daemon = cmd.spawn().unwrap();
+    // From here only the daemon holds the listening socket.
+    drop(listener);
+
+    let guest = format!(
+        r#"set -u
+echo "APP: $({app}/bin/app)"
+echo "DEEP: $(cat {data}/share/deep/er/still/file)"
+exit 5
+"#
+    );
+    let (status, console) = run_vm(
+        vmm,
+        &sock,
+        &guest,
+        dir.path(),
+        &["--script-via", "initrd"],
+        |_| {},
+    );
+    assert_guest_status(status, 5, &mut daemon, &log);
+    assert!(
+        console
+            .lines()
+            .any(|l| l.starts_with("vmtest: running test script (from initrd)")),
+        "the guest did not take its script from the initramfs"
+    );
+    assert_eq!(
+        line_after(&console, "APP: "),
+        format!("20000 {data}/share/numbers")
+    );
+    assert_eq!(line_after(&console, "DEEP: "), "deep");
+
+    let st = wait_exit(&mut daemon, &log);
+    assert!(st.success(), "daemon exited with {st}");
+    let meta = std::fs::symlink_metadata(&sock).expect("the inherited socket file is gone");
+    assert!(meta.file_type().is_socket());
+    // Nobody listens on it any more: the daemon really was the server.
+    let err = std::os::unix::net::UnixStream::connect(&sock).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+}
