@@ -5,7 +5,8 @@
 //! is reached over TCP) network namespaces, plus a user namespace when not
 //! started as root, and its root becomes an empty read-only tmpfs holding
 //! only what the store needs, bind-mounted read-only at the same paths. In
-//! `chroot` mode it is chrooted without namespaces. The parent stays
+//! `chroot` mode it is chrooted without namespaces; in `none` it is only a
+//! child. The parent stays
 //! outside, forwards SIGTERM/SIGINT/SIGHUP, keeps the socket file it
 //! created (the child cannot see it) and exits with the child's status.
 use crate::services::Addr;
@@ -138,7 +139,12 @@ pub fn enter(
     match mode {
         SandboxMode::None => {
             tracing::warn!("--sandbox none: serving without confinement (for debugging only)");
-            Ok((Role::Serving, addrs))
+            // still a child: the filtered process cannot remove the socket
+            ensure_single_threaded()?;
+            match fork()? {
+                Some(sup) => Ok((Role::Supervisor(sup), addrs)),
+                None => Ok((Role::Serving, addrs)),
+            }
         }
         SandboxMode::Namespace => {
             if needs.network {

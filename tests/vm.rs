@@ -70,12 +70,14 @@ fn start_daemon(store: &str, sock: &Path) -> std::process::Child {
         .unwrap()
 }
 
-fn run_vm(sock: &Path, script: &str, dir: &Path) -> (i32, String) {
+fn run_vm(vmm: &str, sock: &Path, script: &str, dir: &Path) -> (i32, String) {
     let f = dir.join("guest.sh");
     std::fs::write(&f, script).unwrap();
     let out = Command::new("bash")
         .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vm-tests/run-vm.sh"))
         .args([
+            "--vmm",
+            vmm,
             "--socket",
             sock.to_str().unwrap(),
             "--script",
@@ -113,13 +115,15 @@ fn microvm_runs_programs_from_the_store() {
     let fixture = Fixture::new(tmp.path());
     // the embedded store, then the same store through a gRPC daemon on a
     // unix socket; the sandbox (default: namespace, seccomp kill) is on
-    story(&fixture, &fixture.store, tmp.path());
     let remote = common::Daemon::start(
         &fixture.store,
         &format!("unix:{}", tmp.path().join("store.sock").display()),
         &["--read-only"],
     );
-    story(&fixture, &remote.addr, tmp.path());
+    for vmm in common::vmms() {
+        story(&fixture, vmm, &fixture.store, tmp.path());
+        story(&fixture, vmm, &remote.addr, tmp.path());
+    }
     assert!(remote.stop().success());
 }
 
@@ -174,7 +178,7 @@ impl Fixture {
     }
 }
 
-fn story(fx: &Fixture, store: &str, tmp: &Path) {
+fn story(fx: &Fixture, vmm: &str, store: &str, tmp: &Path) {
     let Fixture {
         app,
         closure,
@@ -182,7 +186,7 @@ fn story(fx: &Fixture, store: &str, tmp: &Path) {
         host_sum,
         ..
     } = fx;
-    eprintln!("=== microVM over {store}");
+    eprintln!("=== {vmm} microVM over {store}");
     let sock = tmp.join("vfs.sock");
     let mut daemon = start_daemon(store, &sock);
     let bad = format!(
@@ -212,7 +216,7 @@ exit 7
 "#,
         paths = closure.join(" "),
     );
-    let (status, console) = run_vm(&sock, &guest, tmp);
+    let (status, console) = run_vm(vmm, &sock, &guest, tmp);
     assert_eq!(status, 7, "guest script did not finish");
 
     let numbers = closure

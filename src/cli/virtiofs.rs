@@ -145,15 +145,9 @@ pub fn main(store_args: &StoreArgs, args: VirtiofsArgs) -> anyhow::Result<ExitCo
         drop(socket_file);
         return Ok(ExitCode::from(code));
     }
-    // The serving process may not see the socket file: its supervisor (or
-    // in --sandbox none, this process after serving) removes it.
-    let socket_file = match args.sandbox {
-        SandboxMode::None => socket_file,
-        _ => {
-            std::mem::forget(socket_file);
-            None
-        }
-    };
+    // The serving process may not see the socket file, nor unlink it under
+    // seccomp: its supervisor removes it.
+    std::mem::forget(socket_file);
     privileges::set_rlimit_nofile(args.rlimit_nofile)?;
     privileges::drop_all(args.sandbox == SandboxMode::None)?;
     seccomp::install(args.seccomp)?;
@@ -170,16 +164,11 @@ pub fn main(store_args: &StoreArgs, args: VirtiofsArgs) -> anyhow::Result<ExitCo
         let _rt = rt.enter();
         Store::open_sandboxed(b, d, p).context("opening the store")?
     };
-    rt.block_on(serve(store, args, listener, socket_file))?;
+    rt.block_on(serve(store, args, listener))?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve(
-    store: Store,
-    args: VirtiofsArgs,
-    listener: UnixListener,
-    socket_file: Option<SocketFile>,
-) -> anyhow::Result<()> {
+async fn serve(store: Store, args: VirtiofsArgs, listener: UnixListener) -> anyhow::Result<()> {
     // Before anything that takes time: a signal from here on is a clean exit.
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
@@ -215,6 +204,5 @@ async fn serve(
             Err(_) => Err(anyhow!("the vhost-user thread died")),
         },
     };
-    drop(socket_file);
     result
 }
