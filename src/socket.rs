@@ -103,8 +103,28 @@ pub fn bind_socket(
     Ok((listener, file))
 }
 
+/// An inherited listening socket: the VMM's is a unix socket; the gRPC
+/// daemon's may also be TCP.
+#[derive(Debug)]
+pub enum Inherited {
+    Unix(UnixListener),
+    Tcp(std::net::TcpListener),
+}
+
 /// Takes ownership of an inherited listening unix socket (`--fd`, systemd).
 pub fn listener_from_fd(fd: RawFd) -> Result<UnixListener, SocketError> {
+    match inherited_from_fd(fd)? {
+        Inherited::Unix(l) => Ok(l),
+        Inherited::Tcp(_) => Err(SocketError::BadFd {
+            fd,
+            reason: "not a unix socket".into(),
+        }),
+    }
+}
+
+/// Takes ownership of an inherited listening stream socket, unix or TCP:
+/// anything else (a file, a socket that is not listening) is refused.
+pub fn inherited_from_fd(fd: RawFd) -> Result<Inherited, SocketError> {
     let bad = |reason: String| SocketError::BadFd { fd, reason };
     if fd < 0 {
         return Err(bad("not a file descriptor".into()));
@@ -138,8 +158,12 @@ pub fn listener_from_fd(fd: RawFd) -> Result<UnixListener, SocketError> {
         }
         Ok(v)
     };
-    if sockopt(libc::SO_DOMAIN)? != libc::AF_UNIX {
-        return Err(bad("not a unix socket".into()));
+    let domain = sockopt(libc::SO_DOMAIN)?;
+    if ![libc::AF_UNIX, libc::AF_INET, libc::AF_INET6].contains(&domain) {
+        return Err(bad("not a unix or TCP socket".into()));
+    }
+    if sockopt(libc::SO_TYPE)? != libc::SOCK_STREAM {
+        return Err(bad("not a stream socket".into()));
     }
     if sockopt(libc::SO_ACCEPTCONN)? == 0 {
         return Err(bad("not listening".into()));
@@ -149,34 +173,44 @@ pub fn listener_from_fd(fd: RawFd) -> Result<UnixListener, SocketError> {
     if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
         return Err(bad(io::Error::last_os_error().to_string()));
     }
-    // SAFETY: fd is open and a listening unix socket (checked above), and
+    // SAFETY: fd is open and a listening stream socket (checked above), and
     // whoever passed it to us (--fd, systemd) hands over its ownership;
     // nothing else in this process uses it.
-    Ok(unsafe { UnixListener::from_raw_fd(fd) })
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    Ok(if domain == libc::AF_UNIX {
+        Inherited::Unix(owned.into())
+    } else {
+        Inherited::Tcp(owned.into())
+    })
 }
 
-/// The socket systemd passed (socket activation), if it passed one to us:
+/// The fd systemd passed (socket activation), if it passed one to us:
 /// LISTEN_PID is our pid and LISTEN_FDS ≥ 1; the first is fd 3.
-pub fn systemd_listener() -> Result<Option<UnixListener>, SocketError> {
+pub fn systemd_fd() -> Option<RawFd> {
     const SD_LISTEN_FDS_START: RawFd = 3;
     let ours = std::env::var("LISTEN_PID")
         .ok()
         .and_then(|p| p.parse::<u32>().ok())
         .is_some_and(|p| p == std::process::id());
     if !ours {
-        return Ok(None);
+        return None;
     }
     let n = std::env::var("LISTEN_FDS")
         .ok()
         .and_then(|n| n.parse::<u32>().ok())
         .unwrap_or(0);
     if n == 0 {
-        return Ok(None);
+        return None;
     }
     if n > 1 {
         tracing::warn!("LISTEN_FDS={n}: serving the first socket (fd 3) only");
     }
-    listener_from_fd(SD_LISTEN_FDS_START).map(Some)
+    Some(SD_LISTEN_FDS_START)
+}
+
+/// The unix socket systemd passed, if it passed one to us.
+pub fn systemd_listener() -> Result<Option<UnixListener>, SocketError> {
+    systemd_fd().map(listener_from_fd).transpose()
 }
 
 /// Resolves `--socket-group`: a group name or a numeric gid.

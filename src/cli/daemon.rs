@@ -5,7 +5,6 @@ use crate::services::server::StoreServer;
 use crate::wire::{castore, store, FILE_DESCRIPTOR_SET};
 use anyhow::{bail, Context};
 use clap::Args;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::Server;
@@ -28,53 +27,21 @@ enum Listener {
     Unix(tokio::net::UnixListener, Option<PathBuf>),
 }
 
-/// The first socket passed by systemd socket activation, if any (sd_listen_fds).
+/// The first socket passed by systemd socket activation, if any.
 fn systemd_listener() -> anyhow::Result<Option<Listener>> {
-    let pid_ok = std::env::var("LISTEN_PID")
-        .ok()
-        .and_then(|p| p.parse::<u32>().ok())
-        == Some(std::process::id());
-    let n: u32 = match std::env::var("LISTEN_FDS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-    {
-        Some(n) if pid_ok && n >= 1 => n,
-        _ => return Ok(None),
+    let Some(fd) = crate::socket::systemd_fd() else {
+        return Ok(None);
     };
-    if n > 1 {
-        tracing::warn!("systemd passed {n} sockets; serving only the first");
-    }
-    const SD_LISTEN_FDS_START: i32 = 3;
-    // SAFETY: systemd guarantees fd 3 is an open socket owned by this process,
-    // and nothing else in this process has taken ownership of it.
-    let fd = unsafe { OwnedFd::from_raw_fd(SD_LISTEN_FDS_START) };
-    // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
-    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    use std::os::fd::AsRawFd;
-    // SAFETY: addr/len point to a properly sized sockaddr_storage.
-    let rc = unsafe {
-        libc::getsockname(
-            fd.as_raw_fd(),
-            &mut addr as *mut _ as *mut libc::sockaddr,
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("fd 3 from systemd is not a socket");
-    }
-    if addr.ss_family as i32 == libc::AF_UNIX {
-        let l = std::os::unix::net::UnixListener::from(fd);
-        l.set_nonblocking(true)?;
-        Ok(Some(Listener::Unix(
-            tokio::net::UnixListener::from_std(l)?,
-            None,
-        )))
-    } else {
-        let l = std::net::TcpListener::from(fd);
-        l.set_nonblocking(true)?;
-        Ok(Some(Listener::Tcp(tokio::net::TcpListener::from_std(l)?)))
-    }
+    Ok(Some(match crate::socket::inherited_from_fd(fd)? {
+        crate::socket::Inherited::Unix(l) => {
+            l.set_nonblocking(true)?;
+            Listener::Unix(tokio::net::UnixListener::from_std(l)?, None)
+        }
+        crate::socket::Inherited::Tcp(l) => {
+            l.set_nonblocking(true)?;
+            Listener::Tcp(tokio::net::TcpListener::from_std(l)?)
+        }
+    }))
 }
 
 async fn bind(listen: &str) -> anyhow::Result<Listener> {
