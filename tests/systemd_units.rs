@@ -683,3 +683,336 @@ exit 7
         "the daemon removed the socket it was handed"
     );
 }
+
+/// A throw-away systemd booted by systemd-nspawn from this host's /usr and
+/// /etc, with the shipped units (unchanged) in /etc/systemd/system, the
+/// binary under test at /usr/bin/tvix-virtiofsd, and a target that starts
+/// the sockets of instance vm1 and of the store daemon. The container
+/// shares the host's network; its /run/tvix-virtiofsd, /etc/tvix-virtiofsd
+/// and /var/lib/tvix-virtiofsd are directories of the test.
+struct Container {
+    nspawn: std::process::Child,
+    /// The container's systemd (PID 1 inside), as seen from the host.
+    init: u32,
+    name: String,
+    console: PathBuf,
+}
+
+impl Container {
+    fn boot(dir: &Path, store: &Path, env_dir: &Path, run_dir: &Path) -> Container {
+        // The container's root: mount points, and the os-release file
+        // nspawn looks for before anything is mounted.
+        let root = dir.join("root");
+        for d in [
+            "usr/lib", "etc", "dev", "proc", "sys", "run", "tmp", "var", "root",
+        ] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for (link, target) in [
+            ("bin", "usr/bin"),
+            ("sbin", "usr/sbin"),
+            ("lib", "usr/lib"),
+            ("lib64", "usr/lib64"),
+        ] {
+            std::os::unix::fs::symlink(target, root.join(link)).unwrap();
+        }
+        std::fs::copy("/usr/lib/os-release", root.join("usr/lib/os-release")).unwrap();
+
+        // Layers over the host's /usr and /etc.
+        let usr = dir.join("usr");
+        std::fs::create_dir_all(usr.join("bin")).unwrap();
+        let installed = usr.join("bin/tvix-virtiofsd");
+        if std::fs::hard_link(bin(), &installed).is_err() {
+            std::fs::copy(bin(), &installed).unwrap();
+        }
+        let etc = dir.join("etc");
+        let units = etc.join("systemd/system");
+        std::fs::create_dir_all(&units).unwrap();
+        std::fs::create_dir_all(etc.join("tvix-virtiofsd")).unwrap();
+        for unit in shipped_units() {
+            std::fs::copy(units_dir().join(&unit), units.join(&unit)).unwrap();
+        }
+        std::fs::write(
+            units.join("tvix-test.target"),
+            "[Unit]\nDescription=tvix-virtiofsd unit test\n\
+             Requires=tvix-virtiofsd@vm1.socket tvix-store-daemon.socket\n\
+             After=tvix-virtiofsd@vm1.socket tvix-store-daemon.socket\n",
+        )
+        .unwrap();
+
+        let name = format!("tvix-units-{}", std::process::id());
+        let console = dir.join("console.log");
+        let p = |p: &Path| p.to_str().unwrap().to_string();
+        let nspawn = Command::new("systemd-nspawn")
+            .arg(format!("--machine={name}"))
+            .arg(format!("--directory={}", p(&root)))
+            .args(["--register=no", "--keep-unit", "--link-journal=no"])
+            .arg(format!("--uuid={:032x}", rand::random::<u128>()))
+            .arg(format!("--overlay-ro=/usr:{}:/usr", p(&usr)))
+            .arg(format!("--overlay-ro=/etc:{}:/etc", p(&etc)))
+            .arg(format!("--bind={}:/etc/tvix-virtiofsd", p(env_dir)))
+            .arg("--tmpfs=/var")
+            .arg(format!("--bind={}:/var/lib/tvix-virtiofsd", p(store)))
+            .arg(format!("--bind={}:/run/tvix-virtiofsd", p(run_dir)))
+            .args(["--console=pipe", "--boot", "--", "--unit=tvix-test.target"])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&console).unwrap())
+            .stderr(std::fs::File::create(dir.join("nspawn.err")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut c = Container {
+            nspawn,
+            init: 0,
+            name,
+            console,
+        };
+        c.init = c.find_init();
+        c
+    }
+
+    /// The child of systemd-nspawn that is PID 1 in its own namespace.
+    fn find_init(&mut self) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = self.nspawn.try_wait().unwrap() {
+                panic!("systemd-nspawn exited with {s}: {}", self.logs());
+            }
+            let pid = self.nspawn.id();
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+            for task in tasks.flatten() {
+                let children =
+                    std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+                for child in children.split_whitespace() {
+                    let status = std::fs::read_to_string(format!("/proc/{child}/status"))
+                        .unwrap_or_default();
+                    let pid1 = status
+                        .lines()
+                        .find_map(|l| l.strip_prefix("NSpid:"))
+                        .is_some_and(|ns| ns.split_whitespace().last() == Some("1"));
+                    if pid1 {
+                        return child.parse().unwrap();
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the container's systemd did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs a command inside the container (its mount and PID namespaces).
+    fn exec(&self, args: &[&str]) -> String {
+        let out = Command::new("nsenter")
+            .arg(format!("--target={}", self.init))
+            .args(["--mount", "--pid", "--"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?} in the container: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Properties of a unit, as `systemctl show` gives them.
+    fn show(&self, unit: &str) -> std::collections::HashMap<String, String> {
+        self.exec(&[
+            "systemctl",
+            "show",
+            "--no-pager",
+            "--property=ActiveState,SubState,Result,ExecMainCode,ExecMainStatus,InvocationID",
+            unit,
+        ])
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    /// Waits until `unit` has stopped (after its VM went away) and returns
+    /// its properties.
+    fn wait_stopped(&self, unit: &str) -> std::collections::HashMap<String, String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let props = self.show(unit);
+            if ["inactive", "failed"].contains(&props["ActiveState"].as_str()) {
+                return props;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{unit} still {} 20 s after its VM exited: {}",
+                props["ActiveState"],
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The journal of the units under test and what nspawn printed.
+    fn logs(&self) -> String {
+        let journal = Command::new("nsenter")
+            .arg(format!("--target={}", self.init))
+            .args(["--mount", "--pid", "--", "journalctl", "--no-pager"])
+            .args([
+                "-u",
+                "tvix-virtiofsd@vm1.service",
+                "-u",
+                "tvix-virtiofsd@vm1.socket",
+            ])
+            .args([
+                "-u",
+                "tvix-store-daemon.service",
+                "-u",
+                "tvix-store-daemon.socket",
+            ])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        format!(
+            "\n--- journal ---\n{journal}--- console ---\n{}",
+            std::fs::read_to_string(&self.console).unwrap_or_default()
+        )
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        // SIGTERM: nspawn halts the container; a second one, or SIGKILL
+        // after 30 s, ends it at once.
+        // SAFETY: kill(2) on our own child process.
+        unsafe { libc::kill(self.nspawn.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.nspawn.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.nspawn.kill();
+                let _ = self.nspawn.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // nspawn leaves this behind when /run is not a tmpfs.
+        let _ =
+            std::fs::remove_dir_all(Path::new("/run/systemd/nspawn/propagate").join(&self.name));
+    }
+}
+
+/// The shipped units, unchanged, under a real systemd (in a container):
+/// the VMM's connection to /run/tvix-virtiofsd/vm1.sock (0600) starts
+/// tvix-virtiofsd@vm1.service with all its hardening; it serves a microVM
+/// from the default store and exits 0; the socket is listening again and
+/// the VM's next boot gets a new daemon, which now (per
+/// /etc/tvix-virtiofsd/vm1.env) reaches the store through
+/// tvix-store-daemon.socket, starting the store daemon; that one stops
+/// cleanly on SIGTERM.
+#[test]
+fn units_under_systemd_serve_a_microvm_twice() {
+    require_tools(&[
+        ("systemd-nspawn", "systemd-container"),
+        ("nsenter", "util-linux"),
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("nix-store", "nix-bin"),
+    ]);
+    let tmp = tempfile::tempdir().unwrap();
+    let app = sh("NIX_REMOTE= bash tests/fixtures/nix-closure.sh")
+        .trim()
+        .to_string();
+    let closure: Vec<String> = sh(&format!("NIX_REMOTE= nix-store -qR {app}"))
+        .lines()
+        .map(String::from)
+        .collect();
+    let store = tmp.path().join("store");
+    let store_url = format!("local://{}", store.display());
+    let mut args = vec!["--store", store_url.as_str(), "copy"];
+    args.extend(closure.iter().map(String::as_str));
+    cli_ok(&args);
+    let numbers = closure
+        .iter()
+        .find(|p| p.ends_with("-fixture-data"))
+        .expect("fixture-data in the closure");
+    let expected = format!("20000 {numbers}/share/numbers");
+
+    let env_dir = tmp.path().join("etc-tvix-virtiofsd");
+    let run_dir = tmp.path().join("run-tvix-virtiofsd");
+    std::fs::create_dir_all(&env_dir).unwrap();
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let container = Container::boot(tmp.path(), &store, &env_dir, &run_dir);
+
+    let sock = run_dir.join("vm1.sock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "systemd did not create {}: {}",
+            sock.display(),
+            container.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let meta = std::fs::symlink_metadata(&sock).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+
+    let guest = format!("echo \"APP: $({app}/bin/app)\"\nexit 7\n");
+    let service = "tvix-virtiofsd@vm1.service";
+    let mut invocations = Vec::new();
+    for boot in ["default store", "store daemon"] {
+        if boot == "store daemon" {
+            std::fs::write(
+                env_dir.join("vm1.env"),
+                "TVIX_VIRTIOFSD_STORE_URL=grpc+unix:///run/tvix-store/daemon.sock\n",
+            )
+            .unwrap();
+        }
+        let (status, console) = run_vm(&sock, &guest, tmp.path());
+        assert_eq!(status, 7, "boot from the {boot}: {}", container.logs());
+        assert_eq!(line_after(&console, "APP: "), expected);
+
+        let svc = container.wait_stopped(service);
+        assert_eq!(
+            (
+                svc["Result"].as_str(),
+                svc["ExecMainCode"].as_str(),
+                svc["ExecMainStatus"].as_str()
+            ),
+            ("success", "1", "0"),
+            "{service} after the boot from the {boot}: {svc:?}{}",
+            container.logs()
+        );
+        invocations.push(svc["InvocationID"].clone());
+        let socket = container.show("tvix-virtiofsd@vm1.socket");
+        assert_eq!(
+            (socket["ActiveState"].as_str(), socket["SubState"].as_str()),
+            ("active", "listening"),
+            "the socket is not re-armed after the boot from the {boot}"
+        );
+    }
+    assert_ne!(
+        invocations[0], invocations[1],
+        "the second boot was not served by a new daemon"
+    );
+
+    let store_daemon = container.show("tvix-store-daemon.service");
+    assert_eq!(
+        store_daemon["ActiveState"],
+        "active",
+        "the virtiofs daemon did not reach the store through tvix-store-daemon.socket: {}",
+        container.logs()
+    );
+    container.exec(&["systemctl", "stop", "tvix-store-daemon.service"]);
+    let stopped = container.show("tvix-store-daemon.service");
+    assert_eq!(
+        (
+            stopped["Result"].as_str(),
+            stopped["ExecMainStatus"].as_str()
+        ),
+        ("success", "0"),
+        "the store daemon did not stop cleanly: {stopped:?}{}",
+        container.logs()
+    );
+}
