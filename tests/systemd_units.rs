@@ -1,8 +1,9 @@
-//! The systemd units in `systemd/`, checked with systemd's own tools
-//! offline (no running systemd needed: `systemd-analyze verify` and
-//! `security --offline`), and socket activation done for real: a microVM
-//! boots against a daemon that `systemd-socket-activate` starts with the
-//! unit's own command line on the VMM's first connection.
+//! The systemd units in `systemd/`: checked with systemd's own tools
+//! offline (`systemd-analyze verify` and `security --offline`, no running
+//! systemd needed), then run for real. A microVM boots against a daemon
+//! that `systemd-socket-activate` starts with the unit's command line on
+//! the VMM's first connection, and the shipped units, unchanged, serve
+//! microVM boots under a real systemd booted in `systemd-nspawn`.
 mod common;
 
 use common::{bin, cli_ok, sh};
