@@ -1,0 +1,1019 @@
+//! The systemd units in `systemd/`: checked with systemd's own tools
+//! offline (`systemd-analyze verify` and `security --offline`, no running
+//! systemd needed), then run for real. A microVM boots against a daemon
+//! that `systemd-socket-activate` starts with the unit's command line on
+//! the VMM's first connection, and the shipped units, unchanged, serve
+//! microVM boots under a real systemd booted in `systemd-nspawn`.
+mod common;
+
+use common::{bin, cli_ok, sh};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where the unit files ship; every unit there is checked.
+fn units_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("systemd")
+}
+
+/// The path the units name the binary by (their install location).
+const INSTALLED_BIN: &str = "/usr/bin/tvix-virtiofsd";
+
+const VIRTIOFS_SERVICE: &str = "tvix-virtiofsd@.service";
+const STORE_SERVICE: &str = "tvix-store-daemon.service";
+
+fn require_tools(tools: &[(&str, &str)]) {
+    for (tool, pkg) in tools {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .unwrap()
+            .status
+            .success();
+        assert!(
+            found,
+            "{tool} is not installed: the systemd unit tests need it (apt-get install {pkg}); .ci/run installs it"
+        );
+    }
+}
+
+fn require_systemd_analyze() {
+    require_tools(&[("systemd-analyze", "systemd")]);
+}
+
+/// The unit files shipped in `systemd/`, by file name.
+fn shipped_units() -> Vec<String> {
+    let mut units: Vec<String> = std::fs::read_dir(units_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".service") || n.ends_with(".socket"))
+        .collect();
+    units.sort();
+    assert!(
+        units.len() >= 4,
+        "expected the virtiofs and store daemon units in systemd/, found {units:?}"
+    );
+    units
+}
+
+/// The name a unit is checked as: a template gets the instance `vm1`.
+fn instance(unit: &str) -> String {
+    unit.replacen("@.", "@vm1.", 1)
+}
+
+fn read_unit(unit: &str) -> String {
+    std::fs::read_to_string(units_dir().join(unit)).unwrap()
+}
+
+/// Copies the units into `dir` with the binary under test in place of the
+/// installed path (verify checks that ExecStart= is executable), applying
+/// `edit` to the text of each.
+fn stage_units(dir: &Path, edit: impl Fn(&str, String) -> String) {
+    for unit in shipped_units() {
+        let text = read_unit(&unit);
+        if unit.ends_with(".service") {
+            assert!(
+                text.contains(&format!("\nExecStart={INSTALLED_BIN} ")),
+                "{unit}: ExecStart= does not run {INSTALLED_BIN}"
+            );
+        }
+        let text = text.replace(INSTALLED_BIN, bin().to_str().unwrap());
+        std::fs::write(dir.join(&unit), edit(&unit, text)).unwrap();
+    }
+}
+
+/// `systemd-analyze verify` of the staged units (templates as instance
+/// `vm1`): its exit status and everything it printed. Unknown or
+/// unparsable directives are only warnings (exit 0), so callers require the
+/// output to be empty as well.
+fn verify(dir: &Path, units: &[String]) -> (bool, String) {
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg("--man=no")
+        .args(units.iter().map(|u| dir.join(instance(u))))
+        .env("SYSTEMD_LOG_LEVEL", "info")
+        .env("SYSTEMD_LOG_COLOR", "0")
+        .env_remove("SYSTEMD_UNIT_PATH")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Inserts `line` right after the first line of `text` that is `section`.
+fn insert_after(text: &str, section: &str, line: &str) -> String {
+    let at = text
+        .find(&format!("\n{section}\n"))
+        .unwrap_or_else(|| panic!("no {section} section"))
+        + section.len()
+        + 2;
+    format!("{}{line}\n{}", &text[..at], &text[at..])
+}
+
+/// Every unit loads cleanly: no unknown or misspelt directive, no value
+/// systemd cannot parse, every referenced unit found, every command
+/// executable. The same check is then shown to catch a misspelt directive
+/// and a missing binary in each unit, so a silent verifier cannot pass it.
+#[test]
+fn units_pass_systemd_analyze_verify() {
+    require_systemd_analyze();
+    let units = shipped_units();
+
+    let good = tempfile::tempdir().unwrap();
+    stage_units(good.path(), |_, t| t);
+    let (ok, out) = verify(good.path(), &units);
+    assert!(
+        ok && out.trim().is_empty(),
+        "systemd-analyze verify {units:?} complained:\n{out}"
+    );
+
+    for unit in &units {
+        let bad = tempfile::tempdir().unwrap();
+        stage_units(bad.path(), |u, t| {
+            if u == unit {
+                insert_after(&t, "[Unit]", "Descripton=misspelt")
+            } else {
+                t
+            }
+        });
+        let (_, out) = verify(bad.path(), std::slice::from_ref(unit));
+        assert!(
+            out.contains("Descripton"),
+            "verify did not report a misspelt directive in {unit}:\n{out}"
+        );
+    }
+    for unit in units.iter().filter(|u| u.ends_with(".service")) {
+        let bad = tempfile::tempdir().unwrap();
+        stage_units(bad.path(), |u, t| {
+            if u == unit {
+                t.replace(bin().to_str().unwrap(), "/nonexistent/tvix-virtiofsd")
+            } else {
+                t
+            }
+        });
+        let (ok, out) = verify(bad.path(), std::slice::from_ref(unit));
+        assert!(
+            !ok && out.contains("/nonexistent/tvix-virtiofsd"),
+            "verify accepted {unit} with a missing binary:\n{out}"
+        );
+    }
+}
+
+/// `systemd-analyze security --offline` of a staged unit: each check's
+/// JSON name and whether the unit restricts it.
+fn security(dir: &Path, unit: &str, threshold: u32) -> (bool, Vec<(String, Option<bool>)>) {
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--json=short", "--no-pager"])
+        .arg(format!("--threshold={threshold}"))
+        .arg(dir.join(instance(unit)))
+        .env("SYSTEMD_LOG_LEVEL", "info")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let checks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "systemd-analyze security {unit}: {e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let checks = checks
+        .iter()
+        .map(|c| {
+            (
+                c["json_field"].as_str().unwrap().to_string(),
+                c["set"].as_bool(),
+            )
+        })
+        .collect();
+    (out.status.success(), checks)
+}
+
+fn assert_checks(unit: &str, checks: &[(String, Option<bool>)], want: bool, names: &[&str]) {
+    for name in names {
+        let got = checks
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("systemd-analyze security has no check {name}"))
+            .1;
+        assert_eq!(
+            got,
+            Some(want),
+            "{unit}: {name} should be {}",
+            if want {
+                "restricted"
+            } else {
+                "left open (the sandbox needs it)"
+            }
+        );
+    }
+}
+
+/// Restrictions every unit shares.
+const COMMON_HARDENING: &[&str] = &[
+    "NoNewPrivileges",
+    "AmbientCapabilities",
+    "ProtectSystem",
+    "ProtectHome",
+    "PrivateTmp",
+    "PrivateDevices",
+    "PrivateMounts",
+    "ProtectKernelTunables",
+    "ProtectKernelModules",
+    "ProtectKernelLogs",
+    "ProtectControlGroups",
+    "ProtectClock",
+    "ProtectHostname",
+    "ProtectProc",
+    "ProcSubset",
+    "LockPersonality",
+    "MemoryDenyWriteExecute",
+    "RestrictRealtime",
+    "RestrictSUIDSGID",
+    "SystemCallArchitectures",
+    "RestrictNamespaces_user",
+    "RestrictNamespaces_cgroup",
+    "RestrictAddressFamilies_AF_PACKET",
+    "RestrictAddressFamilies_AF_NETLINK",
+    "RestrictAddressFamilies_OTHER",
+    "CapabilityBoundingSet_CAP_DAC_FOWNER_IPC_OWNER",
+    "CapabilityBoundingSet_CAP_CHOWN_FSETID_SETFCAP",
+    "CapabilityBoundingSet_CAP_SYS_PTRACE",
+    "CapabilityBoundingSet_CAP_SYS_MODULE",
+    "CapabilityBoundingSet_CAP_SYS_RAWIO",
+    "CapabilityBoundingSet_CAP_SYS_TIME",
+    "CapabilityBoundingSet_CAP_SYS_BOOT",
+    "CapabilityBoundingSet_CAP_NET_ADMIN",
+    "CapabilityBoundingSet_CAP_MKNOD",
+    "CapabilityBoundingSet_CAP_KILL",
+    "CapabilityBoundingSet_CAP_BPF",
+    "CapabilityBoundingSet_CAP_SYS_NICE_RESOURCE",
+    "CapabilityBoundingSet_CAP_IPC_LOCK",
+    "SystemCallFilter_module",
+    "SystemCallFilter_raw_io",
+    "SystemCallFilter_reboot",
+    "SystemCallFilter_swap",
+    "SystemCallFilter_debug",
+    "SystemCallFilter_clock",
+    "SystemCallFilter_obsolete",
+    "SystemCallFilter_cpu_emulation",
+];
+
+/// systemd's own reading of the hardening: the virtiofs service keeps
+/// exactly what the daemon's sandbox setup needs (CAP_SYS_ADMIN,
+/// CAP_SETPCAP, CAP_SYS_CHROOT; mount, PID, IPC, UTS and network
+/// namespaces; the @mount calls) and is restricted in everything else; the
+/// store daemon keeps nothing of that. Each stays under an exposure score.
+#[test]
+fn hardening_leaves_exactly_what_the_sandbox_needs() {
+    require_systemd_analyze();
+    let dir = tempfile::tempdir().unwrap();
+    stage_units(dir.path(), |_, t| t);
+
+    let (under, checks) = security(dir.path(), VIRTIOFS_SERVICE, 35);
+    assert_checks(VIRTIOFS_SERVICE, &checks, true, COMMON_HARDENING);
+    assert_checks(
+        VIRTIOFS_SERVICE,
+        &checks,
+        false,
+        &[
+            "CapabilityBoundingSet_CAP_SYS_ADMIN",
+            "CapabilityBoundingSet_CAP_SET_UID_GID_PCAP",
+            "CapabilityBoundingSet_CAP_SYS_CHROOT",
+            "RestrictNamespaces_mnt",
+            "RestrictNamespaces_pid",
+            "RestrictNamespaces_ipc",
+            "RestrictNamespaces_uts",
+            "RestrictNamespaces_net",
+            "SystemCallFilter_mount",
+            // a grpc+http:// store is reached over TCP
+            "RestrictAddressFamilies_AF_INET_INET6",
+        ],
+    );
+    assert!(under, "{VIRTIOFS_SERVICE}: exposure above 3.5");
+
+    let (under, checks) = security(dir.path(), STORE_SERVICE, 15);
+    assert_checks(STORE_SERVICE, &checks, true, COMMON_HARDENING);
+    assert_checks(
+        STORE_SERVICE,
+        &checks,
+        true,
+        &[
+            "CapabilityBoundingSet_CAP_SYS_ADMIN",
+            "CapabilityBoundingSet_CAP_SET_UID_GID_PCAP",
+            "CapabilityBoundingSet_CAP_SYS_CHROOT",
+            "RestrictNamespaces_mnt",
+            "RestrictNamespaces_pid",
+            "RestrictNamespaces_ipc",
+            "RestrictNamespaces_uts",
+            "RestrictNamespaces_net",
+            "SystemCallFilter_mount",
+            "SystemCallFilter_privileged",
+            "SystemCallFilter_resources",
+            "PrivateNetwork",
+            "RestrictAddressFamilies_AF_INET_INET6",
+        ],
+    );
+    assert!(under, "{STORE_SERVICE}: exposure above 1.5");
+}
+
+/// The system calls in one `systemd-analyze syscall-filter` group, nested
+/// groups expanded.
+fn syscall_group(group: &str, out: &mut BTreeSet<String>) {
+    let text = sh(&format!(
+        "systemd-analyze syscall-filter --no-pager {group}"
+    ));
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    assert_eq!(
+        lines.next(),
+        Some(group),
+        "unexpected syscall-filter output"
+    );
+    for entry in lines.filter(|l| !l.starts_with('#')) {
+        if entry.starts_with('@') {
+            syscall_group(entry, out);
+        } else {
+            out.insert(entry.to_string());
+        }
+    }
+}
+
+/// The system calls a unit's SystemCallFilter= lines allow: the first
+/// line is an allow list, later `~` lines take calls away.
+fn allowed_syscalls(unit: &str) -> BTreeSet<String> {
+    let mut allowed = BTreeSet::new();
+    let mut first = true;
+    for value in read_unit(unit)
+        .lines()
+        .filter_map(|l| l.strip_prefix("SystemCallFilter="))
+    {
+        let (deny, list) = match value.strip_prefix('~') {
+            Some(rest) => (true, rest),
+            None => (false, value),
+        };
+        assert!(
+            !(first && deny),
+            "{unit}: SystemCallFilter= must start with an allow list"
+        );
+        first = false;
+        let mut set = BTreeSet::new();
+        for item in list.split_whitespace() {
+            if item.starts_with('@') {
+                syscall_group(item, &mut set);
+            } else {
+                set.insert(item.to_string());
+            }
+        }
+        if deny {
+            allowed.retain(|s| !set.contains(s));
+        } else {
+            allowed.extend(set);
+        }
+    }
+    assert!(!allowed.is_empty(), "{unit} has no SystemCallFilter=");
+    allowed
+}
+
+/// The virtiofs unit's system call allowlist has every call the sandbox
+/// setup makes before its own, narrower seccomp policy takes over
+/// (namespaces, mounts, pivot_root, chroot, capabilities, securebits and
+/// no_new_privs through prctl, rlimits, seccomp itself, the forking parent
+/// forwarding signals) and what serving needs; the store daemon's allows
+/// none of the privileged ones.
+#[test]
+fn syscall_filters_allow_the_sandbox_setup() {
+    require_systemd_analyze();
+    let virtiofs = allowed_syscalls(VIRTIOFS_SERVICE);
+    let setup = [
+        "unshare",
+        "clone",
+        "clone3",
+        "fork",
+        "wait4",
+        "waitid",
+        "kill",
+        "rt_sigaction",
+        "mount",
+        "umount2",
+        "pivot_root",
+        "chroot",
+        "chdir",
+        "mkdir",
+        "mkdirat",
+        "capget",
+        "capset",
+        "prctl",
+        "setrlimit",
+        "prlimit64",
+        "seccomp",
+    ];
+    let serve = [
+        "accept4",
+        "recvmsg",
+        "sendmsg",
+        "socket",
+        "connect",
+        "eventfd2",
+        "epoll_ctl",
+        "epoll_wait",
+        "mmap",
+        "munmap",
+        "madvise",
+        "openat",
+        "pread64",
+        "preadv",
+        "getdents64",
+        "newfstatat",
+        "statx",
+        "futex",
+        "exit_group",
+    ];
+    let missing: Vec<&str> = setup
+        .iter()
+        .chain(serve.iter())
+        .copied()
+        .filter(|s| !virtiofs.contains(*s))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{VIRTIOFS_SERVICE}: SystemCallFilter= blocks {missing:?}"
+    );
+
+    let store = allowed_syscalls(STORE_SERVICE);
+    let privileged: Vec<&str> = [
+        "mount",
+        "umount2",
+        "pivot_root",
+        "chroot",
+        "capset",
+        "setuid",
+        "setrlimit",
+        "ptrace",
+        "init_module",
+        "reboot",
+        "swapon",
+        "settimeofday",
+    ]
+    .into_iter()
+    .filter(|s| store.contains(*s))
+    .collect();
+    assert!(
+        privileged.is_empty(),
+        "{STORE_SERVICE}: SystemCallFilter= allows {privileged:?}"
+    );
+    let needed: Vec<&str> = [
+        "accept4",
+        "openat",
+        "renameat2",
+        "fsync",
+        "syncfs",
+        "unlink",
+        "getrandom",
+        "futex",
+        "epoll_wait",
+    ]
+    .into_iter()
+    .filter(|s| !store.contains(*s))
+    .collect();
+    assert!(
+        needed.is_empty(),
+        "{STORE_SERVICE}: SystemCallFilter= blocks {needed:?}"
+    );
+}
+
+/// The environment file example names only variables that the unit's
+/// command line or the daemon itself reads.
+#[test]
+fn env_example_names_variables_that_are_read() {
+    let example = std::fs::read_to_string(units_dir().join("tvix-virtiofsd.env.example")).unwrap();
+    let unit = read_unit(VIRTIOFS_SERVICE);
+    let help = String::from_utf8(cli_ok(&["virtiofs", "--help"])).unwrap()
+        + &String::from_utf8(cli_ok(&["--help"])).unwrap();
+    let mut vars = BTreeSet::new();
+    for line in example.lines() {
+        let line = line.trim_start_matches('#').trim();
+        if let Some((name, _)) = line.split_once('=') {
+            if !name.is_empty() && name.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+                vars.insert(name.to_string());
+            }
+        }
+    }
+    assert!(vars.contains("TVIX_VIRTIOFSD_STORE_URL"), "{vars:?}");
+    for var in &vars {
+        let in_unit = unit.contains(&format!("${{{var}}}"))
+            || unit.contains(&format!("${var} "))
+            || unit.contains(&format!("${var}\n"));
+        let read_by_daemon = help.contains(&format!("[env: {var}="));
+        assert!(
+            in_unit || read_by_daemon,
+            "tvix-virtiofsd.env.example sets {var}, which neither {VIRTIOFS_SERVICE} nor the daemon reads"
+        );
+    }
+}
+
+/// The unit's ExecStart= as an argument vector, with its Environment=
+/// defaults substituted the way systemd does: `${VAR}` is one argument,
+/// `$VAR` splits at whitespace (nothing when empty).
+fn unit_command_line(unit: &str, binary: &Path) -> Vec<String> {
+    let text = read_unit(unit);
+    let env: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("Environment="))
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap();
+            (k.to_string(), v.to_string())
+        })
+        .collect();
+    let lookup = |name: &str| -> String {
+        env.iter()
+            .find(|(k, _)| k == name)
+            .unwrap_or_else(|| {
+                panic!("{unit}: ExecStart= uses ${name} without an Environment= default")
+            })
+            .1
+            .clone()
+    };
+    let exec: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("ExecStart="))
+        .collect();
+    assert_eq!(exec.len(), 1, "{unit}: one ExecStart= expected");
+    let mut argv = Vec::new();
+    for word in exec[0].split_whitespace() {
+        if let Some(name) = word.strip_prefix("${").and_then(|w| w.strip_suffix('}')) {
+            argv.push(lookup(name));
+        } else if let Some(name) = word.strip_prefix('$') {
+            argv.extend(lookup(name).split_whitespace().map(String::from));
+        } else {
+            assert!(!word.contains('$'), "{unit}: cannot expand {word}");
+            argv.push(word.to_string());
+        }
+    }
+    assert_eq!(argv[0], INSTALLED_BIN);
+    argv[0] = binary.to_str().unwrap().to_string();
+    argv
+}
+
+fn run_vm(sock: &Path, script: &str, dir: &Path) -> (i32, String) {
+    let f = dir.join("guest.sh");
+    std::fs::write(&f, script).unwrap();
+    let out = Command::new("bash")
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vm-tests/run-vm.sh"))
+        .args(["--socket", sock.to_str().unwrap()])
+        .args(["--script", f.to_str().unwrap()])
+        .args(["--timeout", "300"])
+        .output()
+        .unwrap();
+    let console = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!(
+        "--- guest console ---\n{console}\n--- end ({}) ---",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), console)
+}
+
+fn line_after<'a>(console: &'a str, key: &str) -> &'a str {
+    console
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("guest printed no {key:?} line"))
+        .trim()
+}
+
+/// Socket activation as tvix-virtiofsd@.socket does it: something else
+/// owns the listening socket, the daemon (the unit's ExecStart= line, store
+/// chosen by TVIX_VIRTIOFSD_STORE_URL as in the env file) starts only when
+/// the VMM connects, takes the socket from LISTEN_FDS, serves a microVM
+/// that runs the fixture's app from /nix/store, then exits 0 when the VM is
+/// gone and leaves the socket file to its owner.
+#[test]
+fn socket_activated_daemon_serves_a_microvm() {
+    require_tools(&[
+        ("systemd-socket-activate", "systemd"),
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("nix-store", "nix-bin"),
+    ]);
+    let tmp = tempfile::tempdir().unwrap();
+    let app = sh("NIX_REMOTE= bash tests/fixtures/nix-closure.sh")
+        .trim()
+        .to_string();
+    let closure: Vec<String> = sh(&format!("NIX_REMOTE= nix-store -qR {app}"))
+        .lines()
+        .map(String::from)
+        .collect();
+    let numbers = closure
+        .iter()
+        .find(|p| p.ends_with("-fixture-data"))
+        .expect("fixture-data in the closure")
+        .clone();
+    let store = format!("local://{}", tmp.path().join("store").display());
+    let mut args = vec!["--store", store.as_str(), "copy"];
+    args.extend(closure.iter().map(String::as_str));
+    cli_ok(&args);
+
+    let sock = tmp.path().join("vm1.sock");
+    let log = tmp.path().join("daemon.log");
+    let argv = unit_command_line(VIRTIOFS_SERVICE, &bin());
+    assert_eq!(argv[1..], ["virtiofs", "--tag", "nix-store"]);
+    let mut activator = Command::new("systemd-socket-activate")
+        .arg("--listen")
+        .arg(&sock)
+        .arg(format!("--setenv=TVIX_VIRTIOFSD_STORE_URL={store}"))
+        .arg("--setenv=TVIX_VIRTIOFSD_LOG=debug")
+        .arg("--")
+        .args(&argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let daemon_log = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    let guest = format!(
+        r#"set -u
+echo "APP: $({app}/bin/app)"
+echo "MOUNT: $(grep ' /nix/store ' /proc/mounts | cut -d' ' -f1,3,4 | cut -d, -f1)"
+exit 7
+"#
+    );
+    let (status, console) = run_vm(&sock, &guest, tmp.path());
+    assert_eq!(
+        status,
+        7,
+        "guest script did not finish; daemon log:\n{}",
+        daemon_log()
+    );
+    assert_eq!(
+        line_after(&console, "APP: "),
+        format!("20000 {numbers}/share/numbers")
+    );
+    assert_eq!(line_after(&console, "MOUNT: "), "nix-store virtiofs ro");
+
+    // the VM is gone: the daemon (the activator's exec'd process) exits 0
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = activator.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = activator.kill();
+            panic!(
+                "daemon still running 20 s after the VM exited; log:\n{}",
+                daemon_log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        status.success(),
+        "daemon exited with {status}; log:\n{}",
+        daemon_log()
+    );
+    // systemd owns the socket: the daemon must not unlink it
+    use std::os::unix::fs::FileTypeExt;
+    assert!(
+        std::fs::symlink_metadata(&sock)
+            .map(|m| m.file_type().is_socket())
+            .unwrap_or(false),
+        "the daemon removed the socket it was handed"
+    );
+}
+
+/// A throw-away systemd booted by systemd-nspawn from this host's /usr and
+/// /etc, with the shipped units (unchanged) in /etc/systemd/system, the
+/// binary under test at /usr/bin/tvix-virtiofsd, and a target that starts
+/// the sockets of instance vm1 and of the store daemon. The container
+/// shares the host's network; its /run/tvix-virtiofsd, /etc/tvix-virtiofsd
+/// and /var/lib/tvix-virtiofsd are directories of the test.
+struct Container {
+    nspawn: std::process::Child,
+    /// The container's systemd (PID 1 inside), as seen from the host.
+    init: u32,
+    name: String,
+    console: PathBuf,
+}
+
+impl Container {
+    fn boot(dir: &Path, store: &Path, env_dir: &Path, run_dir: &Path) -> Container {
+        // The container's root: mount points, and the os-release file
+        // nspawn looks for before anything is mounted.
+        let root = dir.join("root");
+        for d in [
+            "usr/lib", "etc", "dev", "proc", "sys", "run", "tmp", "var", "root",
+        ] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for (link, target) in [
+            ("bin", "usr/bin"),
+            ("sbin", "usr/sbin"),
+            ("lib", "usr/lib"),
+            ("lib64", "usr/lib64"),
+        ] {
+            std::os::unix::fs::symlink(target, root.join(link)).unwrap();
+        }
+        std::fs::copy("/usr/lib/os-release", root.join("usr/lib/os-release")).unwrap();
+
+        // Layers over the host's /usr and /etc.
+        let usr = dir.join("usr");
+        std::fs::create_dir_all(usr.join("bin")).unwrap();
+        let installed = usr.join("bin/tvix-virtiofsd");
+        if std::fs::hard_link(bin(), &installed).is_err() {
+            std::fs::copy(bin(), &installed).unwrap();
+        }
+        let etc = dir.join("etc");
+        let units = etc.join("systemd/system");
+        std::fs::create_dir_all(&units).unwrap();
+        std::fs::create_dir_all(etc.join("tvix-virtiofsd")).unwrap();
+        for unit in shipped_units() {
+            std::fs::copy(units_dir().join(&unit), units.join(&unit)).unwrap();
+        }
+        std::fs::write(
+            units.join("tvix-test.target"),
+            "[Unit]\nDescription=tvix-virtiofsd unit test\n\
+             Requires=tvix-virtiofsd@vm1.socket tvix-store-daemon.socket\n\
+             After=tvix-virtiofsd@vm1.socket tvix-store-daemon.socket\n",
+        )
+        .unwrap();
+
+        let name = format!("tvix-units-{}", std::process::id());
+        let console = dir.join("console.log");
+        let p = |p: &Path| p.to_str().unwrap().to_string();
+        let nspawn = Command::new("systemd-nspawn")
+            .arg(format!("--machine={name}"))
+            .arg(format!("--directory={}", p(&root)))
+            .args(["--register=no", "--keep-unit", "--link-journal=no"])
+            .arg(format!("--uuid={:032x}", rand::random::<u128>()))
+            .arg(format!("--overlay-ro=/usr:{}:/usr", p(&usr)))
+            .arg(format!("--overlay-ro=/etc:{}:/etc", p(&etc)))
+            .arg(format!("--bind={}:/etc/tvix-virtiofsd", p(env_dir)))
+            .arg("--tmpfs=/var")
+            .arg(format!("--bind={}:/var/lib/tvix-virtiofsd", p(store)))
+            .arg(format!("--bind={}:/run/tvix-virtiofsd", p(run_dir)))
+            .args(["--console=pipe", "--boot", "--", "--unit=tvix-test.target"])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&console).unwrap())
+            .stderr(std::fs::File::create(dir.join("nspawn.err")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut c = Container {
+            nspawn,
+            init: 0,
+            name,
+            console,
+        };
+        c.init = c.find_init();
+        c
+    }
+
+    /// The child of systemd-nspawn that is PID 1 in its own namespace.
+    fn find_init(&mut self) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = self.nspawn.try_wait().unwrap() {
+                panic!("systemd-nspawn exited with {s}: {}", self.logs());
+            }
+            let pid = self.nspawn.id();
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+            for task in tasks.flatten() {
+                let children =
+                    std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+                for child in children.split_whitespace() {
+                    let status = std::fs::read_to_string(format!("/proc/{child}/status"))
+                        .unwrap_or_default();
+                    let pid1 = status
+                        .lines()
+                        .find_map(|l| l.strip_prefix("NSpid:"))
+                        .is_some_and(|ns| ns.split_whitespace().last() == Some("1"));
+                    if pid1 {
+                        return child.parse().unwrap();
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the container's systemd did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs a command inside the container (its mount and PID namespaces).
+    fn exec(&self, args: &[&str]) -> String {
+        let out = Command::new("nsenter")
+            .arg(format!("--target={}", self.init))
+            .args(["--mount", "--pid", "--"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?} in the container: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Properties of a unit, as `systemctl show` gives them.
+    fn show(&self, unit: &str) -> std::collections::HashMap<String, String> {
+        self.exec(&[
+            "systemctl",
+            "show",
+            "--no-pager",
+            "--property=ActiveState,SubState,Result,ExecMainCode,ExecMainStatus,InvocationID",
+            unit,
+        ])
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    /// Waits until `unit` has stopped (after its VM went away) and returns
+    /// its properties.
+    fn wait_stopped(&self, unit: &str) -> std::collections::HashMap<String, String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let props = self.show(unit);
+            if ["inactive", "failed"].contains(&props["ActiveState"].as_str()) {
+                return props;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{unit} still {} 20 s after its VM exited: {}",
+                props["ActiveState"],
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The journal of the units under test and what nspawn printed.
+    fn logs(&self) -> String {
+        let journal = Command::new("nsenter")
+            .arg(format!("--target={}", self.init))
+            .args(["--mount", "--pid", "--", "journalctl", "--no-pager"])
+            .args([
+                "-u",
+                "tvix-virtiofsd@vm1.service",
+                "-u",
+                "tvix-virtiofsd@vm1.socket",
+            ])
+            .args([
+                "-u",
+                "tvix-store-daemon.service",
+                "-u",
+                "tvix-store-daemon.socket",
+            ])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        format!(
+            "\n--- journal ---\n{journal}--- console ---\n{}",
+            std::fs::read_to_string(&self.console).unwrap_or_default()
+        )
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        // SIGTERM: nspawn halts the container; a second one, or SIGKILL
+        // after 30 s, ends it at once.
+        // SAFETY: kill(2) on our own child process.
+        unsafe { libc::kill(self.nspawn.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.nspawn.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.nspawn.kill();
+                let _ = self.nspawn.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // nspawn leaves this behind when /run is not a tmpfs.
+        let _ =
+            std::fs::remove_dir_all(Path::new("/run/systemd/nspawn/propagate").join(&self.name));
+    }
+}
+
+/// The shipped units, unchanged, under a real systemd (in a container):
+/// the VMM's connection to /run/tvix-virtiofsd/vm1.sock (0600) starts
+/// tvix-virtiofsd@vm1.service with all its hardening; it serves a microVM
+/// from the default store and exits 0; the socket is listening again and
+/// the VM's next boot gets a new daemon, which now (per
+/// /etc/tvix-virtiofsd/vm1.env) reaches the store through
+/// tvix-store-daemon.socket, starting the store daemon; that one stops
+/// cleanly on SIGTERM.
+#[test]
+fn units_under_systemd_serve_a_microvm_twice() {
+    require_tools(&[
+        ("systemd-nspawn", "systemd-container"),
+        ("nsenter", "util-linux"),
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("nix-store", "nix-bin"),
+    ]);
+    let tmp = tempfile::tempdir().unwrap();
+    let app = sh("NIX_REMOTE= bash tests/fixtures/nix-closure.sh")
+        .trim()
+        .to_string();
+    let closure: Vec<String> = sh(&format!("NIX_REMOTE= nix-store -qR {app}"))
+        .lines()
+        .map(String::from)
+        .collect();
+    let store = tmp.path().join("store");
+    let store_url = format!("local://{}", store.display());
+    let mut args = vec!["--store", store_url.as_str(), "copy"];
+    args.extend(closure.iter().map(String::as_str));
+    cli_ok(&args);
+    let numbers = closure
+        .iter()
+        .find(|p| p.ends_with("-fixture-data"))
+        .expect("fixture-data in the closure");
+    let expected = format!("20000 {numbers}/share/numbers");
+
+    let env_dir = tmp.path().join("etc-tvix-virtiofsd");
+    let run_dir = tmp.path().join("run-tvix-virtiofsd");
+    std::fs::create_dir_all(&env_dir).unwrap();
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let container = Container::boot(tmp.path(), &store, &env_dir, &run_dir);
+
+    let sock = run_dir.join("vm1.sock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "systemd did not create {}: {}",
+            sock.display(),
+            container.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let meta = std::fs::symlink_metadata(&sock).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+
+    let guest = format!("echo \"APP: $({app}/bin/app)\"\nexit 7\n");
+    let service = "tvix-virtiofsd@vm1.service";
+    let mut invocations = Vec::new();
+    for boot in ["default store", "store daemon"] {
+        if boot == "store daemon" {
+            std::fs::write(
+                env_dir.join("vm1.env"),
+                "TVIX_VIRTIOFSD_STORE_URL=grpc+unix:///run/tvix-store/daemon.sock\n",
+            )
+            .unwrap();
+        }
+        let (status, console) = run_vm(&sock, &guest, tmp.path());
+        assert_eq!(status, 7, "boot from the {boot}: {}", container.logs());
+        assert_eq!(line_after(&console, "APP: "), expected);
+
+        let svc = container.wait_stopped(service);
+        assert_eq!(
+            (
+                svc["Result"].as_str(),
+                svc["ExecMainCode"].as_str(),
+                svc["ExecMainStatus"].as_str()
+            ),
+            ("success", "1", "0"),
+            "{service} after the boot from the {boot}: {svc:?}{}",
+            container.logs()
+        );
+        invocations.push(svc["InvocationID"].clone());
+        let socket = container.show("tvix-virtiofsd@vm1.socket");
+        assert_eq!(
+            (socket["ActiveState"].as_str(), socket["SubState"].as_str()),
+            ("active", "listening"),
+            "the socket is not re-armed after the boot from the {boot}"
+        );
+    }
+    assert_ne!(
+        invocations[0], invocations[1],
+        "the second boot was not served by a new daemon"
+    );
+
+    let store_daemon = container.show("tvix-store-daemon.service");
+    assert_eq!(
+        store_daemon["ActiveState"],
+        "active",
+        "the virtiofs daemon did not reach the store through tvix-store-daemon.socket: {}",
+        container.logs()
+    );
+    container.exec(&["systemctl", "stop", "tvix-store-daemon.service"]);
+    let stopped = container.show("tvix-store-daemon.service");
+    assert_eq!(
+        (
+            stopped["Result"].as_str(),
+            stopped["ExecMainStatus"].as_str()
+        ),
+        ("success", "0"),
+        "the store daemon did not stop cleanly: {stopped:?}{}",
+        container.logs()
+    );
+}
