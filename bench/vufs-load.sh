@@ -8,7 +8,9 @@
 # Environment: RUNS (3 repetitions; medians reported), DEPTHS ("1 64"), READ_SIZES ("131072 1048576"), MAX_FILES
 # (all), POLL (1: the generator spins on the used ring instead of sleeping
 # on the call eventfd), DROP_CACHES (1 when root: drop the page cache before each run),
-# VIRTIOFSD (/var/tmp/vmtest-virtiofsd/bin/virtiofsd; installed if missing).
+# VIRTIOFSD (/var/tmp/vmtest-virtiofsd/bin/virtiofsd; installed if missing),
+# OURS_ARGS (extra virtiofs flags, e.g. "--sandbox none --seccomp none" to
+# measure what the sandbox costs).
 set -euo pipefail
 shopt -s inherit_errexit
 dirs=("$@")
@@ -60,7 +62,8 @@ bytes=$(find "$work/src" -type f -printf '%s\n' | awk '{s+=$1} END {printf "%d",
 start_daemon() { # which socket
   rm -f "$2"
   if [ "$1" = ours ]; then
-    $B --store "$store" --log-level warn virtiofs --socket-path "$2" >> "$work/ours.log" 2>&1 &
+    # shellcheck disable=SC2086 # OURS_ARGS is a list of flags
+    $B --store "$store" --log-level warn virtiofs --socket-path "$2" ${OURS_ARGS:-} >> "$work/ours.log" 2>&1 &
   else
     "$virtiofsd" --socket-path "$2" --shared-dir "$work/src" --readonly \
       --cache=always --sandbox none --log-level warn >> "$work/ref.log" 2>&1 &

@@ -263,6 +263,28 @@ fn unprivileged_user_gets_a_user_namespace() {
 }
 
 #[test]
+fn rlimit_nofile_is_applied() {
+    let (tmp, store) = store_dir();
+    let d = start(
+        &format!("local://{}", store.display()),
+        &tmp.path().join("v.sock"),
+        &["--rlimit-nofile", "777"],
+        None,
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.serving)).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert_eq!(
+        line.split_whitespace().skip(3).take(2).collect::<Vec<_>>(),
+        ["777", "777"],
+        "{line}"
+    );
+    d.stop();
+}
+
+#[test]
 fn chroot_and_none_modes() {
     let (tmp, store) = store_dir();
     let url = format!("local://{}", store.display());
