@@ -248,15 +248,34 @@ fn fork() -> Result<Option<Supervisor>, SandboxError> {
         return Err(sys("fork")(err));
     }
     if pid == 0 {
-        // SAFETY: restores the mask saved above; PR_SET_PDEATHSIG takes a
-        // signal number and has no memory effects.
+        // The forwarded signals stay blocked until the serving process has
+        // its handlers (`release_signals`): as PID 1 of a namespace it would
+        // drop one sent earlier, and blocked signals wait instead.
+        let mut mask = old;
+        // SAFETY: `mask` is a valid sigset_t; the signal numbers are valid.
         unsafe {
-            libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+            for &s in &FORWARDED {
+                libc::sigaddset(&mut mask, s);
+            }
+        }
+        // SAFETY: sets a valid mask; PR_SET_PDEATHSIG takes a signal
+        // number and has no memory effects.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &mask, std::ptr::null_mut());
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
         }
         return Ok(None);
     }
     Ok(Some(Supervisor { child: pid, set }))
+}
+
+/// In the serving process, once its signal handlers are installed: lets
+/// the forwarded signals in, on the calling thread (threads started before
+/// keep them blocked, so the handlers run on this one).
+pub fn release_signals() {
+    let set = signal_set(&FORWARDED);
+    // SAFETY: `set` is a valid signal set.
+    unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
 }
 
 /// The parent side: forwards signals to the serving child and reaps it.

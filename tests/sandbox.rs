@@ -365,3 +365,48 @@ fn a_forbidden_system_call_kills_the_daemon() {
     assert!(st.success(), "{st}: {err}");
     assert!(err.contains("personality() was allowed"), "{err}");
 }
+
+/// A SIGTERM that reaches the serving process before its handlers exist
+/// (PID 1 of a namespace would drop it) waits for them: the daemon still
+/// exits 0, promptly.
+#[test]
+fn an_early_sigterm_is_not_lost() {
+    let (tmp, store) = store_dir();
+    for i in 0..5 {
+        let sock = tmp.path().join(format!("e{i}.sock"));
+        let mut child = Command::new(bin())
+            .args(["--store", &format!("local://{}", store.display())])
+            .args(["virtiofs", "--socket-path"])
+            .arg(&sock)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        // as soon as the serving process exists
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .trim()
+            .is_empty()
+        {
+            assert!(Instant::now() < deadline, "no serving process");
+            std::thread::yield_now();
+        }
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let st = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("SIGTERM {i} was lost: the daemon is still running");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(st.success(), "round {i}: {st}");
+        assert!(!sock.exists());
+    }
+}

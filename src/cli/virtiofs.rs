@@ -173,6 +173,7 @@ async fn serve(store: Store, args: VirtiofsArgs, listener: UnixListener) -> anyh
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    sandbox::release_signals();
 
     let fs = args.view.view(store);
     let config = DeviceConfig {
