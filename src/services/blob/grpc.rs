@@ -89,7 +89,7 @@ impl Spool {
             Spool::File(f) => {
                 let mut f = f.into_inner().map_err(|e| e.into_error())?;
                 f.rewind()?;
-                Box::new(tokio::fs::File::from_std(f))
+                Box::new(super::FileReader::new(f)?)
             }
         })
     }

@@ -62,7 +62,7 @@ impl BlobService for LocalBlobService {
                         buf,
                     )))));
                 }
-                Ok(Some(Box::new(tokio::fs::File::from_std(f))))
+                Ok(Some(Box::new(super::FileReader::new(f)?)))
             })
             .await
             .map_err(std::io::Error::other)??;

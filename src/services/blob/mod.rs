@@ -9,8 +9,75 @@ pub mod local;
 pub mod memory;
 
 /// A seekable reader over one blob's bytes.
-pub trait BlobReader: AsyncRead + AsyncSeek + Send + Unpin {}
-impl<T: AsyncRead + AsyncSeek + Send + Unpin> BlobReader for T {}
+pub trait BlobReader: AsyncRead + AsyncSeek + Send + Unpin {
+    /// The bytes in memory, or the file that holds exactly them, where the
+    /// backend has them at hand: the view then reads at an offset straight
+    /// into guest memory, without the async runtime or a bounce buffer.
+    fn direct(&mut self) -> Option<Direct<'_>> {
+        None
+    }
+}
+
+/// See [`BlobReader::direct`].
+pub enum Direct<'a> {
+    Bytes(&'a [u8]),
+    /// Read it only at offsets (pread): its file position is the reader's.
+    File(&'a mut std::fs::File),
+}
+
+impl BlobReader for std::io::Cursor<bytes::Bytes> {
+    fn direct(&mut self) -> Option<Direct<'_>> {
+        Some(Direct::Bytes(self.get_ref()))
+    }
+}
+
+/// A blob held in a whole file: async reads for streaming, and the file
+/// itself for positional reads.
+pub struct FileReader {
+    std: std::fs::File,
+    tokio: tokio::fs::File,
+}
+
+impl FileReader {
+    pub fn new(file: std::fs::File) -> std::io::Result<Self> {
+        Ok(Self {
+            tokio: tokio::fs::File::from_std(file.try_clone()?),
+            std: file,
+        })
+    }
+}
+
+impl AsyncRead for FileReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tokio).poll_read(cx, buf)
+    }
+}
+
+impl AsyncSeek for FileReader {
+    fn start_seek(
+        mut self: std::pin::Pin<&mut Self>,
+        pos: std::io::SeekFrom,
+    ) -> std::io::Result<()> {
+        std::pin::Pin::new(&mut self.tokio).start_seek(pos)
+    }
+
+    fn poll_complete(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<u64>> {
+        std::pin::Pin::new(&mut self.tokio).poll_complete(cx)
+    }
+}
+
+impl BlobReader for FileReader {
+    fn direct(&mut self) -> Option<Direct<'_>> {
+        Some(Direct::File(&mut self.std))
+    }
+}
 
 /// Receives a blob's bytes; `close` stores it and answers its digest.
 /// Dropping a writer without closing it stores nothing.
