@@ -12,6 +12,23 @@ use std::path::{Path, PathBuf};
 /// Blobs up to this size are read into memory when opened.
 const SMALL_BLOB: u64 = 256 << 10;
 
+/// Opens a blob file: small ones are read into memory at once.
+fn open_file(path: &Path) -> std::io::Result<Option<Box<dyn BlobReader>>> {
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if f.metadata()?.len() <= SMALL_BLOB {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut buf)?;
+        return Ok(Some(Box::new(std::io::Cursor::new(bytes::Bytes::from(
+            buf,
+        )))));
+    }
+    Ok(Some(Box::new(super::FileReader::new(f)?)))
+}
+
 #[derive(Clone)]
 pub struct LocalBlobService {
     root: PathBuf,
@@ -48,25 +65,13 @@ impl BlobService for LocalBlobService {
         let path = self.path_of(digest);
         // Small blobs (most files in a store) are read whole in the same
         // blocking call that opens them: one thread hop instead of three.
-        let opened =
-            tokio::task::spawn_blocking(move || -> std::io::Result<Option<Box<dyn BlobReader>>> {
-                let mut f = match std::fs::File::open(&path) {
-                    Ok(f) => f,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                    Err(e) => return Err(e),
-                };
-                if f.metadata()?.len() <= SMALL_BLOB {
-                    let mut buf = Vec::new();
-                    std::io::Read::read_to_end(&mut f, &mut buf)?;
-                    return Ok(Some(Box::new(std::io::Cursor::new(bytes::Bytes::from(
-                        buf,
-                    )))));
-                }
-                Ok(Some(Box::new(super::FileReader::new(f)?)))
-            })
+        Ok(tokio::task::spawn_blocking(move || open_file(&path))
             .await
-            .map_err(std::io::Error::other)??;
-        Ok(opened)
+            .map_err(std::io::Error::other)??)
+    }
+
+    fn open_read_blocking(&self, digest: &B3Digest) -> Option<Result<Option<Box<dyn BlobReader>>>> {
+        Some(open_file(&self.path_of(digest)).map_err(Into::into))
     }
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {

@@ -94,6 +94,17 @@ pub trait BlobService: Send + Sync + 'static {
     /// only hand out bytes already checked against `digest`.
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>>;
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>>;
+
+    /// As `open_read`, on the calling thread and without the async
+    /// runtime, where the backend can (files on a local disk); `None` where
+    /// it cannot. For callers on threads that may block, like the view's
+    /// request workers.
+    fn open_read_blocking(
+        &self,
+        _digest: &B3Digest,
+    ) -> Option<Result<Option<Box<dyn BlobReader>>>> {
+        None
+    }
 }
 
 /// Stores `data` as one blob.
