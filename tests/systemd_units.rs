@@ -6,7 +6,11 @@
 //! microVM boots under a real systemd booted in `systemd-nspawn`.
 mod common;
 
-use common::{bin, cli_ok, sh};
+use common::vm::{
+    closure_of, copy_paths, fixture_app, fixture_data, line_after, run_vm, wait_exit, VmOpts, NIX,
+    QEMU,
+};
+use common::{bin, cli_ok, require_tools, sh};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -22,21 +26,6 @@ const INSTALLED_BIN: &str = "/usr/bin/tvix-virtiofsd";
 
 const VIRTIOFS_SERVICE: &str = "tvix-virtiofsd@.service";
 const STORE_SERVICE: &str = "tvix-store-daemon.service";
-
-fn require_tools(tools: &[(&str, &str)]) {
-    for (tool, pkg) in tools {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .unwrap()
-            .status
-            .success();
-        assert!(
-            found,
-            "{tool} is not installed: the systemd unit tests need it (apt-get install {pkg}); .ci/run installs it"
-        );
-    }
-}
 
 fn require_systemd_analyze() {
     require_tools(&[("systemd-analyze", "systemd")]);
@@ -560,32 +549,6 @@ fn unit_command_line(unit: &str, binary: &Path) -> Vec<String> {
     argv
 }
 
-fn run_vm(sock: &Path, script: &str, dir: &Path) -> (i32, String) {
-    let f = dir.join("guest.sh");
-    std::fs::write(&f, script).unwrap();
-    let out = Command::new("bash")
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vm-tests/run-vm.sh"))
-        .args(["--socket", sock.to_str().unwrap()])
-        .args(["--script", f.to_str().unwrap()])
-        .args(["--timeout", "300"])
-        .output()
-        .unwrap();
-    let console = String::from_utf8_lossy(&out.stdout).into_owned();
-    eprintln!(
-        "--- guest console ---\n{console}\n--- end ({}) ---",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), console)
-}
-
-fn line_after<'a>(console: &'a str, key: &str) -> &'a str {
-    console
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .unwrap_or_else(|| panic!("guest printed no {key:?} line"))
-        .trim()
-}
-
 /// Socket activation as tvix-virtiofsd@.socket does it: something else
 /// owns the listening socket, the daemon (the unit's ExecStart= line, store
 /// chosen by TVIX_VIRTIOFSD_STORE_URL as in the env file) starts only when
@@ -594,28 +557,13 @@ fn line_after<'a>(console: &'a str, key: &str) -> &'a str {
 /// gone and leaves the socket file to its owner.
 #[test]
 fn socket_activated_daemon_serves_a_microvm() {
-    require_tools(&[
-        ("systemd-socket-activate", "systemd"),
-        ("qemu-system-x86_64", "qemu-system-x86"),
-        ("nix-store", "nix-bin"),
-    ]);
+    require_tools(&[("systemd-socket-activate", "systemd"), QEMU, NIX]);
     let tmp = tempfile::tempdir().unwrap();
-    let app = sh("NIX_REMOTE= bash tests/fixtures/nix-closure.sh")
-        .trim()
-        .to_string();
-    let closure: Vec<String> = sh(&format!("NIX_REMOTE= nix-store -qR {app}"))
-        .lines()
-        .map(String::from)
-        .collect();
-    let numbers = closure
-        .iter()
-        .find(|p| p.ends_with("-fixture-data"))
-        .expect("fixture-data in the closure")
-        .clone();
+    let app = fixture_app();
+    let closure = closure_of(&[&app]);
+    let numbers = fixture_data(&closure);
     let store = format!("local://{}", tmp.path().join("store").display());
-    let mut args = vec!["--store", store.as_str(), "copy"];
-    args.extend(closure.iter().map(String::as_str));
-    cli_ok(&args);
+    copy_paths(&store, &closure);
 
     let sock = tmp.path().join("vm1.sock");
     let log = tmp.path().join("daemon.log");
@@ -642,7 +590,7 @@ echo "MOUNT: $(grep ' /nix/store ' /proc/mounts | cut -d' ' -f1,3,4 | cut -d, -f
 exit 7
 "#
     );
-    let (status, console) = run_vm(&sock, &guest, tmp.path());
+    let (status, console) = run_vm(None, &sock, &guest, tmp.path(), VmOpts::default());
     assert_eq!(
         status,
         7,
@@ -656,20 +604,12 @@ exit 7
     assert_eq!(line_after(&console, "MOUNT: "), "nix-store virtiofs ro");
 
     // the VM is gone: the daemon (the activator's exec'd process) exits 0
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = activator.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = activator.kill();
-            panic!(
-                "daemon still running 20 s after the VM exited; log:\n{}",
-                daemon_log()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = wait_exit(&mut activator, Duration::from_secs(20)).unwrap_or_else(|| {
+        panic!(
+            "daemon still running 20 s after the VM exited; log:\n{}",
+            daemon_log()
+        )
+    });
     assert!(
         status.success(),
         "daemon exited with {status}; log:\n{}",
@@ -915,26 +855,16 @@ fn units_under_systemd_serve_a_microvm_twice() {
     require_tools(&[
         ("systemd-nspawn", "systemd-container"),
         ("nsenter", "util-linux"),
-        ("qemu-system-x86_64", "qemu-system-x86"),
-        ("nix-store", "nix-bin"),
+        QEMU,
+        NIX,
     ]);
     let tmp = tempfile::tempdir().unwrap();
-    let app = sh("NIX_REMOTE= bash tests/fixtures/nix-closure.sh")
-        .trim()
-        .to_string();
-    let closure: Vec<String> = sh(&format!("NIX_REMOTE= nix-store -qR {app}"))
-        .lines()
-        .map(String::from)
-        .collect();
+    let app = fixture_app();
+    let closure = closure_of(&[&app]);
     let store = tmp.path().join("store");
     let store_url = format!("local://{}", store.display());
-    let mut args = vec!["--store", store_url.as_str(), "copy"];
-    args.extend(closure.iter().map(String::as_str));
-    cli_ok(&args);
-    let numbers = closure
-        .iter()
-        .find(|p| p.ends_with("-fixture-data"))
-        .expect("fixture-data in the closure");
+    copy_paths(&store_url, &closure);
+    let numbers = fixture_data(&closure);
     let expected = format!("20000 {numbers}/share/numbers");
 
     let env_dir = tmp.path().join("etc-tvix-virtiofsd");
@@ -970,7 +900,7 @@ fn units_under_systemd_serve_a_microvm_twice() {
             )
             .unwrap();
         }
-        let (status, console) = run_vm(&sock, &guest, tmp.path());
+        let (status, console) = run_vm(None, &sock, &guest, tmp.path(), VmOpts::default());
         assert_eq!(status, 7, "boot from the {boot}: {}", container.logs());
         assert_eq!(line_after(&console, "APP: "), expected);
 

@@ -3,21 +3,14 @@
 //! programs from it. Guests boot with TCG (see vm-tests/README.md).
 mod common;
 
-use common::{bin, cli_ok, sh};
-use std::path::{Path, PathBuf};
+use common::vm::{
+    closure_of, copy_paths, fixture_app, fixture_data, line_after, require_vm_tools, run_vm, vmms,
+    wait_exit, VmOpts,
+};
+use common::{bin, sh};
+use std::path::Path;
 use std::process::{Command, Stdio};
-
-fn require_tools() {
-    for (tool, pkg) in [
-        ("qemu-system-x86_64", "qemu-system-x86"),
-        ("nix-store", "nix-bin"),
-    ] {
-        assert!(
-            Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap().status.success(),
-            "{tool} is not installed: the microVM tests need it (apt-get install {pkg}); .ci/run installs it"
-        );
-    }
-}
+use std::time::Duration;
 
 /// A store path of 5,200 files (and symlinks and executables), added with
 /// real Nix; deterministic, so reruns reuse it.
@@ -70,39 +63,6 @@ fn start_daemon(store: &str, sock: &Path) -> std::process::Child {
         .unwrap()
 }
 
-fn run_vm(vmm: &str, sock: &Path, script: &str, dir: &Path) -> (i32, String) {
-    let f = dir.join("guest.sh");
-    std::fs::write(&f, script).unwrap();
-    let out = Command::new("bash")
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vm-tests/run-vm.sh"))
-        .args([
-            "--vmm",
-            vmm,
-            "--socket",
-            sock.to_str().unwrap(),
-            "--script",
-            f.to_str().unwrap(),
-            "--timeout",
-            "300",
-        ])
-        .output()
-        .unwrap();
-    let console = String::from_utf8_lossy(&out.stdout).into_owned();
-    eprintln!(
-        "--- guest console ---\n{console}\n--- end ({}) ---",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), console)
-}
-
-fn line_after<'a>(console: &'a str, key: &str) -> &'a str {
-    console
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .unwrap_or_else(|| panic!("guest printed no {key:?} line"))
-        .trim()
-}
-
 /// One boot covers the whole story: a program from the store runs; every
 /// file of a 5,000+ file closure has the same bytes, modes, sizes and
 /// symlinks as in /nix/store; 16 parallel readers get the same bytes;
@@ -110,7 +70,7 @@ fn line_after<'a>(console: &'a str, key: &str) -> &'a str {
 /// exits 0 once the VM is gone.
 #[test]
 fn microvm_runs_programs_from_the_store() {
-    require_tools();
+    require_vm_tools();
     let tmp = tempfile::tempdir().unwrap();
     let fixture = Fixture::new(tmp.path());
     // the embedded store, then the same store through a gRPC daemon on a
@@ -120,7 +80,7 @@ fn microvm_runs_programs_from_the_store() {
         &format!("unix:{}", tmp.path().join("store.sock").display()),
         &["--read-only"],
     );
-    for vmm in common::vmms() {
+    for vmm in vmms() {
         story(&fixture, vmm, &fixture.store, tmp.path());
         story(&fixture, vmm, &remote.addr, tmp.path());
     }
@@ -138,14 +98,9 @@ struct Fixture {
 
 impl Fixture {
     fn new(tmp: &Path) -> Fixture {
-        let app = sh("NIX_REMOTE= bash tests/fixtures/nix-closure.sh")
-            .trim()
-            .to_string();
+        let app = fixture_app();
         let big = big_store_path(tmp);
-        let closure: Vec<String> = sh(&format!("NIX_REMOTE= nix-store -qR {app} {big}"))
-            .lines()
-            .map(String::from)
-            .collect();
+        let closure = closure_of(&[&app, &big]);
         let nfiles: usize = sh(&format!("find {} -type f | wc -l", closure.join(" ")))
             .trim()
             .parse()
@@ -153,9 +108,7 @@ impl Fixture {
         assert!(nfiles >= 5000, "closure has only {nfiles} files");
 
         let store = format!("local://{}", tmp.join("store").display());
-        let mut args = vec!["--store", store.as_str(), "copy"];
-        args.extend(closure.iter().map(String::as_str));
-        cli_ok(&args);
+        copy_paths(&store, &closure);
 
         // what the host sees in Nix's own /nix/store
         let host_script = format!("{DIGEST_SCRIPT}digest {}", closure.join(" "));
@@ -216,13 +169,10 @@ exit 7
 "#,
         paths = closure.join(" "),
     );
-    let (status, console) = run_vm(vmm, &sock, &guest, tmp);
+    let (status, console) = run_vm(Some(vmm), &sock, &guest, tmp, VmOpts::default());
     assert_eq!(status, 7, "guest script did not finish");
 
-    let numbers = closure
-        .iter()
-        .find(|p| p.ends_with("-fixture-data"))
-        .unwrap();
+    let numbers = fixture_data(closure);
     assert_eq!(
         line_after(&console, "APP: "),
         format!("20000 {numbers}/share/numbers")
@@ -247,17 +197,8 @@ exit 7
     );
 
     // the VM is gone: the daemon exits 0 and removes its socket
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = daemon.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "daemon still running after the VM exited"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
+    let status = wait_exit(&mut daemon, Duration::from_secs(20))
+        .expect("daemon still running after the VM exited");
     assert!(status.success(), "daemon exited with {status}");
     assert!(!sock.exists(), "daemon left its socket");
 }

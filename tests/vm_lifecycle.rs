@@ -6,14 +6,17 @@
 //! * the test script reaches the guest through the initramfs
 //!   (`run-vm.sh --script-via initrd`, the way cloud-hypervisor needs).
 //!
-//! Each case runs once per VMM from `common::vmms()`: QEMU (TCG) always,
+//! Each case runs once per VMM from `common::vm::vmms()`: QEMU (TCG) always,
 //! cloud-hypervisor where it is installed.
 mod common;
 
-use common::{bin, cli_ok, pseudo_random, serve_in_process, sh, vmms};
-use std::io::{BufRead, BufReader};
+use common::vm::{
+    closure_of, copy_paths, fixture_app, fixture_data, line_after, require_vm_tools, run_vm, vmms,
+    wait_exit, VmOpts, QEMU,
+};
+use common::{bin, cli_ok, pseudo_random, require_tools, serve_in_process};
 use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,68 +24,9 @@ use tvix_virtiofsd::castore::B3Digest;
 use tvix_virtiofsd::services::blob::{BlobReader, BlobService, BlobWriter};
 use tvix_virtiofsd::services::{Addr, Store};
 
-fn require_tools(tools: &[(&str, &str)]) {
-    for (tool, pkg) in tools {
-        assert!(
-            Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .output()
-                .unwrap()
-                .status
-                .success(),
-            "{tool} is not installed: the microVM tests need it (apt-get install {pkg}); .ci/run installs it"
-        );
-    }
-}
-
 fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(data))
-}
-
-/// Boots a guest with vm-tests/run-vm.sh and hands each console line to
-/// `on_line` as it arrives (so a test can act while the guest runs).
-/// Returns run-vm.sh's exit status (the guest script's) and the console.
-fn run_vm(
-    vmm: &str,
-    sock: &Path,
-    script: &str,
-    dir: &Path,
-    extra: &[&str],
-    mut on_line: impl FnMut(&str),
-) -> (i32, String) {
-    let f = dir.join("guest.sh");
-    std::fs::write(&f, script).unwrap();
-    let mut child = Command::new("bash")
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vm-tests/run-vm.sh"))
-        .args(["--vmm", vmm, "--socket"])
-        .arg(sock)
-        .arg("--script")
-        .arg(&f)
-        .args(["--timeout", "300"])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut console = String::new();
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-        let line = line.unwrap();
-        eprintln!("guest({vmm})| {line}");
-        on_line(&line);
-        console.push_str(&line);
-        console.push('\n');
-    }
-    let status = child.wait().unwrap();
-    (status.code().unwrap_or(-1), console)
-}
-
-fn line_after<'a>(console: &'a str, key: &str) -> &'a str {
-    console
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .unwrap_or_else(|| panic!("guest printed no {key:?} line"))
-        .trim()
 }
 
 fn line_index(console: &str, line: &str) -> Option<usize> {
@@ -107,26 +51,17 @@ fn assert_guest_status(status: i32, want: i32, daemon: &mut Child, log: &Path) {
     );
 }
 
-/// Waits for the daemon to exit on its own (the VMM went away).
-fn wait_exit(daemon: &mut Child, log: &Path) -> ExitStatus {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(s) = daemon.try_wait().unwrap() {
-            eprintln!(
-                "--- daemon log ---\n{}--- end ---",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-            return s;
+/// Waits for the daemon to exit on its own (the VMM went away), then shows
+/// its log.
+fn wait_daemon_exit(daemon: &mut Child, log: &Path) -> ExitStatus {
+    let status = wait_exit(daemon, Duration::from_secs(20));
+    let log_text = std::fs::read_to_string(log).unwrap_or_default();
+    match status {
+        Some(s) => {
+            eprintln!("--- daemon log ---\n{log_text}--- end ---");
+            s
         }
-        if Instant::now() > deadline {
-            let _ = daemon.kill();
-            let _ = daemon.wait();
-            panic!(
-                "daemon still running 20 s after the VM exited; log:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
+        None => panic!("daemon still running 20 s after the VM exited; log:\n{log_text}"),
     }
 }
 
@@ -188,7 +123,7 @@ impl BlobService for GatedBlobs {
 /// report, well inside the daemon's 30 s store timeout.
 #[test]
 fn slow_store_fetch_does_not_stall_other_guest_reads() {
-    require_tools(&[("qemu-system-x86_64", "qemu-system-x86")]);
+    require_tools(&[QEMU]);
     for vmm in vmms() {
         let t0 = Instant::now();
         slow_fetch_case(vmm);
@@ -282,12 +217,17 @@ exit 0
     );
     // What the store had seen when the guest reported SLOW-PENDING.
     let mut at_pending: Option<Vec<Event>> = None;
-    let (status, console) = run_vm(vmm, &sock, &guest, tmp.path(), &[], |line| {
+    let mut on_line = |line: &str| {
         if line == "SLOW-PENDING" && at_pending.is_none() {
             at_pending = Some(events.lock().unwrap().clone());
             gate.send_replace(true);
         }
-    });
+    };
+    let opts = VmOpts {
+        on_line: Some(&mut on_line),
+        ..VmOpts::default()
+    };
+    let (status, console) = run_vm(Some(vmm), &sock, &guest, tmp.path(), opts);
     // Whatever happened, let a still waiting fetch go.
     gate.send_replace(true);
     assert_guest_status(status, 0, &mut daemon, &log);
@@ -343,7 +283,7 @@ exit 0
     );
     assert!(events.lock().unwrap().contains(&Event::SlowEnd));
 
-    let st = wait_exit(&mut daemon, &log);
+    let st = wait_daemon_exit(&mut daemon, &log);
     assert!(st.success(), "daemon exited with {st}");
     let log_text = std::fs::read_to_string(&log).unwrap();
     assert!(
@@ -360,21 +300,12 @@ exit 0
 /// socket file, which it did not create, where it was.
 #[test]
 fn virtiofs_serves_an_inherited_socket() {
-    require_tools(&[
-        ("qemu-system-x86_64", "qemu-system-x86"),
-        ("nix-store", "nix-bin"),
-    ]);
+    require_vm_tools();
     let tmp = tempfile::tempdir().unwrap();
-    let app = sh("NIX_REMOTE= bash tests/fixtures/nix-closure.sh")
-        .trim()
-        .to_string();
-    let data = sh(&format!("NIX_REMOTE= nix-store -qR {app}"))
-        .lines()
-        .find(|p| p.ends_with("-fixture-data"))
-        .expect("the fixture closure has no data path")
-        .to_string();
+    let app = fixture_app();
+    let data = fixture_data(&closure_of(&[&app]));
     let store = format!("local://{}", tmp.path().join("store").display());
-    cli_ok(&["--store", &store, "copy", &app]);
+    copy_paths(&store, &[&app]);
     for vmm in vmms() {
         let t0 = Instant::now();
         inherited_socket_case(vmm, &store, &app, &data);
@@ -426,14 +357,11 @@ echo "DEEP: $(cat {data}/share/deep/er/still/file)"
 exit 5
 "#
     );
-    let (status, console) = run_vm(
-        vmm,
-        &sock,
-        &guest,
-        dir.path(),
-        &["--script-via", "initrd"],
-        |_| {},
-    );
+    let opts = VmOpts {
+        args: &["--script-via", "initrd"],
+        ..VmOpts::default()
+    };
+    let (status, console) = run_vm(Some(vmm), &sock, &guest, dir.path(), opts);
     assert_guest_status(status, 5, &mut daemon, &log);
     assert!(
         console
@@ -447,7 +375,7 @@ exit 5
     );
     assert_eq!(line_after(&console, "DEEP: "), "deep");
 
-    let st = wait_exit(&mut daemon, &log);
+    let st = wait_daemon_exit(&mut daemon, &log);
     assert!(st.success(), "daemon exited with {st}");
     let meta = std::fs::symlink_metadata(&sock).expect("the inherited socket file is gone");
     assert!(meta.file_type().is_socket());

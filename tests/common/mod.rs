@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests: in-process gRPC servers, the
-//! daemon as a real process, and the binary under test.
+//! daemon as a real process, and the binary under test; the microVM tests'
+//! plumbing is in [`vm`].
 #![allow(dead_code)]
+pub mod vm;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -193,28 +196,19 @@ pub fn bare_path_info(
     }
 }
 
-/// The VMMs the microVM tests boot each guest with: QEMU always, plus
-/// cloud-hypervisor when its binary is installed ($CLOUD_HYPERVISOR, else
-/// `cloud-hypervisor` on PATH, as vm-tests/run-vm.sh looks for it). A
-/// skipped cloud-hypervisor is announced loudly, never silently dropped.
-pub fn vmms() -> Vec<&'static str> {
-    let ch = std::env::var("CLOUD_HYPERVISOR")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "cloud-hypervisor".into());
-    let found = Command::new("sh")
-        .args(["-c", "command -v \"$1\" >/dev/null", "sh", &ch])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if found {
-        vec!["qemu", "cloud-hypervisor"]
-    } else {
-        eprintln!(
-            "!!! SKIPPING cloud-hypervisor: {ch:?} is not installed (looked for \
-             $CLOUD_HYPERVISOR, else cloud-hypervisor on PATH); only QEMU runs \
-             these microVM tests. See vm-tests/README.md."
+/// Panics unless every command in `tools` (command, Debian package) is on
+/// PATH: a missing tool fails the test, it never skips it.
+pub fn require_tools(tools: &[(&str, &str)]) {
+    for (tool, pkg) in tools {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .unwrap()
+            .status
+            .success();
+        assert!(
+            found,
+            "{tool} is not installed: this test needs it (apt-get install {pkg}); .ci/run installs it"
         );
-        vec!["qemu"]
     }
 }
