@@ -220,19 +220,24 @@ impl StoreFs {
     /// mount, so no unverified byte is ever served.
     fn open_blob(&self, digest: &B3Digest, size: u64) -> io::Result<Box<dyn BlobReader>> {
         let verified = lock(&self.verified).contains(digest);
-        if verified {
-            // already checked: a local blob opens right here, no runtime hop
-            match self.store.blob.open_read_blocking(digest) {
-                Some(Ok(Some(r))) => return Ok(r),
-                Some(Ok(None)) => {
-                    tracing::error!("blob {digest}: gone from the store");
-                    return Err(err(libc::EIO));
+        // A local blob opens, and is checked, right here: no runtime hop.
+        if let Some(opened) = self.store.blob.open_read_blocking(digest) {
+            let checked = opened
+                .and_then(|r| r.ok_or_else(|| not_found(digest)))
+                .and_then(|mut r| match verified {
+                    true => Ok(Some(r)),
+                    false => check_direct(&mut *r, digest, size).map(|ok| ok.then_some(r)),
+                });
+            match checked {
+                Ok(Some(r)) => {
+                    lock(&self.verified).insert(*digest);
+                    return Ok(r);
                 }
-                Some(Err(e)) => {
+                Ok(None) => {} // no direct access: check it the async way
+                Err(e) => {
                     tracing::error!("blob {digest}: {e}");
                     return Err(err(libc::EIO));
                 }
-                None => {}
             }
         }
         self.block(format_args!("blob {digest}"), async {
@@ -241,7 +246,7 @@ impl StoreFs {
                 .blob
                 .open_read(digest)
                 .await?
-                .ok_or_else(|| crate::services::Error::NotFound(format!("blob {digest}")))?;
+                .ok_or_else(|| not_found(digest))?;
             if !verified {
                 let mut h = blake3::Hasher::new();
                 let mut buf = vec![0u8; 1 << 17];
@@ -254,20 +259,7 @@ impl StoreFs {
                     h.update(&buf[..n]);
                     n_total += n as u64;
                 }
-                let actual = B3Digest::from(h.finalize());
-                if actual != *digest {
-                    return Err(crate::services::Error::DigestMismatch {
-                        expected: *digest,
-                        actual,
-                    });
-                }
-                if n_total != size {
-                    return Err(crate::services::Error::SizeMismatch {
-                        digest: *digest,
-                        expected: size,
-                        actual: n_total,
-                    });
-                }
+                check(digest, size, h, n_total)?;
                 r.rewind().await?;
             }
             Ok(r)
@@ -359,6 +351,66 @@ fn xattr_reply(size: u32, bytes: Vec<u8>) -> io::Result<Result<Vec<u8>, u32>> {
 
 fn erofs<T>() -> io::Result<T> {
     Err(err(libc::EROFS))
+}
+
+fn not_found(digest: &B3Digest) -> crate::services::Error {
+    crate::services::Error::NotFound(format!("blob {digest}"))
+}
+
+/// Compares what was hashed with what the directory promised.
+fn check(
+    digest: &B3Digest,
+    size: u64,
+    h: blake3::Hasher,
+    n_total: u64,
+) -> crate::services::Result<()> {
+    let actual = B3Digest::from(h.finalize());
+    if actual != *digest {
+        return Err(crate::services::Error::DigestMismatch {
+            expected: *digest,
+            actual,
+        });
+    }
+    if n_total != size {
+        return Err(crate::services::Error::SizeMismatch {
+            digest: *digest,
+            expected: size,
+            actual: n_total,
+        });
+    }
+    Ok(())
+}
+
+/// Checks a blob on this thread through its direct bytes or file; false
+/// when the reader offers neither.
+fn check_direct(
+    r: &mut dyn BlobReader,
+    digest: &B3Digest,
+    size: u64,
+) -> crate::services::Result<bool> {
+    let mut h = blake3::Hasher::new();
+    let n_total = match r.direct() {
+        Some(Direct::Bytes(b)) => {
+            h.update(b);
+            b.len() as u64
+        }
+        Some(Direct::File(f)) => {
+            use std::os::unix::fs::FileExt;
+            let mut buf = vec![0u8; 1 << 17];
+            let mut off = 0u64;
+            loop {
+                let n = f.read_at(&mut buf, off)?;
+                if n == 0 {
+                    break off;
+                }
+                h.update(&buf[..n]);
+                off += n as u64;
+            }
+        }
+        None => return Ok(false),
+    };
+    check(digest, size, h, n_total)?;
+    Ok(true)
 }
 
 impl FileSystem for StoreFs {
