@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "protos/tvix/castore/protos/rpc_directory.proto",
         "protos/tvix/store/protos/pathinfo.proto",
         "protos/tvix/store/protos/rpc_pathinfo.proto",
+        "protos/tvix_virtiofsd/cache/v1/cache.proto",
     ];
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()

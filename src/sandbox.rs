@@ -70,37 +70,73 @@ pub struct Needs {
     pub network: bool,
 }
 
+/// What the serving process reaches on the host: the store's addresses
+/// and the cache directory it reads. Paths in it are valid inside the
+/// sandbox once [`enter`] has rewritten them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Places {
+    pub addrs: [Addr; 3],
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// A store socket's directory when it holds nothing but the socket: bound
+/// instead of the file, a store daemon restarted with a new socket there is
+/// reached again. Otherwise only the file (and a restarted daemon is not).
+fn socket_exposure(socket: &Path) -> Exposed {
+    let alone = socket.parent().and_then(|dir| {
+        let mut entries = std::fs::read_dir(dir).ok()?;
+        let only = entries.next()?.ok()?;
+        (only.path() == socket && entries.next().is_none()).then(|| dir.to_path_buf())
+    });
+    match alone {
+        Some(dir) => Exposed {
+            path: dir,
+            is_dir: true,
+        },
+        None => {
+            tracing::warn!(
+                "{} shares its directory with other files: only the socket is exposed, so a \
+                 store daemon that recreates it is not reached again until restart; give the \
+                 socket a directory of its own (e.g. /run/tvix-store/daemon.sock)",
+                socket.display()
+            );
+            Exposed {
+                path: socket.to_path_buf(),
+                is_dir: false,
+            }
+        }
+    }
+}
+
 impl Needs {
-    /// What serving `addrs` needs, and the addresses to use inside the
+    /// What serving from `places` needs, and the places to use inside the
     /// sandbox: paths made canonical (bind mounts follow no symlinks),
     /// host names resolved (no resolver files inside).
-    pub fn of_store(addrs: &[Addr; 3]) -> Result<(Needs, [Addr; 3]), SandboxError> {
+    pub fn of_store(places: &Places) -> Result<(Needs, Places), SandboxError> {
         let mut needs = Needs::default();
-        let mut out = addrs.clone();
-        for a in out.iter_mut() {
-            let is_dir = matches!(a, Addr::Local(_));
+        let mut out = places.clone();
+        let canonical = |p: &Path, what: &str| {
+            std::fs::canonicalize(p)
+                .map_err(|e| SandboxError::Setup(format!("{what} {}: {e}", p.display())))
+        };
+        let mut expose = |e: Exposed| {
+            if !needs.paths.contains(&e) {
+                needs.paths.push(e);
+            }
+        };
+        for a in out.addrs.iter_mut() {
             match a {
                 Addr::Memory => {}
-                Addr::Local(p) | Addr::GrpcUnix(p) => {
-                    let canon = std::fs::canonicalize(&*p).map_err(|e| {
-                        SandboxError::Setup(format!(
-                            "{} {}: {e}",
-                            if is_dir {
-                                "store directory"
-                            } else {
-                                "store socket (start the store daemon first)"
-                            },
-                            p.display()
-                        ))
-                    })?;
-                    *p = canon.clone();
-                    let e = Exposed {
-                        path: canon,
-                        is_dir,
-                    };
-                    if !needs.paths.contains(&e) {
-                        needs.paths.push(e);
-                    }
+                Addr::Local(p) => {
+                    *p = canonical(p, "store directory")?;
+                    expose(Exposed {
+                        path: p.clone(),
+                        is_dir: true,
+                    });
+                }
+                Addr::GrpcUnix(p) => {
+                    *p = canonical(p, "store socket (start the store daemon first)")?;
+                    expose(socket_exposure(p));
                 }
                 Addr::GrpcHttp(hp) => {
                     needs.network = true;
@@ -116,6 +152,13 @@ impl Needs {
                     }
                 }
             }
+        }
+        if let Some(dir) = &mut out.cache_dir {
+            *dir = canonical(dir, "cache directory")?;
+            expose(Exposed {
+                path: dir.clone(),
+                is_dir: true,
+            });
         }
         Ok((needs, out))
     }
@@ -134,16 +177,16 @@ pub enum Role {
 pub fn enter(
     mode: SandboxMode,
     needs: &Needs,
-    addrs: [Addr; 3],
-) -> Result<(Role, [Addr; 3]), SandboxError> {
+    places: Places,
+) -> Result<(Role, Places), SandboxError> {
     match mode {
         SandboxMode::None => {
             tracing::warn!("--sandbox none: serving without confinement (for debugging only)");
             // still a child: the filtered process cannot remove the socket
             ensure_single_threaded()?;
             match fork()? {
-                Some(sup) => Ok((Role::Supervisor(sup), addrs)),
-                None => Ok((Role::Serving, addrs)),
+                Some(sup) => Ok((Role::Supervisor(sup), places)),
+                None => Ok((Role::Serving, places)),
             }
         }
         SandboxMode::Namespace => {
@@ -164,21 +207,21 @@ pub fn enter(
                 map_own_ids(uid, gid)?;
             }
             match fork()? {
-                Some(sup) => Ok((Role::Supervisor(sup), addrs)),
+                Some(sup) => Ok((Role::Supervisor(sup), places)),
                 None => {
                     namespace_child(needs)?;
-                    Ok((Role::Serving, addrs))
+                    Ok((Role::Serving, places))
                 }
             }
         }
         SandboxMode::Chroot => {
             ensure_single_threaded()?;
-            let (root, addrs) = chroot_root(needs, addrs)?;
+            let (root, places) = chroot_root(needs, places)?;
             match fork()? {
-                Some(sup) => Ok((Role::Supervisor(sup), addrs)),
+                Some(sup) => Ok((Role::Supervisor(sup), places)),
                 None => {
                     chroot_child(root.as_deref())?;
-                    Ok((Role::Serving, addrs))
+                    Ok((Role::Serving, places))
                 }
             }
         }
@@ -493,8 +536,8 @@ fn remount_read_only(target: &Path) -> Result<(), SandboxError> {
 /// stores that need no path. Addresses are rewritten relative to it.
 fn chroot_root(
     needs: &Needs,
-    mut addrs: [Addr; 3],
-) -> Result<(Option<PathBuf>, [Addr; 3]), SandboxError> {
+    mut places: Places,
+) -> Result<(Option<PathBuf>, Places), SandboxError> {
     let mut root: Option<PathBuf> = None;
     for e in &needs.paths {
         let dir = if e.is_dir {
@@ -515,14 +558,20 @@ fn chroot_root(
         }
     }
     if let Some(r) = &root {
-        for a in addrs.iter_mut() {
+        let inside = |p: &mut PathBuf| {
+            let rel = p.strip_prefix(r).unwrap_or(Path::new(""));
+            *p = Path::new("/").join(rel);
+        };
+        for a in places.addrs.iter_mut() {
             if let Addr::Local(p) | Addr::GrpcUnix(p) = a {
-                let rel = p.strip_prefix(r).unwrap_or(Path::new(""));
-                *p = Path::new("/").join(rel);
+                inside(p);
             }
         }
+        if let Some(p) = &mut places.cache_dir {
+            inside(p);
+        }
     }
-    Ok((root, addrs))
+    Ok((root, places))
 }
 
 /// The child in chroot mode. Without a directory to expose it is chrooted
@@ -566,22 +615,26 @@ mod tests {
         let link = tmp.path().join("link");
         std::os::unix::fs::symlink(&store, &link).unwrap();
         let a = Addr::Local(link);
-        let (needs, out) = Needs::of_store(&[a.clone(), a.clone(), Addr::Memory]).unwrap();
+        let places = |addrs: [Addr; 3]| Places {
+            addrs,
+            cache_dir: None,
+        };
+        let (needs, out) = Needs::of_store(&places([a.clone(), a.clone(), Addr::Memory])).unwrap();
         let canon = std::fs::canonicalize(&store).unwrap();
         assert_eq!(needs.paths.len(), 1, "one path exposed once");
         assert_eq!(needs.paths[0].path, canon);
         assert!(!needs.network);
-        assert_eq!(out[0], Addr::Local(canon));
+        assert_eq!(out.addrs[0], Addr::Local(canon));
 
         let t = Addr::GrpcHttp("localhost:1".into());
-        let (needs, out) = Needs::of_store(&[t.clone(), t.clone(), t]).unwrap();
+        let (needs, out) = Needs::of_store(&places([t.clone(), t.clone(), t])).unwrap();
         assert!(needs.network && needs.paths.is_empty());
         assert!(
-            matches!(&out[0], Addr::GrpcHttp(h) if h.ends_with(":1") && !h.starts_with("localhost"))
+            matches!(&out.addrs[0], Addr::GrpcHttp(h) if h.ends_with(":1") && !h.starts_with("localhost"))
         );
 
         let missing = Addr::GrpcUnix(tmp.path().join("nope.sock"));
-        let err = Needs::of_store(&[missing.clone(), missing.clone(), missing])
+        let err = Needs::of_store(&places([missing.clone(), missing.clone(), missing]))
             .unwrap_err()
             .to_string();
         assert!(err.contains("start the store daemon first"), "{err}");
@@ -597,9 +650,13 @@ mod tests {
             network: false,
         };
         let a = Addr::GrpcUnix("/run/store/s.sock".into());
-        let (root, out) = chroot_root(&needs, [a.clone(), a, Addr::Memory]).unwrap();
+        let places = |addrs: [Addr; 3]| Places {
+            addrs,
+            cache_dir: None,
+        };
+        let (root, out) = chroot_root(&needs, places([a.clone(), a, Addr::Memory])).unwrap();
         assert_eq!(root.as_deref(), Some(Path::new("/run/store")));
-        assert_eq!(out[0], Addr::GrpcUnix("/s.sock".into()));
+        assert_eq!(out.addrs[0], Addr::GrpcUnix("/s.sock".into()));
 
         let two = Needs {
             paths: vec![
@@ -614,7 +671,8 @@ mod tests {
             ],
             network: false,
         };
-        let err = chroot_root(&two, [Addr::Memory, Addr::Memory, Addr::Memory]).unwrap_err();
+        let err =
+            chroot_root(&two, places([Addr::Memory, Addr::Memory, Addr::Memory])).unwrap_err();
         assert!(err.to_string().contains("use --sandbox namespace"));
     }
 }

@@ -15,8 +15,19 @@ pub mod tvix {
     }
 }
 
+/// Our own services (the host cache's), beside tvix's.
+#[allow(clippy::all, missing_docs)]
+pub mod tvix_virtiofsd {
+    pub mod cache {
+        pub mod v1 {
+            tonic::include_proto!("tvix_virtiofsd.cache.v1");
+        }
+    }
+}
+
 pub use tvix::castore::v1 as castore;
 pub use tvix::store::v1 as store;
+pub use tvix_virtiofsd::cache::v1 as cache;
 
 /// Encoded descriptors of all services, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tvix_descriptor");

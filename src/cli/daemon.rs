@@ -1,7 +1,7 @@
 //! `daemon`: serves the store over gRPC (tvix-store protocol, health,
 //! reflection) on TCP, a unix socket, or a socket handed over by systemd.
 use super::StoreArgs;
-use crate::services::server::StoreServer;
+use crate::grpc_server::StoreServer;
 use crate::wire::{castore, store, FILE_DESCRIPTOR_SET};
 use anyhow::{bail, Context};
 use clap::Args;
@@ -19,6 +19,43 @@ pub struct DaemonArgs {
     /// Refuse every Put: serve the store read-only.
     #[arg(long)]
     pub read_only: bool,
+
+    /// Size bound of --cache-dir in bytes (K, M, G, T: powers of 1024); the
+    /// least recently used objects are evicted to stay within it.
+    #[arg(long, env = "TVIX_VIRTIOFSD_CACHE_SIZE", default_value = "10G", value_parser = parse_size)]
+    pub cache_size: u64,
+
+    /// Seconds a fetch from the remote store may go without progress.
+    #[arg(long, default_value_t = 30)]
+    pub store_timeout: u64,
+
+    /// Serve Prometheus metrics (GET /metrics) on HOST:PORT or unix:PATH.
+    #[arg(long, env = "TVIX_VIRTIOFSD_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+}
+
+/// A byte count with an optional binary suffix: 512, 64K, 10G.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("{s:?}: unknown suffix {c:?} (K, M, G or T)")),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size in bytes (e.g. 10G)"))?;
+    n.checked_mul(1 << shift)
+        .filter(|&v| v > 0)
+        .ok_or_else(|| format!("{s:?}: must be between 1 byte and 16 EiB"))
 }
 
 enum Listener {
@@ -97,8 +134,29 @@ pub async fn shutdown_signal() {
 }
 
 pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()> {
-    let store = store_args.open()?;
+    use crate::services::cache::{CacheOptions, Role};
+    let cache = store_args.cache_dir.as_ref().map(|dir| CacheOptions {
+        dir: dir.clone(),
+        max_bytes: args.cache_size,
+        role: Role::Filler,
+    });
+    let mut opts = store_args.options(false, cache);
+    opts.idle_timeout = std::time::Duration::from_secs(args.store_timeout);
+    let (store, cache) = store_args.open_with(&opts)?;
     let server = StoreServer::new(store, args.read_only);
+    if let Some(listen) = &args.metrics_listen {
+        let c = cache.clone();
+        let render: crate::metrics::Render = std::sync::Arc::new(move || {
+            let mut out = String::from(
+                "# HELP tvix_virtiofsd_up The daemon is serving.\n# TYPE tvix_virtiofsd_up gauge\ntvix_virtiofsd_up 1\n",
+            );
+            if let Some(c) = &c {
+                out.push_str(&c.stats().prometheus());
+            }
+            out
+        });
+        crate::metrics::serve(listen, render).await?;
+    }
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -122,9 +180,21 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
         .context("building the reflection service")?;
 
     let max = crate::services::channel::MAX_MESSAGE_SIZE;
+    let cache_service = cache.as_ref().map(|c| {
+        crate::wire::cache::cache_service_server::CacheServiceServer::new(
+            crate::grpc_server::CacheServer::new(c.clone()),
+        )
+    });
+    if let Some(c) = &cache {
+        tracing::info!(
+            "filling cache {} (at most {} MiB) from the store",
+            c.dir().display(),
+            args.cache_size >> 20
+        );
+    }
     let router = Server::builder()
         .layer(tower::util::MapRequestLayer::new(
-            crate::services::server::reset_is_error,
+            crate::grpc_server::reset_is_error,
         ))
         .add_service(health)
         .add_service(reflection)
@@ -140,7 +210,8 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
         .add_service(
             store::path_info_service_server::PathInfoServiceServer::new(server)
                 .max_decoding_message_size(max),
-        );
+        )
+        .add_optional_service(cache_service);
 
     let listener = match systemd_listener()? {
         Some(l) => {
@@ -169,6 +240,9 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
             }
             r?;
         }
+    }
+    if let Some(c) = &cache {
+        tracing::info!("cache {}: {}", c.dir().display(), c.stats().summary());
     }
     Ok(())
 }

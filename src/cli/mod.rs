@@ -1,5 +1,5 @@
 //! Command line: store selection shared by all commands, one file per command group.
-use crate::services::{Addr, Store};
+use crate::services::{Addr, Store, StoreOptions};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -71,6 +71,13 @@ pub struct StoreArgs {
     /// Path info service address (overrides --store for path infos).
     #[arg(long, global = true, env = "PATH_INFO_SERVICE_ADDR")]
     pub path_info_service_addr: Option<String>,
+
+    /// Host cache directory in front of a remote --store, shared by the
+    /// daemons of one host: `daemon` fills it (one daemon per directory);
+    /// the other commands read hits from it and ask their --store, that
+    /// daemon, to fill misses.
+    #[arg(long, global = true, env = "TVIX_VIRTIOFSD_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// How the /nix/store view behaves, shared by `mount` and `virtiofs`.
@@ -87,12 +94,6 @@ pub struct ViewArgs {
 }
 
 impl ViewArgs {
-    /// Opens the store and builds the view over it; store calls run on the
-    /// current tokio runtime.
-    pub fn open(&self, store: &StoreArgs) -> anyhow::Result<std::sync::Arc<crate::fs::StoreFs>> {
-        Ok(self.view(store.open()?))
-    }
-
     /// The view over an opened store, on the current tokio runtime.
     pub fn view(&self, store: Store) -> std::sync::Arc<crate::fs::StoreFs> {
         std::sync::Arc::new(crate::fs::StoreFs::new(
@@ -147,9 +148,39 @@ impl StoreArgs {
         ])
     }
 
+    /// Opens the store, read through --cache-dir when given.
     pub fn open(&self) -> anyhow::Result<Store> {
-        let [b, d, p] = self.addrs()?;
-        Store::open(&b, &d, &p).context("opening the store")
+        Ok(self.open_with(&self.options(false, None))?.0)
+    }
+
+    /// How the store is opened: `sandboxed` for the view's serving process,
+    /// `cache` for a filler (`daemon`); other commands read the cache.
+    pub fn options(
+        &self,
+        sandboxed: bool,
+        cache: Option<crate::services::cache::CacheOptions>,
+    ) -> StoreOptions {
+        use crate::services::cache::{CacheOptions, Role, DEFAULT_MAX_BYTES};
+        StoreOptions {
+            sandboxed,
+            cache: cache.or_else(|| {
+                self.cache_dir.as_ref().map(|dir| CacheOptions {
+                    dir: dir.clone(),
+                    max_bytes: DEFAULT_MAX_BYTES,
+                    role: Role::Reader,
+                })
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Opens the store as `opts` say; answers its cache too.
+    pub fn open_with(
+        &self,
+        opts: &StoreOptions,
+    ) -> anyhow::Result<(Store, Option<std::sync::Arc<crate::services::cache::Cache>>)> {
+        let addrs = self.addrs()?;
+        Store::open_with(&addrs, opts).context("opening the store")
     }
 }
 

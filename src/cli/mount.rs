@@ -30,7 +30,10 @@ fn default_threads() -> usize {
 }
 
 pub async fn run(store_args: &StoreArgs, args: MountArgs) -> anyhow::Result<()> {
-    let fs = args.view.open(store_args)?;
+    let mut opts = store_args.options(false, None);
+    opts.idle_timeout = Duration::from_secs(args.view.store_timeout);
+    let (store, cache) = store_args.open_with(&opts)?;
+    let fs = args.view.view(store);
     let mount = FuseMount::mount(fs, &args.mountpoint, args.threads, args.allow_other)
         .with_context(|| format!("mounting {}", args.mountpoint.display()))?;
     tracing::info!("mounted on {}", args.mountpoint.display());
@@ -44,5 +47,9 @@ pub async fn run(store_args: &StoreArgs, args: MountArgs) -> anyhow::Result<()> 
     tokio::task::spawn_blocking(move || mount.unmount())
         .await
         .context("unmount task")??;
+    if let Some(c) = cache {
+        c.report_touches().await;
+        tracing::info!("cache {}: {}", c.dir().display(), c.stats().summary());
+    }
     Ok(())
 }

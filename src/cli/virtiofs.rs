@@ -7,9 +7,10 @@
 //! installed, and only then the runtime and the worker threads start.
 use super::StoreArgs;
 use crate::privileges;
-use crate::sandbox::{self, Needs, Role, SandboxMode};
+use crate::sandbox::{self, Needs, Places, Role, SandboxMode};
 use crate::seccomp::{self, SeccompAction};
-use crate::services::{Addr, Store};
+use crate::services::cache::{self, CacheOptions};
+use crate::services::{Addr, Store, StoreOptions};
 use crate::socket::{self, SocketFile};
 use crate::vhost_user::{self, DeviceConfig, MAX_REQUEST_QUEUES};
 use anyhow::{anyhow, bail, Context};
@@ -131,8 +132,16 @@ pub fn main(store_args: &StoreArgs, args: VirtiofsArgs) -> anyhow::Result<ExitCo
     };
     Store::open(&local(&addrs[0]), &local(&addrs[1]), &local(&addrs[2]))
         .context("opening the embedded store")?;
-    let (needs, addrs) = Needs::of_store(&addrs)?;
-    let (role, addrs) = sandbox::enter(args.sandbox, &needs, addrs)?;
+    // So is the cache directory: the daemon that fills it may not have run yet.
+    if let Some(dir) = &store_args.cache_dir {
+        crate::services::cache::create_dir(dir)
+            .with_context(|| format!("creating cache directory {}", dir.display()))?;
+    }
+    let (needs, places) = Needs::of_store(&Places {
+        addrs,
+        cache_dir: store_args.cache_dir.clone(),
+    })?;
+    let (role, places) = sandbox::enter(args.sandbox, &needs, places)?;
     if let Role::Supervisor(sup) = role {
         // The child serves; we only wait, holding nothing but the socket
         // file to remove at the end.
@@ -158,13 +167,26 @@ pub fn main(store_args: &StoreArgs, args: VirtiofsArgs) -> anyhow::Result<ExitCo
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let [b, d, p] = &addrs;
-    // gRPC channels start their tasks on the runtime they are opened in
-    let store = {
-        let _rt = rt.enter();
-        Store::open_sandboxed(b, d, p).context("opening the store")?
+    let opts = StoreOptions {
+        sandboxed: true,
+        idle_timeout: std::time::Duration::from_secs(args.view.store_timeout),
+        cache: places.cache_dir.map(|dir| CacheOptions {
+            dir,
+            max_bytes: 0,
+            role: cache::Role::Reader,
+        }),
     };
-    rt.block_on(serve(store, args, listener))?;
+    // gRPC channels start their tasks on the runtime they are opened in
+    let (store, cache) = {
+        let _rt = rt.enter();
+        Store::open_with(&places.addrs, &opts).context("opening the store")?
+    };
+    let served = rt.block_on(serve(store, args, listener));
+    if let Some(c) = cache {
+        rt.block_on(c.report_touches());
+        tracing::info!("cache {}: {}", c.dir().display(), c.stats().summary());
+    }
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 

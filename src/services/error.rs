@@ -41,6 +41,23 @@ pub enum Error {
     Transport(tonic::transport::Error),
     #[error("remote store protocol violation: {0}")]
     Protocol(String),
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("fetching from the remote store: {0}")]
+    Fetch(String),
+    #[error("out of room: {0}")]
+    ResourceExhausted(String),
+}
+
+impl Error {
+    /// Whether the store took too long (the guest sees ETIMEDOUT, not EIO).
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            Error::Timeout(_) => true,
+            Error::Remote(s) => s.code() == tonic::Code::DeadlineExceeded,
+            _ => false,
+        }
+    }
 }
 
 // Written out instead of `#[from]`, which would also make the inner error the
@@ -75,7 +92,13 @@ impl From<Error> for tonic::Status {
         match e {
             Error::NotFound(m) => Status::not_found(m),
             Error::ReadOnly => Status::permission_denied(e.to_string()),
+            Error::Remote(s) if s.code() == tonic::Code::NotFound => {
+                Status::not_found(format!("upstream: {}", s.message()))
+            }
             Error::Remote(s) => Status::unavailable(format!("upstream: {}", s.message())),
+            Error::Timeout(m) => Status::deadline_exceeded(m),
+            Error::Fetch(m) => Status::unavailable(m),
+            Error::ResourceExhausted(m) => Status::resource_exhausted(m),
             Error::Directory(_)
             | Error::Node(_)
             | Error::Graph(_)

@@ -7,7 +7,7 @@ pub mod vm;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tvix_virtiofsd::services::server::StoreServer;
+use tvix_virtiofsd::grpc_server::StoreServer;
 use tvix_virtiofsd::services::{Addr, Store};
 use tvix_virtiofsd::wire::{castore, store};
 
@@ -21,7 +21,7 @@ pub async fn serve_in_process(backend: Store, unix_dir: Option<&Path>) -> String
     let srv = StoreServer::new(backend, false);
     let router = tonic::transport::Server::builder()
         .layer(tower::util::MapRequestLayer::new(
-            tvix_virtiofsd::services::server::reset_is_error,
+            tvix_virtiofsd::grpc_server::reset_is_error,
         ))
         .add_service(castore::blob_service_server::BlobServiceServer::new(
             srv.clone(),

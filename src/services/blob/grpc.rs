@@ -11,6 +11,7 @@ use crate::wire::castore::{BlobChunk, ReadBlobRequest, StatBlobRequest};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use std::io::{Seek, Write};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -20,6 +21,14 @@ use tonic::Code;
 const SPOOL_IN_MEMORY: usize = 4 << 20;
 /// Size of the chunks we upload.
 const CHUNK: usize = 1 << 20;
+/// Default for [`GrpcBlobService::with_idle_timeout`].
+const DEFAULT_IDLE: Duration = Duration::from_secs(30);
+
+fn stalled(digest: &B3Digest, idle: Duration) -> Error {
+    Error::Timeout(format!(
+        "blob {digest}: no data from the store for {idle:?}"
+    ))
+}
 
 #[derive(Clone)]
 pub struct GrpcBlobService {
@@ -27,6 +36,9 @@ pub struct GrpcBlobService {
     /// Spool large blobs into memory files rather than the temp directory
     /// (inside the sandbox there is no writable directory).
     memfd_spool: bool,
+    /// Longest wait for the answer or the next chunk of a Read: a transfer
+    /// may take as long as it keeps moving.
+    idle: Duration,
 }
 
 impl GrpcBlobService {
@@ -36,7 +48,75 @@ impl GrpcBlobService {
                 .max_decoding_message_size(MAX_MESSAGE_SIZE)
                 .max_encoding_message_size(MAX_MESSAGE_SIZE),
             memfd_spool: false,
+            idle: DEFAULT_IDLE,
         }
+    }
+
+    /// How long a Read may stall (no answer, no chunk) before it fails.
+    pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle = idle;
+        self
+    }
+
+    /// The Read call's raw chunk stream; `None` when the blob is unknown.
+    async fn read_call(&self, digest: &B3Digest) -> Result<Option<tonic::Streaming<BlobChunk>>> {
+        let req = ReadBlobRequest {
+            digest: (*digest).into(),
+        };
+        let mut client = self.client.clone();
+        match tokio::time::timeout(self.idle, client.read(req)).await {
+            Err(_) => Err(stalled(digest, self.idle)),
+            Ok(Ok(r)) => Ok(Some(r.into_inner())),
+            Ok(Err(s)) if s.code() == Code::NotFound => Ok(None),
+            Ok(Err(s)) => Err(s.into()),
+        }
+    }
+
+    /// Fetches and checks a blob, stopping past `limit` bytes.
+    async fn fetch(
+        &self,
+        digest: &B3Digest,
+        limit: Option<u64>,
+    ) -> Result<Option<Box<dyn BlobReader>>> {
+        let Some(mut stream) = self.read_call(digest).await? else {
+            return Ok(None);
+        };
+        let mut hasher = blake3::Hasher::new();
+        let mut spool = Spool::Memory(Vec::new(), self.memfd_spool);
+        let mut first = true;
+        let mut n = 0u64;
+        loop {
+            let msg = tokio::time::timeout(self.idle, stream.message())
+                .await
+                .map_err(|_| stalled(digest, self.idle))?;
+            match msg {
+                Ok(Some(chunk)) => {
+                    n += chunk.data.len() as u64;
+                    if let Some(limit) = limit.filter(|&l| n > l) {
+                        return Err(Error::SizeMismatch {
+                            digest: *digest,
+                            expected: limit,
+                            actual: n,
+                        });
+                    }
+                    hasher.update(&chunk.data);
+                    spool.push(&chunk.data)?;
+                }
+                Ok(None) => break,
+                Err(s) if first && s.code() == Code::NotFound => return Ok(None),
+                Err(s) => return Err(s.into()),
+            }
+            first = false;
+        }
+        let actual = B3Digest::from(hasher.finalize());
+        if actual != *digest {
+            tracing::error!(expected = %digest, %actual, "remote store sent a corrupt blob");
+            return Err(Error::DigestMismatch {
+                expected: *digest,
+                actual,
+            });
+        }
+        Ok(Some(spool.into_reader()?))
     }
 
     /// Large blobs are spooled into memory files (memfd), not the temp directory.
@@ -110,38 +190,25 @@ impl BlobService for GrpcBlobService {
     }
 
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
-        let req = ReadBlobRequest {
-            digest: (*digest).into(),
+        self.fetch(digest, None).await
+    }
+
+    async fn open_read_sized(
+        &self,
+        digest: &B3Digest,
+        size: u64,
+    ) -> Result<Option<Box<dyn BlobReader>>> {
+        self.fetch(digest, Some(size)).await
+    }
+
+    async fn read_stream(&self, digest: &B3Digest) -> Result<Option<super::ChunkStream>> {
+        use futures::StreamExt;
+        let Some(stream) = self.read_call(digest).await? else {
+            return Ok(None);
         };
-        let mut stream = match self.client.clone().read(req).await {
-            Ok(r) => r.into_inner(),
-            Err(s) if s.code() == Code::NotFound => return Ok(None),
-            Err(s) => return Err(s.into()),
-        };
-        let mut hasher = blake3::Hasher::new();
-        let mut spool = Spool::Memory(Vec::new(), self.memfd_spool);
-        let mut first = true;
-        loop {
-            match stream.message().await {
-                Ok(Some(chunk)) => {
-                    hasher.update(&chunk.data);
-                    spool.push(&chunk.data)?;
-                }
-                Ok(None) => break,
-                Err(s) if first && s.code() == Code::NotFound => return Ok(None),
-                Err(s) => return Err(s.into()),
-            }
-            first = false;
-        }
-        let actual = B3Digest::from(hasher.finalize());
-        if actual != *digest {
-            tracing::error!(expected = %digest, %actual, "remote store sent a corrupt blob");
-            return Err(Error::DigestMismatch {
-                expected: *digest,
-                actual,
-            });
-        }
-        Ok(Some(spool.into_reader()?))
+        Ok(Some(Box::pin(
+            stream.map(|m| m.map(|c| c.data).map_err(Error::from)),
+        )))
     }
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {

@@ -49,7 +49,7 @@ impl LocalBlobService {
         Ok(Self { root: root.into() })
     }
 
-    fn path_of(&self, digest: &B3Digest) -> PathBuf {
+    pub(crate) fn path_of(&self, digest: &B3Digest) -> PathBuf {
         let hex = digest.to_hex();
         self.root.join("blobs").join(&hex[..2]).join(hex)
     }

@@ -93,6 +93,33 @@ pub trait BlobService: Send + Sync + 'static {
     /// Opens a blob; `None` when it is not stored. Readers of remote blobs
     /// only hand out bytes already checked against `digest`.
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>>;
+
+    /// As `open_read`, for a blob a directory says is `size` bytes long:
+    /// backends that fetch it stop past that size (a longer blob cannot
+    /// match) and can reserve room for it.
+    async fn open_read_sized(
+        &self,
+        digest: &B3Digest,
+        size: u64,
+    ) -> Result<Option<Box<dyn BlobReader>>> {
+        let _ = size;
+        self.open_read(digest).await
+    }
+
+    /// The blob's bytes as they come, not yet checked against `digest`:
+    /// for callers that hash them while storing them (the host cache's
+    /// fill), so nothing is spooled twice.
+    async fn read_stream(&self, digest: &B3Digest) -> Result<Option<ChunkStream>> {
+        use futures::StreamExt;
+        let Some(r) = self.open_read(digest).await? else {
+            return Ok(None);
+        };
+        Ok(Some(Box::pin(
+            tokio_util::io::ReaderStream::with_capacity(r, 256 << 10)
+                .map(|c| c.map_err(Into::into)),
+        )))
+    }
+
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>>;
 
     /// As `open_read`, on the calling thread and without the async
@@ -106,6 +133,9 @@ pub trait BlobService: Send + Sync + 'static {
         None
     }
 }
+
+/// A blob's bytes in chunks, as a remote sends them.
+pub type ChunkStream = futures::stream::BoxStream<'static, Result<bytes::Bytes>>;
 
 /// Stores `data` as one blob.
 pub async fn put_bytes(svc: &dyn BlobService, data: &[u8]) -> Result<B3Digest> {

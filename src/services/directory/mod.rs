@@ -13,6 +13,13 @@ pub mod memory;
 pub trait DirectoryService: Send + Sync + 'static {
     async fn get(&self, digest: &B3Digest) -> Result<Option<Directory>>;
 
+    /// As `get`, on the calling thread and without the async runtime,
+    /// where the backend has the directory on a local disk; `None` where
+    /// it would have to ask elsewhere. For the view's request threads.
+    fn get_blocking(&self, _digest: &B3Digest) -> Option<Result<Option<Directory>>> {
+        None
+    }
+
     /// The tree below `root`: root first, breadth-first, each directory once.
     /// The stream is empty when `root` is unknown.
     fn get_recursive(&self, root: B3Digest) -> BoxStream<'_, Result<Directory>> {

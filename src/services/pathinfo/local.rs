@@ -32,8 +32,30 @@ impl LocalPathInfoService {
         Ok(Self { root: root.into() })
     }
 
-    fn path_of(&self, digest: &[u8; 20]) -> PathBuf {
+    pub(crate) fn path_of(&self, digest: &[u8; 20]) -> PathBuf {
         self.root.join("pathinfo").join(nixbase32::encode(digest))
+    }
+
+    /// Writes a path info fetched from elsewhere, without flushing the
+    /// store first (the cache holds no closure promise); answers the bytes
+    /// written.
+    pub(crate) fn write_cached(&self, info: &PathInfo) -> std::io::Result<u64> {
+        let bytes = info.to_proto().encode_to_vec();
+        let dest = self.path_of(info.store_path.digest());
+        std::fs::create_dir_all(self.root.join("pathinfo"))?;
+        let mut tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))?;
+        tmp.write_all(&bytes)?;
+        tmp.persist(&dest).map_err(|e| e.error)?;
+        Ok(bytes.len() as u64)
+    }
+
+    fn read(&self, digest: &[u8; 20]) -> Result<Option<PathInfo>> {
+        let file = self.path_of(digest);
+        match std::fs::read(&file) {
+            Ok(b) => decode(&b, Some(digest), &file).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -77,6 +99,10 @@ impl PathInfoService for LocalPathInfoService {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    fn get_blocking(&self, digest: &[u8; 20]) -> Option<Result<Option<PathInfo>>> {
+        Some(self.read(digest))
     }
 
     async fn put(&self, info: PathInfo) -> Result<PathInfo> {

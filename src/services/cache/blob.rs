@@ -1,0 +1,247 @@
+//! Blobs through the cache. The filler streams a missing blob from the
+//! remote into a temporary file, hashing as it goes, and renames it into
+//! place once digest and size match; nothing is held in memory. A reader
+//! asks the filler for it and then opens the file like any hit.
+use super::flights::{self, Key, Reporter};
+use super::space::cost;
+use super::stats::Kind;
+use super::{is_not_found, is_unimplemented, Cache, RoleState};
+use crate::castore::B3Digest;
+use crate::services::blob::{BlobReader, BlobService, BlobWriter};
+use crate::services::{Error, Result};
+use crate::wire::cache as pb;
+use async_trait::async_trait;
+use futures::StreamExt;
+use std::io::Write;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+pub struct CachedBlobService(pub(super) Arc<Cache>);
+
+fn stalled(digest: &B3Digest, idle: std::time::Duration) -> Error {
+    Error::Timeout(format!(
+        "blob {digest}: no data from the remote store for {idle:?}"
+    ))
+}
+
+impl Cache {
+    fn blob_hit(&self, digest: &B3Digest) {
+        self.hit(
+            Kind::Blob,
+            || self.local.blobs.path_of(digest),
+            Key::Blob(*digest),
+        );
+    }
+
+    async fn open_blob(
+        self: &Arc<Self>,
+        digest: &B3Digest,
+        size: Option<u64>,
+    ) -> Result<Option<Box<dyn BlobReader>>> {
+        if let Some(r) = self.local.blobs.open_read(digest).await? {
+            self.blob_hit(digest);
+            return Ok(Some(r));
+        }
+        match &self.role {
+            RoleState::Filler(_) => {
+                let rx = self.fill_blob(*digest, size)?;
+                if !flights::wait(rx, self.idle).await.into_result()? {
+                    return Ok(None);
+                }
+                let r = self.local.blobs.open_read(digest).await?;
+                r.map(Some).ok_or_else(|| {
+                    Error::Fetch(format!(
+                        "blob {digest} was evicted as soon as it was fetched: the cache is too small"
+                    ))
+                })
+            }
+            RoleState::Reader(reader) => {
+                self.stats.miss(Kind::Blob);
+                if reader.fills.load(Relaxed) {
+                    match self.ask_fill(digest, size).await {
+                        Ok(false) => return Ok(None),
+                        Ok(true) => {
+                            if let Some(r) = self.local.blobs.open_read(digest).await? {
+                                return Ok(Some(r));
+                            }
+                            tracing::warn!(
+                                "the store filled blob {digest} but {} does not have it: it fills \
+                                 another cache directory; reading blobs through memory instead",
+                                self.root.display()
+                            );
+                            reader.fills.store(false, Relaxed);
+                        }
+                        Err(e) if is_unimplemented(&e) => {
+                            tracing::warn!(
+                                "the store does not fill cache directories (not a `daemon \
+                                 --cache-dir`); reading blobs through memory instead"
+                            );
+                            reader.fills.store(false, Relaxed);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                let r = match size {
+                    Some(s) => self.remote.blob.open_read_sized(digest, s).await?,
+                    None => self.remote.blob.open_read(digest).await?,
+                };
+                if r.is_some() {
+                    self.stats
+                        .fetched_bytes
+                        .fetch_add(size.unwrap_or(0), Relaxed);
+                }
+                Ok(r)
+            }
+        }
+    }
+
+    /// A reader asks the filler to fill a blob; `Ok(false)` when the remote
+    /// has no such blob.
+    async fn ask_fill(&self, digest: &B3Digest, size: Option<u64>) -> Result<bool> {
+        let RoleState::Reader(r) = &self.role else {
+            return Err(Error::InvalidRequest("not a reader".into()));
+        };
+        let Some(client) = &r.client else {
+            return Err(Error::InvalidRequest("no store to ask".into()));
+        };
+        self.stats.fill_requests.fetch_add(1, Relaxed);
+        let req = pb::FillBlobRequest {
+            digest: (*digest).into(),
+            size: size.unwrap_or(0),
+        };
+        let not_found = |e: Error| if is_not_found(&e) { Ok(false) } else { Err(e) };
+        let mut stream = match tokio::time::timeout(self.idle, client.clone().fill_blob(req)).await
+        {
+            Err(_) => return Err(stalled(digest, self.idle)),
+            Ok(Err(s)) => return not_found(s.into()),
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        loop {
+            match tokio::time::timeout(self.idle, stream.message()).await {
+                Err(_) => return Err(stalled(digest, self.idle)),
+                Ok(Ok(Some(p))) if p.done => return Ok(true),
+                Ok(Ok(Some(_))) => {}
+                Ok(Ok(None)) => {
+                    return Err(Error::Protocol(format!(
+                        "the store's fill of blob {digest} ended without completing"
+                    )))
+                }
+                Ok(Err(s)) => return not_found(s.into()),
+            }
+        }
+    }
+}
+
+/// The filler's fetch of one blob: streamed into a temporary file while
+/// hashed, room reserved as it grows, renamed into place once digest and
+/// size check out. `Ok(false)` when the remote has no such blob.
+pub(super) async fn fetch(
+    cache: &Cache,
+    digest: B3Digest,
+    size: Option<u64>,
+    rep: &Reporter,
+) -> Result<bool> {
+    let f = cache.filler()?;
+    let dest = cache.local.blobs.path_of(&digest);
+    if dest.exists() {
+        return Ok(true);
+    }
+    let mut room = f.space.reserve(cost(size.unwrap_or(0)), cache.idle).await?;
+    let opened = tokio::time::timeout(cache.idle, cache.remote.blob.read_stream(&digest))
+        .await
+        .map_err(|_| stalled(&digest, cache.idle))?;
+    let mut stream = match opened {
+        Ok(Some(s)) => s,
+        Ok(None) => return Ok(false),
+        Err(e) if is_not_found(&e) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let tmp = tempfile::NamedTempFile::new_in(cache.root.join("tmp"))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, tmp);
+    let mut hasher = blake3::Hasher::new();
+    let mut n = 0u64;
+    loop {
+        let next = tokio::time::timeout(cache.idle, stream.next())
+            .await
+            .map_err(|_| stalled(&digest, cache.idle))?;
+        let chunk = match next {
+            None => break,
+            Some(Ok(c)) => c,
+            Some(Err(e)) if n == 0 && is_not_found(&e) => return Ok(false),
+            Some(Err(e)) => return Err(e),
+        };
+        n += chunk.len() as u64;
+        if let Some(expected) = size.filter(|&s| n > s) {
+            return Err(Error::SizeMismatch {
+                digest,
+                expected,
+                actual: n,
+            });
+        }
+        room.grow(cost(n), cache.idle).await?;
+        hasher.update(&chunk);
+        out.write_all(&chunk)?;
+        rep.send_modify(|p| p.bytes = n);
+    }
+    let actual = B3Digest::from(hasher.finalize());
+    if actual != digest {
+        tracing::error!(expected = %digest, %actual, "remote store sent a corrupt blob");
+        return Err(Error::DigestMismatch {
+            expected: digest,
+            actual,
+        });
+    }
+    if let Some(expected) = size.filter(|&s| s != n) {
+        return Err(Error::SizeMismatch {
+            digest,
+            expected,
+            actual: n,
+        });
+    }
+    let tmp = out.into_inner().map_err(|e| e.into_error())?;
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    tmp.persist(&dest).map_err(|e| e.error)?;
+    room.commit(cost(n));
+    cache.stats.fetched_bytes.fetch_add(n, Relaxed);
+    Ok(true)
+}
+
+#[async_trait]
+impl BlobService for CachedBlobService {
+    async fn has(&self, digest: &B3Digest) -> Result<bool> {
+        if self.0.local.blobs.has(digest).await? {
+            return Ok(true);
+        }
+        self.0.remote.blob.has(digest).await
+    }
+
+    async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
+        self.0.open_blob(digest, None).await
+    }
+
+    async fn open_read_sized(
+        &self,
+        digest: &B3Digest,
+        size: u64,
+    ) -> Result<Option<Box<dyn BlobReader>>> {
+        self.0.open_blob(digest, Some(size)).await
+    }
+
+    /// Hits only: a miss goes the async way, which fetches.
+    fn open_read_blocking(&self, digest: &B3Digest) -> Option<Result<Option<Box<dyn BlobReader>>>> {
+        match self.0.local.blobs.open_read_blocking(digest)? {
+            Ok(Some(r)) => {
+                self.0.blob_hit(digest);
+                Some(Ok(Some(r)))
+            }
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
+        self.0.remote.blob.open_write().await
+    }
+}

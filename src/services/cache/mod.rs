@@ -1,0 +1,426 @@
+//! The host cache: an embedded store (the `local://` layout, so a hit takes
+//! the embedded store's fast paths) in front of a remote store, which may
+//! forget objects to stay within its size and knows where to fetch them
+//! again.
+//!
+//! One directory, two roles:
+//! - the **filler** (`daemon --cache-dir`) is the only process that writes
+//!   it. A miss is fetched from the remote once however many ask
+//!   ([`flights`]), checked against its digest (and a blob against its
+//!   size) while it is written, and renamed into place only when complete;
+//!   the least recently used objects are evicted to stay within the bound
+//!   ([`space`]).
+//! - **readers** (`virtiofs`, `mount`; sandboxed, the directory mounted
+//!   read-only) serve hits straight from the directory and ask their store,
+//!   the filler, to fill misses (`tvix_virtiofsd.cache.v1.CacheService`);
+//!   they report their hits so that eviction sees them.
+//!
+//! Readers still check what they serve (directories and path infos on
+//! every read, blobs before their first byte in the view), so not even a
+//! corrupted cache directory makes a guest read wrong bytes.
+mod blob;
+mod directory;
+pub mod flights;
+mod pathinfo;
+pub mod space;
+pub mod stats;
+
+use crate::castore::B3Digest;
+use crate::services::blob::local::LocalBlobService;
+use crate::services::directory::local::LocalDirectoryService;
+use crate::services::pathinfo::local::LocalPathInfoService;
+use crate::services::{Error, Result, Store};
+use crate::wire::cache as pb;
+use crate::wire::cache::cache_service_client::CacheServiceClient;
+use flights::{Flights, Key, Outcome, Progress};
+use space::Space;
+use stats::{CacheStats, Kind};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+/// Default `--cache-size`.
+pub const DEFAULT_MAX_BYTES: u64 = 10 << 30;
+/// How long the filler remembers that the remote lacks a store path: new
+/// paths can appear at any time.
+const ABSENT_TTL: Duration = Duration::from_secs(1);
+/// Most absent store paths remembered.
+const MAX_ABSENT: usize = 4096;
+/// Most hits a reader holds before reporting them.
+const MAX_TOUCHED: usize = 65_536;
+/// How often a reader reports its hits.
+const TOUCH_PERIOD: Duration = Duration::from_secs(10);
+/// Most digests in one Touch call.
+const TOUCH_BATCH: usize = 8192;
+
+/// Which part a process plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Fetches misses into the directory and evicts; one per directory.
+    Filler,
+    /// Reads the directory, asks its store to fill misses.
+    Reader,
+}
+
+/// A cache directory and how it is used.
+#[derive(Clone, Debug)]
+pub struct CacheOptions {
+    pub dir: PathBuf,
+    /// The size bound (filler only).
+    pub max_bytes: u64,
+    pub role: Role,
+}
+
+/// Creates a cache directory (mode 0700: it holds store contents) if it is
+/// not there yet.
+pub fn create_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) fn is_not_found(e: &Error) -> bool {
+    match e {
+        Error::NotFound(_) => true,
+        Error::Remote(s) => s.code() == tonic::Code::NotFound,
+        _ => false,
+    }
+}
+
+fn is_unimplemented(e: &Error) -> bool {
+    matches!(e, Error::Remote(s) if s.code() == tonic::Code::Unimplemented)
+}
+
+/// A local object that fails its check: readers skip it, the filler
+/// removes it; both fetch it again.
+fn is_corrupt(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::DigestMismatch { .. } | Error::Directory(_) | Error::PathInfo(_) | Error::Io(_)
+    )
+}
+
+/// The local side of the cache: the embedded store's three services.
+struct Local {
+    blobs: LocalBlobService,
+    dirs: LocalDirectoryService,
+    infos: LocalPathInfoService,
+}
+
+struct Filler {
+    space: Arc<Space>,
+    flights: Arc<Flights>,
+    absent: Mutex<HashMap<[u8; 20], Instant>>,
+    /// flock'd for as long as we fill: one filler per directory.
+    _lock: std::fs::File,
+}
+
+#[derive(Default)]
+struct Touched {
+    blobs: HashSet<B3Digest>,
+    dirs: HashSet<B3Digest>,
+    infos: HashSet<[u8; 20]>,
+}
+
+impl Touched {
+    fn len(&self) -> usize {
+        self.blobs.len() + self.dirs.len() + self.infos.len()
+    }
+}
+
+struct Reader {
+    client: Option<CacheServiceClient<Channel>>,
+    /// The store fills our directory (until it says it cannot).
+    fills: AtomicBool,
+    /// Hits not reported yet.
+    touched: Mutex<Touched>,
+}
+
+enum RoleState {
+    Filler(Filler),
+    Reader(Reader),
+}
+
+/// A cache directory in front of a remote store.
+pub struct Cache {
+    root: PathBuf,
+    local: Local,
+    remote: Store,
+    stats: Arc<CacheStats>,
+    /// How long a fetch may make no progress.
+    idle: Duration,
+    role: RoleState,
+}
+
+impl Cache {
+    /// Opens the cache at `opts.dir` in front of `remote`. A filler creates
+    /// the directory, takes its lock and takes stock of it; a reader needs
+    /// `filler`, the channel to the store that fills the directory.
+    pub fn open(
+        opts: &CacheOptions,
+        remote: Store,
+        filler: Option<Channel>,
+        idle: Duration,
+    ) -> Result<Arc<Self>> {
+        let root = opts.dir.clone();
+        let stats = Arc::new(CacheStats::default());
+        let (local, role) = match opts.role {
+            Role::Filler => {
+                create_dir(&root)?;
+                let lock = take_lock(&root)?;
+                let local = Local {
+                    blobs: LocalBlobService::open(&root)?,
+                    dirs: LocalDirectoryService::open(&root)?,
+                    infos: LocalPathInfoService::open(&root)?,
+                };
+                let space = Space::open(&root, opts.max_bytes, stats.clone())?;
+                let role = RoleState::Filler(Filler {
+                    space,
+                    flights: Flights::new(stats.clone()),
+                    absent: Mutex::new(HashMap::new()),
+                    _lock: lock,
+                });
+                (local, role)
+            }
+            Role::Reader => {
+                let local = Local {
+                    blobs: LocalBlobService::open_existing(&root)?,
+                    dirs: LocalDirectoryService::open_existing(&root)?,
+                    infos: LocalPathInfoService::open_existing(&root)?,
+                };
+                let role = RoleState::Reader(Reader {
+                    fills: AtomicBool::new(filler.is_some()),
+                    client: filler.map(|c| {
+                        CacheServiceClient::new(c)
+                            .max_decoding_message_size(crate::services::channel::MAX_MESSAGE_SIZE)
+                    }),
+                    touched: Mutex::new(Touched::default()),
+                });
+                (local, role)
+            }
+        };
+        let cache = Arc::new(Self {
+            root,
+            local,
+            remote,
+            stats,
+            idle,
+            role,
+        });
+        if matches!(cache.role, RoleState::Reader(_)) {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(touch_reporter(Arc::downgrade(&cache)));
+            }
+        }
+        Ok(cache)
+    }
+
+    /// The cached store: hits from the directory, misses from the remote.
+    pub fn store(self: &Arc<Self>) -> Store {
+        Store {
+            blob: Arc::new(blob::CachedBlobService(self.clone())),
+            directory: Arc::new(directory::CachedDirectoryService(self.clone())),
+            path_info: Arc::new(pathinfo::CachedPathInfoService(self.clone())),
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<CacheStats> {
+        &self.stats
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn role(&self) -> Role {
+        match self.role {
+            RoleState::Filler(_) => Role::Filler,
+            RoleState::Reader(_) => Role::Reader,
+        }
+    }
+
+    fn filler(&self) -> Result<&Filler> {
+        match &self.role {
+            RoleState::Filler(f) => Ok(f),
+            RoleState::Reader(_) => Err(Error::InvalidRequest(
+                "this process only reads its cache directory".into(),
+            )),
+        }
+    }
+
+    /// Counts a hit and marks the object as used.
+    fn hit(&self, kind: Kind, path: impl FnOnce() -> PathBuf, key: Key) {
+        self.stats.hit(kind);
+        match &self.role {
+            RoleState::Filler(_) => space::touch(&path()),
+            RoleState::Reader(r) => {
+                let mut t = lock(&r.touched);
+                if t.len() < MAX_TOUCHED {
+                    match key {
+                        Key::Blob(d) => t.blobs.insert(d),
+                        Key::Directory(d) | Key::Tree(d) => t.dirs.insert(d),
+                        Key::PathInfo(h) => t.infos.insert(h),
+                    };
+                }
+            }
+        }
+    }
+
+    /// A local object failed its check: the filler removes it (it is
+    /// fetched again), a reader leaves that to the filler.
+    fn discard(&self, path: &Path, e: &Error) {
+        tracing::warn!(
+            "cache object {} is damaged ({e}): fetching it again",
+            path.display()
+        );
+        if let RoleState::Filler(f) = &self.role {
+            if let Ok(m) = std::fs::symlink_metadata(path) {
+                if std::fs::remove_file(path).is_ok() {
+                    f.space.removed(space::cost(m.len()));
+                }
+            }
+        }
+    }
+
+    /// Starts (or joins) the fetch of a blob into the directory; for the
+    /// CacheService, which streams the progress to a reader.
+    pub fn fill_blob(
+        self: &Arc<Self>,
+        digest: B3Digest,
+        size: Option<u64>,
+    ) -> Result<watch::Receiver<Progress>> {
+        let f = self.filler()?;
+        if self.local.blobs.path_of(&digest).exists() {
+            self.hit(
+                Kind::Blob,
+                || self.local.blobs.path_of(&digest),
+                Key::Blob(digest),
+            );
+            let (_, rx) = watch::channel(Progress {
+                bytes: size.unwrap_or(0),
+                outcome: Some(Outcome::Stored),
+            });
+            return Ok(rx);
+        }
+        self.stats.miss(Kind::Blob);
+        let this = self.clone();
+        Ok(f.flights.join(Key::Blob(digest), move |rep| async move {
+            match blob::fetch(&this, digest, size, &rep).await {
+                Ok(true) => Outcome::Stored,
+                Ok(false) => Outcome::Absent,
+                Err(e) => Outcome::failed(&e),
+            }
+        }))
+    }
+
+    /// Marks objects as used, for the CacheService's Touch.
+    pub fn touch(&self, kind: Kind, keys: impl Iterator<Item = Vec<u8>>) {
+        if self.filler().is_err() {
+            return;
+        }
+        for k in keys {
+            let path = match kind {
+                Kind::Blob => B3Digest::try_from(&k[..])
+                    .ok()
+                    .map(|d| self.local.blobs.path_of(&d)),
+                Kind::Directory => B3Digest::try_from(&k[..])
+                    .ok()
+                    .map(|d| self.local.dirs.path_of(&d)),
+                Kind::PathInfo => <[u8; 20]>::try_from(&k[..])
+                    .ok()
+                    .map(|h| self.local.infos.path_of(&h)),
+            };
+            if let Some(p) = path {
+                space::touch(&p);
+            }
+        }
+    }
+
+    /// Sends the hits a reader served to the filler.
+    pub async fn report_touches(&self) {
+        let RoleState::Reader(r) = &self.role else {
+            return;
+        };
+        let Some(client) = &r.client else { return };
+        let t = std::mem::take(&mut *lock(&r.touched));
+        let blobs: Vec<_> = t.blobs.iter().map(|d| bytes::Bytes::from(*d)).collect();
+        let dirs: Vec<_> = t.dirs.iter().map(|d| bytes::Bytes::from(*d)).collect();
+        let infos: Vec<_> = t
+            .infos
+            .iter()
+            .map(|h| bytes::Bytes::copy_from_slice(h))
+            .collect();
+        let mut chunks = (
+            blobs.chunks(TOUCH_BATCH),
+            dirs.chunks(TOUCH_BATCH),
+            infos.chunks(TOUCH_BATCH),
+        );
+        loop {
+            let req = pb::TouchRequest {
+                blobs: chunks.0.next().map(<[_]>::to_vec).unwrap_or_default(),
+                directories: chunks.1.next().map(<[_]>::to_vec).unwrap_or_default(),
+                path_infos: chunks.2.next().map(<[_]>::to_vec).unwrap_or_default(),
+            };
+            if req.blobs.is_empty() && req.directories.is_empty() && req.path_infos.is_empty() {
+                return;
+            }
+            let mut client = client.clone();
+            match tokio::time::timeout(self.idle, client.touch(req)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(s)) => {
+                    tracing::debug!("reporting cache hits: {}", s.message());
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// Reports a reader's hits now and then, for as long as it lives.
+async fn touch_reporter(cache: Weak<Cache>) {
+    let mut tick = tokio::time::interval(TOUCH_PERIOD);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(c) = cache.upgrade() else { return };
+        c.report_touches().await;
+    }
+}
+
+/// One filler per cache directory: the lock is held for the process's life.
+fn take_lock(root: &Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let path = root.join("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(Error::Io(std::io::Error::new(
+            e.kind(),
+            format!(
+                "cache {} is filled by another process already ({e}); give each filling \
+                 daemon its own --cache-dir, and per-VM daemons the same one",
+                root.display()
+            ),
+        )));
+    }
+    Ok(f)
+}

@@ -1,0 +1,189 @@
+//! What the cache did, for operators (Prometheus text, a log line at exit)
+//! and tests.
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// The three kinds of object a cache holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Blob = 0,
+    Directory = 1,
+    PathInfo = 2,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Blob, Kind::Directory, Kind::PathInfo];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Blob => "blob",
+            Kind::Directory => "directory",
+            Kind::PathInfo => "path_info",
+        }
+    }
+}
+
+/// Counters; all monotonic except the gauges noted.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    hits: [AtomicU64; 3],
+    misses: [AtomicU64; 3],
+    /// Blob bytes that came from the remote (filler) or were streamed from
+    /// the store because it could not fill (reader).
+    pub fetched_bytes: AtomicU64,
+    /// Gauge: fetches under way.
+    pub fills_in_flight: AtomicU64,
+    /// Fetches started.
+    pub fills: AtomicU64,
+    /// Fetches that ended in an error (not counting absent objects).
+    pub fill_errors: AtomicU64,
+    /// Misses that joined a fetch already under way instead of starting one.
+    pub dedup_waits: AtomicU64,
+    pub evictions: AtomicU64,
+    pub evicted_bytes: AtomicU64,
+    /// Gauge: bytes of objects in the cache directory (filler only).
+    pub used_bytes: AtomicU64,
+    /// Gauge: the size bound (filler only).
+    pub max_bytes: AtomicU64,
+    /// Readers: misses the filler was asked to fill.
+    pub fill_requests: AtomicU64,
+}
+
+impl CacheStats {
+    pub fn hit(&self, k: Kind) {
+        self.hits[k as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn miss(&self, k: Kind) {
+        self.misses[k as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn hits(&self, k: Kind) -> u64 {
+        self.hits[k as usize].load(Relaxed)
+    }
+
+    pub fn misses(&self, k: Kind) -> u64 {
+        self.misses[k as usize].load(Relaxed)
+    }
+
+    /// The counters in the Prometheus text exposition format.
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        let mut family = |name: &str, kind: &str, help: &str, rows: &[(String, u64)]| {
+            let _ = writeln!(out, "# HELP tvix_virtiofsd_cache_{name} {help}");
+            let _ = writeln!(out, "# TYPE tvix_virtiofsd_cache_{name} {kind}");
+            for (labels, v) in rows {
+                let _ = writeln!(out, "tvix_virtiofsd_cache_{name}{labels} {v}");
+            }
+        };
+        let by_kind = |a: &[AtomicU64; 3]| -> Vec<(String, u64)> {
+            Kind::ALL
+                .iter()
+                .map(|k| {
+                    (
+                        format!("{{kind=\"{}\"}}", k.name()),
+                        a[*k as usize].load(Relaxed),
+                    )
+                })
+                .collect()
+        };
+        let one = |a: &AtomicU64| vec![(String::new(), a.load(Relaxed))];
+        family(
+            "hits_total",
+            "counter",
+            "Objects served from the cache directory.",
+            &by_kind(&self.hits),
+        );
+        family(
+            "misses_total",
+            "counter",
+            "Objects not in the cache directory when asked for.",
+            &by_kind(&self.misses),
+        );
+        family(
+            "fetched_bytes_total",
+            "counter",
+            "Blob bytes fetched from the remote store.",
+            &one(&self.fetched_bytes),
+        );
+        family(
+            "fills_total",
+            "counter",
+            "Fetches from the remote store started.",
+            &one(&self.fills),
+        );
+        family(
+            "fills_in_flight",
+            "gauge",
+            "Fetches from the remote store under way.",
+            &one(&self.fills_in_flight),
+        );
+        family(
+            "fill_errors_total",
+            "counter",
+            "Fetches that failed (remote errors, corrupt or oversized objects, timeouts).",
+            &one(&self.fill_errors),
+        );
+        family(
+            "dedup_waits_total",
+            "counter",
+            "Misses that waited for a fetch already under way instead of fetching again.",
+            &one(&self.dedup_waits),
+        );
+        family(
+            "evictions_total",
+            "counter",
+            "Objects evicted to stay within the size bound.",
+            &one(&self.evictions),
+        );
+        family(
+            "evicted_bytes_total",
+            "counter",
+            "Bytes evicted to stay within the size bound.",
+            &one(&self.evicted_bytes),
+        );
+        family(
+            "used_bytes",
+            "gauge",
+            "Bytes of objects in the cache directory.",
+            &one(&self.used_bytes),
+        );
+        family(
+            "max_bytes",
+            "gauge",
+            "The cache's size bound.",
+            &one(&self.max_bytes),
+        );
+        family(
+            "fill_requests_total",
+            "counter",
+            "Misses a reader asked the filling daemon to fill.",
+            &one(&self.fill_requests),
+        );
+        out
+    }
+
+    /// One line for the log.
+    pub fn summary(&self) -> String {
+        let kinds = |a: &[AtomicU64; 3]| {
+            Kind::ALL
+                .iter()
+                .map(|k| format!("{} {}", a[*k as usize].load(Relaxed), k.name()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "hits: {}; misses: {}; fill requests {}; fetches {} ({} failed, {} waits joined one \
+             under way); {} bytes fetched; {} evictions ({} bytes)",
+            kinds(&self.hits),
+            kinds(&self.misses),
+            self.fill_requests.load(Relaxed),
+            self.fills.load(Relaxed),
+            self.fill_errors.load(Relaxed),
+            self.dedup_waits.load(Relaxed),
+            self.fetched_bytes.load(Relaxed),
+            self.evictions.load(Relaxed),
+            self.evicted_bytes.load(Relaxed),
+        )
+    }
+}
