@@ -5,9 +5,13 @@
 //!
 //! Queue 0 is the high-priority queue (FORGET, INTERRUPT): it is served on
 //! its own vring thread, inline, so it never waits behind store fetches.
-//! Queues 1..=N carry ordinary requests: their vring thread only pops
-//! descriptor chains and hands them to the pool, so one slow fetch stalls
-//! one worker, not the device.
+//! Queues 1..=N carry ordinary requests. Their vring thread serves a
+//! request itself when the view can answer it without waiting for the
+//! store (from memory or a local disk, as virtiofsd serves from its
+//! thread), and hands it to the worker pool when it would wait (a remote
+//! fetch), so one slow fetch stalls one worker, not the device. When more
+//! requests are waiting and a worker is idle, it hands them out too, so a
+//! deep queue uses every core.
 use crate::fs::StoreFs;
 use crate::socket::SocketError;
 use fuse_backend_rs::api::server::Server;
@@ -15,7 +19,7 @@ use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -123,6 +127,9 @@ struct Job {
 /// The virtio-fs backend given to `VhostUserDaemon`.
 pub struct FsBackend {
     server: Arc<FsServer>,
+    fs: Arc<StoreFs>,
+    /// Workers waiting for a job.
+    idle: Arc<AtomicUsize>,
     config: DeviceConfig,
     config_space: Vec<u8>,
     mem: RwLock<GuestMemoryAtomic<Mem>>,
@@ -140,23 +147,28 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl FsBackend {
     /// Starts the worker pool; `mem` is the memory the daemon updates.
     fn new(
-        server: Arc<FsServer>,
+        fs: Arc<StoreFs>,
         config: DeviceConfig,
         mem: GuestMemoryAtomic<Mem>,
     ) -> Result<Self, Error> {
         config.validate()?;
+        let server = Arc::new(Server::new(fs.clone()));
         let (jobs, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
+        let idle = Arc::new(AtomicUsize::new(0));
         for i in 0..config.threads.max(1) {
             let server = server.clone();
             let rx = rx.clone();
+            let idle = idle.clone();
             std::thread::Builder::new()
                 .name(format!("virtiofs-{i}"))
-                .spawn(move || worker(&server, &rx))
+                .spawn(move || worker(&server, &rx, &idle))
                 .map_err(Error::Thread)?;
         }
         Ok(Self {
             server,
+            fs,
+            idle,
             config_space: config.config_space(),
             config,
             mem: RwLock::new(mem),
@@ -172,7 +184,8 @@ impl FsBackend {
     }
 
     /// Pops every available chain of `vring` and serves it: inline for the
-    /// high-priority queue, through the pool otherwise.
+    /// high-priority queue; for request queues inline unless it would wait
+    /// for the store, or others are waiting and a worker is idle.
     fn drain(&self, vring: &VringRwLock, queue: usize) {
         let mem = self.memory();
         loop {
@@ -191,18 +204,47 @@ impl FsBackend {
             };
             if queue == 0 {
                 serve(&self.server, job);
-            } else if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
-                // Only possible if every worker is gone: still answer.
-                serve(&self.server, job);
+                continue;
             }
+            if self.idle.load(Ordering::Acquire) > 0 && more_available(vring, &mem) {
+                self.to_pool(job);
+                continue;
+            }
+            let head = job.chain.head_index();
+            let (len, deferred) = self
+                .fs
+                .attempt_inline(|| handle_chain(&self.server, &job.mem, job.chain.clone(), queue));
+            if deferred {
+                self.to_pool(job);
+            } else {
+                complete(&job.vring, head, len, queue);
+            }
+        }
+    }
+
+    fn to_pool(&self, job: Job) {
+        if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
+            // Only possible if every worker is gone: still answer.
+            serve(&self.server, job);
         }
     }
 }
 
+/// Whether the guest has made more chains available than were popped.
+fn more_available(vring: &VringRwLock, mem: &Mem) -> bool {
+    let state = vring.get_ref();
+    let q = state.get_queue();
+    q.avail_idx(mem, Ordering::Acquire)
+        .map(|idx| idx.0 != q.next_avail())
+        .unwrap_or(false)
+}
+
 /// A pool thread: serves chains until the backend goes away.
-fn worker(server: &FsServer, rx: &Mutex<Receiver<Job>>) {
+fn worker(server: &FsServer, rx: &Mutex<Receiver<Job>>, idle: &AtomicUsize) {
     loop {
+        idle.fetch_add(1, Ordering::AcqRel);
         let job = lock(rx).recv();
+        idle.fetch_sub(1, Ordering::AcqRel);
         match job {
             Ok(job) => serve(server, job),
             Err(_) => break,
@@ -420,8 +462,7 @@ pub fn serve_one(
             reason: e.to_string(),
         })?;
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let server = Arc::new(Server::new(fs));
-    let backend = Arc::new(FsBackend::new(server, config, mem.clone())?);
+    let backend = Arc::new(FsBackend::new(fs, config, mem.clone())?);
     let mut daemon = VhostUserDaemon::new("tvix-virtiofsd".to_owned(), backend.clone(), mem)
         .map_err(|e| Error::Daemon(e.to_string()))?;
     let mut listener = Listener::from(listener);
@@ -508,6 +549,7 @@ mod tests {
             FsConfig {
                 list_root: false,
                 store_timeout: Duration::from_secs(5),
+                ..Default::default()
             },
         ));
         let atomic = GuestMemoryAtomic::new(
@@ -563,12 +605,7 @@ mod tests {
         vring.set_queue_ready(true);
         vring.set_enabled(true);
 
-        let backend = FsBackend::new(
-            Arc::new(Server::new(fs)),
-            config("nix-store", 1),
-            atomic.clone(),
-        )
-        .unwrap();
+        let backend = FsBackend::new(fs, config("nix-store", 1), atomic.clone()).unwrap();
         assert_eq!(backend.num_queues(), 2);
         assert_eq!(backend.queues_per_thread(), vec![0b1, 0b10]);
         backend

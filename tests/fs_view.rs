@@ -46,6 +46,7 @@ fn setup() -> (tokio::runtime::Runtime, Arc<StoreFs>, String) {
         FsConfig {
             list_root: false,
             store_timeout: Duration::from_secs(5),
+            ..Default::default()
         },
     ));
     (rt, fs, sp.to_basename())

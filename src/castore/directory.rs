@@ -90,6 +90,24 @@ impl Directory {
         self.entries.len() as u64 + self.child_sizes
     }
 
+    /// Roughly what this directory takes in memory, for caches that bound
+    /// their bytes.
+    pub fn heap_size(&self) -> u64 {
+        // per entry: the name, the node and the tree's bookkeeping
+        let per_entry = (std::mem::size_of::<(Bytes, Node)>() + 32) as u64;
+        self.entries
+            .iter()
+            .map(|(n, node)| {
+                let target = match node {
+                    Node::Symlink { target } => target.len() as u64,
+                    _ => 0,
+                };
+                n.len() as u64 + target + per_entry
+            })
+            .sum::<u64>()
+            + std::mem::size_of::<Self>() as u64
+    }
+
     /// Child directories, as (name, digest, declared size).
     pub fn child_directories(&self) -> impl Iterator<Item = (&Bytes, B3Digest, u64)> {
         self.entries.iter().filter_map(|(n, node)| match node {

@@ -88,9 +88,20 @@ pub struct ViewArgs {
     #[arg(long)]
     pub list_root: bool,
 
-    /// Seconds one store request may take before the reader gets ETIMEDOUT.
+    /// Seconds one store request may take (a blob fetch: without
+    /// progress) before the reader gets ETIMEDOUT.
     #[arg(long, default_value_t = 30)]
     pub store_timeout: u64,
+
+    /// Bytes of decoded directories kept in memory (K, M, G suffixes);
+    /// others are read again from the store or its cache directory.
+    #[arg(long, default_value = "4M", value_parser = daemon::parse_size)]
+    pub directory_cache_size: u64,
+
+    /// How many blobs are remembered as checked against their digest; a
+    /// forgotten one is checked again when next opened.
+    #[arg(long, default_value_t = crate::fs::DEFAULT_VERIFIED_BLOBS)]
+    pub verified_blobs: usize,
 }
 
 impl ViewArgs {
@@ -102,6 +113,8 @@ impl ViewArgs {
             crate::fs::FsConfig {
                 list_root: self.list_root,
                 store_timeout: std::time::Duration::from_secs(self.store_timeout),
+                dir_cache_bytes: self.directory_cache_size,
+                verified_blobs: self.verified_blobs,
             },
         ))
     }

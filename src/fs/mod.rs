@@ -4,6 +4,7 @@
 //! `<hash>-<name>` below the root; trees are fetched on first access and
 //! every byte served has been checked against its BLAKE3 digest.
 mod attr;
+pub mod inline;
 mod inodes;
 
 use crate::castore::{B3Digest, Directory, Node};
@@ -18,7 +19,7 @@ use fuse_backend_rs::api::filesystem::{
 };
 use futures::TryStreamExt;
 pub use inodes::{InodeKind, Inodes, ROOT_INO};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,8 +35,39 @@ const XATTR_DIR: &[u8] = b"user.tvix.castore.directory.digest";
 pub struct FsConfig {
     /// Let `readdir` of the root list every store path.
     pub list_root: bool,
-    /// Upper bound for one store request; past it the reader gets ETIMEDOUT.
+    /// Upper bound for one store request (for a blob: without progress);
+    /// past it the reader gets ETIMEDOUT.
     pub store_timeout: Duration,
+    /// Bytes of decoded directories kept in memory.
+    pub dir_cache_bytes: u64,
+    /// Blobs remembered as checked (each is checked again once forgotten).
+    pub verified_blobs: usize,
+}
+
+impl Default for FsConfig {
+    fn default() -> Self {
+        Self {
+            list_root: false,
+            store_timeout: Duration::from_secs(30),
+            dir_cache_bytes: DEFAULT_DIR_CACHE_BYTES,
+            verified_blobs: DEFAULT_VERIFIED_BLOBS,
+        }
+    }
+}
+
+/// Default [`FsConfig::dir_cache_bytes`]: a few thousand directories.
+pub const DEFAULT_DIR_CACHE_BYTES: u64 = 4 << 20;
+/// Default [`FsConfig::verified_blobs`].
+pub const DEFAULT_VERIFIED_BLOBS: usize = 65_536;
+
+/// Weighs cached directories by what they hold.
+#[derive(Clone)]
+struct DirWeight;
+
+impl quick_cache::Weighter<B3Digest, Arc<Directory>> for DirWeight {
+    fn weight(&self, _: &B3Digest, d: &Arc<Directory>) -> u64 {
+        d.heap_size().max(1)
+    }
 }
 
 /// A directory's entries in order, as readdir walks them.
@@ -55,8 +87,10 @@ pub struct StoreFs {
     rt: tokio::runtime::Handle,
     cfg: FsConfig,
     inodes: Inodes,
-    dirs: Mutex<HashMap<B3Digest, Arc<Directory>>>,
-    verified: Mutex<HashSet<B3Digest>>,
+    /// Decoded directories, bounded by bytes.
+    dirs: quick_cache::sync::Cache<B3Digest, Arc<Directory>, DirWeight>,
+    /// Blobs checked against (digest, size), bounded by count.
+    verified: quick_cache::sync::Cache<(B3Digest, u64), ()>,
     files: Mutex<HashMap<u64, Arc<Mutex<OpenFile>>>>,
     root_listings: Mutex<HashMap<u64, Listing>>,
     next_handle: AtomicU64,
@@ -76,19 +110,30 @@ impl StoreFs {
         Self {
             store,
             rt,
-            cfg,
             inodes: Inodes::default(),
-            dirs: Mutex::new(HashMap::new()),
-            verified: Mutex::new(HashSet::new()),
+            dirs: quick_cache::sync::Cache::with_weighter(
+                1024,
+                cfg.dir_cache_bytes.max(1),
+                DirWeight,
+            ),
+            verified: quick_cache::sync::Cache::new(cfg.verified_blobs.max(1)),
             files: Mutex::new(HashMap::new()),
             root_listings: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
+            cfg,
         }
     }
 
     /// Live inodes, for tests.
     pub fn inode_count(&self) -> usize {
         self.inodes.len()
+    }
+
+    /// Serves one request as an inline attempt (see [`inline`]): answers
+    /// its result and whether it must be run again on a thread that may
+    /// wait for the store.
+    pub fn attempt_inline<T>(&self, f: impl FnOnce() -> T) -> (T, bool) {
+        inline::attempt(f, |ino| self.inodes.forget(ino, 1))
     }
 
     /// Runs a store call with the configured time limit; failures become
@@ -98,13 +143,33 @@ impl StoreFs {
         what: impl std::fmt::Display,
         fut: impl std::future::Future<Output = crate::services::Result<T>>,
     ) -> io::Result<T> {
-        // The timer must be created inside the runtime.
-        let limit = self.cfg.store_timeout;
-        match self
-            .rt
-            .block_on(async move { tokio::time::timeout(limit, fut).await })
-        {
+        self.block_within(Some(self.cfg.store_timeout), what, fut)
+    }
+
+    /// As `block`; `None` leaves the limit to the call itself (a blob
+    /// fetch fails when it stalls, not when it is long).
+    fn block_within<T>(
+        &self,
+        limit: Option<Duration>,
+        what: impl std::fmt::Display,
+        fut: impl std::future::Future<Output = crate::services::Result<T>>,
+    ) -> io::Result<T> {
+        if inline::defer() {
+            return Err(err(libc::EAGAIN));
+        }
+        let r = self.rt.block_on(async move {
+            match limit {
+                // The timer must be created inside the runtime.
+                Some(l) => tokio::time::timeout(l, fut).await,
+                None => Ok(fut.await),
+            }
+        });
+        match r {
             Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if e.is_timeout() => {
+                tracing::error!("{what}: {e}");
+                Err(err(libc::ETIMEDOUT))
+            }
             Ok(Err(e)) => {
                 tracing::error!("{what}: {e}");
                 Err(err(libc::EIO))
@@ -119,35 +184,56 @@ impl StoreFs {
         }
     }
 
+    /// A service's answer from a local disk, where it has one (`None`:
+    /// only the async call can answer).
+    fn local<T>(
+        &self,
+        what: impl std::fmt::Display,
+        r: Option<crate::services::Result<T>>,
+    ) -> Option<io::Result<T>> {
+        Some(r?.map_err(|e| {
+            tracing::error!("{what}: {e}");
+            err(libc::EIO)
+        }))
+    }
+
     fn kind(&self, ino: u64) -> io::Result<Arc<InodeKind>> {
         self.inodes.get(ino).ok_or_else(|| err(libc::ENOENT))
     }
 
-    /// A directory's listing, from the cache or the store.
+    /// A directory's listing, from memory, a local disk or the store.
     fn directory(&self, digest: &B3Digest) -> io::Result<Arc<Directory>> {
-        if let Some(d) = lock(&self.dirs).get(digest) {
-            return Ok(d.clone());
+        if let Some(d) = self.dirs.get(digest) {
+            return Ok(d);
         }
-        let d = self
-            .block(
-                format_args!("directory {digest}"),
-                self.store.directory.get(digest),
-            )?
-            .ok_or_else(|| {
-                tracing::error!("directory {digest} is missing from the store");
-                err(libc::EIO)
-            })?;
-        let d = Arc::new(d);
-        lock(&self.dirs).insert(*digest, d.clone());
+        let what = format_args!("directory {digest}");
+        let got = match self.local(what, self.store.directory.get_blocking(digest)) {
+            Some(r) => r?,
+            None => self.block(what, self.store.directory.get(digest))?,
+        };
+        let d = Arc::new(got.ok_or_else(|| {
+            tracing::error!("directory {digest} is missing from the store");
+            err(libc::EIO)
+        })?);
+        self.dirs.insert(*digest, d.clone());
         Ok(d)
     }
 
-    /// Fetches a store path's whole tree in one recursive call.
+    /// Before a store path's first directory is needed: a store that must
+    /// be asked over the network sends the whole tree in one call; a local
+    /// one is read a directory at a time, as the guest walks it.
     fn prefetch_tree(&self, root: &B3Digest) -> io::Result<()> {
-        if lock(&self.dirs).contains_key(root) {
+        if self.dirs.contains_key(root) {
             return Ok(());
         }
-        let tree = self.block(format_args!("directory tree {root}"), async {
+        let what = format_args!("directory tree {root}");
+        if let Some(r) = self.local(what, self.store.directory.get_blocking(root)) {
+            if let Some(d) = r? {
+                self.dirs.insert(*root, Arc::new(d));
+                return Ok(());
+            }
+        }
+        let tree = self.block(what, async {
             let mut s = self.store.directory.get_recursive(*root);
             let mut out = Vec::new();
             while let Some(d) = s.try_next().await? {
@@ -155,9 +241,8 @@ impl StoreFs {
             }
             Ok(out)
         })?;
-        let mut dirs = lock(&self.dirs);
         for d in tree {
-            dirs.insert(d.digest(), Arc::new(d));
+            self.dirs.insert(d.digest(), Arc::new(d));
         }
         Ok(())
     }
@@ -172,11 +257,17 @@ impl StoreFs {
         }
     }
 
-    fn entry(&self, ino: u64, kind: &InodeKind) -> io::Result<Entry> {
+    /// The entry for `name` in `parent`: attributes first (they may need
+    /// the store), then the inode reference the kernel will hold (the
+    /// caller reports it to [`inline::took`] once handed out).
+    fn child_entry(&self, parent: u64, name: &Bytes, node: &Node) -> io::Result<Entry> {
+        let kind = InodeKind::Node(node.clone());
+        let nlink = self.dir_nlink(&kind)?;
+        let ino = self.inodes.lookup(parent, name, node);
         Ok(Entry {
             inode: ino,
             generation: 0,
-            attr: stat(ino, kind, self.dir_nlink(kind)?),
+            attr: stat(ino, &kind, nlink),
             attr_flags: 0,
             attr_timeout: TTL,
             entry_timeout: TTL,
@@ -199,10 +290,11 @@ impl StoreFs {
         else {
             return Ok(Self::negative(TTL));
         };
-        let info = self.block(
-            format_args!("path info {sp}"),
-            self.store.path_info.get(sp.digest()),
-        )?;
+        let what = format_args!("path info {sp}");
+        let info = match self.local(what, self.store.path_info.get_blocking(sp.digest())) {
+            Some(r) => r?,
+            None => self.block(what, self.store.path_info.get(sp.digest()))?,
+        };
         // The name is part of the store path: `<hash>-<othername>` is absent.
         let Some(info) = info.filter(|i| i.store_path == sp) else {
             return Ok(Self::negative(NEGATIVE_TTL));
@@ -210,16 +302,16 @@ impl StoreFs {
         if let Node::Directory { digest, .. } = &info.node {
             self.prefetch_tree(digest)?;
         }
-        let ino = self
-            .inodes
-            .lookup(ROOT_INO, &Bytes::copy_from_slice(name), &info.node);
-        self.entry(ino, &InodeKind::Node(info.node))
+        let e = self.child_entry(ROOT_INO, &Bytes::copy_from_slice(name), &info.node)?;
+        inline::took(e.inode);
+        Ok(e)
     }
 
-    /// Opens a blob and checks it against its digest and size once per
-    /// mount, so no unverified byte is ever served.
+    /// Opens a blob and checks it against its digest and size (once, while
+    /// it is remembered as checked), so no unverified byte is ever served.
     fn open_blob(&self, digest: &B3Digest, size: u64) -> io::Result<Box<dyn BlobReader>> {
-        let verified = lock(&self.verified).contains(digest);
+        let key = (*digest, size);
+        let verified = self.verified.contains_key(&key);
         // A local blob opens, and is checked, right here: no runtime hop.
         if let Some(opened) = self.store.blob.open_read_blocking(digest) {
             let checked = opened
@@ -230,7 +322,7 @@ impl StoreFs {
                 });
             match checked {
                 Ok(Some(r)) => {
-                    lock(&self.verified).insert(*digest);
+                    self.verified.insert(key, ());
                     return Ok(r);
                 }
                 Ok(None) => {} // no direct access: check it the async way
@@ -240,14 +332,16 @@ impl StoreFs {
                 }
             }
         }
-        self.block(format_args!("blob {digest}"), async {
+        // Fetches take as long as they keep moving: the services time out
+        // a stalled transfer, not a long one.
+        let r = self.block_within(None, format_args!("blob {digest}"), async {
             let mut r = self
                 .store
                 .blob
-                .open_read(digest)
+                .open_read_sized(digest, size)
                 .await?
                 .ok_or_else(|| not_found(digest))?;
-            if !verified {
+            if !verified && !check_direct(&mut *r, digest, size)? {
                 let mut h = blake3::Hasher::new();
                 let mut buf = vec![0u8; 1 << 17];
                 let mut n_total = 0u64;
@@ -263,10 +357,9 @@ impl StoreFs {
                 r.rewind().await?;
             }
             Ok(r)
-        })
-        .inspect(|_| {
-            lock(&self.verified).insert(*digest);
-        })
+        })?;
+        self.verified.insert(key, ());
+        Ok(r)
     }
 
     fn new_handle(&self) -> u64 {
@@ -436,10 +529,9 @@ impl FileSystem for StoreFs {
                 let Some(node) = dir.get(name) else {
                     return Ok(Self::negative(TTL));
                 };
-                let ino = self
-                    .inodes
-                    .lookup(parent, &Bytes::copy_from_slice(name), node);
-                self.entry(ino, &InodeKind::Node(node.clone()))
+                let e = self.child_entry(parent, &Bytes::copy_from_slice(name), node)?;
+                inline::took(e.inode);
+                Ok(e)
             }
             InodeKind::Node(_) => Err(err(libc::ENOTDIR)),
         }
@@ -674,14 +766,14 @@ impl FileSystem for StoreFs {
             let Some((name, node)) = child else {
                 return add_entry(d, Entry::default());
             };
-            let ino = self.inodes.lookup(inode, name, node);
-            d.ino = ino;
-            let written = self
-                .entry(ino, &InodeKind::Node(node.clone()))
-                .and_then(|e| add_entry(d, e));
+            let e = self.child_entry(inode, name, node)?;
+            d.ino = e.inode;
+            let written = add_entry(d, e);
             // The kernel counts a lookup only for entries it received.
-            if !matches!(written, Ok(n) if n > 0) {
-                self.inodes.forget(ino, 1);
+            if matches!(written, Ok(n) if n > 0) {
+                inline::took(e.inode);
+            } else {
+                self.inodes.forget(e.inode, 1);
             }
             written
         })

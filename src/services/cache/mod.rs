@@ -151,7 +151,7 @@ struct Reader {
 
 enum RoleState {
     Filler(Filler),
-    Reader(Reader),
+    Reader(Box<Reader>),
 }
 
 /// A cache directory in front of a remote store.
@@ -201,14 +201,14 @@ impl Cache {
                     dirs: LocalDirectoryService::open_existing(&root)?,
                     infos: LocalPathInfoService::open_existing(&root)?,
                 };
-                let role = RoleState::Reader(Reader {
+                let role = RoleState::Reader(Box::new(Reader {
                     fills: AtomicBool::new(filler.is_some()),
                     client: filler.map(|c| {
                         CacheServiceClient::new(c)
                             .max_decoding_message_size(crate::services::channel::MAX_MESSAGE_SIZE)
                     }),
                     touched: Mutex::new(Touched::default()),
-                });
+                }));
                 (local, role)
             }
         };
