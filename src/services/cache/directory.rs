@@ -23,16 +23,18 @@ pub struct CachedDirectoryService(pub(super) Arc<Cache>);
 const MAX_LOCAL_TREE: usize = 1 << 20;
 
 impl Cache {
-    /// A directory from the cache directory, on this thread; damaged
-    /// objects count as absent.
-    fn local_dir(&self, digest: &B3Digest) -> Option<Directory> {
+    /// A directory from the cache directory, on this thread, counted as a
+    /// hit when `hit`; damaged objects count as absent.
+    fn local_dir(&self, digest: &B3Digest, hit: bool) -> Option<Directory> {
         match self.local.dirs.get_blocking(digest)? {
             Ok(Some(d)) => {
-                self.hit(
-                    Kind::Directory,
-                    || self.local.dirs.path_of(digest),
-                    Key::Directory(*digest),
-                );
+                if hit {
+                    self.hit(
+                        Kind::Directory,
+                        || self.local.dirs.path_of(digest),
+                        Key::Directory(*digest),
+                    );
+                }
                 Some(d)
             }
             Ok(None) => None,
@@ -49,12 +51,12 @@ impl Cache {
 
     /// The whole tree below `root` from the cache directory, root first;
     /// `None` unless all of it is there.
-    fn local_tree(&self, root: &B3Digest) -> Option<Vec<Directory>> {
+    fn local_tree(&self, root: &B3Digest, hit: bool) -> Option<Vec<Directory>> {
         let mut out = Vec::new();
         let mut queue = VecDeque::from([*root]);
         let mut seen = HashSet::from([*root]);
         while let Some(d) = queue.pop_front() {
-            let dir = self.local_dir(&d)?;
+            let dir = self.local_dir(&d, hit)?;
             for (_, child, _) in dir.child_directories() {
                 if seen.insert(child) {
                     queue.push_back(child);
@@ -107,7 +109,11 @@ impl Cache {
 
     async fn get_directory(self: &Arc<Self>, digest: &B3Digest) -> Result<Option<Directory>> {
         let d = *digest;
-        if let Some(dir) = self.clone().blocking(move |c| c.local_dir(&d)).await? {
+        if let Some(dir) = self
+            .clone()
+            .blocking(move |c| c.local_dir(&d, true))
+            .await?
+        {
             return Ok(Some(dir));
         }
         self.stats.miss(Kind::Directory);
@@ -126,7 +132,10 @@ impl Cache {
         if !flights::wait(rx, self.idle).await.into_result()? {
             return Ok(None);
         }
-        let again = self.clone().blocking(move |c| c.local_dir(&d)).await?;
+        let again = self
+            .clone()
+            .blocking(move |c| c.local_dir(&d, false))
+            .await?;
         again.map(Some).ok_or_else(|| evicted(digest))
     }
 
@@ -161,13 +170,13 @@ impl DirectoryService for CachedDirectoryService {
 
     /// Hits only: a miss goes the async way, which fetches.
     fn get_blocking(&self, digest: &B3Digest) -> Option<Result<Option<Directory>>> {
-        self.0.local_dir(digest).map(|d| Ok(Some(d)))
+        self.0.local_dir(digest, true).map(|d| Ok(Some(d)))
     }
 
     fn get_recursive(&self, root: B3Digest) -> BoxStream<'_, Result<Directory>> {
         let cache = self.0.clone();
         Box::pin(async_stream::try_stream! {
-            if let Some(tree) = cache.clone().blocking(move |c| c.local_tree(&root)).await? {
+            if let Some(tree) = cache.clone().blocking(move |c| c.local_tree(&root, true)).await? {
                 for d in tree {
                     yield d;
                 }
@@ -191,7 +200,7 @@ impl DirectoryService for CachedDirectoryService {
                         }
                     });
                     if flights::wait(rx, cache.idle).await.into_result()? {
-                        let tree = cache.clone().blocking(move |c| c.local_tree(&root)).await?;
+                        let tree = cache.clone().blocking(move |c| c.local_tree(&root, false)).await?;
                         for d in tree.ok_or_else(|| evicted(&root))? {
                             yield d;
                         }

@@ -18,14 +18,18 @@ use std::time::Instant;
 pub struct CachedPathInfoService(pub(super) Arc<Cache>);
 
 impl Cache {
-    fn local_info(&self, hash: &[u8; 20]) -> Option<PathInfo> {
+    /// A cached path info, counted as a hit when `hit`; damaged ones
+    /// count as absent.
+    fn local_info(&self, hash: &[u8; 20], hit: bool) -> Option<PathInfo> {
         match self.local.infos.get_blocking(hash)? {
             Ok(Some(i)) => {
-                self.hit(
-                    Kind::PathInfo,
-                    || self.local.infos.path_of(hash),
-                    Key::PathInfo(*hash),
-                );
+                if hit {
+                    self.hit(
+                        Kind::PathInfo,
+                        || self.local.infos.path_of(hash),
+                        Key::PathInfo(*hash),
+                    );
+                }
                 Some(i)
             }
             Ok(None) => None,
@@ -63,7 +67,7 @@ impl Cache {
 
     async fn get_info(self: &Arc<Self>, hash: &[u8; 20]) -> Result<Option<PathInfo>> {
         let h = *hash;
-        let local = self.clone().blocking_info(h).await?;
+        let local = self.clone().blocking_info(h, true).await?;
         if local.is_some() {
             return Ok(local);
         }
@@ -97,7 +101,7 @@ impl Cache {
             absent.insert(h, Instant::now());
             return Ok(None);
         }
-        let again = self.clone().blocking_info(h).await?;
+        let again = self.clone().blocking_info(h, false).await?;
         again.map(Some).ok_or_else(|| {
             Error::Fetch(format!(
                 "path info {} was evicted as soon as it was fetched: the cache is too small",
@@ -106,8 +110,8 @@ impl Cache {
         })
     }
 
-    async fn blocking_info(self: Arc<Self>, hash: [u8; 20]) -> Result<Option<PathInfo>> {
-        tokio::task::spawn_blocking(move || self.local_info(&hash))
+    async fn blocking_info(self: Arc<Self>, hash: [u8; 20], hit: bool) -> Result<Option<PathInfo>> {
+        tokio::task::spawn_blocking(move || self.local_info(&hash, hit))
             .await
             .map_err(|e| Error::Io(std::io::Error::other(e)))
     }
@@ -121,7 +125,7 @@ impl PathInfoService for CachedPathInfoService {
 
     /// Hits only: a miss goes the async way, which fetches.
     fn get_blocking(&self, hash: &[u8; 20]) -> Option<Result<Option<PathInfo>>> {
-        self.0.local_info(hash).map(|i| Ok(Some(i)))
+        self.0.local_info(hash, true).map(|i| Ok(Some(i)))
     }
 
     async fn put(&self, info: PathInfo) -> Result<PathInfo> {
