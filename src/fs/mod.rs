@@ -312,6 +312,9 @@ impl StoreFs {
     fn open_blob(&self, digest: &B3Digest, size: u64) -> io::Result<Box<dyn BlobReader>> {
         let key = (*digest, size);
         let verified = self.verified.contains_key(&key);
+        if !verified && size > INLINE_CHECK_MAX && inline::defer() {
+            return Err(err(libc::EAGAIN));
+        }
         // A local blob opens, and is checked, right here: no runtime hop.
         if let Some(opened) = self.store.blob.open_read_blocking(digest) {
             let checked = opened
@@ -474,6 +477,13 @@ fn check(
     Ok(())
 }
 
+/// Bytes hashed per read while checking a blob file.
+const CHECK_CHUNK: usize = 128 << 10;
+/// Larger blobs are not checked on the virtio queue's own thread: the
+/// request is deferred to a worker, so one big first read does not hold up
+/// every other request.
+const INLINE_CHECK_MAX: u64 = 1 << 20;
+
 /// Checks a blob on this thread through its direct bytes or file; false
 /// when the reader offers neither.
 fn check_direct(
@@ -489,16 +499,21 @@ fn check_direct(
         }
         Some(Direct::File(f)) => {
             use std::os::unix::fs::FileExt;
-            let mut buf = vec![0u8; 1 << 17];
-            let mut off = 0u64;
-            loop {
-                let n = f.read_at(&mut buf, off)?;
-                if n == 0 {
-                    break off;
-                }
-                h.update(&buf[..n]);
-                off += n as u64;
+            thread_local! {
+                static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
             }
+            BUF.with_borrow_mut(|buf| -> io::Result<u64> {
+                buf.resize(CHECK_CHUNK, 0);
+                let mut off = 0u64;
+                loop {
+                    let n = f.read_at(buf, off)?;
+                    if n == 0 {
+                        return Ok(off);
+                    }
+                    h.update(&buf[..n]);
+                    off += n as u64;
+                }
+            })?
         }
         None => return Ok(false),
     };

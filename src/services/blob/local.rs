@@ -71,7 +71,12 @@ impl BlobService for LocalBlobService {
     }
 
     fn open_read_blocking(&self, digest: &B3Digest) -> Option<Result<Option<Box<dyn BlobReader>>>> {
-        Some(open_file(&self.path_of(digest)).map_err(Into::into))
+        let opened = match std::fs::File::open(self.path_of(digest)) {
+            Ok(f) => super::FileReader::new(f).map(|r| Some(Box::new(r) as Box<dyn BlobReader>)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        };
+        Some(opened.map_err(Into::into))
     }
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {

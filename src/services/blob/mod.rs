@@ -31,19 +31,29 @@ impl BlobReader for std::io::Cursor<bytes::Bytes> {
     }
 }
 
-/// A blob held in a whole file: async reads for streaming, and the file
-/// itself for positional reads.
+/// A blob held in a whole file: the file itself for positional reads,
+/// and async reads for streaming (set up on first use: the view only
+/// ever reads at offsets).
 pub struct FileReader {
     std: std::fs::File,
-    tokio: tokio::fs::File,
+    tokio: Option<tokio::fs::File>,
 }
 
 impl FileReader {
     pub fn new(file: std::fs::File) -> std::io::Result<Self> {
         Ok(Self {
-            tokio: tokio::fs::File::from_std(file.try_clone()?),
             std: file,
+            tokio: None,
         })
+    }
+
+    fn tokio(&mut self) -> std::io::Result<&mut tokio::fs::File> {
+        if self.tokio.is_none() {
+            self.tokio = Some(tokio::fs::File::from_std(self.std.try_clone()?));
+        }
+        self.tokio
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("no async file"))
     }
 }
 
@@ -53,7 +63,8 @@ impl AsyncRead for FileReader {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.tokio).poll_read(cx, buf)
+        let t = self.tokio()?;
+        std::pin::Pin::new(t).poll_read(cx, buf)
     }
 }
 
@@ -62,14 +73,16 @@ impl AsyncSeek for FileReader {
         mut self: std::pin::Pin<&mut Self>,
         pos: std::io::SeekFrom,
     ) -> std::io::Result<()> {
-        std::pin::Pin::new(&mut self.tokio).start_seek(pos)
+        let t = self.tokio()?;
+        std::pin::Pin::new(t).start_seek(pos)
     }
 
     fn poll_complete(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<u64>> {
-        std::pin::Pin::new(&mut self.tokio).poll_complete(cx)
+        let t = self.tokio()?;
+        std::pin::Pin::new(t).poll_complete(cx)
     }
 }
 
@@ -124,8 +137,9 @@ pub trait BlobService: Send + Sync + 'static {
 
     /// As `open_read`, on the calling thread and without the async
     /// runtime, where the backend can (files on a local disk); `None` where
-    /// it cannot. For callers on threads that may block, like the view's
-    /// request workers.
+    /// it cannot. For the view's request threads, which read at offsets
+    /// straight into guest memory: the reader holds the open file, not a
+    /// copy of the bytes.
     fn open_read_blocking(
         &self,
         _digest: &B3Digest,

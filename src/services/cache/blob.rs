@@ -119,7 +119,13 @@ impl Cache {
         loop {
             match tokio::time::timeout(self.idle, stream.message()).await {
                 Err(_) => return Err(stalled(digest, self.idle)),
-                Ok(Ok(Some(p))) if p.done => return Ok(true),
+                Ok(Ok(Some(p))) if p.done => {
+                    // Read the end of the stream too: a stream dropped
+                    // before its end is reset, and h2 allows a client only
+                    // so many resets.
+                    let _ = tokio::time::timeout(self.idle, stream.message()).await;
+                    return Ok(true);
+                }
                 Ok(Ok(Some(_))) => {}
                 Ok(Ok(None)) => {
                     return Err(Error::Protocol(format!(

@@ -60,6 +60,13 @@ impl DirectoryService for GrpcDirectoryService {
         let Some(msg) = stream.message().await.or_else(not_found_is_none)? else {
             return Ok(None); // tvix answers an unknown digest with an empty stream
         };
+        // Read to the end (a stream dropped early is reset, and h2 allows
+        // only so many resets); a second directory is a protocol violation.
+        if stream.message().await?.is_some() {
+            return Err(Error::Protocol(format!(
+                "Get of directory {digest} (not recursive) answered more than one directory"
+            )));
+        }
         let dir = Directory::try_from(msg)?;
         let actual = dir.digest();
         if actual != *digest {
