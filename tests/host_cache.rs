@@ -1,0 +1,685 @@
+//! The host cache end to end ("a remote store served at local speed"):
+//! the filler is a real `daemon --cache-dir` process, readers are real FUSE
+//! mounts (`mount --cache-dir`, separate processes), and the remote is
+//! either a real `daemon` (when it has to go down and come back) or a
+//! *counting remote*: an in-process tonic server over an embedded store
+//! that counts blob Reads (per digest), directory Gets and path info Gets,
+//! and can be told to hold a Read back, trickle it, or lie.
+mod common;
+
+use bytes::Bytes;
+use common::{bin, cli_err, cli_ok, free_port, pseudo_random, sh, Daemon};
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status, Streaming};
+use tvix_virtiofsd::castore::{B3Digest, Directory};
+use tvix_virtiofsd::grpc_server::StoreServer;
+use tvix_virtiofsd::services::{blob::read_to_vec, Addr, Store};
+use tvix_virtiofsd::wire::castore as cpb;
+use tvix_virtiofsd::wire::store as spb;
+
+const MIB: usize = 1 << 20;
+
+// ---------------------------------------------------------------------------
+// The counting remote
+
+/// How the remote answers a Read of one digest.
+#[derive(Clone)]
+enum Behaviour {
+    /// Served as stored once the gate is open.
+    Gated(watch::Receiver<bool>),
+    /// Chunks of `chunk` bytes, each after `delay`.
+    Trickle { chunk: usize, delay: Duration },
+    /// One byte in the middle flipped.
+    Corrupt,
+    /// The last 1000 bytes left off.
+    Truncated,
+    /// 1000 bytes too many.
+    TooLong,
+}
+
+#[derive(Default)]
+struct Ctl {
+    reads: Mutex<HashMap<B3Digest, u64>>,
+    dir_gets: AtomicU64,
+    info_gets: AtomicU64,
+    /// Bytes of trickled blobs sent so far.
+    trickled: AtomicU64,
+    behaviour: Mutex<HashMap<B3Digest, Behaviour>>,
+    /// Directory digests answered with another directory.
+    dir_lies: Mutex<HashMap<B3Digest, Directory>>,
+}
+
+impl Ctl {
+    fn reads(&self, d: &B3Digest) -> u64 {
+        self.reads.lock().unwrap().get(d).copied().unwrap_or(0)
+    }
+    fn all_reads(&self) -> u64 {
+        self.reads.lock().unwrap().values().sum()
+    }
+    fn set(&self, d: B3Digest, b: Behaviour) {
+        self.behaviour.lock().unwrap().insert(d, b);
+    }
+    fn clear(&self, d: &B3Digest) {
+        self.behaviour.lock().unwrap().remove(d);
+    }
+}
+
+#[derive(Clone)]
+struct Remote {
+    inner: StoreServer,
+    store: Store,
+    ctl: Arc<Ctl>,
+}
+
+type ChunkStream = BoxStream<'static, Result<cpb::BlobChunk, Status>>;
+
+fn chunks(data: Vec<u8>, size: usize) -> ChunkStream {
+    let msgs: Vec<_> = data
+        .chunks(size)
+        .map(|c| {
+            Ok(cpb::BlobChunk {
+                data: Bytes::copy_from_slice(c),
+            })
+        })
+        .collect();
+    futures::stream::iter(msgs).boxed()
+}
+
+#[tonic::async_trait]
+impl cpb::blob_service_server::BlobService for Remote {
+    type ReadStream = ChunkStream;
+
+    async fn stat(
+        &self,
+        req: Request<cpb::StatBlobRequest>,
+    ) -> Result<Response<cpb::StatBlobResponse>, Status> {
+        cpb::blob_service_server::BlobService::stat(&self.inner, req).await
+    }
+
+    async fn read(
+        &self,
+        req: Request<cpb::ReadBlobRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let digest = B3Digest::try_from(&req.get_ref().digest[..])
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        *self.ctl.reads.lock().unwrap().entry(digest).or_default() += 1;
+        let behaviour = self.ctl.behaviour.lock().unwrap().get(&digest).cloned();
+        let Some(behaviour) = behaviour else {
+            return cpb::blob_service_server::BlobService::read(&self.inner, req).await;
+        };
+        if let Behaviour::Gated(mut open) = behaviour {
+            let _ = open.wait_for(|o| *o).await;
+            return cpb::blob_service_server::BlobService::read(&self.inner, req).await;
+        }
+        let mut data = read_to_vec(self.store.blob.as_ref(), &digest)
+            .await
+            .map_err(Status::from)?
+            .ok_or_else(|| Status::not_found("no such blob"))?;
+        let s = match behaviour {
+            Behaviour::Gated(_) => unreachable!(),
+            Behaviour::Trickle { chunk, delay } => {
+                let ctl = self.ctl.clone();
+                async_stream::stream! {
+                    for c in data.chunks(chunk) {
+                        tokio::time::sleep(delay).await;
+                        ctl.trickled.fetch_add(c.len() as u64, SeqCst);
+                        yield Ok(cpb::BlobChunk { data: Bytes::copy_from_slice(c) });
+                    }
+                }
+                .boxed()
+            }
+            Behaviour::Corrupt => {
+                let mid = data.len() / 2;
+                data[mid] ^= 0x40;
+                chunks(data, 64 << 10)
+            }
+            Behaviour::Truncated => {
+                data.truncate(data.len() - 1000);
+                chunks(data, 64 << 10)
+            }
+            Behaviour::TooLong => {
+                data.extend_from_slice(&[7u8; 1000]);
+                chunks(data, 64 << 10)
+            }
+        };
+        Ok(Response::new(s))
+    }
+
+    async fn put(
+        &self,
+        req: Request<Streaming<cpb::BlobChunk>>,
+    ) -> Result<Response<cpb::PutBlobResponse>, Status> {
+        cpb::blob_service_server::BlobService::put(&self.inner, req).await
+    }
+}
+
+#[tonic::async_trait]
+impl cpb::directory_service_server::DirectoryService for Remote {
+    type GetStream = BoxStream<'static, Result<cpb::Directory, Status>>;
+
+    async fn get(
+        &self,
+        req: Request<cpb::GetDirectoryRequest>,
+    ) -> Result<Response<Self::GetStream>, Status> {
+        self.ctl.dir_gets.fetch_add(1, SeqCst);
+        if let Some(cpb::get_directory_request::ByWhat::Digest(d)) = &req.get_ref().by_what {
+            if let Ok(d) = B3Digest::try_from(&d[..]) {
+                if let Some(lie) = self.ctl.dir_lies.lock().unwrap().get(&d) {
+                    let msg = Ok(lie.to_proto());
+                    return Ok(Response::new(futures::stream::iter([msg]).boxed()));
+                }
+            }
+        }
+        cpb::directory_service_server::DirectoryService::get(&self.inner, req).await
+    }
+
+    async fn put(
+        &self,
+        req: Request<Streaming<cpb::Directory>>,
+    ) -> Result<Response<cpb::PutDirectoryResponse>, Status> {
+        cpb::directory_service_server::DirectoryService::put(&self.inner, req).await
+    }
+}
+
+#[tonic::async_trait]
+impl spb::path_info_service_server::PathInfoService for Remote {
+    type ListStream = BoxStream<'static, Result<spb::PathInfo, Status>>;
+
+    async fn get(
+        &self,
+        req: Request<spb::GetPathInfoRequest>,
+    ) -> Result<Response<spb::PathInfo>, Status> {
+        self.ctl.info_gets.fetch_add(1, SeqCst);
+        spb::path_info_service_server::PathInfoService::get(&self.inner, req).await
+    }
+
+    async fn put(&self, req: Request<spb::PathInfo>) -> Result<Response<spb::PathInfo>, Status> {
+        spb::path_info_service_server::PathInfoService::put(&self.inner, req).await
+    }
+
+    async fn calculate_nar(
+        &self,
+        req: Request<cpb::Node>,
+    ) -> Result<Response<spb::CalculateNarResponse>, Status> {
+        spb::path_info_service_server::PathInfoService::calculate_nar(&self.inner, req).await
+    }
+
+    async fn list(
+        &self,
+        req: Request<spb::ListPathInfoRequest>,
+    ) -> Result<Response<Self::ListStream>, Status> {
+        spb::path_info_service_server::PathInfoService::list(&self.inner, req).await
+    }
+}
+
+/// Serves the embedded store at `store_dir` as a counting remote on a unix
+/// socket at `sock`; returns its address and its controls.
+fn counting_remote(rt: &tokio::runtime::Runtime, store_dir: &Path, sock: &Path) -> (String, Arc<Ctl>) {
+    let a = Addr::Local(store_dir.to_path_buf());
+    let store = Store::open(&a, &a, &a).expect("open the remote's store");
+    let ctl = Arc::new(Ctl::default());
+    let remote = Remote {
+        inner: StoreServer::new(store.clone(), true),
+        store,
+        ctl: ctl.clone(),
+    };
+    let _in_rt = rt.enter();
+    let l = tokio::net::UnixListener::bind(sock).expect("bind the remote's socket");
+    let router = tonic::transport::Server::builder()
+        .add_service(cpb::blob_service_server::BlobServiceServer::new(
+            remote.clone(),
+        ))
+        .add_service(cpb::directory_service_server::DirectoryServiceServer::new(
+            remote.clone(),
+        ))
+        .add_service(spb::path_info_service_server::PathInfoServiceServer::new(
+            remote,
+        ));
+    rt.spawn(router.serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(l)));
+    (format!("grpc+unix://{}", sock.display()), ctl)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Adds `paths` to the embedded store at `store_dir` with the CLI; answers
+/// their store path basenames.
+fn import(store_dir: &Path, paths: &[&Path]) -> Vec<String> {
+    let store = format!("local://{}", store_dir.display());
+    let mut args = vec!["--store", store.as_str(), "import"];
+    args.extend(paths.iter().map(|p| p.to_str().unwrap()));
+    String::from_utf8(cli_ok(&args))
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().trim_start_matches("/nix/store/").to_string())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Processes: filler, readers
+
+/// Environment for the processes under test: no colours in their logs.
+fn command() -> Command {
+    let mut c = Command::new(bin());
+    c.env("NO_COLOR", "1")
+        .env_remove("TVIX_VIRTIOFSD_CACHE_DIR")
+        .env_remove("TVIX_VIRTIOFSD_CACHE_SIZE")
+        .stdin(Stdio::null());
+    c
+}
+
+fn log_file(path: &Path) -> Stdio {
+    Stdio::from(std::fs::File::create(path).unwrap())
+}
+
+fn read_log(path: &Path) -> String {
+    strip_ansi(&std::fs::read_to_string(path).unwrap_or_default())
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' {
+            for c in it.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn wait_connectable(sock: &Path, child: &mut Child, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("process exited ({st}) before listening: {}", read_log(log));
+        }
+        assert!(Instant::now() < deadline, "{} never listened", sock.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `tvix-virtiofsd --store REMOTE --cache-dir DIR daemon` on a unix socket,
+/// with metrics on another; SIGKILLed on drop.
+struct Filler {
+    child: Child,
+    sock: PathBuf,
+    metrics: PathBuf,
+    log: PathBuf,
+}
+
+impl Filler {
+    fn start(remote: &str, dir: &Path, work: &Path, name: &str, extra: &[&str]) -> Filler {
+        let sock = work.join(format!("{name}.sock"));
+        let metrics = work.join(format!("{name}.metrics"));
+        let log = work.join(format!("{name}.log"));
+        let mut child = command()
+            .arg("--store")
+            .arg(remote)
+            .arg("--cache-dir")
+            .arg(dir)
+            .arg("daemon")
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display()))
+            .arg("--metrics-listen")
+            .arg(format!("unix:{}", metrics.display()))
+            .args(extra)
+            .stderr(log_file(&log))
+            .spawn()
+            .unwrap();
+        wait_connectable(&sock, &mut child, &log);
+        Filler {
+            child,
+            sock,
+            metrics,
+            log,
+        }
+    }
+
+    fn addr(&self) -> String {
+        format!("grpc+unix://{}", self.sock.display())
+    }
+
+    fn metrics(&self) -> Metrics {
+        scrape(&self.metrics)
+    }
+
+    /// SIGTERM; answers the exit status and the log.
+    fn stop(mut self) -> (ExitStatus, String) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let st = self.child.wait().unwrap();
+        let log = read_log(&self.log);
+        std::mem::forget(self);
+        (st, log)
+    }
+}
+
+impl Drop for Filler {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Prometheus samples by `name{labels}`, without the common prefix.
+struct Metrics(HashMap<String, u64>);
+
+impl Metrics {
+    fn get(&self, name: &str) -> u64 {
+        *self
+            .0
+            .get(name)
+            .unwrap_or_else(|| panic!("no metric {name} in {:?}", self.0.keys()))
+    }
+    fn blob(&self, family: &str) -> u64 {
+        self.get(&format!("{family}{{kind=\"blob\"}}"))
+    }
+}
+
+/// GET /metrics over a unix socket (HTTP/1.1, as Prometheus scrapes).
+fn scrape(sock: &Path) -> Metrics {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("metrics socket");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let body = &resp[resp.find("\r\n\r\n").expect("header end") + 4..];
+    let mut m = HashMap::new();
+    for line in body.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let (name, value) = line.rsplit_once(' ').expect("sample line");
+        if let Some(n) = name.strip_prefix("tvix_virtiofsd_cache_") {
+            m.insert(n.to_string(), value.parse().expect("integer sample"));
+        }
+    }
+    assert!(m.contains_key("used_bytes"), "no cache metrics in {body}");
+    Metrics(m)
+}
+
+fn is_mounted(mnt: &Path) -> bool {
+    let m = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let want = mnt.to_str().unwrap();
+    m.lines().any(|l| l.split(' ').nth(4) == Some(want))
+}
+
+/// `tvix-virtiofsd --store STORE [--cache-dir DIR] mount MNT`; unmounted on
+/// drop.
+struct Mount {
+    child: Child,
+    path: PathBuf,
+    log: PathBuf,
+}
+
+impl Mount {
+    fn start(store: &str, cache: Option<&Path>, mnt: &Path, extra: &[&str]) -> Mount {
+        std::fs::create_dir_all(mnt).unwrap();
+        let log = mnt.with_extension("log");
+        let mut c = command();
+        c.arg("--store").arg(store);
+        if let Some(dir) = cache {
+            c.arg("--cache-dir").arg(dir);
+        }
+        let mut child = c
+            .arg("mount")
+            .arg(mnt)
+            .args(extra)
+            .stderr(log_file(&log))
+            .spawn()
+            .unwrap();
+        let path = mnt.canonicalize().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !is_mounted(&path) {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("mount exited ({st}): {}", read_log(&log));
+            }
+            assert!(Instant::now() < deadline, "mount did not appear");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Mount { child, path, log }
+    }
+
+    fn file(&self, rel: &str) -> PathBuf {
+        self.path.join(rel)
+    }
+
+    /// SIGTERM: unmounts and exits; answers the log.
+    fn stop(mut self) -> String {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let st = self.child.wait().unwrap();
+        let log = read_log(&self.log);
+        assert!(st.success(), "mount exited with {st}: {log}");
+        assert!(!is_mounted(&self.path), "still mounted after SIGTERM");
+        std::mem::forget(self);
+        log
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// The reader's closing log line, `cache DIR: hits: N blob, N directory,
+/// N path_info; misses: ...`, as ([hits], [misses]) by kind.
+fn summary(log: &str) -> ([u64; 3], [u64; 3]) {
+    let line = log
+        .lines()
+        .rfind(|l| l.contains("cache ") && l.contains(": hits: "))
+        .unwrap_or_else(|| panic!("no cache summary in the log: {log}"));
+    let part = |label: &str| -> [u64; 3] {
+        let rest = &line[line.find(label).unwrap() + label.len()..];
+        let rest = &rest[..rest.find(';').unwrap()];
+        let mut out = [0; 3];
+        for (i, kind) in ["blob", "directory", "path_info"].iter().enumerate() {
+            let item = rest
+                .split(", ")
+                .find(|s| s.trim().ends_with(&format!(" {kind}")))
+                .unwrap_or_else(|| panic!("no {kind} in {line}"));
+            out[i] = item.split_whitespace().next().unwrap().parse().unwrap();
+        }
+        out
+    };
+    (part("hits: "), part("misses: "))
+}
+
+// ---------------------------------------------------------------------------
+// The cache directory
+
+fn blob_file(dir: &Path, d: &B3Digest) -> PathBuf {
+    let hex = d.to_hex();
+    dir.join("blobs").join(&hex[..2]).join(hex)
+}
+
+fn dir_file(dir: &Path, d: &B3Digest) -> PathBuf {
+    let hex = d.to_hex();
+    dir.join("directories").join(&hex[..2]).join(hex)
+}
+
+/// Every object file of the cache directory: (path, length, allocated bytes).
+fn objects(dir: &Path) -> Vec<(PathBuf, u64, u64)> {
+    let mut out = Vec::new();
+    for area in ["blobs", "directories", "pathinfo"] {
+        let mut stack = vec![dir.join(area)];
+        while let Some(d) = stack.pop() {
+            let Ok(rd) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let m = e.metadata().unwrap();
+                if m.is_dir() {
+                    stack.push(e.path());
+                } else {
+                    out.push((e.path(), m.len(), m.blocks() * 512));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What the cache charges for an object: whole 4 KiB blocks, at least one.
+fn cost(len: u64) -> u64 {
+    len.div_ceil(4096).max(1) * 4096
+}
+
+/// What the objects in the cache directory cost, as the cache counts it.
+fn charged(dir: &Path) -> u64 {
+    objects(dir).iter().map(|o| cost(o.1)).sum()
+}
+
+fn tmp_entries(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir.join("tmp"))
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+fn atime(p: &Path) -> (i64, i64) {
+    let m = std::fs::metadata(p).unwrap();
+    (m.atime(), m.atime_nsec())
+}
+
+fn fuse_available() -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("!!! SKIPPING HOST CACHE FUSE TEST: cannot open /dev/fuse: {e} !!!");
+            false
+        }
+    }
+}
+
+/// Polls `cond` until it holds, failing after `secs` with `what`.
+fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn b3_of_file(p: &Path) -> std::io::Result<B3Digest> {
+    let mut f = std::fs::File::open(p)?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; MIB];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(B3Digest::from(h.finalize()))
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+
+/// A file read through one reader, then through a second reader (a fresh
+/// mount: no page cache) costs exactly one remote Read, one directory Get
+/// and one path info Get; the blob sits in DIR/blobs with its bytes; the
+/// filler counted the misses, the second reader only hits; a read through
+/// the filler's own gRPC is a hit there.
+#[test]
+fn miss_then_hit() {
+    if !fuse_available() {
+        return;
+    }
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let src = t.join("pkg");
+    std::fs::create_dir_all(src.join("share")).unwrap();
+    let data = pseudo_random(3 * MIB + 17, 1);
+    std::fs::write(src.join("share/data"), &data).unwrap();
+    std::fs::write(src.join("small"), b"small file\n").unwrap();
+    let base = import(&t.join("remote"), &[&src]).remove(0);
+    let digest = B3Digest::of(&data);
+    let (remote, ctl) = counting_remote(&rt, &t.join("remote"), &t.join("remote.sock"));
+    let dir = t.join("cache");
+    let filler = Filler::start(&remote, &dir, t, "filler", &[]);
+    let m0 = filler.metrics();
+    assert_eq!(m0.blob("misses_total"), 0);
+    assert_eq!(m0.get("max_bytes"), 10 << 30, "the default --cache-size");
+
+    let file = format!("{base}/share/data");
+    let m1 = Mount::start(&filler.addr(), Some(&dir), &t.join("mnt1"), &[]);
+    assert!(std::fs::read(m1.file(&file)).unwrap() == data);
+    assert_eq!(ctl.reads(&digest), 1);
+    let on_disk = blob_file(&dir, &digest);
+    assert!(std::fs::read(&on_disk).unwrap() == data, "DIR/blobs holds the bytes");
+    let m = filler.metrics();
+    assert_eq!(m.blob("misses_total"), 1);
+    assert_eq!(m.get("misses_total{kind=\"path_info\"}"), 1);
+    assert!(m.get("misses_total{kind=\"directory\"}") >= 1);
+    assert!(m.get("fetched_bytes_total") >= data.len() as u64);
+    assert!(m.get("fills_total") >= 3, "path info, tree, blob");
+    assert_eq!(m.get("fills_in_flight"), 0);
+    assert_eq!(m.get("fill_errors_total"), 0);
+    assert_eq!(m.get("used_bytes"), charged(&dir));
+    let (hits1, misses1) = summary(&m1.stop());
+    assert_eq!(misses1[0], 1, "the first reader missed the blob");
+    assert_eq!(hits1[0], 0);
+
+    // a second reader: everything from DIR, nothing from the remote
+    let m2 = Mount::start(&filler.addr(), Some(&dir), &t.join("mnt2"), &[]);
+    assert!(std::fs::read(m2.file(&file)).unwrap() == data);
+    assert_eq!(std::fs::read(m2.file(&format!("{base}/small"))).unwrap(), b"small file\n");
+    let (hits2, misses2) = summary(&m2.stop());
+    // only `small`, which the first reader never read, was a miss
+    assert_eq!(misses2, [1, 0, 0], "second reader: hits but for `small`");
+    // `data` opened from DIR; the tree (2 directories) and the path info too
+    assert!(hits2[0] == 1 && hits2[1] >= 2 && hits2[2] >= 1, "{hits2:?}");
+    assert_eq!(ctl.reads(&digest), 1, "one remote Read for two readers");
+    assert_eq!(ctl.info_gets.load(SeqCst), 1);
+    assert_eq!(ctl.dir_gets.load(SeqCst), 1, "the tree in one recursive Get");
+    // `small` was never read by the first reader: filled for the second
+    assert_eq!(ctl.all_reads(), 2);
+
+    // the filler's own gRPC serves the blob as a hit
+    let before = filler.metrics().blob("hits_total");
+    let client = {
+        let _g = rt.enter();
+        common::grpc_store(&filler.addr())
+    };
+    let got = rt
+        .block_on(read_to_vec(client.blob.as_ref(), &digest))
+        .unwrap()
+        .unwrap();
+    assert!(got == data);
+    assert_eq!(filler.metrics().blob("hits_total"), before + 1);
+    assert_eq!(ctl.reads(&digest), 1);
+    let (st, log) = filler.stop();
+    assert!(st.success(), "{log}");
+    assert!(log.contains("hits: "), "the filler logs its summary at exit: {log}");
+}
