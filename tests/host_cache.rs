@@ -683,3 +683,97 @@ fn miss_then_hit() {
     assert!(st.success(), "{log}");
     assert!(log.contains("hits: "), "the filler logs its summary at exit: {log}");
 }
+
+/// Hashes a blob read through a gRPC store client, chunk by chunk.
+async fn b3_over_grpc(store: Store, digest: B3Digest) -> B3Digest {
+    use tokio::io::AsyncReadExt;
+    let mut r = store
+        .blob
+        .open_read(&digest)
+        .await
+        .expect("read through the filler")
+        .expect("the filler has the blob");
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; MIB];
+    loop {
+        let n = r.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    B3Digest::from(h.finalize())
+}
+
+/// 16 readers of one 64 MiB file across two mounts (separate processes on
+/// one DIR) and 4 gRPC Reads against the filler, all while the remote
+/// holds its Read back: the remote sees exactly one Read, the filler
+/// counts the others as joining it, and every reader gets the right bytes.
+#[test]
+fn concurrent_misses_fetch_once() {
+    if !fuse_available() {
+        return;
+    }
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let src = t.join("big");
+    std::fs::create_dir_all(&src).unwrap();
+    let data = pseudo_random(64 * MIB + 5, 2);
+    let digest = B3Digest::of(&data);
+    std::fs::write(src.join("blob"), &data).unwrap();
+    drop(data);
+    let base = import(&t.join("remote"), &[&src]).remove(0);
+    let (remote, ctl) = counting_remote(&rt, &t.join("remote"), &t.join("remote.sock"));
+    let (gate, gated) = watch::channel(false);
+    ctl.set(digest, Behaviour::Gated(gated));
+    let dir = t.join("cache");
+    let filler = Filler::start(&remote, &dir, t, "filler", &[]);
+    let mounts = [
+        Mount::start(&filler.addr(), Some(&dir), &t.join("mnt1"), &[]),
+        Mount::start(&filler.addr(), Some(&dir), &t.join("mnt2"), &[]),
+    ];
+    let file = format!("{base}/blob");
+    for m in &mounts {
+        // path info and tree now; only the blob is held back
+        assert_eq!(std::fs::metadata(m.file(&file)).unwrap().len(), 64 << 20 | 5);
+    }
+    let waits_before = filler.metrics().get("dedup_waits_total");
+
+    let mut cats = Vec::new();
+    for m in &mounts {
+        for _ in 0..8 {
+            let p = m.file(&file);
+            cats.push(std::thread::spawn(move || b3_of_file(&p)));
+        }
+    }
+    let grpc: Vec<_> = (0..4)
+        .map(|_| {
+            let _g = rt.enter();
+            rt.spawn(b3_over_grpc(common::grpc_store(&filler.addr()), digest))
+        })
+        .collect();
+    // the readers pile up behind the one fetch under way
+    wait_until(30, "readers joining the fetch under way", || {
+        filler.metrics().get("dedup_waits_total") >= waits_before + 4
+    });
+    assert_eq!(ctl.reads(&digest), 1);
+    assert_eq!(filler.metrics().get("fills_in_flight"), 1);
+    gate.send(true).unwrap();
+
+    for c in cats {
+        assert_eq!(c.join().unwrap().expect("read through a mount"), digest);
+    }
+    for g in grpc {
+        assert_eq!(rt.block_on(g).unwrap(), digest);
+    }
+    assert_eq!(ctl.reads(&digest), 1, "one remote Read for 20 readers");
+    let m = filler.metrics();
+    assert!(m.get("dedup_waits_total") >= waits_before + 4);
+    assert_eq!(m.get("fills_in_flight"), 0);
+    assert_eq!(m.get("fill_errors_total"), 0);
+    assert_eq!(b3_of_file(&blob_file(&dir, &digest)).unwrap(), digest);
+    for m in mounts {
+        m.stop();
+    }
+}
