@@ -777,3 +777,106 @@ fn concurrent_misses_fetch_once() {
         m.stop();
     }
 }
+
+/// `--cache-size 4M` and 11 store paths of 900 KiB to 2 MiB read through
+/// readers: the bound holds after every read (the filler's gauge, the
+/// charged sizes and the allocated blocks of the object files), the gauge
+/// matches the files; the least recently used blob goes first, one a
+/// reader hit since (reported to the filler when it exits) stays; a file
+/// whose blob is evicted while it is open reads to its end.
+#[test]
+fn eviction_keeps_the_bound_lru() {
+    if !fuse_available() {
+        return;
+    }
+    const MAX: u64 = 4 << 20;
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    std::fs::create_dir_all(t.join("src")).unwrap();
+    let mut datas: Vec<Vec<u8>> = (0..10).map(|i| pseudo_random(900 << 10, 1001 + 2 * i)).collect();
+    datas.push(pseudo_random(2 * MIB, 99));
+    let srcs: Vec<PathBuf> = (0..datas.len())
+        .map(|i| {
+            let p = t.join("src").join(format!("f{i}"));
+            std::fs::write(&p, &datas[i]).unwrap();
+            p
+        })
+        .collect();
+    let bases = import(&t.join("remote"), &srcs.iter().map(PathBuf::as_path).collect::<Vec<_>>());
+    let digests: Vec<B3Digest> = datas.iter().map(|d| B3Digest::of(d)).collect();
+    let distinct: std::collections::HashSet<_> = digests.iter().collect();
+    assert_eq!(distinct.len(), digests.len(), "eleven different blobs");
+    let (remote, ctl) = counting_remote(&rt, &t.join("remote"), &t.join("remote.sock"));
+    let dir = t.join("cache");
+    let filler = Filler::start(&remote, &dir, t, "filler", &["--cache-size", "4M"]);
+    let within_bound = |after: &str| {
+        let m = filler.metrics();
+        assert_eq!(m.get("max_bytes"), MAX);
+        assert!(m.get("used_bytes") <= MAX, "after {after}: used {}", m.get("used_bytes"));
+        let objs = objects(&dir);
+        let charged: u64 = objs.iter().map(|o| cost(o.1)).sum();
+        let allocated: u64 = objs.iter().map(|o| o.2).sum();
+        assert!(charged <= MAX, "after {after}: objects take {charged}");
+        assert!(allocated <= MAX, "after {after}: {allocated} bytes allocated");
+    };
+    let read = |m: &Mount, i: usize| {
+        let got = std::fs::read(m.file(&bases[i])).unwrap();
+        assert!(got == datas[i], "f{i} read back differently");
+        within_bound(&format!("f{i}"));
+    };
+
+    let m1 = Mount::start(&filler.addr(), Some(&dir), &t.join("mnt1"), &[]);
+    for i in 0..3 {
+        read(&m1, i);
+    }
+    m1.stop();
+    // f0 again, through a fresh reader (the first one's page cache would
+    // answer without asking it): a hit, reported when it exits
+    let m1b = Mount::start(&filler.addr(), Some(&dir), &t.join("mnt1b"), &[]);
+    read(&m1b, 0);
+    let (hits, misses) = summary(&m1b.stop());
+    assert_eq!((hits[0], misses[0]), (1, 0), "f0 was a hit in the fresh reader");
+    let a0 = atime(&blob_file(&dir, &digests[0]));
+    assert!(
+        a0 > atime(&blob_file(&dir, &digests[1])) && a0 > atime(&blob_file(&dir, &digests[2])),
+        "the reader's hit on f0 reached the filler"
+    );
+
+    let m2 = Mount::start(&filler.addr(), Some(&dir), &t.join("mnt2"), &[]);
+    for i in 3..5 {
+        read(&m2, i);
+    }
+    let m = filler.metrics();
+    assert!(m.get("evictions_total") >= 1 && m.get("evicted_bytes_total") >= 900 << 10);
+    assert!(!blob_file(&dir, &digests[1]).exists(), "f1, least recently used, is evicted");
+    assert!(blob_file(&dir, &digests[0]).exists(), "f0, hit since, is kept");
+    assert!(blob_file(&dir, &digests[4]).exists());
+
+    // f10 (2 MiB) opened and partly read; then enough newer objects that it
+    // must go; the open file still reads to its end
+    let x = &datas[10];
+    let mut open = std::fs::File::open(m2.file(&bases[10])).unwrap();
+    let mut head = vec![0u8; 64 << 10];
+    open.read_exact(&mut head).unwrap();
+    assert!(head == x[..head.len()]);
+    assert!(blob_file(&dir, &digests[10]).exists());
+    for i in 5..10 {
+        read(&m2, i);
+    }
+    assert!(
+        !blob_file(&dir, &digests[10]).exists(),
+        "f10 is older than 5 x 900 KiB read since: evicted"
+    );
+    let mut rest = Vec::new();
+    open.read_to_end(&mut rest).unwrap();
+    assert!(rest == x[head.len()..], "an evicted open file reads to its end");
+    drop(open);
+
+    let m = filler.metrics();
+    assert_eq!(m.get("used_bytes"), charged(&dir), "the gauge is what the files take");
+    assert_eq!(m.get("fill_errors_total"), 0);
+    assert_eq!(ctl.all_reads(), 11, "every blob fetched once");
+    assert!(tmp_entries(&dir).is_empty());
+    m2.stop();
+}
