@@ -20,10 +20,13 @@ use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 use tvix_virtiofsd::castore::{B3Digest, Directory};
 use tvix_virtiofsd::grpc_server::StoreServer;
 use tvix_virtiofsd::services::{blob::read_to_vec, Addr, Store};
+use tvix_virtiofsd::wire::cache::cache_service_client::CacheServiceClient;
+use tvix_virtiofsd::wire::cache::FillBlobRequest;
 use tvix_virtiofsd::wire::castore as cpb;
 use tvix_virtiofsd::wire::store as spb;
 
@@ -358,6 +361,20 @@ impl Filler {
 
     fn addr(&self) -> String {
         format!("grpc+unix://{}", self.sock.display())
+    }
+
+    /// SIGKILL, as a crash.
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// A CacheService client (what readers use), on `rt`.
+    fn cache_client(&self, rt: &tokio::runtime::Runtime) -> CacheServiceClient<Channel> {
+        let _g = rt.enter();
+        CacheServiceClient::new(
+            tvix_virtiofsd::services::channel::connect_unix(self.sock.clone()).unwrap(),
+        )
     }
 
     fn metrics(&self) -> Metrics {
@@ -879,4 +896,177 @@ fn eviction_keeps_the_bound_lru() {
     assert_eq!(ctl.all_reads(), 11, "every blob fetched once");
     assert!(tmp_entries(&dir).is_empty());
     m2.stop();
+}
+
+/// The filler SIGKILLed in the middle of a fill (the remote trickles a
+/// 16 MiB blob): no file for the digest in DIR/blobs, only a partial one in
+/// DIR/tmp, which the next filler removes before it serves; the fill then
+/// completes and a reader reads the right bytes.
+#[test]
+fn filler_killed_mid_fill() {
+    if !fuse_available() {
+        return;
+    }
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let data = pseudo_random(16 * MIB + 3, 5);
+    let digest = B3Digest::of(&data);
+    std::fs::write(t.join("slow"), &data).unwrap();
+    let base = import(&t.join("remote"), &[&t.join("slow")]).remove(0);
+    let (remote, ctl) = counting_remote(&rt, &t.join("remote"), &t.join("remote.sock"));
+    ctl.set(
+        digest,
+        Behaviour::Trickle {
+            chunk: 256 << 10,
+            delay: Duration::from_millis(40),
+        },
+    );
+    let dir = t.join("cache");
+    let filler = Filler::start(&remote, &dir, t, "filler", &[]);
+
+    // a reader's request, its progress watched until the fill is well under way
+    let mut client = filler.cache_client(&rt);
+    let req = FillBlobRequest {
+        digest: digest.into(),
+        size: data.len() as u64,
+    };
+    let mut progress = rt.block_on(client.fill_blob(req)).unwrap().into_inner();
+    loop {
+        let p = rt.block_on(progress.message()).unwrap().expect("progress");
+        assert!(!p.done, "the fill cannot be done yet");
+        if p.bytes >= 2 * MIB as u64 {
+            break;
+        }
+    }
+    assert!(!tmp_entries(&dir).is_empty(), "the fill is written in DIR/tmp");
+    filler.kill9();
+    assert!(
+        !matches!(rt.block_on(progress.message()), Ok(Some(p)) if p.done),
+        "no fill completes after the crash"
+    );
+    assert!(ctl.trickled.load(SeqCst) < data.len() as u64, "killed mid-fill");
+    assert!(!blob_file(&dir, &digest).exists(), "no partial blob is visible");
+    assert!(objects(&dir).is_empty());
+    assert!(!tmp_entries(&dir).is_empty(), "the crash left its temporary file");
+
+    ctl.clear(&digest);
+    let filler = Filler::start(&remote, &dir, t, "filler2", &[]);
+    assert_eq!(
+        tmp_entries(&dir),
+        Vec::<PathBuf>::new(),
+        "the new filler removed the leftovers before serving"
+    );
+    let m = Mount::start(&filler.addr(), Some(&dir), &t.join("mnt"), &[]);
+    assert!(std::fs::read(m.file(&base)).unwrap() == data);
+    assert_eq!(b3_of_file(&blob_file(&dir, &digest)).unwrap(), digest);
+    assert_eq!(ctl.reads(&digest), 2, "fetched again after the crash");
+    assert!(tmp_entries(&dir).is_empty());
+    m.stop();
+}
+
+/// A remote that lies (a blob with a flipped byte, one too short, one too
+/// long; a directory answered with another): readers get EIO, never bytes;
+/// nothing of it is visible in DIR; the filler counts fill errors and
+/// leaves no temporary files; once the remote tells the truth the same
+/// reads succeed.
+#[test]
+fn lying_remote_is_refused() {
+    if !fuse_available() {
+        return;
+    }
+    use tvix_virtiofsd::castore::Node;
+    use tvix_virtiofsd::nix::store_path::StorePath;
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let src = t.join("liar");
+    std::fs::create_dir_all(&src).unwrap();
+    let lies = [
+        ("corrupt", pseudo_random(300 << 10, 7), Behaviour::Corrupt),
+        ("short", pseudo_random(600 << 10, 9), Behaviour::Truncated),
+        ("long", pseudo_random(100 << 10, 11), Behaviour::TooLong),
+    ];
+    for (name, data, _) in &lies {
+        std::fs::write(src.join(name), data).unwrap();
+    }
+    std::fs::write(src.join("good"), b"the truth\n").unwrap();
+    let wrongdir = t.join("wrongdir");
+    std::fs::create_dir_all(wrongdir.join("sub")).unwrap();
+    std::fs::write(wrongdir.join("sub/f"), b"in a lying tree\n").unwrap();
+    let bases = import(&t.join("remote"), &[&src, &wrongdir]);
+    let (remote, ctl) = counting_remote(&rt, &t.join("remote"), &t.join("remote.sock"));
+    for (_, data, b) in &lies {
+        ctl.set(B3Digest::of(data), b.clone());
+    }
+    // wrongdir's root directory is answered with another (valid) directory
+    let root = {
+        let a = Addr::Local(t.join("remote"));
+        let store = Store::open(&a, &a, &a).unwrap();
+        let sp = StorePath::from_basename(&bases[1]).unwrap();
+        let info = rt.block_on(store.path_info.get(sp.digest())).unwrap().unwrap();
+        let Node::Directory { digest, .. } = info.node else {
+            panic!("wrongdir is a directory")
+        };
+        digest
+    };
+    let other = Directory::new();
+    ctl.dir_lies.lock().unwrap().insert(root, other.clone());
+
+    let dir = t.join("cache");
+    let filler = Filler::start(&remote, &dir, t, "filler", &[]);
+    let m = Mount::start(&filler.addr(), Some(&dir), &t.join("mnt"), &[]);
+    assert_eq!(
+        std::fs::read(m.file(&format!("{}/good", bases[0]))).unwrap(),
+        b"the truth\n"
+    );
+    for (name, data, _) in &lies {
+        let e = std::fs::read(m.file(&format!("{}/{name}", bases[0]))).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{name}: {e}");
+        assert!(!blob_file(&dir, &B3Digest::of(data)).exists(), "{name} is not in DIR");
+    }
+    let e = std::fs::metadata(m.file(&format!("{}/sub/f", bases[1]))).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "wrong directory: {e}");
+    assert!(!dir_file(&dir, &root).exists());
+    assert!(!dir_file(&dir, &other.digest()).exists());
+
+    // asked directly with the size the directory promises, the too long
+    // blob is refused as well
+    let (_, long, _) = &lies[2];
+    let mut client = filler.cache_client(&rt);
+    let r = rt.block_on(async {
+        let mut s = client
+            .fill_blob(FillBlobRequest {
+                digest: B3Digest::of(long).into(),
+                size: long.len() as u64,
+            })
+            .await?
+            .into_inner();
+        while let Some(p) = s.message().await? {
+            if p.done {
+                return Ok(true);
+            }
+        }
+        Ok::<_, Status>(false)
+    });
+    assert!(r.is_err(), "FillBlob of a too long blob: {r:?}");
+
+    let m1 = filler.metrics();
+    assert!(m1.get("fill_errors_total") >= 5, "3 blobs, a tree, a sized fill");
+    assert!(tmp_entries(&dir).is_empty(), "failed fills leave no temporary files");
+    assert_eq!(m1.get("used_bytes"), charged(&dir));
+
+    // the truth, and the same reads succeed: nothing was remembered as bad
+    ctl.behaviour.lock().unwrap().clear();
+    ctl.dir_lies.lock().unwrap().clear();
+    for (name, data, _) in &lies {
+        let got = std::fs::read(m.file(&format!("{}/{name}", bases[0]))).unwrap();
+        assert!(&got == data, "{name}");
+    }
+    assert_eq!(
+        std::fs::read(m.file(&format!("{}/sub/f", bases[1]))).unwrap(),
+        b"in a lying tree\n"
+    );
+    assert!(dir_file(&dir, &root).exists());
+    m.stop();
 }
