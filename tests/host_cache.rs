@@ -227,7 +227,11 @@ impl spb::path_info_service_server::PathInfoService for Remote {
 
 /// Serves the embedded store at `store_dir` as a counting remote on a unix
 /// socket at `sock`; returns its address and its controls.
-fn counting_remote(rt: &tokio::runtime::Runtime, store_dir: &Path, sock: &Path) -> (String, Arc<Ctl>) {
+fn counting_remote(
+    rt: &tokio::runtime::Runtime,
+    store_dir: &Path,
+    sock: &Path,
+) -> (String, Arc<Ctl>) {
     let a = Addr::Local(store_dir.to_path_buf());
     let store = Store::open(&a, &a, &a).expect("open the remote's store");
     let ctl = Arc::new(Ctl::default());
@@ -317,7 +321,11 @@ fn wait_connectable(sock: &Path, child: &mut Child, log: &Path) {
         if let Some(st) = child.try_wait().unwrap() {
             panic!("process exited ({st}) before listening: {}", read_log(log));
         }
-        assert!(Instant::now() < deadline, "{} never listened", sock.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} never listened",
+            sock.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -425,7 +433,10 @@ fn scrape(sock: &Path) -> Metrics {
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     let body = &resp[resp.find("\r\n\r\n").expect("header end") + 4..];
     let mut m = HashMap::new();
-    for line in body.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    for line in body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         let (name, value) = line.rsplit_once(' ').expect("sample line");
         if let Some(n) = name.strip_prefix("tvix_virtiofsd_cache_") {
             m.insert(n.to_string(), value.parse().expect("integer sample"));
@@ -654,7 +665,10 @@ fn miss_then_hit() {
     assert!(std::fs::read(m1.file(&file)).unwrap() == data);
     assert_eq!(ctl.reads(&digest), 1);
     let on_disk = blob_file(&dir, &digest);
-    assert!(std::fs::read(&on_disk).unwrap() == data, "DIR/blobs holds the bytes");
+    assert!(
+        std::fs::read(&on_disk).unwrap() == data,
+        "DIR/blobs holds the bytes"
+    );
     let m = filler.metrics();
     assert_eq!(m.blob("misses_total"), 1);
     assert_eq!(m.get("misses_total{kind=\"path_info\"}"), 1);
@@ -671,7 +685,10 @@ fn miss_then_hit() {
     // a second reader: everything from DIR, nothing from the remote
     let m2 = Mount::start(&filler.addr(), Some(&dir), &t.join("mnt2"), &[]);
     assert!(std::fs::read(m2.file(&file)).unwrap() == data);
-    assert_eq!(std::fs::read(m2.file(&format!("{base}/small"))).unwrap(), b"small file\n");
+    assert_eq!(
+        std::fs::read(m2.file(&format!("{base}/small"))).unwrap(),
+        b"small file\n"
+    );
     let (hits2, misses2) = summary(&m2.stop());
     // only `small`, which the first reader never read, was a miss
     assert_eq!(misses2, [1, 0, 0], "second reader: hits but for `small`");
@@ -679,7 +696,11 @@ fn miss_then_hit() {
     assert!(hits2[0] == 1 && hits2[1] >= 2 && hits2[2] >= 1, "{hits2:?}");
     assert_eq!(ctl.reads(&digest), 1, "one remote Read for two readers");
     assert_eq!(ctl.info_gets.load(SeqCst), 1);
-    assert_eq!(ctl.dir_gets.load(SeqCst), 1, "the tree in one recursive Get");
+    assert_eq!(
+        ctl.dir_gets.load(SeqCst),
+        1,
+        "the tree in one recursive Get"
+    );
     // `small` was never read by the first reader: filled for the second
     assert_eq!(ctl.all_reads(), 2);
 
@@ -698,7 +719,10 @@ fn miss_then_hit() {
     assert_eq!(ctl.reads(&digest), 1);
     let (st, log) = filler.stop();
     assert!(st.success(), "{log}");
-    assert!(log.contains("hits: "), "the filler logs its summary at exit: {log}");
+    assert!(
+        log.contains("hits: "),
+        "the filler logs its summary at exit: {log}"
+    );
 }
 
 /// Hashes a blob read through a gRPC store client, chunk by chunk.
@@ -753,7 +777,10 @@ fn concurrent_misses_fetch_once() {
     let file = format!("{base}/blob");
     for m in &mounts {
         // path info and tree now; only the blob is held back
-        assert_eq!(std::fs::metadata(m.file(&file)).unwrap().len(), 64 << 20 | 5);
+        assert_eq!(
+            std::fs::metadata(m.file(&file)).unwrap().len(),
+            64 << 20 | 5
+        );
     }
     let waits_before = filler.metrics().get("dedup_waits_total");
 
@@ -811,7 +838,9 @@ fn eviction_keeps_the_bound_lru() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     std::fs::create_dir_all(t.join("src")).unwrap();
-    let mut datas: Vec<Vec<u8>> = (0..10).map(|i| pseudo_random(900 << 10, 1001 + 2 * i)).collect();
+    let mut datas: Vec<Vec<u8>> = (0..10)
+        .map(|i| pseudo_random(900 << 10, 1001 + 2 * i))
+        .collect();
     datas.push(pseudo_random(2 * MIB, 99));
     let srcs: Vec<PathBuf> = (0..datas.len())
         .map(|i| {
@@ -820,7 +849,10 @@ fn eviction_keeps_the_bound_lru() {
             p
         })
         .collect();
-    let bases = import(&t.join("remote"), &srcs.iter().map(PathBuf::as_path).collect::<Vec<_>>());
+    let bases = import(
+        &t.join("remote"),
+        &srcs.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+    );
     let digests: Vec<B3Digest> = datas.iter().map(|d| B3Digest::of(d)).collect();
     let distinct: std::collections::HashSet<_> = digests.iter().collect();
     assert_eq!(distinct.len(), digests.len(), "eleven different blobs");
@@ -830,12 +862,19 @@ fn eviction_keeps_the_bound_lru() {
     let within_bound = |after: &str| {
         let m = filler.metrics();
         assert_eq!(m.get("max_bytes"), MAX);
-        assert!(m.get("used_bytes") <= MAX, "after {after}: used {}", m.get("used_bytes"));
+        assert!(
+            m.get("used_bytes") <= MAX,
+            "after {after}: used {}",
+            m.get("used_bytes")
+        );
         let objs = objects(&dir);
         let charged: u64 = objs.iter().map(|o| cost(o.1)).sum();
         let allocated: u64 = objs.iter().map(|o| o.2).sum();
         assert!(charged <= MAX, "after {after}: objects take {charged}");
-        assert!(allocated <= MAX, "after {after}: {allocated} bytes allocated");
+        assert!(
+            allocated <= MAX,
+            "after {after}: {allocated} bytes allocated"
+        );
     };
     let read = |m: &Mount, i: usize| {
         let got = std::fs::read(m.file(&bases[i])).unwrap();
@@ -853,7 +892,11 @@ fn eviction_keeps_the_bound_lru() {
     let m1b = Mount::start(&filler.addr(), Some(&dir), &t.join("mnt1b"), &[]);
     read(&m1b, 0);
     let (hits, misses) = summary(&m1b.stop());
-    assert_eq!((hits[0], misses[0]), (1, 0), "f0 was a hit in the fresh reader");
+    assert_eq!(
+        (hits[0], misses[0]),
+        (1, 0),
+        "f0 was a hit in the fresh reader"
+    );
     let a0 = atime(&blob_file(&dir, &digests[0]));
     assert!(
         a0 > atime(&blob_file(&dir, &digests[1])) && a0 > atime(&blob_file(&dir, &digests[2])),
@@ -866,8 +909,14 @@ fn eviction_keeps_the_bound_lru() {
     }
     let m = filler.metrics();
     assert!(m.get("evictions_total") >= 1 && m.get("evicted_bytes_total") >= 900 << 10);
-    assert!(!blob_file(&dir, &digests[1]).exists(), "f1, least recently used, is evicted");
-    assert!(blob_file(&dir, &digests[0]).exists(), "f0, hit since, is kept");
+    assert!(
+        !blob_file(&dir, &digests[1]).exists(),
+        "f1, least recently used, is evicted"
+    );
+    assert!(
+        blob_file(&dir, &digests[0]).exists(),
+        "f0, hit since, is kept"
+    );
     assert!(blob_file(&dir, &digests[4]).exists());
 
     // f10 (2 MiB) opened and partly read; then enough newer objects that it
@@ -887,11 +936,18 @@ fn eviction_keeps_the_bound_lru() {
     );
     let mut rest = Vec::new();
     open.read_to_end(&mut rest).unwrap();
-    assert!(rest == x[head.len()..], "an evicted open file reads to its end");
+    assert!(
+        rest == x[head.len()..],
+        "an evicted open file reads to its end"
+    );
     drop(open);
 
     let m = filler.metrics();
-    assert_eq!(m.get("used_bytes"), charged(&dir), "the gauge is what the files take");
+    assert_eq!(
+        m.get("used_bytes"),
+        charged(&dir),
+        "the gauge is what the files take"
+    );
     assert_eq!(m.get("fill_errors_total"), 0);
     assert_eq!(ctl.all_reads(), 11, "every blob fetched once");
     assert!(tmp_entries(&dir).is_empty());
@@ -939,16 +995,28 @@ fn filler_killed_mid_fill() {
             break;
         }
     }
-    assert!(!tmp_entries(&dir).is_empty(), "the fill is written in DIR/tmp");
+    assert!(
+        !tmp_entries(&dir).is_empty(),
+        "the fill is written in DIR/tmp"
+    );
     filler.kill9();
     assert!(
         !matches!(rt.block_on(progress.message()), Ok(Some(p)) if p.done),
         "no fill completes after the crash"
     );
-    assert!(ctl.trickled.load(SeqCst) < data.len() as u64, "killed mid-fill");
-    assert!(!blob_file(&dir, &digest).exists(), "no partial blob is visible");
+    assert!(
+        ctl.trickled.load(SeqCst) < data.len() as u64,
+        "killed mid-fill"
+    );
+    assert!(
+        !blob_file(&dir, &digest).exists(),
+        "no partial blob is visible"
+    );
     assert!(objects(&dir).is_empty());
-    assert!(!tmp_entries(&dir).is_empty(), "the crash left its temporary file");
+    assert!(
+        !tmp_entries(&dir).is_empty(),
+        "the crash left its temporary file"
+    );
 
     ctl.clear(&digest);
     let filler = Filler::start(&remote, &dir, t, "filler2", &[]);
@@ -1004,7 +1072,10 @@ fn lying_remote_is_refused() {
         let a = Addr::Local(t.join("remote"));
         let store = Store::open(&a, &a, &a).unwrap();
         let sp = StorePath::from_basename(&bases[1]).unwrap();
-        let info = rt.block_on(store.path_info.get(sp.digest())).unwrap().unwrap();
+        let info = rt
+            .block_on(store.path_info.get(sp.digest()))
+            .unwrap()
+            .unwrap();
         let Node::Directory { digest, .. } = info.node else {
             panic!("wrongdir is a directory")
         };
@@ -1023,7 +1094,10 @@ fn lying_remote_is_refused() {
     for (name, data, _) in &lies {
         let e = std::fs::read(m.file(&format!("{}/{name}", bases[0]))).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EIO), "{name}: {e}");
-        assert!(!blob_file(&dir, &B3Digest::of(data)).exists(), "{name} is not in DIR");
+        assert!(
+            !blob_file(&dir, &B3Digest::of(data)).exists(),
+            "{name} is not in DIR"
+        );
     }
     let e = std::fs::metadata(m.file(&format!("{}/sub/f", bases[1]))).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "wrong directory: {e}");
@@ -1052,8 +1126,14 @@ fn lying_remote_is_refused() {
     assert!(r.is_err(), "FillBlob of a too long blob: {r:?}");
 
     let m1 = filler.metrics();
-    assert!(m1.get("fill_errors_total") >= 5, "3 blobs, a tree, a sized fill");
-    assert!(tmp_entries(&dir).is_empty(), "failed fills leave no temporary files");
+    assert!(
+        m1.get("fill_errors_total") >= 5,
+        "3 blobs, a tree, a sized fill"
+    );
+    assert!(
+        tmp_entries(&dir).is_empty(),
+        "failed fills leave no temporary files"
+    );
     assert_eq!(m1.get("used_bytes"), charged(&dir));
 
     // the truth, and the same reads succeed: nothing was remembered as bad
@@ -1069,4 +1149,367 @@ fn lying_remote_is_refused() {
     );
     assert!(dir_file(&dir, &root).exists());
     m.stop();
+}
+
+/// A tree with every kind of entry, for `diff -r` against a mount.
+fn sample_tree(root: &Path, seed: u64) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(root.join("share/deep/er")).unwrap();
+    std::fs::create_dir_all(root.join("empty-dir")).unwrap();
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::write(root.join("share/deep/er/file"), b"deep\n").unwrap();
+    std::fs::write(root.join("share/big"), pseudo_random(1536 << 10, seed)).unwrap();
+    std::fs::write(root.join("empty-file"), b"").unwrap();
+    for i in 0..40 {
+        std::fs::write(root.join(format!("share/n{i:02}")), format!("{seed} {i}\n")).unwrap();
+    }
+    let tool = root.join("bin/tool");
+    std::fs::write(&tool, b"#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("../share/big", root.join("bin/link")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent", root.join("dangling")).unwrap();
+}
+
+fn same_tree(src: &Path, mounted: &Path) {
+    sh(&format!(
+        "diff -r --no-dereference {} {}",
+        src.display(),
+        mounted.display()
+    ));
+    let modes = |root: &Path| {
+        sh(&format!(
+            "cd {} && find . -printf '%y %m %s %l %p\\n' | sort",
+            root.display()
+        ))
+    };
+    let strip = |s: String| -> String {
+        // the mount has Nix's modes: compare only the executable bit
+        s.lines()
+            .map(|l| {
+                let mut f = l.splitn(3, ' ');
+                let (ty, mode, rest) = (f.next().unwrap(), f.next().unwrap(), f.next().unwrap());
+                let x = u32::from_str_radix(mode, 8).unwrap() & 0o100 != 0;
+                let x = if ty == "l" { false } else { x };
+                // a directory's size is the file system's own
+                let rest = if ty == "d" {
+                    rest.splitn(2, ' ').nth(1).unwrap()
+                } else {
+                    rest
+                };
+                format!("{ty} {x} {rest}\n")
+            })
+            .collect()
+    };
+    assert_eq!(strip(modes(src)), strip(modes(mounted)));
+}
+
+/// Two readers (separate mount processes) on one DIR: the first pulls two
+/// store paths through the filler; then the remote is stopped and the
+/// second reads them all from DIR (no misses), identical to the source;
+/// a plain client of the filler (no --cache-dir) also gets them, served
+/// by the filler from DIR.
+#[test]
+fn two_readers_share_one_cache() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let (a, b) = (t.join("src/pkg-a"), t.join("src/pkg-b"));
+    sample_tree(&a, 21);
+    sample_tree(&b, 23);
+    let bases = import(&t.join("remote"), &[&a, &b]);
+    let srcs = [a, b];
+    let remote = Daemon::start(
+        &format!("local://{}", t.join("remote").display()),
+        &format!("unix:{}", t.join("remote.sock").display()),
+        &["--read-only"],
+    );
+    let dir = t.join("cache");
+    let filler = Filler::start(&remote.addr, &dir, t, "filler", &[]);
+    let first = Mount::start(&filler.addr(), Some(&dir), &t.join("mnt1"), &[]);
+    for (src, base) in srcs.iter().zip(&bases) {
+        same_tree(src, &first.file(base));
+    }
+    assert!(remote.stop().success());
+
+    let second = Mount::start(&filler.addr(), Some(&dir), &t.join("mnt2"), &[]);
+    let plain = Mount::start(&filler.addr(), None, &t.join("mnt3"), &[]);
+    for (src, base) in srcs.iter().zip(&bases) {
+        same_tree(src, &second.file(base));
+        same_tree(src, &plain.file(base));
+    }
+    let (hits, misses) = summary(&second.stop());
+    assert_eq!(
+        misses,
+        [0, 0, 0],
+        "the second reader had everything from DIR"
+    );
+    assert!(hits.iter().all(|&h| h > 0), "{hits:?}");
+    plain.stop();
+    first.stop();
+    let m = filler.metrics();
+    assert_eq!(m.get("fill_errors_total"), 0);
+    assert!(
+        m.blob("hits_total") > 0,
+        "the plain client was served from DIR"
+    );
+}
+
+/// An uncached file (and an uncached store path) read through a reader
+/// while the remote hangs (SIGSTOP) or is down fails with EIO or ETIMEDOUT
+/// within the store timeouts, never hangs; with the remote back on the same
+/// address the same reads succeed.
+fn remote_down_and_back(tcp: bool) {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let pkg = t.join("pkg");
+    std::fs::create_dir_all(&pkg).unwrap();
+    for f in ["a", "b", "c"] {
+        std::fs::write(pkg.join(f), format!("file {f}\n").repeat(1000)).unwrap();
+    }
+    std::fs::write(t.join("later"), b"added later\n").unwrap();
+    let bases = import(&t.join("remote"), &[&pkg, &t.join("later")]);
+    let store = format!("local://{}", t.join("remote").display());
+    let listen = if tcp {
+        format!("127.0.0.1:{}", free_port())
+    } else {
+        format!("unix:{}", t.join("remote.sock").display())
+    };
+    let remote = Daemon::start(&store, &listen, &["--read-only"]);
+    let dir = t.join("cache");
+    let filler = Filler::start(&remote.addr, &dir, t, "filler", &["--store-timeout", "2"]);
+    let m = Mount::start(
+        &filler.addr(),
+        Some(&dir),
+        &t.join("mnt"),
+        &["--store-timeout", "4"],
+    );
+    let file = |f: &str| m.file(&format!("{}/{f}", bases[0]));
+    let want = |f: &str| format!("file {f}\n").repeat(1000);
+    assert_eq!(std::fs::read_to_string(file("a")).unwrap(), want("a"));
+    let bounded = |what: &str, r: std::io::Result<Vec<u8>>, t0: Instant| {
+        let e = r.expect_err(what);
+        assert!(
+            t0.elapsed() < Duration::from_secs(2 + 4 + 3),
+            "{what}: not bounded: {:?}",
+            t0.elapsed()
+        );
+        assert!(
+            matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::ETIMEDOUT)),
+            "{what}: {e}"
+        );
+    };
+
+    // hung remote
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(remote.child.id() as i32, libc::SIGSTOP) };
+    let t0 = Instant::now();
+    bounded("b, remote hung", std::fs::read(file("b")), t0);
+    // SAFETY: as above.
+    unsafe { libc::kill(remote.child.id() as i32, libc::SIGCONT) };
+    assert_eq!(std::fs::read_to_string(file("b")).unwrap(), want("b"));
+
+    // remote down
+    assert!(remote.stop().success());
+    let t0 = Instant::now();
+    bounded("c, remote down", std::fs::read(file("c")), t0);
+    let t0 = Instant::now();
+    bounded("later, remote down", std::fs::read(m.file(&bases[1])), t0);
+    // what is cached still reads
+    assert_eq!(std::fs::read_to_string(file("a")).unwrap(), want("a"));
+
+    // back on the same address
+    let remote = Daemon::start(&store, &listen, &["--read-only"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match std::fs::read_to_string(file("c")) {
+            Ok(s) => {
+                assert_eq!(s, want("c"));
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "no recovery: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(std::fs::read(m.file(&bases[1])).unwrap(), b"added later\n");
+    m.stop();
+    assert!(filler.metrics().get("fill_errors_total") >= 3);
+    let (st, log) = filler.stop();
+    assert!(st.success(), "{log}");
+    assert!(remote.stop().success());
+}
+
+#[test]
+fn remote_down_and_back_unix() {
+    remote_down_and_back(false);
+}
+
+#[test]
+fn remote_down_and_back_tcp() {
+    remote_down_and_back(true);
+}
+
+/// A reader whose store is a plain `daemon` (no --cache-dir, so no
+/// CacheService) still reads everything right, streaming blobs as a plain
+/// client does, and says so once; it writes nothing into DIR.
+#[test]
+fn reader_of_a_plain_daemon_falls_back() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let src = t.join("pkg");
+    sample_tree(&src, 31);
+    std::fs::write(src.join("large"), pseudo_random(6 * MIB, 33)).unwrap();
+    let base = import(&t.join("store"), &[&src]).remove(0);
+    let daemon = Daemon::start(
+        &format!("local://{}", t.join("store").display()),
+        &format!("unix:{}", t.join("d.sock").display()),
+        &["--read-only"],
+    );
+    let dir = t.join("cache");
+    std::fs::create_dir_all(&dir).unwrap();
+    let m = Mount::start(&daemon.addr, Some(&dir), &t.join("mnt"), &[]);
+    same_tree(&src, &m.file(&base));
+    let log = m.stop();
+    let warning = "the store does not fill cache directories";
+    assert_eq!(log.matches(warning).count(), 1, "warned once: {log}");
+    let (hits, misses) = summary(&log);
+    assert_eq!(hits, [0, 0, 0]);
+    assert!(misses[0] > 0);
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "a reader writes nothing"
+    );
+    assert!(daemon.stop().success());
+}
+
+/// Bad --cache-size values are refused with the reason; a second filler on
+/// a directory that has one is refused while the first goes on serving,
+/// and is welcome once it is gone; a reader needs a remote store and an
+/// existing directory.
+#[test]
+fn bad_sizes_and_second_filler_refused() {
+    use tvix_virtiofsd::cli::daemon::parse_size;
+    for (s, v) in [
+        ("512", 512),
+        ("64K", 64 << 10),
+        ("3m", 3 << 20),
+        ("10G", 10 << 30),
+        ("1T", 1 << 40),
+    ] {
+        assert_eq!(parse_size(s), Ok(v), "{s}");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let dir = t.join("cache");
+    let dir_s = dir.to_str().unwrap();
+    let listen = format!("unix:{}", t.join("x.sock").display());
+    for (size, why) in [
+        ("10X", "unknown suffix"),
+        ("ten", "unknown suffix 'n'"),
+        ("x1", "not a size in bytes"),
+        ("1.5G", "not a size in bytes"),
+        ("-5", "not a size in bytes"),
+        ("0", "must be between 1 byte and 16 EiB"),
+        ("99999999T", "must be between 1 byte and 16 EiB"),
+        ("", "not a size in bytes"),
+    ] {
+        let e = cli_err(&[
+            "--store",
+            "memory://",
+            "--cache-dir",
+            dir_s,
+            "daemon",
+            "--listen",
+            &listen,
+            &format!("--cache-size={size}"),
+        ]);
+        assert!(
+            e.contains("--cache-size") && e.contains(why),
+            "{size:?}: {e}"
+        );
+    }
+    assert!(!t.join("x.sock").exists());
+
+    let first = Filler::start("memory://", &dir, t, "first", &[]);
+    let second_sock = t.join("second.sock");
+    let mut second = command()
+        .args([
+            "--store",
+            "memory://",
+            "--cache-dir",
+            dir_s,
+            "daemon",
+            "--listen",
+        ])
+        .arg(format!("unix:{}", second_sock.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let st = loop {
+        if let Some(st) = second.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("a second filler on the same directory kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    second
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!st.success());
+    assert!(
+        err.contains("is filled by another process already"),
+        "{err}"
+    );
+    assert!(err.contains(dir_s), "{err}");
+    assert!(!second_sock.exists());
+    assert!(std::os::unix::net::UnixStream::connect(&first.sock).is_ok());
+    assert!(
+        first.metrics().get("max_bytes") > 0,
+        "the first still serves"
+    );
+    let (st, log) = first.stop();
+    assert!(st.success(), "{log}");
+    let third = Filler::start("memory://", &dir, t, "third", &[]);
+
+    // readers: a cache directory goes in front of a remote store, and must exist
+    let mnt = t.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let e = cli_err(&[
+        "--store",
+        "memory://",
+        "--cache-dir",
+        dir_s,
+        "mount",
+        mnt.to_str().unwrap(),
+    ]);
+    assert!(e.contains("in front of a remote store"), "{e}");
+    let missing = t.join("no-such-cache");
+    let e = cli_err(&[
+        "--store",
+        &third.addr(),
+        "--cache-dir",
+        missing.to_str().unwrap(),
+        "mount",
+        mnt.to_str().unwrap(),
+    ]);
+    assert!(e.contains(missing.to_str().unwrap()), "{e}");
+    assert!(!is_mounted(&mnt));
+    drop(third);
 }
