@@ -1513,3 +1513,81 @@ fn bad_sizes_and_second_filler_refused() {
     assert!(!is_mounted(&mnt));
     drop(third);
 }
+
+/// What a cached path info takes is charged: a large one (300 references)
+/// fetched into a full cache makes room for its real size, not a guess, so
+/// the bound holds.
+#[test]
+fn path_infos_are_charged_what_they_take() {
+    use tvix_virtiofsd::castore::Node;
+    use tvix_virtiofsd::nix::store_path::StorePath;
+    const MAX: u64 = 1 << 20;
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let remote_dir = t.join("remote");
+    let a = Addr::Local(remote_dir.clone());
+    let remote = Store::open(&a, &a, &a).unwrap();
+    // a blob that leaves exactly one block of the bound free
+    let filler_blob = pseudo_random(MAX as usize - 4096, 41);
+    let small = b"#!/bin/sh\n".to_vec();
+    let info = rt.block_on(async {
+        use tvix_virtiofsd::services::blob::put_bytes;
+        put_bytes(remote.blob.as_ref(), &filler_blob).await.unwrap();
+        let digest = put_bytes(remote.blob.as_ref(), &small).await.unwrap();
+        let mut info = common::bare_path_info(
+            StorePath::new([7; 20], "many-references").unwrap(),
+            Node::File {
+                digest,
+                size: small.len() as u64,
+                executable: true,
+            },
+        );
+        info.references = (0..300u32)
+            .map(|i| {
+                let mut h = [0u8; 20];
+                h[..4].copy_from_slice(&i.to_le_bytes());
+                StorePath::new(h, format!("dependency-number-{i}")).unwrap()
+            })
+            .collect();
+        remote.path_info.put(info.clone()).await.unwrap();
+        info
+    });
+    let dir = t.join("cache");
+    let filler = Filler::start(
+        &format!("local://{}", remote_dir.display()),
+        &dir,
+        t,
+        "filler",
+        &["--cache-size", "1M"],
+    );
+    let client = {
+        let _g = rt.enter();
+        common::grpc_store(&filler.addr())
+    };
+    let got = rt
+        .block_on(read_to_vec(
+            client.blob.as_ref(),
+            &B3Digest::of(&filler_blob),
+        ))
+        .unwrap()
+        .unwrap();
+    assert!(got == filler_blob);
+    assert_eq!(filler.metrics().get("used_bytes"), MAX - 4096);
+
+    let back = rt
+        .block_on(client.path_info.get(info.store_path.digest()))
+        .unwrap();
+    assert_eq!(back.as_ref(), Some(&info));
+    let on_disk = charged(&dir);
+    let m = filler.metrics();
+    assert!(
+        m.get("used_bytes") <= MAX && on_disk <= MAX,
+        "a large path info overran the bound: gauge {}, files {on_disk}",
+        m.get("used_bytes")
+    );
+    assert_eq!(m.get("used_bytes"), on_disk);
+
+    let (st, log) = filler.stop();
+    assert!(st.success(), "{log}");
+}

@@ -40,7 +40,10 @@ impl Cache {
 
     async fn store_info(&self, info: &PathInfo) -> Result<()> {
         let f = self.filler()?;
-        let room = f.space.reserve(cost(512), self.idle).await?;
+        // Room for what will be written: a path info with many references
+        // takes several blocks.
+        let len = prost::Message::encoded_len(&info.to_proto()) as u64;
+        let room = f.space.reserve(cost(len), self.idle).await?;
         let written = self.local.infos.write_cached(info)?;
         room.commit(cost(written));
         Ok(())
