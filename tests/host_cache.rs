@@ -1516,7 +1516,8 @@ fn bad_sizes_and_second_filler_refused() {
 
 /// What a cached path info takes is charged: a large one (300 references)
 /// fetched into a full cache makes room for its real size, not a guess, so
-/// the bound holds.
+/// the bound holds; one put again through the filler replaces its file and
+/// is charged once (the gauge stays what the files take).
 #[test]
 fn path_infos_are_charged_what_they_take() {
     use tvix_virtiofsd::castore::Node;
@@ -1588,6 +1589,14 @@ fn path_infos_are_charged_what_they_take() {
     );
     assert_eq!(m.get("used_bytes"), on_disk);
 
+    for _ in 0..3 {
+        rt.block_on(client.path_info.put(info.clone())).unwrap();
+    }
+    assert_eq!(
+        filler.metrics().get("used_bytes"),
+        charged(&dir),
+        "a path info put again is charged once"
+    );
     let (st, log) = filler.stop();
     assert!(st.success(), "{log}");
 }
