@@ -1600,3 +1600,101 @@ fn path_infos_are_charged_what_they_take() {
     let (st, log) = filler.stop();
     assert!(st.success(), "{log}");
 }
+
+/// Asks the filler to fill `digest` (size unknown, as a mount's reader
+/// asks); answers whether it was stored.
+async fn fill(mut c: CacheServiceClient<Channel>, digest: B3Digest) -> Result<bool, Status> {
+    let req = FillBlobRequest {
+        digest: digest.into(),
+        size: 0,
+    };
+    let mut s = c.fill_blob(req).await?.into_inner();
+    while let Some(p) = s.message().await? {
+        if p.done {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Fills that together need more than the bound, arriving at once (two
+/// 700 KiB blobs in a 1 MiB cache, trickled so that both hold room when
+/// they run out of it): they must not wait for each other until the store
+/// timeout; at least one is stored at once and the other can be filled
+/// right after. A blob larger than the whole cache fails at once too.
+#[test]
+fn fills_over_the_bound_do_not_stall() {
+    const MAX: u64 = 1 << 20;
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let mut datas: Vec<Vec<u8>> = (0..2)
+        .map(|i| pseudo_random(700 << 10, 501 + 2 * i))
+        .collect();
+    datas.push(pseudo_random(2 * MIB, 509));
+    let paths: Vec<PathBuf> = (0..3).map(|i| t.join(format!("x{i}"))).collect();
+    for (p, d) in paths.iter().zip(&datas) {
+        std::fs::write(p, d).unwrap();
+    }
+    import(
+        &t.join("remote"),
+        &paths.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+    );
+    let digests: Vec<B3Digest> = datas.iter().map(|d| B3Digest::of(d)).collect();
+    let (remote, ctl) = counting_remote(&rt, &t.join("remote"), &t.join("remote.sock"));
+    for d in &digests {
+        let trickle = Behaviour::Trickle {
+            chunk: 64 << 10,
+            delay: Duration::from_millis(20),
+        };
+        ctl.set(*d, trickle);
+    }
+    let dir = t.join("cache");
+    let timeout = 20;
+    let filler = Filler::start(
+        &remote,
+        &dir,
+        t,
+        "filler",
+        &[
+            "--cache-size",
+            "1M",
+            "--store-timeout",
+            &timeout.to_string(),
+        ],
+    );
+    let quick = Duration::from_secs(timeout / 2);
+
+    let t0 = Instant::now();
+    let both: Vec<_> = digests[..2]
+        .iter()
+        .map(|d| rt.spawn(fill(filler.cache_client(&rt), *d)))
+        .collect();
+    let results: Vec<_> = both.into_iter().map(|h| rt.block_on(h).unwrap()).collect();
+    assert!(
+        t0.elapsed() < quick,
+        "stalled {:?}: {results:?}",
+        t0.elapsed()
+    );
+    assert!(results.iter().any(|r| matches!(r, Ok(true))), "{results:?}");
+    for (d, r) in digests.iter().zip(&results) {
+        if r.is_err() {
+            let t1 = Instant::now();
+            assert!(rt.block_on(fill(filler.cache_client(&rt), *d)).unwrap());
+            assert!(t1.elapsed() < quick);
+            assert_eq!(b3_of_file(&blob_file(&dir, d)).unwrap(), *d);
+        }
+    }
+
+    // larger than the cache
+    let t1 = Instant::now();
+    let r = rt.block_on(fill(filler.cache_client(&rt), digests[2]));
+    assert!(t1.elapsed() < quick, "stalled {:?}", t1.elapsed());
+    let e = r.expect_err("a blob larger than the cache is not stored");
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(!blob_file(&dir, &digests[2]).exists());
+    let m = filler.metrics();
+    assert!(m.get("used_bytes") <= MAX);
+    assert_eq!(m.get("used_bytes"), charged(&dir));
+    assert!(tmp_entries(&dir).is_empty());
+}
