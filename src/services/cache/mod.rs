@@ -151,7 +151,8 @@ struct Reader {
 
 enum RoleState {
     Filler(Filler),
-    Reader(Reader),
+    /// Boxed: a gRPC client is large, and a filler has none.
+    Reader(Box<Reader>),
 }
 
 /// A cache directory in front of a remote store.
@@ -201,14 +202,14 @@ impl Cache {
                     dirs: LocalDirectoryService::open_existing(&root)?,
                     infos: LocalPathInfoService::open_existing(&root)?,
                 };
-                let role = RoleState::Reader(Reader {
+                let role = RoleState::Reader(Box::new(Reader {
                     fills: AtomicBool::new(filler.is_some()),
                     client: filler.map(|c| {
                         CacheServiceClient::new(c)
                             .max_decoding_message_size(crate::services::channel::MAX_MESSAGE_SIZE)
                     }),
                     touched: Mutex::new(Touched::default()),
-                });
+                }));
                 (local, role)
             }
         };
