@@ -344,20 +344,19 @@ impl Filler {
         let sock = work.join(format!("{name}.sock"));
         let metrics = work.join(format!("{name}.metrics"));
         let log = work.join(format!("{name}.log"));
-        let mut child = command()
-            .arg("--store")
+        let mut c = command();
+        c.arg("--store")
             .arg(remote)
             .arg("--cache-dir")
             .arg(dir)
             .arg("daemon")
             .arg("--listen")
-            .arg(format!("unix:{}", sock.display()))
-            .arg("--metrics-listen")
-            .arg(format!("unix:{}", metrics.display()))
-            .args(extra)
-            .stderr(log_file(&log))
-            .spawn()
-            .unwrap();
+            .arg(format!("unix:{}", sock.display()));
+        if !extra.contains(&"--metrics-listen") {
+            c.arg("--metrics-listen")
+                .arg(format!("unix:{}", metrics.display()));
+        }
+        let mut child = c.args(extra).stderr(log_file(&log)).spawn().unwrap();
         wait_connectable(&sock, &mut child, &log);
         Filler {
             child,
@@ -422,14 +421,23 @@ impl Metrics {
     }
 }
 
-/// GET /metrics over a unix socket (HTTP/1.1, as Prometheus scrapes).
-fn scrape(sock: &Path) -> Metrics {
-    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("metrics socket");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .unwrap();
+/// One HTTP/1.1 request on `s`; answers the whole response.
+fn http(mut s: impl Read + Write, method: &str, path: &str) -> String {
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
+    resp
+}
+
+/// GET /metrics over a unix socket (HTTP/1.1, as Prometheus scrapes).
+fn scrape(sock: &Path) -> Metrics {
+    let s = std::os::unix::net::UnixStream::connect(sock).expect("metrics socket");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    parse_metrics(&http(s, "GET", "/metrics"))
+}
+
+fn parse_metrics(resp: &str) -> Metrics {
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     let body = &resp[resp.find("\r\n\r\n").expect("header end") + 4..];
     let mut m = HashMap::new();
@@ -1192,7 +1200,7 @@ fn same_tree(src: &Path, mounted: &Path) {
                 let x = if ty == "l" { false } else { x };
                 // a directory's size is the file system's own
                 let rest = if ty == "d" {
-                    rest.splitn(2, ' ').nth(1).unwrap()
+                    rest.split_once(' ').unwrap().1
                 } else {
                     rest
                 };
@@ -1697,4 +1705,111 @@ fn fills_over_the_bound_do_not_stall() {
     assert!(m.get("used_bytes") <= MAX);
     assert_eq!(m.get("used_bytes"), charged(&dir));
     assert!(tmp_entries(&dir).is_empty());
+}
+
+/// That the remote lacks a store path is remembered for a moment only:
+/// lookups within that second cost one remote Get; once the path exists
+/// it is found, never before the second is over.
+#[test]
+fn absent_path_info_remembered_briefly() {
+    use tvix_virtiofsd::castore::Node;
+    use tvix_virtiofsd::nix::store_path::StorePath;
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let remote_dir = t.join("remote");
+    let a = Addr::Local(remote_dir.clone());
+    let backend = Store::open(&a, &a, &a).unwrap();
+    let (remote, ctl) = counting_remote(&rt, &remote_dir, &t.join("remote.sock"));
+    let filler = Filler::start(&remote, &t.join("cache"), t, "filler", &[]);
+    let client = {
+        let _g = rt.enter();
+        common::grpc_store(&filler.addr())
+    };
+    let sp = StorePath::new([9; 20], "appears-later").unwrap();
+    let get = || rt.block_on(client.path_info.get(sp.digest())).unwrap();
+
+    let t0 = Instant::now();
+    assert_eq!(get(), None);
+    assert_eq!(get(), None);
+    assert_eq!(
+        ctl.info_gets.load(SeqCst),
+        1,
+        "the second lookup was remembered"
+    );
+    let info = common::bare_path_info(
+        sp.clone(),
+        Node::Symlink {
+            target: "/nowhere".into(),
+        },
+    );
+    rt.block_on(backend.path_info.put(info.clone())).unwrap();
+    let mut found = None;
+    wait_until(10, "the new path to be found", || {
+        found = get();
+        found.is_some()
+    });
+    assert!(
+        t0.elapsed() >= Duration::from_secs(1),
+        "found after {:?}: absence is remembered for a second",
+        t0.elapsed()
+    );
+    assert_eq!(found, Some(info));
+    assert!(
+        ctl.info_gets.load(SeqCst) <= 3,
+        "lookups within the second are not sent"
+    );
+    assert!(filler.metrics().get("misses_total{kind=\"path_info\"}") >= 2);
+}
+
+/// Metrics on TCP: /metrics in the Prometheus text format (HELP and TYPE
+/// for each family), other paths 404, other methods 405.
+#[test]
+fn metrics_over_tcp() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let filler = Filler::start(
+        "memory://",
+        &t.join("cache"),
+        t,
+        "filler",
+        &["--metrics-listen", &listen, "--cache-size", "64M"],
+    );
+    let conn = || {
+        let s = std::net::TcpStream::connect(&listen).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+    let resp = http(conn(), "GET", "/metrics");
+    let m = parse_metrics(&resp);
+    assert_eq!(m.get("max_bytes"), 64 << 20);
+    assert_eq!(m.get("used_bytes"), 0);
+    assert!(resp.contains("text/plain; version=0.0.4"), "{resp}");
+    assert!(resp.contains("\ntvix_virtiofsd_up 1\n"), "{resp}");
+    for family in [
+        "hits_total",
+        "misses_total",
+        "fetched_bytes_total",
+        "fills_total",
+        "fills_in_flight",
+        "fill_errors_total",
+        "dedup_waits_total",
+        "evictions_total",
+        "evicted_bytes_total",
+        "used_bytes",
+        "max_bytes",
+    ] {
+        assert!(
+            resp.contains(&format!("# TYPE tvix_virtiofsd_cache_{family} ")),
+            "{family}: {resp}"
+        );
+    }
+    for kind in ["blob", "directory", "path_info"] {
+        assert_eq!(m.get(&format!("hits_total{{kind=\"{kind}\"}}")), 0);
+    }
+    assert!(http(conn(), "GET", "/other").starts_with("HTTP/1.1 404"));
+    assert!(http(conn(), "POST", "/metrics").starts_with("HTTP/1.1 405"));
+    drop(filler);
 }
