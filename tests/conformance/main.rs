@@ -5,6 +5,7 @@ mod common;
 #[macro_use]
 mod suite;
 
+mod cached;
 mod grpc_tcp;
 mod grpc_unix;
 mod local;

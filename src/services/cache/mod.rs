@@ -151,6 +151,7 @@ struct Reader {
 
 enum RoleState {
     Filler(Filler),
+    /// Boxed: a gRPC client is large, and a filler has none.
     Reader(Box<Reader>),
 }
 

@@ -44,9 +44,20 @@ impl Cache {
 
     async fn store_info(&self, info: &PathInfo) -> Result<()> {
         let f = self.filler()?;
-        let room = f.space.reserve(cost(512), self.idle).await?;
+        // Room for what will be written: a path info with many references
+        // takes several blocks.
+        let len = prost::Message::encoded_len(&info.to_proto()) as u64;
+        let room = f.space.reserve(cost(len), self.idle).await?;
+        // A path info put again replaces its file: give back the old one's room.
+        let replaced =
+            std::fs::symlink_metadata(self.local.infos.path_of(info.store_path.digest()))
+                .map(|m| cost(m.len()))
+                .ok();
         let written = self.local.infos.write_cached(info)?;
         room.commit(cost(written));
+        if let Some(old) = replaced {
+            f.space.removed(old);
+        }
         Ok(())
     }
 

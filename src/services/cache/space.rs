@@ -4,7 +4,7 @@
 //! Only the filling process keeps this; readers never write.
 use super::stats::CacheStats;
 use crate::services::{Error, Result};
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -38,6 +38,25 @@ struct State {
     reserved: u64,
     /// The largest reservation waiting for room.
     wanted: u64,
+    /// Reservations holding room (fetches under way).
+    holders: usize,
+    /// The holders waiting for more room: what each wants, by ticket.
+    waiting: HashMap<u64, u64>,
+    next_ticket: u64,
+}
+
+/// A holder's place among those waiting for room; left when dropped.
+struct Waiting<'a> {
+    space: &'a Space,
+    ticket: Option<u64>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.ticket {
+            lock(&self.space.state).waiting.remove(&t);
+        }
+    }
 }
 
 pub struct Space {
@@ -181,14 +200,23 @@ impl Space {
         Ok(r)
     }
 
-    async fn take(&self, bytes: u64, patience: Duration) -> Result<()> {
-        if bytes > self.max {
-            return Err(Error::ResourceExhausted(format!(
-                "an object of {bytes} bytes does not fit in a cache of {} bytes",
-                self.max
-            )));
-        }
+    /// Whether no fetch under way can ever finish: every holder but the
+    /// asking one (`me`, when it holds room) waits for more room, and no
+    /// wait can be met by evicting stored objects.
+    fn nobody_can_finish(&self, st: &State, holding: bool, me: Option<u64>) -> bool {
+        let others = st.holders.saturating_sub(usize::from(holding));
+        let mut waiting = st.waiting.iter().filter(|(t, _)| Some(**t) != me);
+        waiting.clone().count() == others && waiting.all(|(_, w)| st.reserved + w > self.max)
+    }
+
+    /// Takes `bytes` more room for a reservation (`holding` when it holds
+    /// some already).
+    async fn take(&self, bytes: u64, holding: bool, patience: Duration) -> Result<()> {
         let deadline = tokio::time::Instant::now() + patience;
+        let mut waiting = Waiting {
+            space: self,
+            ticket: None,
+        };
         loop {
             let notified = self.freed.notified();
             tokio::pin!(notified);
@@ -197,9 +225,35 @@ impl Space {
                 let mut st = lock(&self.state);
                 if st.used + st.reserved + bytes <= self.max {
                     st.reserved += bytes;
+                    st.holders += usize::from(!holding);
                     return Ok(());
                 }
+                // Eviction frees stored objects only; the room fetches
+                // under way hold comes back when they end. If this cannot
+                // fit even with nothing stored and every other fetch waits
+                // for room too, none of them can end: give up now rather
+                // than all of them waiting out their patience.
+                if st.reserved + bytes > self.max
+                    && self.nobody_can_finish(&st, holding, waiting.ticket)
+                {
+                    return Err(Error::ResourceExhausted(format!(
+                        "{bytes} more bytes do not fit in the cache's {} bytes: fetches under \
+                         way hold {} bytes of it",
+                        self.max, st.reserved
+                    )));
+                }
                 st.wanted = st.wanted.max(bytes);
+                if holding {
+                    let t = match waiting.ticket {
+                        Some(t) => t,
+                        None => {
+                            st.next_ticket += 1;
+                            st.next_ticket
+                        }
+                    };
+                    waiting.ticket = Some(t);
+                    st.waiting.insert(t, bytes);
+                }
             }
             self.request_eviction();
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -215,6 +269,9 @@ impl Space {
     fn release(&self, reserved: u64, used: u64) {
         let mut st = lock(&self.state);
         st.reserved = st.reserved.saturating_sub(reserved);
+        if reserved > 0 {
+            st.holders = st.holders.saturating_sub(1);
+        }
         let u = st.used.saturating_add(used);
         self.set_used(&mut st, u);
         drop(st);
@@ -330,8 +387,16 @@ pub struct Reservation {
 impl Reservation {
     /// Holds room for `total` bytes in all.
     pub async fn grow(&mut self, total: u64, patience: Duration) -> Result<()> {
+        if total > self.space.max {
+            return Err(Error::ResourceExhausted(format!(
+                "an object of {total} bytes or more does not fit in a cache of {} bytes",
+                self.space.max
+            )));
+        }
         if total > self.bytes {
-            self.space.take(total - self.bytes, patience).await?;
+            self.space
+                .take(total - self.bytes, self.bytes > 0, patience)
+                .await?;
             self.bytes = total;
         }
         Ok(())
