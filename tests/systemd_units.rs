@@ -1312,6 +1312,18 @@ exit 7
         container.logs()
     );
     container.journal_of(cache_service, &cache["InvocationID"], hits_line);
+
+    // the two store daemon sockets share one address: starting one stops
+    // the other
+    container.exec(&["systemctl", "start", "tvix-store-daemon.socket"]);
+    assert_eq!(
+        (
+            container.show("tvix-store-cache.socket")["ActiveState"].as_str(),
+            container.show("tvix-store-daemon.socket")["SubState"].as_str()
+        ),
+        ("inactive", "listening"),
+        "tvix-store-daemon.socket and tvix-store-cache.socket do not conflict"
+    );
     eprintln!(
         "host cache under systemd: {:.1} s",
         started.elapsed().as_secs_f64()
