@@ -7,10 +7,10 @@
 mod common;
 
 use common::vm::{
-    closure_of, copy_paths, fixture_app, fixture_data, line_after, run_vm, wait_exit, VmOpts, NIX,
-    QEMU,
+    closure_of, copy_paths, fixture_app, fixture_data, host_digest, line_after, run_vm, wait_exit,
+    VmOpts, DIGEST_SCRIPT, NIX, QEMU,
 };
-use common::{bin, cli_ok, require_tools, sh};
+use common::{bin, cli_ok, free_port, metric, require_tools, scrape_metrics, sh};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -26,6 +26,7 @@ const INSTALLED_BIN: &str = "/usr/bin/tvix-virtiofsd";
 
 const VIRTIOFS_SERVICE: &str = "tvix-virtiofsd@.service";
 const STORE_SERVICE: &str = "tvix-store-daemon.service";
+const CACHE_SERVICE: &str = "tvix-store-cache.service";
 
 fn require_systemd_analyze() {
     require_tools(&[("systemd-analyze", "systemd")]);
@@ -40,8 +41,8 @@ fn shipped_units() -> Vec<String> {
         .collect();
     units.sort();
     assert!(
-        units.len() >= 4,
-        "expected the virtiofs and store daemon units in systemd/, found {units:?}"
+        units.len() >= 6,
+        "expected the virtiofs, store daemon and host cache units in systemd/, found {units:?}"
     );
     units
 }
@@ -258,7 +259,9 @@ const COMMON_HARDENING: &[&str] = &[
 /// exactly what the daemon's sandbox setup needs (CAP_SYS_ADMIN,
 /// CAP_SETPCAP, CAP_SYS_CHROOT; mount, PID, IPC, UTS and network
 /// namespaces; the @mount calls) and is restricted in everything else; the
-/// store daemon keeps nothing of that. Each stays under an exposure score.
+/// store daemon keeps nothing of that, and the host cache daemon nothing
+/// but the network it reaches the remote store over. Each stays under an
+/// exposure score.
 #[test]
 fn hardening_leaves_exactly_what_the_sandbox_needs() {
     require_systemd_analyze();
@@ -310,6 +313,36 @@ fn hardening_leaves_exactly_what_the_sandbox_needs() {
         ],
     );
     assert!(under, "{STORE_SERVICE}: exposure above 1.5");
+
+    let (under, checks) = security(dir.path(), CACHE_SERVICE, 20);
+    assert_checks(CACHE_SERVICE, &checks, true, COMMON_HARDENING);
+    assert_checks(
+        CACHE_SERVICE,
+        &checks,
+        true,
+        &[
+            "CapabilityBoundingSet_CAP_SYS_ADMIN",
+            "CapabilityBoundingSet_CAP_SET_UID_GID_PCAP",
+            "CapabilityBoundingSet_CAP_SYS_CHROOT",
+            "RestrictNamespaces_mnt",
+            "RestrictNamespaces_pid",
+            "RestrictNamespaces_ipc",
+            "RestrictNamespaces_uts",
+            "RestrictNamespaces_net",
+            "SystemCallFilter_mount",
+            "SystemCallFilter_privileged",
+            "SystemCallFilter_resources",
+            "UMask",
+        ],
+    );
+    // the remote store is reached over TCP
+    assert_checks(
+        CACHE_SERVICE,
+        &checks,
+        false,
+        &["PrivateNetwork", "RestrictAddressFamilies_AF_INET_INET6"],
+    );
+    assert!(under, "{CACHE_SERVICE}: exposure above 2.0");
 }
 
 /// The system calls in one `systemd-analyze syscall-filter` group, nested
@@ -373,8 +406,8 @@ fn allowed_syscalls(unit: &str) -> BTreeSet<String> {
 /// setup makes before its own, narrower seccomp policy takes over
 /// (namespaces, mounts, pivot_root, chroot, capabilities, securebits and
 /// no_new_privs through prctl, rlimits, seccomp itself, the forking parent
-/// forwarding signals) and what serving needs; the store daemon's allows
-/// none of the privileged ones.
+/// forwarding signals) and what serving needs; the store daemon's and the
+/// host cache daemon's allow none of the privileged ones.
 #[test]
 fn syscall_filters_allow_the_sandbox_setup() {
     require_systemd_analyze();
@@ -434,75 +467,94 @@ fn syscall_filters_allow_the_sandbox_setup() {
         "{VIRTIOFS_SERVICE}: SystemCallFilter= blocks {missing:?}"
     );
 
-    let store = allowed_syscalls(STORE_SERVICE);
-    let privileged: Vec<&str> = [
-        "mount",
-        "umount2",
-        "pivot_root",
-        "chroot",
-        "capset",
-        "setuid",
-        "setrlimit",
-        "ptrace",
-        "init_module",
-        "reboot",
-        "swapon",
-        "settimeofday",
-    ]
-    .into_iter()
-    .filter(|s| store.contains(*s))
-    .collect();
-    assert!(
-        privileged.is_empty(),
-        "{STORE_SERVICE}: SystemCallFilter= allows {privileged:?}"
-    );
-    let needed: Vec<&str> = [
-        "accept4",
-        "openat",
-        "renameat2",
-        "fsync",
-        "syncfs",
-        "unlink",
-        "getrandom",
-        "futex",
-        "epoll_wait",
-    ]
-    .into_iter()
-    .filter(|s| !store.contains(*s))
-    .collect();
-    assert!(
-        needed.is_empty(),
-        "{STORE_SERVICE}: SystemCallFilter= blocks {needed:?}"
-    );
+    for unit in [STORE_SERVICE, CACHE_SERVICE] {
+        let store = allowed_syscalls(unit);
+        let privileged: Vec<&str> = [
+            "mount",
+            "umount2",
+            "pivot_root",
+            "chroot",
+            "capset",
+            "setuid",
+            "setrlimit",
+            "ptrace",
+            "init_module",
+            "reboot",
+            "swapon",
+            "settimeofday",
+        ]
+        .into_iter()
+        .filter(|s| store.contains(*s))
+        .collect();
+        assert!(
+            privileged.is_empty(),
+            "{unit}: SystemCallFilter= allows {privileged:?}"
+        );
+        // writing the store or the cache; the cache also locks its
+        // directory (flock) and marks what is used (utimensat)
+        let needed: Vec<&str> = [
+            "accept4",
+            "openat",
+            "renameat2",
+            "fsync",
+            "syncfs",
+            "unlink",
+            "getrandom",
+            "futex",
+            "epoll_wait",
+            "flock",
+            "utimensat",
+            "statfs",
+            "connect",
+        ]
+        .into_iter()
+        .filter(|s| !store.contains(*s))
+        .collect();
+        assert!(
+            needed.is_empty(),
+            "{unit}: SystemCallFilter= blocks {needed:?}"
+        );
+    }
 }
 
-/// The environment file example names only variables that the unit's
-/// command line or the daemon itself reads.
+/// Each environment file example names only variables that its unit's
+/// command line or the daemon itself reads, and the host cache's names
+/// the remote store (which its unit requires).
 #[test]
 fn env_example_names_variables_that_are_read() {
-    let example = std::fs::read_to_string(units_dir().join("tvix-virtiofsd.env.example")).unwrap();
-    let unit = read_unit(VIRTIOFS_SERVICE);
-    let help = String::from_utf8(cli_ok(&["virtiofs", "--help"])).unwrap()
-        + &String::from_utf8(cli_ok(&["--help"])).unwrap();
-    let mut vars = BTreeSet::new();
-    for line in example.lines() {
-        let line = line.trim_start_matches('#').trim();
-        if let Some((name, _)) = line.split_once('=') {
-            if !name.is_empty() && name.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
-                vars.insert(name.to_string());
+    for (file, unit, command) in [
+        ("tvix-virtiofsd.env.example", VIRTIOFS_SERVICE, "virtiofs"),
+        ("tvix-store-cache.env.example", CACHE_SERVICE, "daemon"),
+    ] {
+        let example = std::fs::read_to_string(units_dir().join(file)).unwrap();
+        let unit_text = read_unit(unit);
+        let help = String::from_utf8(cli_ok(&[command, "--help"])).unwrap()
+            + &String::from_utf8(cli_ok(&["--help"])).unwrap();
+        let mut vars = BTreeSet::new();
+        let mut set = BTreeSet::new();
+        for line in example.lines() {
+            let commented = line.starts_with('#');
+            let line = line.trim_start_matches('#').trim();
+            if let Some((name, _)) = line.split_once('=') {
+                if !name.is_empty() && name.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+                    vars.insert(name.to_string());
+                    if !commented {
+                        set.insert(name.to_string());
+                    }
+                }
             }
         }
-    }
-    assert!(vars.contains("TVIX_VIRTIOFSD_STORE_URL"), "{vars:?}");
-    for var in &vars {
-        let in_unit = unit.contains(&format!("${{{var}}}"))
-            || unit.contains(&format!("${var} "))
-            || unit.contains(&format!("${var}\n"));
-        let read_by_daemon = help.contains(&format!("[env: {var}="));
-        assert!(
-            in_unit || read_by_daemon,
-            "tvix-virtiofsd.env.example sets {var}, which neither {VIRTIOFS_SERVICE} nor the daemon reads"
-        );
+        assert!(set.contains("TVIX_VIRTIOFSD_STORE_URL"), "{file}: {set:?}");
+        for var in &vars {
+            let in_unit = unit_text.contains(&format!("${{{var}}}"))
+                || unit_text.contains(&format!("${var} "))
+                || unit_text.contains(&format!("${var}\n"));
+            let read_by_daemon = help.contains(&format!("[env: {var}="));
+            assert!(
+                in_unit || read_by_daemon,
+                "{file} sets {var}, which neither {unit} nor `tvix-virtiofsd {command}` reads"
+            );
+        }
     }
 }
 
@@ -628,9 +680,10 @@ exit 7
 /// A throw-away systemd booted by systemd-nspawn from this host's /usr and
 /// /etc, with the shipped units (unchanged) in /etc/systemd/system, the
 /// binary under test at /usr/bin/tvix-virtiofsd, and a target that starts
-/// the sockets of instance vm1 and of the store daemon. The container
+/// the given sockets (as `systemctl enable` would at boot). The container
 /// shares the host's network; its /run/tvix-virtiofsd, /etc/tvix-virtiofsd
-/// and /var/lib/tvix-virtiofsd are directories of the test.
+/// and /var/lib/tvix-virtiofsd are directories of the test, its /var a
+/// fresh tmpfs otherwise (so /var/cache/tvix-virtiofsd starts absent).
 struct Container {
     nspawn: std::process::Child,
     /// The container's systemd (PID 1 inside), as seen from the host.
@@ -640,7 +693,14 @@ struct Container {
 }
 
 impl Container {
-    fn boot(dir: &Path, store: &Path, env_dir: &Path, run_dir: &Path) -> Container {
+    fn boot(
+        dir: &Path,
+        store: &Path,
+        env_dir: &Path,
+        run_dir: &Path,
+        tag: &str,
+        sockets: &[&str],
+    ) -> Container {
         // The container's root: mount points, and the os-release file
         // nspawn looks for before anything is mounted.
         let root = dir.join("root");
@@ -673,15 +733,17 @@ impl Container {
         for unit in shipped_units() {
             std::fs::copy(units_dir().join(&unit), units.join(&unit)).unwrap();
         }
+        let sockets = sockets.join(" ");
         std::fs::write(
             units.join("tvix-test.target"),
-            "[Unit]\nDescription=tvix-virtiofsd unit test\n\
-             Requires=tvix-virtiofsd@vm1.socket tvix-store-daemon.socket\n\
-             After=tvix-virtiofsd@vm1.socket tvix-store-daemon.socket\n",
+            format!(
+                "[Unit]\nDescription=tvix-virtiofsd unit test\n\
+                 Wants={sockets}\nAfter={sockets}\n"
+            ),
         )
         .unwrap();
 
-        let name = format!("tvix-units-{}", std::process::id());
+        let name = format!("tvix-units-{}-{tag}", std::process::id());
         let console = dir.join("console.log");
         let p = |p: &Path| p.to_str().unwrap().to_string();
         let nspawn = Command::new("systemd-nspawn")
@@ -745,6 +807,14 @@ impl Container {
 
     /// Runs a command inside the container (its mount and PID namespaces).
     fn exec(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.try_exec(args);
+        assert!(ok, "{args:?} in the container: {err}");
+        out
+    }
+
+    /// Runs a command inside the container: whether it succeeded, its
+    /// stdout and its stderr.
+    fn try_exec(&self, args: &[&str]) -> (bool, String, String) {
         let out = Command::new("nsenter")
             .arg(format!("--target={}", self.init))
             .args(["--mount", "--pid", "--"])
@@ -752,12 +822,38 @@ impl Container {
             .stdin(Stdio::null())
             .output()
             .unwrap();
-        assert!(
+        (
             out.status.success(),
-            "{args:?} in the container: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// What one invocation of a unit logged (`journalctl -o cat`), once it
+    /// holds `want`: journald takes a stream's last lines a moment after
+    /// the process is gone. Panics after 10 s.
+    fn journal_of(&self, unit: &str, invocation: &str, want: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, text, _) = self.try_exec(&[
+                "journalctl",
+                "--no-pager",
+                "-o",
+                "cat",
+                "-u",
+                unit,
+                &format!("_SYSTEMD_INVOCATION_ID={invocation}"),
+            ]);
+            if text.contains(want) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{unit} ({invocation}) logged no {want:?}:\n{text}{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Properties of a unit, as `systemctl show` gives them.
@@ -766,7 +862,7 @@ impl Container {
             "systemctl",
             "show",
             "--no-pager",
-            "--property=ActiveState,SubState,Result,ExecMainCode,ExecMainStatus,InvocationID",
+            "--property=ActiveState,SubState,Result,ExecMainCode,ExecMainStatus,InvocationID,MainPID",
             unit,
         ])
         .lines()
@@ -810,6 +906,12 @@ impl Container {
                 "tvix-store-daemon.service",
                 "-u",
                 "tvix-store-daemon.socket",
+                "-u",
+                "tvix-store-cache.service",
+                "-u",
+                "tvix-store-cache.socket",
+                "-u",
+                "tvix-test-remote.service",
             ])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
@@ -871,23 +973,17 @@ fn units_under_systemd_serve_a_microvm_twice() {
     let run_dir = tmp.path().join("run-tvix-virtiofsd");
     std::fs::create_dir_all(&env_dir).unwrap();
     std::fs::create_dir_all(&run_dir).unwrap();
-    let container = Container::boot(tmp.path(), &store, &env_dir, &run_dir);
+    let container = Container::boot(
+        tmp.path(),
+        &store,
+        &env_dir,
+        &run_dir,
+        "twice",
+        &["tvix-virtiofsd@vm1.socket", "tvix-store-daemon.socket"],
+    );
 
     let sock = run_dir.join("vm1.sock");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !sock.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "systemd did not create {}: {}",
-            sock.display(),
-            container.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    let meta = std::fs::symlink_metadata(&sock).unwrap();
-    assert!(meta.file_type().is_socket());
-    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    wait_for_socket(&container, &sock);
 
     let guest = format!("echo \"APP: $({app}/bin/app)\"\nexit 7\n");
     let service = "tvix-virtiofsd@vm1.service";
@@ -945,5 +1041,291 @@ fn units_under_systemd_serve_a_microvm_twice() {
         ("success", "0"),
         "the store daemon did not stop cleanly: {stopped:?}{}",
         container.logs()
+    );
+}
+
+/// Waits until systemd has created the listening socket `sock`, mode 0600.
+fn wait_for_socket(container: &Container, sock: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "systemd did not create {}: {}",
+            sock.display(),
+            container.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let meta = std::fs::symlink_metadata(sock).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+}
+
+/// The host cache deployment under a real systemd, units unchanged and
+/// enabled as the README says: tvix-store-cache.socket and
+/// tvix-virtiofsd@vm1.socket at boot, /etc/tvix-virtiofsd/store-cache.env
+/// naming the remote and default.env pointing the per-VM daemons at
+/// /run/tvix-store/daemon.sock with TVIX_VIRTIOFSD_CACHE_DIR. The remote is
+/// our daemon over an embedded store holding the Nix fixture closure, on
+/// loopback TCP in the container.
+///
+/// A first microVM boots through the per-VM socket before the host cache
+/// daemon has ever run (no /var/cache/tvix-virtiofsd yet): its daemon's
+/// connection starts tvix-store-cache.service, which fetches the closure;
+/// the guest checksums it against /nix/store, the cache directory is 0700
+/// and read-only to the per-VM unit, /metrics counts the fetch. Then the
+/// remote is stopped and a second microVM boots and reads the same closure
+/// from the cache: nothing is fetched, and every daemon exits cleanly with
+/// its cache counts in the journal.
+#[test]
+fn units_under_systemd_serve_microvms_through_the_host_cache() {
+    require_tools(&[
+        ("systemd-nspawn", "systemd-container"),
+        ("nsenter", "util-linux"),
+        QEMU,
+        NIX,
+    ]);
+    let started = Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let app = fixture_app();
+    let closure = closure_of(&[&app]);
+    let host_sum = host_digest(&closure);
+    // the remote's embedded store, /var/lib/tvix-virtiofsd in the container
+    let store = tmp.path().join("store");
+    copy_paths(&format!("local://{}", store.display()), &closure);
+    let expected = format!("20000 {}/share/numbers", fixture_data(&closure));
+
+    // the container shares the host's network: these ports are free there
+    let remote = format!("127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let env_dir = tmp.path().join("etc-tvix-virtiofsd");
+    let run_dir = tmp.path().join("run-tvix-virtiofsd");
+    std::fs::create_dir_all(&env_dir).unwrap();
+    std::fs::create_dir_all(&run_dir).unwrap();
+    std::fs::write(
+        env_dir.join("store-cache.env"),
+        format!(
+            "TVIX_VIRTIOFSD_STORE_URL=grpc+http://{remote}\n\
+             TVIX_VIRTIOFSD_METRICS_LISTEN={metrics}\n\
+             TVIX_VIRTIOFSD_CACHE_SIZE=1G\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        env_dir.join("default.env"),
+        "TVIX_VIRTIOFSD_STORE_URL=grpc+unix:///run/tvix-store/daemon.sock\n\
+         TVIX_VIRTIOFSD_CACHE_DIR=/var/cache/tvix-virtiofsd\n",
+    )
+    .unwrap();
+    let container = Container::boot(
+        tmp.path(),
+        &store,
+        &env_dir,
+        &run_dir,
+        "cache",
+        &["tvix-virtiofsd@vm1.socket", "tvix-store-cache.socket"],
+    );
+    let sock = run_dir.join("vm1.sock");
+    wait_for_socket(&container, &sock);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while container.show("tvix-store-cache.socket")["SubState"] != "listening" {
+        assert!(
+            Instant::now() < deadline,
+            "tvix-store-cache.socket is not listening: {}",
+            container.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cache_service = "tvix-store-cache.service";
+    assert_eq!(
+        container.show(cache_service)["ActiveState"],
+        "inactive",
+        "the host cache daemon started before anyone connected"
+    );
+    assert!(
+        !container
+            .try_exec(&["test", "-e", "/var/cache/tvix-virtiofsd"])
+            .0,
+        "the cache directory exists before any unit made it"
+    );
+
+    // the remote, stopped later with `systemctl stop`
+    container.exec(&[
+        "systemd-run",
+        "--unit=tvix-test-remote",
+        "--property=Type=exec",
+        "/usr/bin/tvix-virtiofsd",
+        "--store",
+        "local:///var/lib/tvix-virtiofsd",
+        "daemon",
+        "--read-only",
+        "--listen",
+        &remote,
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&remote).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the remote store daemon is not listening on {remote}: {}",
+            container.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let service = "tvix-virtiofsd@vm1.service";
+    let guest = |hold: u32| {
+        format!(
+            r#"set -u
+{DIGEST_SCRIPT}
+echo "APP: $({app}/bin/app)"
+printf '%s' "$(digest {paths})" | sha256sum | sed 's/^/SUM: /'
+echo "HOLD: {hold}"
+sleep {hold}
+exit 7
+"#,
+            paths = closure.join(" "),
+        )
+    };
+    let hits_line = "cache /var/cache/tvix-virtiofsd: hits: ";
+    let mut invocations = Vec::new();
+    let mut fetched = 0;
+    for boot in ["cold cache", "remote stopped"] {
+        let t = Instant::now();
+        if boot == "remote stopped" {
+            container.exec(&["systemctl", "stop", "tvix-test-remote.service"]);
+            assert!(
+                std::net::TcpStream::connect(&remote).is_err(),
+                "the remote still answers on {remote}"
+            );
+        }
+        // While the first guest holds its daemon running: the unit sees the
+        // cache directory (made by systemd, 0700) read-only.
+        let mut probe = None;
+        let mut on_line = |line: &str| {
+            if line.starts_with("HOLD: ") && boot == "cold cache" {
+                let pid = container.show(service)["MainPID"].clone();
+                let mode = container.exec(&["stat", "-c", "%a %U", "/var/cache/tvix-virtiofsd"]);
+                let write = container.try_exec(&[
+                    "nsenter",
+                    &format!("--target={pid}"),
+                    "--mount",
+                    "--",
+                    "touch",
+                    "/var/cache/tvix-virtiofsd/probe",
+                ]);
+                probe = Some((pid, mode, write));
+            }
+        };
+        let hold = if boot == "cold cache" { 3 } else { 0 };
+        let (status, console) = run_vm(
+            None,
+            &sock,
+            &guest(hold),
+            tmp.path(),
+            VmOpts {
+                on_line: Some(&mut on_line),
+                ..VmOpts::default()
+            },
+        );
+        assert_eq!(status, 7, "boot with the {boot}: {}", container.logs());
+        assert_eq!(line_after(&console, "APP: "), expected);
+        assert_eq!(
+            line_after(&console, "SUM: ").split_whitespace().next(),
+            Some(host_sum.as_str()),
+            "boot with the {boot}: the closure differs from /nix/store"
+        );
+        if let Some((pid, mode, (ok, _, err))) = probe {
+            assert_ne!(pid, "0", "{service} was not running during its VM");
+            assert_eq!(mode.trim(), "700 root", "/var/cache/tvix-virtiofsd");
+            assert!(
+                !ok && err.contains("Read-only file system"),
+                "{service} may write the cache directory: {err}"
+            );
+        } else {
+            assert_ne!(boot, "cold cache", "the guest never printed HOLD");
+        }
+
+        let svc = container.wait_stopped(service);
+        assert_eq!(
+            (
+                svc["Result"].as_str(),
+                svc["ExecMainCode"].as_str(),
+                svc["ExecMainStatus"].as_str()
+            ),
+            ("success", "1", "0"),
+            "{service} after the boot with the {boot}: {svc:?}{}",
+            container.logs()
+        );
+        let log = container.journal_of(service, &svc["InvocationID"], hits_line);
+        let counts = log
+            .lines()
+            .find_map(|l| l.split_once(hits_line).map(|(_, c)| c.to_string()))
+            .unwrap();
+        eprintln!("{service} ({boot}): {hits_line}{counts}");
+        invocations.push(svc["InvocationID"].clone());
+
+        let cache = container.show(cache_service);
+        assert_eq!(
+            cache["ActiveState"],
+            "active",
+            "the per-VM daemon did not reach the host cache daemon: {}",
+            container.logs()
+        );
+        let m = scrape_metrics(&metrics);
+        let now = metric(&m, "tvix_virtiofsd_cache_fetched_bytes_total");
+        if boot == "cold cache" {
+            assert!(
+                metric(&m, "tvix_virtiofsd_cache_misses_total{kind=\"blob\"}") > 0,
+                "{m}"
+            );
+            // the closure holds a 300,000-byte file and a static busybox
+            assert!(now > 300_000, "the host cache fetched {now} bytes:\n{m}");
+            fetched = now;
+        } else {
+            assert!(
+                counts.contains("; misses: 0 blob, 0 directory, 0 path_info;"),
+                "with the remote stopped, the per-VM daemon missed: {counts}"
+            );
+            assert_eq!(
+                now, fetched,
+                "the host cache fetched more with the remote stopped:\n{m}"
+            );
+        }
+        eprintln!("boot with the {boot}: {:.1} s", t.elapsed().as_secs_f64());
+    }
+    assert_ne!(
+        invocations[0], invocations[1],
+        "the second boot was not served by a new daemon"
+    );
+
+    let cache = container.show(cache_service);
+    container.exec(&["systemctl", "stop", cache_service]);
+    let stopped = container.show(cache_service);
+    assert_eq!(
+        (
+            stopped["Result"].as_str(),
+            stopped["ExecMainStatus"].as_str()
+        ),
+        ("success", "0"),
+        "the host cache daemon did not stop cleanly: {stopped:?}{}",
+        container.logs()
+    );
+    container.journal_of(cache_service, &cache["InvocationID"], hits_line);
+
+    // the two store daemon sockets share one address: starting one stops
+    // the other
+    container.exec(&["systemctl", "start", "tvix-store-daemon.socket"]);
+    assert_eq!(
+        (
+            container.show("tvix-store-cache.socket")["ActiveState"].as_str(),
+            container.show("tvix-store-daemon.socket")["SubState"].as_str()
+        ),
+        ("inactive", "listening"),
+        "tvix-store-daemon.socket and tvix-store-cache.socket do not conflict"
+    );
+    eprintln!(
+        "host cache under systemd: {:.1} s",
+        started.elapsed().as_secs_f64()
     );
 }

@@ -4,8 +4,8 @@
 mod common;
 
 use common::vm::{
-    closure_of, copy_paths, fixture_app, fixture_data, line_after, require_vm_tools, run_vm, vmms,
-    wait_exit, VmOpts,
+    closure_of, copy_paths, fixture_app, fixture_data, host_digest, line_after, require_vm_tools,
+    run_vm, vmms, wait_exit, VmOpts, DIGEST_SCRIPT,
 };
 use common::{bin, sh};
 use std::path::Path;
@@ -33,19 +33,6 @@ fn big_store_path(tmp: &Path) -> String {
         .trim()
         .to_string()
 }
-
-/// Listing and checksums of a closure, printed the same way on the host
-/// (coreutils) and in the guest (busybox): modes, sizes and symlink targets
-/// of everything but directories, then sha256 of every file.
-const DIGEST_SCRIPT: &str = r#"digest() {
-  for p in "$@"; do
-    (cd "$p" && find . ! -type d | sort | while read -r f; do
-       if [ -L "$f" ]; then echo "L $(stat -c '%A %s' "$f") $f -> $(readlink "$f")";
-       else echo "F $(stat -c '%A %s' "$f") $f"; fi; done
-     cd "$p" && find . -type f | sort | xargs sha256sum)
-  done
-}
-"#;
 
 fn start_daemon(store: &str, sock: &Path) -> std::process::Child {
     Command::new(bin())
@@ -111,15 +98,7 @@ impl Fixture {
         copy_paths(&store, &closure);
 
         // what the host sees in Nix's own /nix/store
-        let host_script = format!("{DIGEST_SCRIPT}digest {}", closure.join(" "));
-        let host = sh(&host_script);
-        // the guest hashes "$(digest ...)", which drops trailing newlines
-        let host_sum = {
-            use sha2::Digest;
-            data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(
-                host.trim_end_matches('\n').as_bytes(),
-            ))
-        };
+        let host_sum = host_digest(&closure);
 
         Fixture {
             app,

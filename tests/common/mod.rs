@@ -212,3 +212,37 @@ pub fn require_tools(tools: &[(&str, &str)]) {
         );
     }
 }
+
+/// `GET /metrics` from a daemon's `--metrics-listen HOST:PORT`: the body.
+pub fn scrape_metrics(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)
+        .unwrap_or_else(|e| panic!("connecting to the metrics endpoint {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("not an HTTP response from {addr}: {resp:?}"));
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "GET http://{addr}/metrics: {head}"
+    );
+    body.to_string()
+}
+
+/// The value of one sample in Prometheus text, e.g.
+/// `tvix_virtiofsd_cache_misses_total{kind="blob"}`; panics if absent.
+pub fn metric(text: &str, sample: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no sample {sample} in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{sample}: {e}"))
+}

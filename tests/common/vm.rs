@@ -176,6 +176,34 @@ pub fn fixture_data(closure: &[String]) -> String {
         .clone()
 }
 
+/// Shell function `digest PATHS…`: the listing and checksums of store
+/// paths, printed the same way on the host (coreutils) and in the guest
+/// (busybox): modes, sizes and symlink targets of everything but
+/// directories, then sha256 of every file. A guest prints
+/// `printf '%s' "$(digest …)" | sha256sum`, to compare with
+/// [`host_digest`].
+pub const DIGEST_SCRIPT: &str = r#"digest() {
+  for p in "$@"; do
+    (cd "$p" && find . ! -type d | sort | while read -r f; do
+       if [ -L "$f" ]; then echo "L $(stat -c '%A %s' "$f") $f -> $(readlink "$f")";
+       else echo "F $(stat -c '%A %s' "$f") $f"; fi; done
+     cd "$p" && find . -type f | sort | xargs sha256sum)
+  done
+}
+"#;
+
+/// The sha256 (hex) of [`DIGEST_SCRIPT`]'s `digest` of `paths` in this
+/// host's /nix/store, as a guest computes it.
+pub fn host_digest<S: AsRef<str>>(paths: &[S]) -> String {
+    use sha2::Digest;
+    let paths: Vec<&str> = paths.iter().map(AsRef::as_ref).collect();
+    let host = sh(&format!("{DIGEST_SCRIPT}digest {}", paths.join(" ")));
+    // the guest hashes "$(digest ...)", which drops trailing newlines
+    data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(
+        host.trim_end_matches('\n').as_bytes(),
+    ))
+}
+
 /// Copies store paths from /nix/store into the store at `store_url`
 /// (`tvix-virtiofsd --store URL copy PATHS…`).
 pub fn copy_paths<S: AsRef<str>>(store_url: &str, paths: &[S]) {
