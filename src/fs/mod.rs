@@ -197,7 +197,7 @@ impl StoreFs {
         }))
     }
 
-    fn kind(&self, ino: u64) -> io::Result<Arc<InodeKind>> {
+    fn kind(&self, ino: u64) -> io::Result<InodeKind> {
         self.inodes.get(ino).ok_or_else(|| err(libc::ENOENT))
     }
 
@@ -371,7 +371,7 @@ impl StoreFs {
 
     /// The listing of a directory inode: (name, node) in order.
     fn listing(&self, ino: u64, handle: u64) -> io::Result<Listing> {
-        match &*self.kind(ino)? {
+        match &self.kind(ino)? {
             InodeKind::Root => Ok(lock(&self.root_listings)
                 .get(&handle)
                 .cloned()
@@ -537,7 +537,7 @@ impl FileSystem for StoreFs {
 
     fn lookup(&self, _: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
         let name = name.to_bytes();
-        match &*self.kind(parent)? {
+        match &self.kind(parent)? {
             InodeKind::Root => self.lookup_store_path(name),
             InodeKind::Node(Node::Directory { digest, .. }) => {
                 let dir = self.directory(digest)?;
@@ -573,7 +573,7 @@ impl FileSystem for StoreFs {
     }
 
     fn readlink(&self, _: &Context, inode: u64) -> io::Result<Vec<u8>> {
-        match &*self.kind(inode)? {
+        match &self.kind(inode)? {
             InodeKind::Node(Node::Symlink { target }) => Ok(target.to_vec()),
             _ => Err(err(libc::EINVAL)),
         }
@@ -590,7 +590,7 @@ impl FileSystem for StoreFs {
         if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
             return erofs();
         }
-        let (digest, size) = match &*self.kind(inode)? {
+        let (digest, size) = match &self.kind(inode)? {
             InodeKind::Node(Node::File { digest, size, .. }) => (*digest, *size),
             InodeKind::Node(Node::Symlink { .. }) => return Err(err(libc::ELOOP)),
             _ => return Err(err(libc::EISDIR)),
@@ -699,7 +699,7 @@ impl FileSystem for StoreFs {
         name: &CStr,
         size: u32,
     ) -> io::Result<GetxattrReply> {
-        let value = match (&*self.kind(inode)?, name.to_bytes()) {
+        let value = match (&self.kind(inode)?, name.to_bytes()) {
             (InodeKind::Node(Node::File { digest, .. }), XATTR_BLOB)
             | (InodeKind::Node(Node::Directory { digest, .. }), XATTR_DIR) => {
                 digest.to_string().into_bytes()
@@ -713,7 +713,7 @@ impl FileSystem for StoreFs {
     }
 
     fn listxattr(&self, _: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
-        let mut names = match &*self.kind(inode)? {
+        let mut names = match &self.kind(inode)? {
             InodeKind::Node(Node::File { .. }) => XATTR_BLOB.to_vec(),
             InodeKind::Node(Node::Directory { .. }) => XATTR_DIR.to_vec(),
             _ => Vec::new(),
@@ -728,7 +728,7 @@ impl FileSystem for StoreFs {
     }
 
     fn opendir(&self, _: &Context, inode: u64, _: u32) -> io::Result<(Option<u64>, OpenOptions)> {
-        match &*self.kind(inode)? {
+        match &self.kind(inode)? {
             InodeKind::Root => {
                 if !self.cfg.list_root {
                     return Ok((None, OpenOptions::empty()));
