@@ -8,6 +8,7 @@ pub mod fs;
 pub mod fuse;
 pub mod grpc_server;
 pub mod import;
+pub mod memory;
 pub mod metrics;
 pub mod nar;
 pub mod nix;

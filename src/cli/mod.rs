@@ -203,6 +203,10 @@ pub fn main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     if let Command::Virtiofs(a) = cli.command {
         return virtiofs::main(&cli.store, a);
     }
+    if matches!(cli.command, Command::Daemon(_) | Command::Mount(_)) {
+        crate::memory::configure();
+        crate::memory::spawn_trimmer();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -163,6 +163,8 @@ pub fn main(store_args: &StoreArgs, args: VirtiofsArgs) -> anyhow::Result<ExitCo
     if args.selftest_seccomp {
         seccomp::selftest();
     }
+    crate::memory::configure();
+    crate::memory::spawn_trimmer();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
