@@ -296,7 +296,9 @@ run_remote() { # remote-unix|remote-tcp
     f1=$(metric "$maddr" tvix_virtiofsd_cache_fetched_bytes_total)
     sed -i "s/ fetched_bytes=FETCHED / fetched_bytes=$((f1 - f0)) /" "$summaries"
     if [ "$vm" = 2 ] && [ "$f1" != "$f0" ]; then
-      echo "WARNING: $kind: the host daemon fetched $((f1 - f0)) bytes from the remote during the second VM (read size $rs, depth $depth, repetition $rep)" >&2
+      echo "WARNING: $kind: the host daemon fetched $((f1 - f0)) bytes from the remote during the second VM" \
+        "(read size $rs, depth $depth, repetition $rep)$([ -n "$max_files" ] && [ "$depth" != 1 ] &&
+          echo "; with MAX_FILES at depth > 1 the files read depend on reply order, so the second VM may read files the first did not")" >&2
     fi
     {
       echo "$kind rs=$rs depth=$depth rep=$rep VM $vm: $(sed -n 's/.* cache [^ ]*: \(hits: .*\)/\1/p' "$vlog")"
@@ -326,13 +328,13 @@ done
 
 # median FIELD LABEL DEPTH PASS READ_SIZE: over the repetitions
 median() {
-  grep "label=$2 depth=$3 pass=$4 .* read_size=$5 " "$summaries" |
+  { grep "label=$2 depth=$3 pass=$4 .* read_size=$5 " "$summaries" || true; } |
     sed -n "s/.* $1=\([^ ]*\).*/\1/p" | sort -g |
     awk '{a[NR] = $1} END {if (NR) print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'
 }
 # maximum FIELD LABEL DEPTH PASS READ_SIZE: over the repetitions
 maximum() {
-  grep "label=$2 depth=$3 pass=$4 .* read_size=$5 " "$summaries" |
+  { grep "label=$2 depth=$3 pass=$4 .* read_size=$5 " "$summaries" || true; } |
     sed -n "s/.* $1=\([^ ]*\).*/\1/p" | sort -g | tail -n1
 }
 ratio() { if [ -n "$1" ] && [ -n "$2" ]; then printf '%.2f' "$(bc -l <<< "$1 / $2")"; fi; }
@@ -407,8 +409,12 @@ if [ -s "$work/cache-lines" ]; then
   echo "cache counters (per-VM daemons at exit, host daemons at exit):"
   sed 's/^/    /' "$work/cache-lines"
 fi
-if grep -l -E ' (WARN|ERROR) ' "$work"/logs/*.log > /dev/null 2>&1; then
+# Our daemons' complaints (virtiofsd's own, e.g. about RLIMIT_NOFILE, are
+# left in its logs).
+ours_logs=()
+for f in "$work"/logs/*.log; do [[ $f == */virtiofsd.r* ]] || ours_logs+=("$f"); done
+if [ ${#ours_logs[@]} -gt 0 ] && grep -q -E ' (WARN|ERROR) ' "${ours_logs[@]}"; then
   echo
-  echo "warnings and errors in the daemons' logs:"
-  grep -H -E ' (WARN|ERROR) ' "$work"/logs/*.log | sed "s|^$work/logs/|    |" | head -n 100
+  echo "warnings and errors in our daemons' logs (first 100):"
+  grep -H -E ' (WARN|ERROR) ' "${ours_logs[@]}" | sed "s|^$work/logs/|    |" | head -n 100
 fi
