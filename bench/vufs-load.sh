@@ -5,13 +5,11 @@
 #
 # Contenders (STORES, all by default, measured in one run):
 #   embedded     tvix-virtiofsd virtiofs over the embedded store (local://)
-#   remote-unix  the deployment with a remote store, the remote reached over
-#                a unix socket:
-#                  remote store: tvix-virtiofsd --store local://STORE daemon
-#                  host daemon:  tvix-virtiofsd --store grpc+unix://REMOTE
-#                                --cache-dir CACHE daemon (the filler)
-#                  per-VM:       tvix-virtiofsd --store grpc+unix://HOST
-#                                --cache-dir CACHE virtiofs (sandboxed)
+#   remote-unix  the deployment with a remote store (see bench/daemons.sh):
+#                a remote store daemon over the embedded store, on a unix
+#                socket; a host daemon with --cache-dir in front of it (the
+#                filler); per VM, `virtiofs --store grpc+unix://HOST
+#                --cache-dir CACHE` (sandboxed, reads hits from CACHE)
 #   remote-tcp   the same with the remote on loopback TCP (grpc+http://)
 #   virtiofsd    rust-vmm's virtiofsd --shared-dir of the same copies
 #                (--readonly --cache=always --sandbox none)
@@ -72,8 +70,8 @@ for s in $stores; do
 done
 has() { [[ " $stores " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
-# Log lines without colour escapes, so they can be parsed.
-export NO_COLOR=1
+# shellcheck source=bench/daemons.sh
+. bench/daemons.sh
 
 if has virtiofsd && [ ! -x "$virtiofsd" ]; then
   echo "installing the reference virtiofsd into $(dirname "$(dirname "$virtiofsd")")" >&2
@@ -90,32 +88,10 @@ commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 git diff --quiet HEAD 2>/dev/null || commit="$commit (with uncommitted changes)"
 
 work=$(mktemp -d /var/tmp/tvix-vufsload.XXXXXX)
-# Every process we started and that may still run, so that the trap can
-# end them all: daemons (supervisors and their serving children). A process
-# is dropped from the list once it has ended, so that a recycled PID is
-# never signalled.
-pids=()
-untrack() { # PID...
-  local p q keep=()
-  for q in "${pids[@]}"; do
-    for p in "$@"; do [ "$p" = "$q" ] && continue 2; done
-    keep+=("$q")
-  done
-  pids=("${keep[@]}")
-}
-stop() { # PID...: SIGTERM, up to 5 s, then SIGKILL
-  local p n
-  for p in "$@"; do kill "$p" 2>/dev/null || true; done
-  for p in "$@"; do
-    for n in $(seq 50); do kill -0 "$p" 2>/dev/null || break; [ "$n" = 50 ] && kill -9 "$p" 2>/dev/null; sleep 0.1; done
-    wait "$p" 2>/dev/null || true
-  done
-  untrack "$@"
-}
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
-  [ ${#pids[@]} -eq 0 ] || stop "${pids[@]}"
+  stop_all
   if [ "${KEEP:-0}" = 1 ] || [ "$rc" != 0 ]; then
     echo "work directory kept: $work" >&2
   else
@@ -126,50 +102,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-fail() { # message, log files to show
-  echo "vufs-load: $1" >&2
-  shift
-  local f
-  for f in "$@"; do [ -f "$f" ] && { echo "--- $f (last 40 lines)" >&2; tail -n 40 "$f" >&2; }; done
-  exit 1
-}
-# alive PID NAME LOG: fail loudly when a daemon that should run is gone.
-alive() { kill -0 "$1" 2>/dev/null || fail "$2 (pid $1) died" "$3"; }
-# wait_socket PATH PID NAME LOG: the daemon's socket appears, or it dies
-# (fail), or 10 s pass (fail).
-wait_socket() {
-  local n
-  for n in $(seq 200); do
-    [ -S "$1" ] && return 0
-    kill -0 "$2" 2>/dev/null || fail "$3 (pid $2) died before creating $1" "$4"
-    sleep 0.05
-  done
-  fail "$3: no socket at $1 after 10 s" "$4"
-}
-# wait_log REGEX PID NAME LOG: prints the group of the first log line REGEX
-# (a sed regex with one group) matches, waiting as wait_socket does.
-wait_log() {
-  local n v
-  for n in $(seq 200); do
-    v=$(sed -n "s/$1/\1/p" "$4" | head -n1)
-    [ -n "$v" ] && { echo "$v"; return 0; }
-    kill -0 "$2" 2>/dev/null || fail "$3 (pid $2) died before logging '$1'" "$4"
-    sleep 0.05
-  done
-  fail "$3: no '$1' in its log after 10 s" "$4"
-}
-# serving PID: the process that serves the VMM. Our daemon (and virtiofsd)
-# fork at start; the supervisor's child serves.
-serving() {
-  local n c
-  for n in $(seq 100); do
-    c=$(pgrep -P "$1" | head -n1 || true)
-    [ -n "$c" ] && { echo "$c"; return 0; }
-    kill -0 "$1" 2>/dev/null || return 1
-    sleep 0.05
-  done
-  echo "$1" # no child after 5 s: it serves itself
-}
 drop() { if [ "$drop_caches" = 1 ]; then sync; echo 3 > /proc/sys/vm/drop_caches; fi; }
 
 # Private copies of both programs (a concurrent build cannot swap them
@@ -203,110 +135,55 @@ gen_run() {
   [ "$rep" = 1 ] && cat "$work/out"
   grep '^SUMMARY ' "$work/err" | sed "s/\$/$suffix read_size=$rs rep=$rep/" >> "$summaries"
 }
-# finish SUPERVISOR SERVING NAME LOG: the daemon exits 0 once its frontend
-# is gone.
-finish() {
-  local rc=0
-  wait "$1" || rc=$?
-  # The serving child ends first: the supervisor exits with its status.
-  if [ "$2" != "$1" ] && kill -0 "$2" 2>/dev/null; then
-    sleep 1
-    kill -0 "$2" 2>/dev/null && fail "$3: the serving process (pid $2) outlived its supervisor" "$4"
-  fi
-  untrack "$1" "$2"
-  [ "$rc" = 0 ] || fail "$3 (pid $1) exited with status $rc after the run" "$4"
-}
-
 # One run of ours over the embedded store or of virtiofsd.
 run_plain() { # embedded|virtiofsd
-  local which=$1 sock=$work/$1/vfs.sock log=$work/logs/$1.r$rep.rs$rs.d$depth.log sup srv names
+  local which=$1 sock=$work/$1/vfs.sock log=$work/logs/$1.r$rep.rs$rs.d$depth.log names
   mkdir -p "$work/$which"
-  rm -f "$sock"
   drop
   if [ "$which" = embedded ]; then
-    $B --store "$store" --log-level warn virtiofs --socket-path "$sock" "${ours_args[@]}" > "$log" 2>&1 &
+    start_virtiofs "$B" "$sock" "$log" --store "$store" --log-level warn virtiofs "${ours_args[@]}"
     names=$work/names-ours
   else
-    "$virtiofsd" --socket-path "$sock" --shared-dir "$work/src" --readonly \
-      --cache=always --sandbox none --log-level warn > "$log" 2>&1 &
+    start_virtiofs "$virtiofsd" "$sock" "$log" --shared-dir "$work/src" --readonly \
+      --cache=always --sandbox none --log-level warn
     names=$work/names-ref
   fi
-  sup=$!
-  pids+=("$sup")
-  wait_socket "$sock" "$sup" "$which" "$log"
-  srv=$(serving "$sup") || fail "$which (pid $sup) died at start" "$log"
-  pids+=("$srv")
-  gen_run "$which" "$sock" "$names" "$log" "" --rss "vm=$srv"
-  finish "$sup" "$srv" "$which" "$log"
-}
-
-# metric ADDR NAME: one value from the host daemon's /metrics.
-metric() {
-  local v
-  v=$(curl -sf "http://$1/metrics" | awk -v n="$2" '$1 == n {print $2}') || true
-  [ -n "$v" ] || fail "cannot read $2 from http://$1/metrics" "$hlog"
-  echo "$v"
+  gen_run "$which" "$sock" "$names" "$log" "" --rss "vm=$vm_srv"
+  finish "$vm_sup" "$vm_srv" "$which" "$log"
 }
 
 # One repetition of a remote kind: remote store, host daemon on an empty
 # cache, first VM, second VM.
 run_remote() { # remote-unix|remote-tcp
-  local kind=$1 base=$work/logs/$1.r$rep.rs$rs.d$depth
-  local rlog=$base.remote.log rurl rpid hpid maddr vm sup srv vlog f0 f1 sock=$work/vm/vfs.sock
-  hlog=$base.host.log
-  rm -rf "$work/cache" "$work/remote" "$work/host" "$work/vm"
-  mkdir -p "$work/remote" "$work/host" "$work/vm"
+  local kind=$1 base=$work/logs/$1.r$rep.rs$rs.d$depth vm vlog f0 f1 sock=$work/vm/vfs.sock
+  mkdir -p "$work/vm"
   drop
-  if [ "$kind" = remote-unix ]; then
-    $B --store "$store" daemon --listen "unix:$work/remote/remote.sock" > "$rlog" 2>&1 &
-    rpid=$!
-    pids+=("$rpid")
-    wait_socket "$work/remote/remote.sock" "$rpid" "remote store daemon" "$rlog"
-    rurl=grpc+unix://$work/remote/remote.sock
-  else
-    $B --store "$store" daemon --listen 127.0.0.1:0 > "$rlog" 2>&1 &
-    rpid=$!
-    pids+=("$rpid")
-    rurl=grpc+http://$(wait_log '.* listening on \(127\.0\.0\.1:[0-9]*\).*' "$rpid" "remote store daemon" "$rlog")
-  fi
-  $B --store "$rurl" --cache-dir "$work/cache" daemon --listen "unix:$work/host/daemon.sock" \
-    --metrics-listen 127.0.0.1:0 "${host_args[@]}" > "$hlog" 2>&1 &
-  hpid=$!
-  pids+=("$hpid")
-  wait_socket "$work/host/daemon.sock" "$hpid" "host daemon" "$hlog"
-  maddr=$(wait_log '.* metrics on http:\/\/\([^/]*\)\/metrics.*' "$hpid" "host daemon" "$hlog")
+  start_remote "$kind" "$B" "$store" "$work" "$base" "${host_args[@]}"
   for vm in 1 2; do
     vlog=$base.vm$vm.log
-    rm -f "$sock"
     [ "$vm" = 2 ] && drop
-    f0=$(metric "$maddr" tvix_virtiofsd_cache_fetched_bytes_total)
-    $B --store "grpc+unix://$work/host/daemon.sock" --cache-dir "$work/cache" --log-level info \
-      virtiofs --socket-path "$sock" "${ours_args[@]}" > "$vlog" 2>&1 &
-    sup=$!
-    pids+=("$sup")
-    wait_socket "$sock" "$sup" "per-VM daemon (VM $vm)" "$vlog"
-    srv=$(serving "$sup") || fail "per-VM daemon (pid $sup) died at start" "$vlog"
-    pids+=("$srv")
-    # The fetched bytes of this VM are known only after it ran: the
-    # generator's SUMMARY lines get a placeholder, filled in below.
-    gen_run "$kind-vm$vm" "$sock" "$work/names-ours" "$vlog" " fetched_bytes=FETCHED" --rss "vm=$srv" --rss "host=$hpid"
-    finish "$sup" "$srv" "per-VM daemon (VM $vm)" "$vlog"
-    alive "$hpid" "host daemon" "$hlog"
-    alive "$rpid" "remote store daemon" "$rlog"
-    f1=$(metric "$maddr" tvix_virtiofsd_cache_fetched_bytes_total)
+    f0=$(metric tvix_virtiofsd_cache_fetched_bytes_total)
+    start_virtiofs "$B" "$sock" "$vlog" --store "grpc+unix://$host_sock" --cache-dir "$work/cache" \
+      --log-level info virtiofs "${ours_args[@]}"
+    # The bytes this VM made the host fetch are known only after it ran:
+    # its SUMMARY lines get a placeholder, filled in below.
+    gen_run "$kind-vm$vm" "$sock" "$work/names-ours" "$vlog" " fetched_bytes=FETCHED" \
+      --rss "vm=$vm_srv" --rss "host=$host_pid"
+    finish "$vm_sup" "$vm_srv" "per-VM daemon (VM $vm)" "$vlog"
+    remote_alive
+    f1=$(metric tvix_virtiofsd_cache_fetched_bytes_total)
     sed -i "s/ fetched_bytes=FETCHED / fetched_bytes=$((f1 - f0)) /" "$summaries"
     if [ "$vm" = 2 ] && [ "$f1" != "$f0" ]; then
       echo "WARNING: $kind: the host daemon fetched $((f1 - f0)) bytes from the remote during the second VM" \
         "(read size $rs, depth $depth, repetition $rep)$([ -n "$max_files" ] && [ "$depth" != 1 ] &&
           echo "; with MAX_FILES at depth > 1 the files read depend on reply order, so the second VM may read files the first did not")" >&2
     fi
-    {
-      echo "$kind rs=$rs depth=$depth rep=$rep VM $vm: $(sed -n 's/.* cache [^ ]*: \(hits: .*\)/\1/p' "$vlog")"
-    } >> "$work/cache-lines"
+    echo "$kind rs=$rs depth=$depth rep=$rep VM $vm: $(cache_line "$vlog")" >> "$work/cache-lines"
   done
-  curl -sf "http://$maddr/metrics" | grep -v '^#' | sed "s/^/$kind rs=$rs depth=$depth rep=$rep host: /" >> "$work/host-metrics"
-  stop "$hpid" "$rpid"
-  grep -h 'cache .*: hits:' "$hlog" | sed "s/.* cache [^ ]*: /$kind rs=$rs depth=$depth rep=$rep host daemon at exit: /" >> "$work/cache-lines" || true
+  curl -sf "http://$metrics_addr/metrics" | grep -v '^#' |
+    sed "s/^/$kind rs=$rs depth=$depth rep=$rep host: /" >> "$work/host-metrics" || true
+  stop_remote
+  echo "$kind rs=$rs depth=$depth rep=$rep host daemon at exit: $(cache_line "$host_log")" >> "$work/cache-lines"
 }
 
 : > "$work/cache-lines"
@@ -409,12 +286,7 @@ if [ -s "$work/cache-lines" ]; then
   echo "cache counters (per-VM daemons at exit, host daemons at exit):"
   sed 's/^/    /' "$work/cache-lines"
 fi
-# Our daemons' complaints (virtiofsd's own, e.g. about RLIMIT_NOFILE, are
-# left in its logs).
+# Ours only: virtiofsd's own warnings (e.g. about RLIMIT_NOFILE) stay in its logs.
 ours_logs=()
 for f in "$work"/logs/*.log; do [[ $f == */virtiofsd.r* ]] || ours_logs+=("$f"); done
-if [ ${#ours_logs[@]} -gt 0 ] && grep -q -E ' (WARN|ERROR) ' "${ours_logs[@]}"; then
-  echo
-  echo "warnings and errors in our daemons' logs (first 100):"
-  grep -H -E ' (WARN|ERROR) ' "${ours_logs[@]}" | sed "s|^$work/logs/|    |" | head -n 100
-fi
+[ ${#ours_logs[@]} -eq 0 ] || our_complaints "${ours_logs[@]}"
