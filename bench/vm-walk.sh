@@ -113,9 +113,11 @@ SCRIPT
 # vm_sup/vm_srv), walks NAMES, reads RssAnon at the guest's marker, checks
 # that every daemon survived, prints the table row.
 run_vm() {
-  local row=$1 vm=$2 names=$3 log=$4 out=$work/logs/$1.vm$2.console rss_vm='' rss_host='' vmpid rc=0 t0 t1
+  local row=$1 vm=$2 names=$3 log=$4 out rss_vm='' rss_host='' vmpid rc=0 t0 t1
   local f0='' f1='' fetched=''
   [ -n "${host_pid:-}" ] && f0=$(metric tvix_virtiofsd_cache_fetched_bytes_total)
+  out=$work/logs/$row$([ "$vm" = - ] || echo ".vm$vm").console
+  : > "$out"
   # shellcheck disable=SC2086 # names is a list
   guest_script $names > "$work/$row.vm$vm.sh"
   t0=$(date +%s.%N)
@@ -124,7 +126,7 @@ run_vm() {
   vmpid=$!
   track "$vmpid"
   while kill -0 "$vmpid" 2>/dev/null; do
-    if [ -z "$rss_vm" ] && grep -q '^SNAP-RSS$' "$out"; then
+    if [ -z "$rss_vm" ] && grep -qs '^SNAP-RSS$' "$out"; then
       rss_vm=$(rss_anon "$vm_srv")
       [ -n "${host_pid:-}" ] && rss_host=$(rss_anon "$host_pid")
     fi
