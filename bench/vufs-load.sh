@@ -1,20 +1,58 @@
 #!/usr/bin/env bash
 # Daemon-level virtio-fs load: benches/vufs_load.rs plays the VMM (vhost-user
-# frontend) and the guest's FUSE client, against tvix-virtiofsd and against
-# rust-vmm's reference virtiofsd serving the same trees, at queue depth 1 and
-# 64, with 128 KiB and 1 MiB reads; each run is a freshly started daemon
-# ("cold" pass) and then the same connection again ("warm" pass).
+# frontend) and the guest's FUSE client against each contender serving the
+# same trees, at queue depths 1 and 64, with 128 KiB and 1 MiB reads.
+#
+# Contenders (STORES, all by default, measured in one run):
+#   embedded     tvix-virtiofsd virtiofs over the embedded store (local://)
+#   remote-unix  the deployment with a remote store (see bench/daemons.sh):
+#                a remote store daemon over the embedded store, on a unix
+#                socket; a host daemon with --cache-dir in front of it (the
+#                filler); per VM, `virtiofs --store grpc+unix://HOST
+#                --cache-dir CACHE` (sandboxed, reads hits from CACHE)
+#   remote-tcp   the same with the remote on loopback TCP (grpc+http://)
+#   virtiofsd    rust-vmm's virtiofsd --shared-dir of the same copies
+#                (--readonly --cache=always --sandbox none)
+# Each load-generator run is two passes on one connection to a freshly
+# started daemon: "cold", then "warm" (the same walk again). For the
+# embedded store and virtiofsd that is one run per repetition. For a remote
+# kind, each repetition starts the remote store and a host daemon with an
+# EMPTY cache directory, then
+#   first VM:  a fresh per-VM daemon, cold + warm (misses fetched through
+#              the host daemon into the cache);
+#   second VM: a NEW per-VM daemon on the now warm cache, cold + warm;
+# the host daemon's tvix_virtiofsd_cache_fetched_bytes_total (its
+# Prometheus /metrics) is read before and after each VM: the second VM must
+# fetch 0 bytes. RssAnon (/proc/PID/status) of the per-VM serving process
+# (the sandbox supervisor's child) and of the host daemon is read by the
+# generator after each pass, while the VM is still connected.
+# The page cache is dropped (DROP_CACHES) before each daemon start that
+# begins a cold pass: embedded, virtiofsd, the remote's start (first VM)
+# and the second VM.
+#
 # Usage: bench/vufs-load.sh [DIR...]  (default: /usr/share/doc /usr/share/man)
-# Environment: RUNS (3 repetitions; medians reported), DEPTHS ("1 64"), READ_SIZES ("131072 1048576"), MAX_FILES
-# (all), POLL (1: the generator spins on the used ring instead of sleeping
-# on the call eventfd), DROP_CACHES (1 when root: drop the page cache before each run),
-# VIRTIOFSD (/var/tmp/vmtest-virtiofsd/bin/virtiofsd; installed if missing),
-# OURS_ARGS (extra virtiofs flags, e.g. "--sandbox none --seccomp none" to
-# measure what the sandbox costs).
+# Environment:
+#   STORES      contenders, in this order in the table ("embedded remote-unix
+#               remote-tcp virtiofsd"); ratios to a missing one stay empty
+#   RUNS        repetitions (3; medians reported, contenders interleaved)
+#   DEPTHS      queue depths ("1 64")
+#   READ_SIZES  READ sizes in bytes ("131072 1048576")
+#   MAX_FILES   read at most this many files per pass (all)
+#   POLL        1: the generator spins on the used ring instead of sleeping
+#               on the call eventfd (0)
+#   DROP_CACHES 1 (default when root): drop the page cache as said above
+#   VIRTIOFSD   reference binary (/var/tmp/vmtest-virtiofsd/bin/virtiofsd;
+#               installed if missing and asked for)
+#   OURS_ARGS   extra virtiofs flags for ours (embedded and per-VM), e.g.
+#               "--sandbox none --seccomp none" to measure the sandbox
+#   HOST_ARGS   extra flags for the host daemon (after `daemon`), e.g.
+#               "--cache-size 1G"
+#   KEEP        1: keep the work directory (logs, store, cache) at the end
 set -euo pipefail
 shopt -s inherit_errexit
 dirs=("$@")
 [ ${#dirs[@]} -gt 0 ] || dirs=(/usr/share/doc /usr/share/man)
+stores=${STORES:-embedded remote-unix remote-tcp virtiofsd}
 depths=${DEPTHS:-1 64}
 read_sizes=${READ_SIZES:-131072 1048576}
 max_files=${MAX_FILES:-}
@@ -22,34 +60,57 @@ runs=${RUNS:-3}
 poll=${POLL:-0}
 drop_caches=${DROP_CACHES:-$([ -w /proc/sys/vm/drop_caches ] && echo 1 || echo 0)}
 virtiofsd=${VIRTIOFSD:-/var/tmp/vmtest-virtiofsd/bin/virtiofsd}
+read -r -a ours_args <<< "${OURS_ARGS:-}"
+read -r -a host_args <<< "${HOST_ARGS:-}"
+for s in $stores; do
+  case $s in
+    embedded | remote-unix | remote-tcp | virtiofsd) ;;
+    *) echo "STORES: unknown contender '$s' (embedded remote-unix remote-tcp virtiofsd)" >&2; exit 2 ;;
+  esac
+done
+has() { [[ " $stores " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/daemons.sh
+. bench/daemons.sh
 
-if [ ! -x "$virtiofsd" ]; then
+if has virtiofsd && [ ! -x "$virtiofsd" ]; then
   echo "installing the reference virtiofsd into $(dirname "$(dirname "$virtiofsd")")" >&2
   if ! pkg-config --exists libseccomp libcap-ng 2>/dev/null; then
     apt-get install -y libseccomp-dev libcap-ng-dev pkg-config >&2
   fi
-  cargo install virtiofsd --locked --root "$(dirname "$(dirname "$virtiofsd")")" >&2
+  cargo install virtiofsd --version 1.14.0 --locked --root "$(dirname "$(dirname "$virtiofsd")")" >&2
 fi
 
 cargo build --release --quiet
 gen=$(cargo bench --bench vufs_load --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\))$/\1/p' | tail -1)
 [ -x "$gen" ] || { echo "cannot find the vufs_load bench executable" >&2; exit 1; }
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+git diff --quiet HEAD 2>/dev/null || commit="$commit (with uncommitted changes)"
 
 work=$(mktemp -d /var/tmp/tvix-vufsload.XXXXXX)
-pid=
 cleanup() {
-  if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
-  rm -rf "$work"
+  local rc=$?
+  trap - EXIT INT TERM
+  stop_all
+  if [ "${KEEP:-0}" = 1 ] || [ "$rc" != 0 ]; then
+    echo "work directory kept: $work" >&2
+  else
+    rm -rf "$work"
+  fi
+  exit "$rc"
 }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+drop() { if [ "$drop_caches" = 1 ]; then sync; echo 3 > /proc/sys/vm/drop_caches; fi; }
+
 # Private copies of both programs (a concurrent build cannot swap them
 # mid-run) and of the trees (packages installed meanwhile cannot change them).
 cp "$gen" "$work/vufs_load"
 cp target/release/tvix-virtiofsd "$work/tvix-virtiofsd"
 gen=$work/vufs_load
 B=$work/tvix-virtiofsd
-mkdir -p "$work/src"
+mkdir -p "$work/src" "$work/logs"
 for d in "${dirs[@]}"; do cp -a "$d" "$work/src/"; done
 store="local://$work/store"
 $B --store "$store" import "$work"/src/* > "$work/store-paths"
@@ -59,41 +120,84 @@ entries=$(find "$work/src" -mindepth 1 | wc -l)
 files=$(find "$work/src" -type f | wc -l)
 bytes=$(find "$work/src" -type f -printf '%s\n' | awk '{s+=$1} END {printf "%d", s}')
 
-start_daemon() { # which socket
-  rm -f "$2"
-  if [ "$1" = ours ]; then
-    # shellcheck disable=SC2086 # OURS_ARGS is a list of flags
-    $B --store "$store" --log-level warn virtiofs --socket-path "$2" ${OURS_ARGS:-} >> "$work/ours.log" 2>&1 &
-  else
-    "$virtiofsd" --socket-path "$2" --shared-dir "$work/src" --readonly \
-      --cache=always --sandbox none --log-level warn >> "$work/ref.log" 2>&1 &
-  fi
-  pid=$!
-  for _ in $(seq 200); do [ -S "$2" ] && return; sleep 0.05; done
-  echo "$1: no socket at $2" >&2
-  exit 1
-}
-
 summaries=$work/summaries
 : > "$summaries"
-# Repetitions interleave the two daemons, so drift in the host's load
-# (other builds) hits both alike.
+# gen_run LABEL SOCKET NAMES LOG SUFFIX [generator args]: one connection, cold
+# + warm; its SUMMARY lines get SUFFIX appended.
+gen_run() {
+  local label=$1 sock=$2 names=$3 log=$4 suffix=$5
+  shift 5
+  local args=(--socket "$sock" --paths "$names" --depth "$depth" --read-size "$rs" --label "$label" "$@")
+  [ -n "$max_files" ] && args+=(--max-files "$max_files")
+  [ "$poll" = 1 ] && args+=(--poll)
+  "$gen" "${args[@]}" > "$work/out" 2> "$work/err" || fail "load generator failed ($label)" "$work/err" "$log"
+  grep -v '^SUMMARY ' "$work/err" >&2 || true
+  [ "$rep" = 1 ] && cat "$work/out"
+  grep '^SUMMARY ' "$work/err" | sed "s/\$/$suffix read_size=$rs rep=$rep/" >> "$summaries"
+}
+# One run of ours over the embedded store or of virtiofsd.
+run_plain() { # embedded|virtiofsd
+  local which=$1 sock=$work/$1/vfs.sock log=$work/logs/$1.r$rep.rs$rs.d$depth.log names
+  mkdir -p "$work/$which"
+  drop
+  if [ "$which" = embedded ]; then
+    start_virtiofs "$B" "$sock" "$log" --store "$store" --log-level warn virtiofs "${ours_args[@]}"
+    names=$work/names-ours
+  else
+    start_virtiofs "$virtiofsd" "$sock" "$log" --shared-dir "$work/src" --readonly \
+      --cache=always --sandbox none --log-level warn
+    names=$work/names-ref
+  fi
+  gen_run "$which" "$sock" "$names" "$log" "" --rss "vm=$vm_srv"
+  finish "$vm_sup" "$vm_srv" "$which" "$log"
+}
+
+# One repetition of a remote kind: remote store, host daemon on an empty
+# cache, first VM, second VM.
+run_remote() { # remote-unix|remote-tcp
+  local kind=$1 base=$work/logs/$1.r$rep.rs$rs.d$depth vm vlog f0 f1 sock=$work/vm/vfs.sock
+  mkdir -p "$work/vm"
+  drop
+  start_remote "$kind" "$B" "$store" "$work" "$base" "${host_args[@]}"
+  for vm in 1 2; do
+    vlog=$base.vm$vm.log
+    [ "$vm" = 2 ] && drop
+    f0=$(metric tvix_virtiofsd_cache_fetched_bytes_total)
+    start_virtiofs "$B" "$sock" "$vlog" --store "grpc+unix://$host_sock" --cache-dir "$work/cache" \
+      --log-level info virtiofs "${ours_args[@]}"
+    # The bytes this VM made the host fetch are known only after it ran:
+    # its SUMMARY lines get a placeholder, filled in below.
+    gen_run "$kind-vm$vm" "$sock" "$work/names-ours" "$vlog" " fetched_bytes=FETCHED" \
+      --rss "vm=$vm_srv" --rss "host=$host_pid"
+    finish "$vm_sup" "$vm_srv" "per-VM daemon (VM $vm)" "$vlog"
+    remote_alive
+    f1=$(metric tvix_virtiofsd_cache_fetched_bytes_total)
+    sed -i "s/ fetched_bytes=FETCHED / fetched_bytes=$((f1 - f0)) /" "$summaries"
+    if [ "$vm" = 2 ] && [ "$f1" != "$f0" ]; then
+      echo "WARNING: $kind: the host daemon fetched $((f1 - f0)) bytes from the remote during the second VM" \
+        "(read size $rs, depth $depth, repetition $rep)$([ -n "$max_files" ] && [ "$depth" != 1 ] &&
+          echo "; with MAX_FILES at depth > 1 the files read depend on reply order, so the second VM may read files the first did not")" >&2
+    fi
+    echo "$kind rs=$rs depth=$depth rep=$rep VM $vm: $(cache_line "$vlog")" >> "$work/cache-lines"
+  done
+  curl -sf "http://$metrics_addr/metrics" | grep -v '^#' |
+    sed "s/^/$kind rs=$rs depth=$depth rep=$rep host: /" >> "$work/host-metrics" || true
+  stop_remote
+  echo "$kind rs=$rs depth=$depth rep=$rep host daemon at exit: $(cache_line "$host_log")" >> "$work/cache-lines"
+}
+
+: > "$work/cache-lines"
+: > "$work/host-metrics"
+# Repetitions interleave the contenders, so drift in the host's load
+# (other builds) hits all alike.
 for rep in $(seq "$runs"); do
   for rs in $read_sizes; do
     for depth in $depths; do
-      for which in ours ref; do
-        sock=$work/$which.sock
-        [ "$drop_caches" = 1 ] && { sync; echo 3 > /proc/sys/vm/drop_caches; }
-        start_daemon "$which" "$sock"
-        args=(--socket "$sock" --paths "$work/names-$which" --depth "$depth" --read-size "$rs" --label "$which")
-        [ -n "$max_files" ] && args+=(--max-files "$max_files")
-        [ "$poll" = 1 ] && args+=(--poll)
-        "$gen" "${args[@]}" > "$work/out" 2> "$work/err" || { cat "$work/err" "$work/$which.log" >&2; exit 1; }
-        [ "$rep" = 1 ] && cat "$work/out"
-        grep '^SUMMARY ' "$work/err" | sed "s/\$/ read_size=$rs rep=$rep/" >> "$summaries"
-        # Both daemons exit when their one frontend disconnects.
-        wait "$pid" || { echo "$which daemon exited with $?" >&2; cat "$work/$which.log" >&2; }
-        pid=
+      for which in $stores; do
+        case $which in
+          embedded | virtiofsd) run_plain "$which" ;;
+          *) run_remote "$which" ;;
+        esac
       done
     done
   done
@@ -101,33 +205,88 @@ done
 
 # median FIELD LABEL DEPTH PASS READ_SIZE: over the repetitions
 median() {
-  grep "label=$2 depth=$3 pass=$4 .* read_size=$5 " "$summaries" |
+  { grep "label=$2 depth=$3 pass=$4 .* read_size=$5 " "$summaries" || true; } |
     sed -n "s/.* $1=\([^ ]*\).*/\1/p" | sort -g |
     awk '{a[NR] = $1} END {if (NR) print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'
 }
+# maximum FIELD LABEL DEPTH PASS READ_SIZE: over the repetitions
+maximum() {
+  { grep "label=$2 depth=$3 pass=$4 .* read_size=$5 " "$summaries" || true; } |
+    sed -n "s/.* $1=\([^ ]*\).*/\1/p" | sort -g | tail -n1
+}
+ratio() { if [ -n "$1" ] && [ -n "$2" ]; then printf '%.2f' "$(bc -l <<< "$1 / $2")"; fi; }
+# The table's rows: label and pass name per contender.
+rows=()
+for s in $stores; do
+  case $s in
+    embedded | virtiofsd) rows+=("$s:$s:") ;;
+    *) rows+=("$s:$s-vm1:first VM " "$s:$s-vm2:second VM ") ;;
+  esac
+done
+
 echo
 echo "tree: ${dirs[*]}: $entries entries, $files files, $((bytes / 1048576)) MiB;" \
-  "page cache dropped before each cold run: $([ "$drop_caches" = 1 ] && echo yes || echo no);" \
-  "$(nproc) CPUs; host load at the end: $(cut -d' ' -f1-3 /proc/loadavg);" \
+  "page cache dropped before each cold start: $([ "$drop_caches" = 1 ] && echo yes || echo no);" \
+  "$(nproc) CPUs; host load at the end: $(cut -d' ' -f1-3 /proc/loadavg); commit $commit;" \
   "per-op tables above: repetition 1; below: median of $runs"
 echo
-echo "| read size | depth | pass | ours ops/s | ref ops/s | ours/ref | ours MiB/s | ref MiB/s | ours/ref | READ p50/p99 µs ours | ref |"
-echo "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+echo "| store | read size | depth | pass | ops/s | MiB/s | / virtiofsd | / embedded | READ p50/p99 µs |"
+echo "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"
 for rs in $read_sizes; do
   for depth in $depths; do
     for pass in cold warm; do
       m() { median "$1" "$2" "$depth" "$pass" "$rs"; }
-      oo=$(m ops_per_s ours); ro=$(m ops_per_s ref)
-      if [ -z "$oo" ] || [ -z "$ro" ]; then continue; fi
-      om=$(m mib_per_s ours); rm=$(m mib_per_s ref)
-      printf '| %d KiB | %s | %s | %s | %s | %.2f | %s | %s | %.2f | %s / %s | %s / %s |\n' \
-        $((rs / 1024)) "$depth" "$pass" "$oo" "$ro" "$(bc -l <<< "$oo / $ro")" \
-        "$om" "$rm" "$(bc -l <<< "$om / $rm")" \
-        "$(m read_p50_us ours)" "$(m read_p99_us ours)" \
-        "$(m read_p50_us ref)" "$(m read_p99_us ref)"
+      ref_ops=$(m ops_per_s virtiofsd)
+      emb_ops=$(m ops_per_s embedded)
+      for row in "${rows[@]}"; do
+        IFS=: read -r store label pname <<< "$row"
+        ops=$(m ops_per_s "$label")
+        [ -n "$ops" ] || continue
+        printf '| %s | %d KiB | %s | %s | %s | %s | %s | %s | %s / %s |\n' \
+          "$store" $((rs / 1024)) "$depth" "$pname$pass" "$ops" "$(m mib_per_s "$label")" \
+          "$(ratio "$ops" "$ref_ops")" "$(ratio "$ops" "$emb_ops")" \
+          "$(m read_p50_us "$label")" "$(m read_p99_us "$label")"
+      done
     done
   done
 done
+
+echo
+echo "Remote bytes the host daemon fetched (median; second VM: the largest of the $runs runs, must be 0)" \
+  "and RssAnon in KiB after the warm pass (median): the VM's serving process and the host daemon."
+echo
+echo "| store | read size | depth | fetched, first VM | fetched, second VM | RssAnon serving, first VM | second VM | RssAnon host daemon, after first VM | after second VM |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+for rs in $read_sizes; do
+  for depth in $depths; do
+    m() { median "$1" "$2" "$depth" warm "$rs"; }
+    for s in $stores; do
+      case $s in
+        embedded | virtiofsd)
+          v=$(m rss_vm_kb "$s")
+          [ -n "$v" ] || continue
+          printf '| %s | %d KiB | %s | | | %s | | | |\n' "$s" $((rs / 1024)) "$depth" "$v" ;;
+        *)
+          f1=$(m fetched_bytes "$s-vm1")
+          [ -n "$f1" ] || continue
+          printf '| %s | %d KiB | %s | %.1f MiB | %s B | %s | %s | %s | %s |\n' "$s" $((rs / 1024)) "$depth" \
+            "$(bc -l <<< "$f1 / 1048576")" "$(maximum fetched_bytes "$s-vm2" "$depth" warm "$rs")" \
+            "$(m rss_vm_kb "$s-vm1")" "$(m rss_vm_kb "$s-vm2")" \
+            "$(m rss_host_kb "$s-vm1")" "$(m rss_host_kb "$s-vm2")" ;;
+      esac
+    done
+  done
+done
+
 echo
 echo "raw per-run summaries:"
 sed 's/^SUMMARY /    /' "$summaries"
+if [ -s "$work/cache-lines" ]; then
+  echo
+  echo "cache counters (per-VM daemons at exit, host daemons at exit):"
+  sed 's/^/    /' "$work/cache-lines"
+fi
+# Ours only: virtiofsd's own warnings (e.g. about RLIMIT_NOFILE) stay in its logs.
+ours_logs=()
+for f in "$work"/logs/*.log; do [[ $f == */virtiofsd.r* ]] || ours_logs+=("$f"); done
+[ ${#ours_logs[@]} -eq 0 ] || our_complaints "${ours_logs[@]}"

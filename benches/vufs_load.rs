@@ -22,9 +22,14 @@
 //! = file bytes READ / pass wall time (metadata ops included in the time).
 //! `SUMMARY` lines on stderr are for bench/vufs-load.sh.
 //!
+//! `--rss NAME=PID` (repeatable) reads `RssAnon` from `/proc/PID/status`
+//! after each pass, while the connection is still up (a vhost-user daemon
+//! exits when its frontend goes), and reports it as `rss_NAME_kb=` in the
+//! pass's `SUMMARY` (-1 when the process is gone).
+//!
 //! Usage: cargo bench --bench vufs_load -- --socket S --paths FILE
 //! [--depth N] [--read-size BYTES] [--max-files N] [--label TEXT]
-//! [--passes N] [--poll]
+//! [--passes N] [--poll] [--rss NAME=PID]...
 //!
 //! By default the generator sleeps on the call eventfd like a guest waits
 //! for its interrupt, so its own wake-up latency is part of every
@@ -78,6 +83,8 @@ struct Args {
     label: String,
     passes: usize,
     poll: bool,
+    /// (name, pid) whose RssAnon is read after each pass.
+    rss: Vec<(String, u32)>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -90,6 +97,7 @@ fn parse_args() -> Result<Args> {
         label: "daemon".into(),
         passes: 2,
         poll: false,
+        rss: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -107,6 +115,18 @@ fn parse_args() -> Result<Args> {
             "--label" => a.label = v()?,
             "--passes" => a.passes = v()?.parse().context("--passes")?,
             "--poll" => a.poll = true,
+            "--rss" => {
+                let v = v()?;
+                let (name, pid) = v
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("--rss wants NAME=PID, not {v:?}"))?;
+                ensure!(
+                    !name.is_empty() && !name.contains([' ', '=']),
+                    "--rss: bad name {name:?}"
+                );
+                a.rss
+                    .push((name.to_string(), pid.parse().context("--rss PID")?));
+            }
             _ => bail!("unknown argument {k:?}"),
         }
     }
@@ -940,6 +960,19 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)] as f64 / 1000.0
 }
 
+/// `RssAnon` of a process in KiB, or None when it is gone.
+fn rss_anon_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()
+}
+
 fn main() -> Result<()> {
     let args = parse_args()?;
     let names: Vec<Vec<u8>> = std::fs::read_to_string(&args.paths)
@@ -1031,9 +1064,20 @@ fn main() -> Result<()> {
             pct(&all, 0.5),
             pct(&all, 0.99)
         );
+        let mut rss = String::new();
+        for (name, pid) in &args.rss {
+            let kb = rss_anon_kb(*pid);
+            if kb.is_none() {
+                eprintln!("vufs_load: cannot read RssAnon of {name} (pid {pid}): gone?");
+            }
+            rss.push_str(&format!(" rss_{name}_kb={}", kb.map_or(-1, |k| k as i64)));
+        }
+        if !rss.is_empty() {
+            println!("| {pname} | RssAnon kB after the pass:{rss} | | | | |");
+        }
         let read = st.lat.get(&Op::Read).map(Vec::as_slice).unwrap_or(&[]);
         summaries.push(format!(
-            "SUMMARY label={} depth={} pass={pname} ops_per_s={:.0} mib_per_s={:.1} read_p50_us={:.1} read_p99_us={:.1} all_p50_us={:.1} all_p99_us={:.1} ops={total} secs={secs:.3}",
+            "SUMMARY label={} depth={} pass={pname} ops_per_s={:.0} mib_per_s={:.1} read_p50_us={:.1} read_p99_us={:.1} all_p50_us={:.1} all_p99_us={:.1} ops={total} secs={secs:.3}{rss}",
             args.label.replace(' ', "_"),
             args.depth,
             total as f64 / secs,

@@ -1,0 +1,177 @@
+# Sourced by bench/vufs-load.sh and bench/vm-walk.sh: starting, watching
+# and ending the daemons a benchmark runs, including the remote-store
+# deployment:
+#   remote store: tvix-virtiofsd --store local://STORE daemon
+#                 (unix socket, or loopback TCP with grpc+http://)
+#   host daemon:  tvix-virtiofsd --store REMOTE --cache-dir CACHE daemon
+#                 --metrics-listen 127.0.0.1:0 (the one filler of CACHE)
+#   per-VM:       tvix-virtiofsd --store grpc+unix://HOST --cache-dir CACHE
+#                 virtiofs (sandboxed; reads hits from CACHE itself)
+# Every process started is in `pids` until it has ended, so that the
+# caller's EXIT trap (`stop_all`) ends whatever still runs and never
+# signals a recycled PID. Errors are loud: `fail` prints the message and
+# the tail of the logs named, and exits 1.
+# shellcheck shell=bash
+
+# Log lines without colour escapes, so they can be parsed.
+export NO_COLOR=1
+
+pids=()
+track() { pids+=("$@"); }
+untrack() { # PID...
+  local p q keep=()
+  for q in "${pids[@]}"; do
+    for p in "$@"; do [ "$p" = "$q" ] && continue 2; done
+    keep+=("$q")
+  done
+  pids=("${keep[@]}")
+}
+stop() { # PID...: SIGTERM, up to 5 s, then SIGKILL
+  local p n
+  for p in "$@"; do kill "$p" 2>/dev/null || true; done
+  for p in "$@"; do
+    for n in $(seq 50); do
+      kill -0 "$p" 2>/dev/null || break
+      [ "$n" = 50 ] && kill -9 "$p" 2>/dev/null
+      sleep 0.1
+    done
+    wait "$p" 2>/dev/null || true
+  done
+  untrack "$@"
+}
+stop_all() { [ ${#pids[@]} -eq 0 ] || stop "${pids[@]}"; }
+
+fail() { # MESSAGE [LOG...]
+  echo "$(basename "$0"): $1" >&2
+  shift
+  local f
+  for f in "$@"; do
+    [ -f "$f" ] && { echo "--- $f (last 40 lines)" >&2; tail -n 40 "$f" >&2; }
+  done
+  exit 1
+}
+# alive PID NAME LOG: a daemon that should run still does.
+alive() { kill -0 "$1" 2>/dev/null || fail "$2 (pid $1) died" "$3"; }
+# wait_socket PATH PID NAME LOG: the daemon's socket appears, or it dies
+# (fail), or 10 s pass (fail).
+wait_socket() {
+  local n
+  for n in $(seq 200); do
+    [ -S "$1" ] && return 0
+    kill -0 "$2" 2>/dev/null || fail "$3 (pid $2) died before creating $1" "$4"
+    sleep 0.05
+  done
+  fail "$3: no socket at $1 after 10 s" "$4"
+}
+# wait_log REGEX PID NAME LOG: prints the group of the first log line REGEX
+# (a sed regex with one group) matches, waiting as wait_socket does.
+wait_log() {
+  local n v
+  for n in $(seq 200); do
+    v=$(sed -n "s/$1/\1/p" "$4" | head -n1)
+    [ -n "$v" ] && { echo "$v"; return 0; }
+    kill -0 "$2" 2>/dev/null || fail "$3 (pid $2) died before logging '$1'" "$4"
+    sleep 0.05
+  done
+  fail "$3: no '$1' in its log after 10 s" "$4"
+}
+# serving PID: the process that serves the VMM. Ours (and virtiofsd) fork
+# at start: the supervisor's child serves. Nonzero when PID is gone.
+serving() {
+  local n c
+  for n in $(seq 100); do
+    c=$(pgrep -P "$1" | head -n1 || true)
+    [ -n "$c" ] && { echo "$c"; return 0; }
+    kill -0 "$1" 2>/dev/null || return 1
+    sleep 0.05
+  done
+  echo "$1" # no child after 5 s: it serves itself
+}
+# finish SUPERVISOR SERVING NAME LOG: a vhost-user daemon exits 0 once its
+# frontend is gone.
+finish() {
+  local rc=0
+  wait "$1" || rc=$?
+  # The serving child ends first: the supervisor exits with its status.
+  if [ "$2" != "$1" ] && kill -0 "$2" 2>/dev/null; then
+    sleep 1
+    kill -0 "$2" 2>/dev/null && fail "$3: the serving process (pid $2) outlived its supervisor" "$4"
+  fi
+  untrack "$1" "$2"
+  [ "$rc" = 0 ] || fail "$3 (pid $1) exited with status $rc after the run" "$4"
+}
+# rss_anon PID: RssAnon in KiB (empty when the process is gone).
+rss_anon() { sed -n 's/^RssAnon:[[:space:]]*\([0-9]*\) kB$/\1/p' "/proc/$1/status" 2>/dev/null || true; }
+
+# start_remote KIND BIN STORE DIR LOG-PREFIX [HOST-DAEMON-FLAGS...]: the
+# remote store daemon (KIND remote-unix or remote-tcp) over STORE and a host
+# daemon in front of it with an empty cache DIR/cache; sockets in
+# DIR/remote/ and DIR/host/. Sets remote_pid, host_pid, host_sock,
+# metrics_addr, and remote_log, host_log (LOG-PREFIX.remote.log, .host.log).
+start_remote() {
+  local kind=$1 bin=$2 store=$3 dir=$4 url
+  remote_log=$5.remote.log
+  host_log=$5.host.log
+  shift 5
+  rm -rf "$dir/cache" "$dir/remote" "$dir/host"
+  mkdir -p "$dir/remote" "$dir/host"
+  if [ "$kind" = remote-unix ]; then
+    "$bin" --store "$store" daemon --listen "unix:$dir/remote/remote.sock" > "$remote_log" 2>&1 &
+    remote_pid=$!
+    track "$remote_pid"
+    wait_socket "$dir/remote/remote.sock" "$remote_pid" "remote store daemon" "$remote_log"
+    url=grpc+unix://$dir/remote/remote.sock
+  else
+    "$bin" --store "$store" daemon --listen 127.0.0.1:0 > "$remote_log" 2>&1 &
+    remote_pid=$!
+    track "$remote_pid"
+    url=grpc+http://$(wait_log '.* listening on \(127\.0\.0\.1:[0-9]*\).*' "$remote_pid" "remote store daemon" "$remote_log")
+  fi
+  host_sock=$dir/host/daemon.sock
+  "$bin" --store "$url" --cache-dir "$dir/cache" daemon --listen "unix:$host_sock" \
+    --metrics-listen 127.0.0.1:0 "$@" > "$host_log" 2>&1 &
+  host_pid=$!
+  track "$host_pid"
+  wait_socket "$host_sock" "$host_pid" "host daemon" "$host_log"
+  metrics_addr=$(wait_log '.* metrics on http:\/\/\([^/]*\)\/metrics.*' "$host_pid" "host daemon" "$host_log")
+}
+# remote_alive: both remote-deployment daemons still run.
+remote_alive() {
+  alive "$host_pid" "host daemon" "$host_log"
+  alive "$remote_pid" "remote store daemon" "$remote_log"
+}
+# stop_remote: ends both; the host daemon logs its cache counters at exit.
+stop_remote() { stop "$host_pid" "$remote_pid"; }
+# metric NAME: one value from the host daemon's /metrics.
+metric() {
+  local v
+  v=$(curl -sf "http://$metrics_addr/metrics" | awk -v n="$1" '$1 == n {print $2}') || true
+  [ -n "$v" ] || fail "cannot read $1 from http://$metrics_addr/metrics" "$host_log"
+  echo "$v"
+}
+# cache_line LOG: the cache counters a daemon of ours logged at exit.
+cache_line() { sed -n 's/.* cache [^ ]*: \(hits: .*\)/\1/p' "$1" | tail -n1; }
+
+# start_virtiofs BIN SOCK LOG FLAGS...: `BIN FLAGS... --socket-path SOCK`
+# (FLAGS include the subcommand; the same works for virtiofsd); sets vm_sup
+# (the supervisor) and vm_srv (the serving process).
+start_virtiofs() {
+  local bin=$1 sock=$2 log=$3
+  shift 3
+  rm -f "$sock"
+  "$bin" "$@" --socket-path "$sock" > "$log" 2>&1 &
+  vm_sup=$!
+  track "$vm_sup"
+  wait_socket "$sock" "$vm_sup" "$(basename "$bin") $*" "$log"
+  vm_srv=$(serving "$vm_sup") || fail "$bin (pid $vm_sup) died at start" "$log"
+  track "$vm_srv"
+}
+
+# our_complaints LOG...: WARN and ERROR lines of our daemons' logs.
+our_complaints() {
+  if grep -q -E ' (WARN|ERROR) ' "$@"; then
+    echo
+    echo "warnings and errors in our daemons' logs (first 100):"
+    grep -H -E ' (WARN|ERROR) ' "$@" | sed 's|^[^:]*/\([^/:]*\):|    \1: |' | head -n 100
+  fi
+}
