@@ -25,11 +25,13 @@
 //! `--rss NAME=PID` (repeatable) reads `RssAnon` from `/proc/PID/status`
 //! after each pass, while the connection is still up (a vhost-user daemon
 //! exits when its frontend goes), and reports it as `rss_NAME_kb=` in the
-//! pass's `SUMMARY` (-1 when the process is gone).
+//! pass's `SUMMARY` (-1 when the process is gone). `--linger SECS` stays
+//! connected and idle that long after the last pass and reads it again
+//! (`LINGER` line): what the daemon holds at rest after the walk.
 //!
 //! Usage: cargo bench --bench vufs_load -- --socket S --paths FILE
 //! [--depth N] [--read-size BYTES] [--max-files N] [--label TEXT]
-//! [--passes N] [--poll] [--rss NAME=PID]...
+//! [--passes N] [--poll] [--rss NAME=PID]... [--linger SECS]
 //!
 //! By default the generator sleeps on the call eventfd like a guest waits
 //! for its interrupt, so its own wake-up latency is part of every
@@ -85,6 +87,9 @@ struct Args {
     poll: bool,
     /// (name, pid) whose RssAnon is read after each pass.
     rss: Vec<(String, u32)>,
+    /// Seconds to stay connected, idle, after the last pass; the RssAnon
+    /// of `rss` is read again at the end (what a daemon keeps at rest).
+    linger: u64,
 }
 
 fn parse_args() -> Result<Args> {
@@ -98,6 +103,7 @@ fn parse_args() -> Result<Args> {
         passes: 2,
         poll: false,
         rss: Vec::new(),
+        linger: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -115,6 +121,7 @@ fn parse_args() -> Result<Args> {
             "--label" => a.label = v()?,
             "--passes" => a.passes = v()?.parse().context("--passes")?,
             "--poll" => a.poll = true,
+            "--linger" => a.linger = v()?.parse().context("--linger")?,
             "--rss" => {
                 let v = v()?;
                 let (name, pid) = v
@@ -1086,6 +1093,23 @@ fn main() -> Result<()> {
             pct(read, 0.99),
             pct(&all, 0.5),
             pct(&all, 0.99),
+        ));
+    }
+    if args.linger > 0 {
+        std::thread::sleep(std::time::Duration::from_secs(args.linger));
+        let rss: Vec<String> = args
+            .rss
+            .iter()
+            .map(|(name, pid)| {
+                let kb = rss_anon_kb(*pid).map_or(-1, |k| k as i64);
+                format!("rss_{name}_kb={kb}")
+            })
+            .collect();
+        summaries.push(format!(
+            "LINGER label={} secs={} {}",
+            args.label.replace(' ', "_"),
+            args.linger,
+            rss.join(" ")
         ));
     }
     println!();

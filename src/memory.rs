@@ -11,7 +11,7 @@ const ARENAS: libc::c_int = 2;
 /// the threshold stays put instead of growing with the largest free).
 const MMAP_THRESHOLD: libc::c_int = 128 << 10;
 /// How often free memory inside the arenas is given back to the kernel.
-const TRIM_PERIOD: Duration = Duration::from_secs(5);
+const TRIM_PERIOD: Duration = Duration::from_secs(2);
 
 /// Sets the arena and mapping limits. Call before threads start.
 pub fn configure() {

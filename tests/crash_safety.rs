@@ -41,7 +41,7 @@ fn verify_objects(store: &Path) -> (usize, usize) {
             for f in std::fs::read_dir(shard.path()).unwrap().flatten() {
                 let data = std::fs::read(f.path()).unwrap();
                 let name = f.file_name().into_string().unwrap();
-                let d = Directory::decode(&data).expect("directory file decodes");
+                let d = Directory::decode(&data[..]).expect("directory file decodes");
                 assert_eq!(d.digest().to_hex(), name, "partial directory visible");
                 dirs += 1;
             }

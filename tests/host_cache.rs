@@ -571,13 +571,19 @@ fn objects(dir: &Path) -> Vec<(PathBuf, u64, u64)> {
                 let m = e.metadata().unwrap();
                 if m.is_dir() {
                     stack.push(e.path());
-                } else {
+                } else if !is_fill(&e.path()) {
                     out.push((e.path(), m.len(), m.blocks() * 512));
                 }
             }
         }
     }
     out
+}
+
+/// A fill under way: `.fill*` beside its destination.
+fn is_fill(p: &Path) -> bool {
+    p.file_name()
+        .is_some_and(|n| n.as_encoded_bytes().starts_with(b".fill"))
 }
 
 /// What the cache charges for an object: whole 4 KiB blocks, at least one.
@@ -590,10 +596,25 @@ fn charged(dir: &Path) -> u64 {
     objects(dir).iter().map(|o| cost(o.1)).sum()
 }
 
+/// Fills under way anywhere in the cache directory (and anything left in
+/// its staging directory).
 fn tmp_entries(dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(dir.join("tmp"))
-        .map(|rd| rd.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default()
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if is_fill(&p) || d.ends_with("tmp") {
+                out.push(p);
+            }
+        }
+    }
+    out
 }
 
 fn atime(p: &Path) -> (i64, i64) {
@@ -964,7 +985,8 @@ fn eviction_keeps_the_bound_lru() {
 
 /// The filler SIGKILLed in the middle of a fill (the remote trickles a
 /// 16 MiB blob): no file for the digest in DIR/blobs, only a partial one in
-/// DIR/tmp, which the next filler removes before it serves; the fill then
+/// a `.fill` file beside its destination, which the next filler removes
+/// before it serves; the fill then
 /// completes and a reader reads the right bytes.
 #[test]
 fn filler_killed_mid_fill() {
@@ -1005,7 +1027,7 @@ fn filler_killed_mid_fill() {
     }
     assert!(
         !tmp_entries(&dir).is_empty(),
-        "the fill is written in DIR/tmp"
+        "the fill is written in a temporary file"
     );
     filler.kill9();
     assert!(

@@ -154,8 +154,10 @@ impl Directory {
         B3Digest::of(&self.encode())
     }
 
-    /// Decodes and validates a stored or received encoding.
-    pub fn decode(bytes: &[u8]) -> Result<Self, DirectoryError> {
+    /// Decodes and validates a stored or received encoding. From a
+    /// `Bytes`, names and targets are slices of it: one allocation per
+    /// directory, not one per entry.
+    pub fn decode(bytes: impl bytes::Buf) -> Result<Self, DirectoryError> {
         let pb = pb::Directory::decode(bytes).map_err(|e| DirectoryError::Decode(e.to_string()))?;
         Self::try_from(pb)
     }
@@ -245,7 +247,7 @@ mod tests {
         d.add("x".into(), file(1)).unwrap();
         d.add("l".into(), Node::Symlink { target: "x".into() })
             .unwrap();
-        let back = Directory::decode(&d.encode()).unwrap();
+        let back = Directory::decode(&d.encode()[..]).unwrap();
         assert_eq!(back, d);
         assert_eq!(back.digest(), d.digest());
     }
@@ -323,6 +325,6 @@ mod tests {
             };
             assert!(Directory::try_from(d).is_err());
         }
-        assert!(Directory::decode(b"\xff\xff\xff").is_err());
+        assert!(Directory::decode(&b"\xff\xff\xff"[..]).is_err());
     }
 }

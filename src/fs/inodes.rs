@@ -5,11 +5,12 @@
 use crate::castore::Node;
 use bytes::Bytes;
 use hashbrown::{DefaultHashBuilder, HashTable};
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard};
 
 pub const ROOT_INO: u64 = 1;
+/// Inode numbers above the root are slab indices plus this.
+const FIRST_INO: u64 = ROOT_INO + 1;
 
 /// What an inode is: the mount root, or a castore node.
 #[derive(Debug, Clone)]
@@ -18,31 +19,79 @@ pub enum InodeKind {
     Node(Node),
 }
 
-/// One inode. Compact, since a guest that walks a store holds one per
-/// entry it has seen: the name and a symlink's target are copies, so no
-/// slot keeps a whole directory's buffer alive.
+/// One inode. A guest that walks a store holds one per entry it has seen,
+/// so slots are dense (a vector, not a map of boxed values) and the name
+/// is inline when short: a hash map of fat values, resized past a power of
+/// two, held twice the memory its entries need.
 #[derive(Debug)]
 struct Slot {
     parent: u64,
-    name: Box<[u8]>,
-    node: Node,
     nlookup: u64,
+    name: Name,
+    node: Node,
+}
+
+/// An entry name, inline when short (most are).
+#[derive(Debug)]
+enum Name {
+    Inline { len: u8, bytes: [u8; INLINE_NAME] },
+    Heap(Box<[u8]>),
+}
+
+const INLINE_NAME: usize = 22;
+
+impl Name {
+    fn new(name: &[u8]) -> Self {
+        match u8::try_from(name.len()) {
+            Ok(len) if name.len() <= INLINE_NAME => {
+                let mut bytes = [0u8; INLINE_NAME];
+                bytes[..name.len()].copy_from_slice(name);
+                Name::Inline { len, bytes }
+            }
+            _ => Name::Heap(name.into()),
+        }
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Name::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Name::Heap(b) => b,
+        }
+    }
 }
 
 #[derive(Default)]
 struct Table {
-    next: u64,
-    slots: HashMap<u64, Slot>,
+    /// Slot `i` is inode `FIRST_INO + i`; `None` is free.
+    slots: Vec<Option<Slot>>,
+    /// How often each slot was handed out: an inode number used again is
+    /// told apart by its generation.
+    generations: Vec<u32>,
+    free: Vec<u32>,
+    live: usize,
     /// Inode numbers by (parent, name), hashed without storing the key twice.
     index: HashTable<u64>,
     hasher: DefaultHashBuilder,
 }
 
 impl Table {
-    /// Every hash of a key goes through here (or the same expression on
-    /// a slot's fields), so lookups and removals agree.
+    /// Every hash of a key goes through here, so lookups and removals agree.
     fn hash(&self, parent: u64, name: &[u8]) -> u64 {
         self.hasher.hash_one((parent, name))
+    }
+
+    fn slot(&self, ino: u64) -> Option<&Slot> {
+        let i = usize::try_from(ino.checked_sub(FIRST_INO)?).ok()?;
+        self.slots.get(i)?.as_ref()
+    }
+
+    fn slot_mut(&mut self, ino: u64) -> Option<&mut Slot> {
+        let i = usize::try_from(ino.checked_sub(FIRST_INO)?).ok()?;
+        self.slots.get_mut(i)?.as_mut()
     }
 }
 
@@ -59,10 +108,7 @@ impl std::fmt::Debug for Inodes {
 impl Default for Inodes {
     fn default() -> Self {
         Self {
-            table: Mutex::new(Table {
-                next: ROOT_INO + 1,
-                ..Default::default()
-            }),
+            table: Mutex::new(Table::default()),
         }
     }
 }
@@ -90,9 +136,17 @@ impl Inodes {
             return Some(InodeKind::Root);
         }
         self.lock()
-            .slots
-            .get(&ino)
+            .slot(ino)
             .map(|s| InodeKind::Node(s.node.clone()))
+    }
+
+    /// The generation of a live inode (0 for the root).
+    pub fn generation(&self, ino: u64) -> u64 {
+        let t = self.lock();
+        ino.checked_sub(FIRST_INO)
+            .and_then(|i| usize::try_from(i).ok())
+            .and_then(|i| t.generations.get(i).copied())
+            .map_or(0, u64::from)
     }
 
     /// The inode for `name` in `parent`, allocated on first use; counts one
@@ -101,34 +155,48 @@ impl Inodes {
         let mut t = self.lock();
         let t = &mut *t;
         let hash = t.hash(parent, name);
-        let slots = &t.slots;
-        let found = t.index.find(hash, |ino| {
-            slots
-                .get(ino)
-                .is_some_and(|s| s.parent == parent && *s.name == *name)
-        });
-        if let Some(&ino) = found {
-            if let Some(s) = t.slots.get_mut(&ino) {
+        let found = {
+            let tt: &Table = t;
+            tt.index
+                .find(hash, |&ino| {
+                    tt.slot(ino)
+                        .is_some_and(|s| s.parent == parent && *s.name == *name)
+                })
+                .copied()
+        };
+        if let Some(ino) = found {
+            if let Some(s) = t.slot_mut(ino) {
                 s.nlookup += 1;
                 return ino;
             }
         }
-        let ino = t.next;
-        t.next += 1;
-        t.slots.insert(
-            ino,
-            Slot {
-                parent,
-                name: name.into(),
-                node: detached(node),
-                nlookup: 1,
-            },
-        );
+        let slot = Slot {
+            parent,
+            nlookup: 1,
+            name: Name::new(name),
+            node: detached(node),
+        };
+        let i = match t.free.pop() {
+            Some(i) => {
+                let i = i as usize;
+                t.slots[i] = Some(slot);
+                t.generations[i] = t.generations[i].wrapping_add(1);
+                i
+            }
+            None => {
+                t.slots.push(Some(slot));
+                t.generations.push(0);
+                t.slots.len() - 1
+            }
+        };
+        t.live += 1;
+        let ino = FIRST_INO + i as u64;
         let (slots, hasher) = (&t.slots, &t.hasher);
-        t.index.insert_unique(hash, ino, |i| {
-            slots
-                .get(i)
-                .map(|s| hasher.hash_one((s.parent, &*s.name)))
+        t.index.insert_unique(hash, ino, |&other| {
+            let s = usize::try_from(other - FIRST_INO)
+                .ok()
+                .and_then(|i| slots.get(i)?.as_ref());
+            s.map(|s| hasher.hash_one((s.parent, &*s.name)))
                 .unwrap_or_default()
         });
         ino
@@ -138,7 +206,13 @@ impl Inodes {
     pub fn forget(&self, ino: u64, count: u64) {
         let mut t = self.lock();
         let t = &mut *t;
-        let Some(s) = t.slots.get_mut(&ino) else {
+        let Some(i) = ino
+            .checked_sub(FIRST_INO)
+            .and_then(|i| usize::try_from(i).ok())
+        else {
+            return;
+        };
+        let Some(s) = t.slots.get_mut(i).and_then(Option::as_mut) else {
             return;
         };
         s.nlookup = s.nlookup.saturating_sub(count);
@@ -149,12 +223,18 @@ impl Inodes {
         if let Ok(e) = t.index.find_entry(hash, |&i| i == ino) {
             e.remove();
         }
-        t.slots.remove(&ino);
+        t.slots[i] = None;
+        // Slot indices fit u32: more live inodes than that would be
+        // hundreds of GiB of table; such a slot is simply not reused.
+        if let Ok(i) = u32::try_from(i) {
+            t.free.push(i);
+        }
+        t.live -= 1;
     }
 
     /// Number of live inodes (for tests and metrics).
     pub fn len(&self) -> usize {
-        self.lock().slots.len()
+        self.lock().live
     }
 
     pub fn is_empty(&self) -> bool {
@@ -180,6 +260,14 @@ mod tests {
         assert!(t.get(a).is_none());
         t.forget(a, 5); // unknown: ignored
         t.forget(999, 1);
+        t.forget(0, 1);
         assert_eq!(t.len(), 1);
+        // a released number is handed out again, with a new generation
+        let c = t.lookup(ROOT_INO, b"c", &n);
+        assert_eq!(c, a);
+        assert_eq!(t.generation(c), 1);
+        assert_eq!(t.generation(b), 0);
+        assert_eq!(t.lookup(ROOT_INO, b"c", &n), c);
+        assert!(t.get(c).is_some());
     }
 }

@@ -58,20 +58,52 @@ impl Default for FsConfig {
 /// Default [`FsConfig::dir_cache_bytes`]: a few thousand directories.
 pub const DEFAULT_DIR_CACHE_BYTES: u64 = 4 << 20;
 /// Default [`FsConfig::verified_blobs`].
-pub const DEFAULT_VERIFIED_BLOBS: usize = 65_536;
+pub const DEFAULT_VERIFIED_BLOBS: usize = 16_384;
+
+/// A directory's entries in name order, as readdir walks them.
+type Listing = Arc<[(Bytes, Node)]>;
+
+/// A directory as the view keeps it: its entries in one allocation, their
+/// names slices of the decoded buffer. Cheaper to hold than a `Directory`
+/// (a tree node per few entries), and an open handle shares it.
+struct DirView {
+    entries: Listing,
+    subdirs: u64,
+    weight: u64,
+}
+
+impl DirView {
+    fn new(d: Directory) -> Self {
+        let weight = d.heap_size();
+        let subdirs = d.child_directories().count() as u64;
+        Self {
+            entries: d
+                .entries()
+                .map(|(n, node)| (n.clone(), node.clone()))
+                .collect(),
+            subdirs,
+            weight,
+        }
+    }
+
+    fn get(&self, name: &[u8]) -> Option<&Node> {
+        let i = self
+            .entries
+            .binary_search_by(|(n, _)| n.as_ref().cmp(name))
+            .ok()?;
+        self.entries.get(i).map(|(_, node)| node)
+    }
+}
 
 /// Weighs cached directories by what they hold.
 #[derive(Clone)]
 struct DirWeight;
 
-impl quick_cache::Weighter<B3Digest, Arc<Directory>> for DirWeight {
-    fn weight(&self, _: &B3Digest, d: &Arc<Directory>) -> u64 {
-        d.heap_size().max(1)
+impl quick_cache::Weighter<B3Digest, Arc<DirView>> for DirWeight {
+    fn weight(&self, _: &B3Digest, d: &Arc<DirView>) -> u64 {
+        d.weight.max(1)
     }
 }
-
-/// A directory's entries in order, as readdir walks them.
-type Listing = Arc<Vec<(Bytes, Node)>>;
 
 /// An open file. The blob is opened (and verified) on the first read, not
 /// at open: with a warm page cache (KEEP_CACHE) no read ever comes.
@@ -88,11 +120,14 @@ pub struct StoreFs {
     cfg: FsConfig,
     inodes: Inodes,
     /// Decoded directories, bounded by bytes.
-    dirs: quick_cache::sync::Cache<B3Digest, Arc<Directory>, DirWeight>,
+    dirs: quick_cache::sync::Cache<B3Digest, Arc<DirView>, DirWeight>,
     /// Blobs checked against (digest, size), bounded by count.
     verified: quick_cache::sync::Cache<(B3Digest, u64), ()>,
     files: Mutex<HashMap<u64, Arc<Mutex<OpenFile>>>>,
-    root_listings: Mutex<HashMap<u64, Listing>>,
+    /// Listings of open directories, by handle: one snapshot per OPENDIR,
+    /// so every READDIR of it is an index, and the root's offsets stay
+    /// valid while the store changes.
+    dir_handles: Mutex<HashMap<u64, Listing>>,
     next_handle: AtomicU64,
 }
 
@@ -111,14 +146,23 @@ impl StoreFs {
             store,
             rt,
             inodes: Inodes::default(),
-            dirs: quick_cache::sync::Cache::with_weighter(
-                1024,
-                cfg.dir_cache_bytes.max(1),
+            // One shard: a big directory may take any share of the bound
+            // (sharding splits the bound, and what exceeds a shard's
+            // share is never kept: decoded again on every request).
+            dirs: quick_cache::sync::Cache::with_options(
+                quick_cache::OptionsBuilder::new()
+                    .shards(1)
+                    .estimated_items_capacity(1024)
+                    .weight_capacity(cfg.dir_cache_bytes.max(1))
+                    .build()
+                    .unwrap_or_else(|_| unreachable!("all options are set")),
                 DirWeight,
+                Default::default(),
+                Default::default(),
             ),
             verified: quick_cache::sync::Cache::new(cfg.verified_blobs.max(1)),
             files: Mutex::new(HashMap::new()),
-            root_listings: Mutex::new(HashMap::new()),
+            dir_handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             cfg,
         }
@@ -202,7 +246,7 @@ impl StoreFs {
     }
 
     /// A directory's listing, from memory, a local disk or the store.
-    fn directory(&self, digest: &B3Digest) -> io::Result<Arc<Directory>> {
+    fn directory(&self, digest: &B3Digest) -> io::Result<Arc<DirView>> {
         if let Some(d) = self.dirs.get(digest) {
             return Ok(d);
         }
@@ -211,10 +255,10 @@ impl StoreFs {
             Some(r) => r?,
             None => self.block(what, self.store.directory.get(digest))?,
         };
-        let d = Arc::new(got.ok_or_else(|| {
+        let d = Arc::new(DirView::new(got.ok_or_else(|| {
             tracing::error!("directory {digest} is missing from the store");
             err(libc::EIO)
-        })?);
+        })?));
         self.dirs.insert(*digest, d.clone());
         Ok(d)
     }
@@ -229,7 +273,7 @@ impl StoreFs {
         let what = format_args!("directory tree {root}");
         if let Some(r) = self.local(what, self.store.directory.get_blocking(root)) {
             if let Some(d) = r? {
-                self.dirs.insert(*root, Arc::new(d));
+                self.dirs.insert(*root, Arc::new(DirView::new(d)));
                 return Ok(());
             }
         }
@@ -242,7 +286,7 @@ impl StoreFs {
             Ok(out)
         })?;
         for d in tree {
-            self.dirs.insert(d.digest(), Arc::new(d));
+            self.dirs.insert(d.digest(), Arc::new(DirView::new(d)));
         }
         Ok(())
     }
@@ -251,7 +295,7 @@ impl StoreFs {
         match kind {
             InodeKind::Node(Node::Directory { digest, .. }) => {
                 let d = self.directory(digest)?;
-                Ok(2 + d.child_directories().count() as u64)
+                Ok(2 + d.subdirs)
             }
             _ => Ok(2),
         }
@@ -266,7 +310,7 @@ impl StoreFs {
         let ino = self.inodes.lookup(parent, name, node);
         Ok(Entry {
             inode: ino,
-            generation: 0,
+            generation: self.inodes.generation(ino),
             attr: stat(ino, &kind, nlink),
             attr_flags: 0,
             attr_timeout: TTL,
@@ -369,20 +413,16 @@ impl StoreFs {
         self.next_handle.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The listing of a directory inode: (name, node) in order.
+    /// The listing of a directory inode: (name, node) in order; the open
+    /// handle's snapshot when there is one.
     fn listing(&self, ino: u64, handle: u64) -> io::Result<Listing> {
+        if let Some(l) = lock(&self.dir_handles).get(&handle) {
+            return Ok(l.clone());
+        }
         match &self.kind(ino)? {
-            InodeKind::Root => Ok(lock(&self.root_listings)
-                .get(&handle)
-                .cloned()
-                .unwrap_or_default()),
+            InodeKind::Root => Ok(Arc::from([])),
             InodeKind::Node(Node::Directory { digest, .. }) => {
-                let d = self.directory(digest)?;
-                Ok(Arc::new(
-                    d.entries()
-                        .map(|(n, node)| (n.clone(), node.clone()))
-                        .collect(),
-                ))
+                Ok(self.directory(digest)?.entries.clone())
             }
             InodeKind::Node(_) => Err(err(libc::ENOTDIR)),
         }
@@ -745,12 +785,14 @@ impl FileSystem for StoreFs {
                 all.sort_by(|a, b| a.0.cmp(&b.0));
                 all.dedup_by(|a, b| a.0 == b.0);
                 let h = self.new_handle();
-                lock(&self.root_listings).insert(h, Arc::new(all));
+                lock(&self.dir_handles).insert(h, all.into());
                 Ok((Some(h), OpenOptions::empty()))
             }
             InodeKind::Node(Node::Directory { digest, .. }) => {
-                self.directory(digest)?;
-                Ok((None, OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE))
+                let listing = self.directory(digest)?.entries.clone();
+                let h = self.new_handle();
+                lock(&self.dir_handles).insert(h, listing);
+                Ok((Some(h), OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE))
             }
             InodeKind::Node(_) => Err(err(libc::ENOTDIR)),
         }
@@ -795,7 +837,7 @@ impl FileSystem for StoreFs {
     }
 
     fn releasedir(&self, _: &Context, _: u64, _: u32, handle: u64) -> io::Result<()> {
-        lock(&self.root_listings).remove(&handle);
+        lock(&self.dir_handles).remove(&handle);
         Ok(())
     }
 

@@ -162,7 +162,7 @@ pub(super) async fn fetch(
         Err(e) if is_not_found(&e) => return Ok(false),
         Err(e) => return Err(e),
     };
-    let tmp = tempfile::NamedTempFile::new_in(cache.root.join("tmp"))?;
+    let tmp = super::temp_beside(&dest)?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, tmp);
     let mut hasher = blake3::Hasher::new();
     let mut n = 0u64;
@@ -205,9 +205,6 @@ pub(super) async fn fetch(
         });
     }
     let tmp = out.into_inner().map_err(|e| e.into_error())?;
-    if let Some(parent) = dest.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
     tmp.persist(&dest).map_err(|e| e.error)?;
     room.commit(cost(n));
     cache.stats.fetched_bytes.fetch_add(n, Relaxed);

@@ -51,7 +51,9 @@ const ABSENT_TTL: Duration = Duration::from_secs(1);
 /// Most absent store paths remembered.
 const MAX_ABSENT: usize = 4096;
 /// Most hits a reader holds before reporting them.
-const MAX_TOUCHED: usize = 65_536;
+const MAX_TOUCHED: usize = 16_384;
+/// A reader reports its hits early once it holds this many.
+const TOUCH_SOON: usize = 4096;
 /// How often a reader reports its hits.
 const TOUCH_PERIOD: Duration = Duration::from_secs(10);
 /// Most digests in one Touch call.
@@ -86,6 +88,21 @@ pub fn create_dir(dir: &Path) -> std::io::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
+}
+
+/// A temporary file for a fill, beside its destination: renamed within one
+/// directory, fills of different objects do not contend for one staging
+/// directory's lock (they did: a single `tmp/` serialised every fill). Its
+/// name starts with [`space::TEMP_PREFIX`], which the scans skip and a new
+/// filler removes.
+pub(crate) fn temp_beside(dest: &Path) -> std::io::Result<tempfile::NamedTempFile> {
+    let dir = dest
+        .parent()
+        .ok_or_else(|| std::io::Error::other(format!("{} has no parent", dest.display())))?;
+    std::fs::create_dir_all(dir)?;
+    tempfile::Builder::new()
+        .prefix(space::TEMP_PREFIX)
+        .tempfile_in(dir)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -147,6 +164,8 @@ struct Reader {
     fills: AtomicBool,
     /// Hits not reported yet.
     touched: Mutex<Touched>,
+    /// Wakes the reporter early.
+    report_now: Arc<tokio::sync::Notify>,
 }
 
 enum RoleState {
@@ -209,6 +228,7 @@ impl Cache {
                             .max_decoding_message_size(crate::services::channel::MAX_MESSAGE_SIZE)
                     }),
                     touched: Mutex::new(Touched::default()),
+                    report_now: Arc::new(tokio::sync::Notify::new()),
                 }));
                 (local, role)
             }
@@ -221,9 +241,9 @@ impl Cache {
             idle,
             role,
         });
-        if matches!(cache.role, RoleState::Reader(_)) {
+        if let RoleState::Reader(r) = &cache.role {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(touch_reporter(Arc::downgrade(&cache)));
+                rt.spawn(touch_reporter(Arc::downgrade(&cache), r.report_now.clone()));
             }
         }
         Ok(cache)
@@ -275,6 +295,9 @@ impl Cache {
                         Key::Directory(d) | Key::Tree(d) => t.dirs.insert(d),
                         Key::PathInfo(h) => t.infos.insert(h),
                     };
+                }
+                if t.len() == TOUCH_SOON {
+                    r.report_now.notify_one();
                 }
             }
         }
@@ -391,12 +414,11 @@ impl Cache {
     }
 }
 
-/// Reports a reader's hits now and then, for as long as it lives.
-async fn touch_reporter(cache: Weak<Cache>) {
-    let mut tick = tokio::time::interval(TOUCH_PERIOD);
-    tick.tick().await;
+/// Reports a reader's hits now and then (sooner when many pile up), for
+/// as long as it lives; holds no reference to it while asleep.
+async fn touch_reporter(cache: Weak<Cache>, wake: Arc<tokio::sync::Notify>) {
     loop {
-        tick.tick().await;
+        let _ = tokio::time::timeout(TOUCH_PERIOD, wake.notified()).await;
         let Some(c) = cache.upgrade() else { return };
         c.report_touches().await;
     }

@@ -16,6 +16,8 @@ use tokio::sync::Notify;
 
 /// The object areas of a store directory, as `local://` lays them out.
 pub const AREAS: [&str; 3] = ["blobs", "directories", "pathinfo"];
+/// Names of fills under way (beside their destination): not objects.
+pub const TEMP_PREFIX: &str = ".fill";
 
 /// What an object of `len` bytes takes on disk, near enough: whole 4 KiB
 /// blocks, at least one.
@@ -75,19 +77,36 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Calls `f` with every object file of the cache at `root`:
-/// `blobs/ab/<hex>`, `directories/ab/<hex>`, `pathinfo/<hash>`.
-fn for_each_object(root: &Path, mut f: impl FnMut(&Path, &std::fs::Metadata)) {
-    fn walk(dir: &Path, depth: u8, f: &mut dyn FnMut(&Path, &std::fs::Metadata)) {
+/// `blobs/ab/<hex>`, `directories/ab/<hex>`, `pathinfo/<hash>`; fills
+/// under way go to `temp` instead.
+fn for_each_object(
+    root: &Path,
+    mut f: impl FnMut(&Path, &std::fs::Metadata),
+    mut temp: impl FnMut(&Path),
+) {
+    fn walk(
+        dir: &Path,
+        depth: u8,
+        f: &mut dyn FnMut(&Path, &std::fs::Metadata),
+        temp: &mut dyn FnMut(&Path),
+    ) {
         let Ok(rd) = std::fs::read_dir(dir) else {
             return;
         };
         for e in rd.flatten() {
             let path = e.path();
+            if e.file_name()
+                .as_encoded_bytes()
+                .starts_with(TEMP_PREFIX.as_bytes())
+            {
+                temp(&path);
+                continue;
+            }
             let Ok(m) = std::fs::symlink_metadata(&path) else {
                 continue;
             };
             if m.is_dir() && depth > 0 {
-                walk(&path, depth - 1, f);
+                walk(&path, depth - 1, f, temp);
             } else if m.is_file() {
                 f(&path, &m);
             }
@@ -95,7 +114,7 @@ fn for_each_object(root: &Path, mut f: impl FnMut(&Path, &std::fs::Metadata)) {
     }
     for area in AREAS {
         let depth = if area == "pathinfo" { 0 } else { 1 };
-        walk(&root.join(area), depth, &mut f);
+        walk(&root.join(area), depth, &mut f, &mut temp);
     }
 }
 
@@ -147,7 +166,13 @@ impl Space {
             }
         }
         let mut used = 0u64;
-        for_each_object(root, |_, m| used = used.saturating_add(cost(m.len())));
+        for_each_object(
+            root,
+            |_, m| used = used.saturating_add(cost(m.len())),
+            |leftover| {
+                let _ = std::fs::remove_file(leftover);
+            },
+        );
         stats.used_bytes.store(used, Relaxed);
         stats.max_bytes.store(max, Relaxed);
         let space = Arc::new(Self {
@@ -306,23 +331,27 @@ impl Space {
         // access time drops the newest while the rest still suffice.
         let mut heap = BinaryHeap::new();
         let mut sum = 0u64;
-        for_each_object(&self.root, |path, m| {
-            let c = cost(m.len());
-            heap.push(Candidate {
-                atime: atime(m),
-                cost: c,
-                path: path.to_path_buf(),
-            });
-            sum += c;
-            while let Some(top) = heap.peek() {
-                if sum - top.cost >= to_free || heap.len() > MAX_CANDIDATES {
-                    sum -= top.cost;
-                    heap.pop();
-                } else {
-                    break;
+        for_each_object(
+            &self.root,
+            |path, m| {
+                let c = cost(m.len());
+                heap.push(Candidate {
+                    atime: atime(m),
+                    cost: c,
+                    path: path.to_path_buf(),
+                });
+                sum += c;
+                while let Some(top) = heap.peek() {
+                    if sum - top.cost >= to_free || heap.len() > MAX_CANDIDATES {
+                        sum -= top.cost;
+                        heap.pop();
+                    } else {
+                        break;
+                    }
                 }
-            }
-        });
+            },
+            |_| {},
+        );
         let mut freed = 0u64;
         let mut count = 0u64;
         for c in heap.into_sorted_vec() {

@@ -32,18 +32,15 @@ impl LocalDirectoryService {
         self.root.join("directories").join(&hex[..2]).join(hex)
     }
 
-    /// Writes one directory's canonical encoding (its children may be
-    /// absent: the cache holds parts of trees); answers the bytes written,
-    /// 0 when it was there.
+    /// Writes one directory's canonical encoding for the host cache (its
+    /// children may be absent: the cache holds parts of trees); answers the
+    /// bytes written, 0 when it was there.
     pub(crate) fn write_one(&self, digest: &B3Digest, bytes: &[u8]) -> std::io::Result<u64> {
         let dest = self.path_of(digest);
         if dest.exists() {
             return Ok(0);
         }
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        let mut tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))?;
+        let mut tmp = crate::services::cache::temp_beside(&dest)?;
         tmp.write_all(bytes)?;
         tmp.persist(&dest).map_err(|e| e.error)?;
         Ok(bytes.len() as u64)
@@ -51,15 +48,15 @@ impl LocalDirectoryService {
 }
 
 /// Checks a directory file's bytes against the digest that names it.
-fn decode_checked(bytes: &[u8], digest: &B3Digest) -> Result<Directory> {
-    let actual = B3Digest::of(bytes);
+fn decode_checked(bytes: Vec<u8>, digest: &B3Digest) -> Result<Directory> {
+    let actual = B3Digest::of(&bytes);
     if actual != *digest {
         return Err(Error::DigestMismatch {
             expected: *digest,
             actual,
         });
     }
-    Ok(Directory::decode(bytes)?)
+    Ok(Directory::decode(bytes::Bytes::from(bytes))?)
 }
 
 fn not_found_is_none(r: std::io::Result<Vec<u8>>) -> Result<Option<Vec<u8>>> {
@@ -74,14 +71,14 @@ fn not_found_is_none(r: std::io::Result<Vec<u8>>) -> Result<Option<Vec<u8>>> {
 impl DirectoryService for LocalDirectoryService {
     async fn get(&self, digest: &B3Digest) -> Result<Option<Directory>> {
         not_found_is_none(tokio::fs::read(self.path_of(digest)).await)?
-            .map(|b| decode_checked(&b, digest))
+            .map(|b| decode_checked(b, digest))
             .transpose()
     }
 
     fn get_blocking(&self, digest: &B3Digest) -> Option<Result<Option<Directory>>> {
         Some(
             not_found_is_none(std::fs::read(self.path_of(digest)))
-                .and_then(|b| b.map(|b| decode_checked(&b, digest)).transpose()),
+                .and_then(|b| b.map(|b| decode_checked(b, digest)).transpose()),
         )
     }
 

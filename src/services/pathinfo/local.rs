@@ -42,8 +42,7 @@ impl LocalPathInfoService {
     pub(crate) fn write_cached(&self, info: &PathInfo) -> std::io::Result<u64> {
         let bytes = info.to_proto().encode_to_vec();
         let dest = self.path_of(info.store_path.digest());
-        std::fs::create_dir_all(self.root.join("pathinfo"))?;
-        let mut tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))?;
+        let mut tmp = crate::services::cache::temp_beside(&dest)?;
         tmp.write_all(&bytes)?;
         tmp.persist(&dest).map_err(|e| e.error)?;
         Ok(bytes.len() as u64)
