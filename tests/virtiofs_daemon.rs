@@ -3,6 +3,7 @@
 mod common;
 
 use common::bin;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,6 +45,7 @@ fn socket_lifecycle_and_sigterm() {
     let sock = tmp.path().join("vfs.sock");
     // a stale socket from a dead daemon is replaced
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    let stale_ino = std::fs::metadata(&sock).unwrap().ino();
     let mut child = Command::new(bin())
         .args([
             "--store",
@@ -55,13 +57,16 @@ fn socket_lifecycle_and_sigterm() {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    // the stale file is gone once the daemon's socket is in place: connectable
+    // the stale file is replaced by the daemon's socket (a new inode; a
+    // connect alone could reach the stale one while a child that another
+    // test forks still holds its listener before exec)
     let deadline = Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(Instant::now() < deadline, "daemon socket not connectable");
+    while std::fs::metadata(&sock).map(|m| m.ino()).ok() == Some(stale_ino) {
+        assert!(Instant::now() < deadline, "stale socket not replaced");
         std::thread::sleep(Duration::from_millis(20));
     }
     wait_for_socket(&sock);
+    assert!(std::os::unix::net::UnixStream::connect(&sock).is_ok());
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     // SAFETY: kill(2) on our own child.

@@ -45,8 +45,16 @@ impl Cache {
         match &self.role {
             RoleState::Filler(_) => {
                 let rx = self.fill_blob(*digest, size)?;
-                if !flights::wait(rx, self.idle).await.into_result()? {
-                    return Ok(None);
+                match flights::wait(rx, self.idle).await.into_result() {
+                    Ok(true) => {}
+                    Ok(false) => return Ok(None),
+                    Err(Error::ResourceExhausted(m)) => {
+                        // Larger than the cache (or no room now): served
+                        // from the remote, checked, but not kept.
+                        tracing::warn!("blob {digest}: {m}; serving it without caching");
+                        return self.remote_blob(digest, size).await;
+                    }
+                    Err(e) => return Err(e),
                 }
                 let r = self.local.blobs.open_read(digest).await?;
                 r.map(Some).ok_or_else(|| {
@@ -57,12 +65,20 @@ impl Cache {
             }
             RoleState::Reader(reader) => {
                 self.stats.miss(Kind::Blob);
-                if reader.fills.load(Relaxed) {
+                // A blob evicted between its fill and our open is asked for
+                // once more; absent twice, the store fills another directory.
+                for attempt in 0..2 {
+                    if !reader.fills.load(Relaxed) {
+                        break;
+                    }
                     match self.ask_fill(digest, size).await {
                         Ok(false) => return Ok(None),
                         Ok(true) => {
                             if let Some(r) = self.local.blobs.open_read(digest).await? {
                                 return Ok(Some(r));
+                            }
+                            if attempt == 0 {
+                                continue;
                             }
                             tracing::warn!(
                                 "the store filled blob {digest} but {} does not have it: it fills \
@@ -78,13 +94,14 @@ impl Cache {
                             );
                             reader.fills.store(false, Relaxed);
                         }
+                        // Too large for the cache: read through the store.
+                        Err(Error::Remote(s)) if s.code() == tonic::Code::ResourceExhausted => {
+                            break
+                        }
                         Err(e) => return Err(e),
                     }
                 }
-                let r = match size {
-                    Some(s) => self.remote.blob.open_read_sized(digest, s).await?,
-                    None => self.remote.blob.open_read(digest).await?,
-                };
+                let r = self.remote_blob(digest, size).await?;
                 if r.is_some() {
                     self.stats
                         .fetched_bytes
@@ -92,6 +109,17 @@ impl Cache {
                 }
                 Ok(r)
             }
+        }
+    }
+
+    async fn remote_blob(
+        &self,
+        digest: &B3Digest,
+        size: Option<u64>,
+    ) -> Result<Option<Box<dyn BlobReader>>> {
+        match size {
+            Some(s) => self.remote.blob.open_read_sized(digest, s).await,
+            None => self.remote.blob.open_read(digest).await,
         }
     }
 
@@ -184,10 +212,12 @@ pub(super) async fn fetch(
                 actual: n,
             });
         }
+        // Reported first: a blob that outgrows the whole cache is known
+        // by its progress.
+        rep.send_modify(|p| p.bytes = n);
         room.grow(cost(n), cache.idle).await?;
         hasher.update(&chunk);
         out.write_all(&chunk)?;
-        rep.send_modify(|p| p.bytes = n);
     }
     let actual = B3Digest::from(hasher.finalize());
     if actual != digest {

@@ -91,20 +91,51 @@ impl Cache {
         Ok(true)
     }
 
-    async fn fetch_tree(&self, root: B3Digest, rep: &Reporter) -> Result<bool> {
+    /// Fetches a whole tree: received in full first, then written. A
+    /// stream of many small messages must be read as fast as it comes:
+    /// h2 ends a connection on which too many small frames wait unread
+    /// (`ENHANCE_YOUR_CALM`), which writing a file per message provoked.
+    async fn fetch_tree(self: &Arc<Self>, root: B3Digest, rep: &Reporter) -> Result<bool> {
         let mut s = self.remote.directory.get_recursive(root);
-        let mut n = 0u64;
+        let mut tree: Vec<(B3Digest, Vec<u8>)> = Vec::new();
         let mut bytes = 0u64;
         loop {
             let next = tokio::time::timeout(self.idle, s.try_next())
                 .await
                 .map_err(|_| stalled(&root, self.idle))??;
             let Some(dir) = next else { break };
-            bytes += self.store_dir(&dir).await?;
-            n += 1;
+            let encoded = dir.encode();
+            bytes += encoded.len() as u64;
+            tree.push((B3Digest::of(&encoded), encoded));
+            if tree.len() > MAX_LOCAL_TREE {
+                return Err(Error::ResourceExhausted(format!(
+                    "directory tree {root} has more than {MAX_LOCAL_TREE} directories"
+                )));
+            }
             rep.send_modify(|p| p.bytes = bytes);
         }
-        Ok(n > 0)
+        drop(s);
+        if tree.is_empty() {
+            return Ok(false);
+        }
+        let f = self.filler()?;
+        let need = tree.iter().map(|(_, b)| cost(b.len() as u64)).sum();
+        let room = f.space.reserve(need, self.idle).await?;
+        let written = self
+            .clone()
+            .blocking(move |c| -> std::io::Result<u64> {
+                let mut written = 0;
+                for (digest, encoded) in &tree {
+                    let n = c.local.dirs.write_one(digest, encoded)?;
+                    if n > 0 {
+                        written += cost(n);
+                    }
+                }
+                Ok(written)
+            })
+            .await??;
+        room.commit(written);
+        Ok(true)
     }
 
     async fn get_directory(self: &Arc<Self>, digest: &B3Digest) -> Result<Option<Directory>> {

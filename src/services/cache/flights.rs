@@ -31,6 +31,8 @@ pub enum Outcome {
     Absent,
     Failed {
         timeout: bool,
+        /// The object does not fit in the cache.
+        exhausted: bool,
         message: Arc<str>,
     },
 }
@@ -39,6 +41,7 @@ impl Outcome {
     pub fn failed(e: &Error) -> Self {
         Outcome::Failed {
             timeout: e.is_timeout(),
+            exhausted: matches!(e, Error::ResourceExhausted(_)),
             message: e.to_string().into(),
         }
     }
@@ -51,7 +54,13 @@ impl Outcome {
             Outcome::Failed {
                 timeout: true,
                 message,
+                ..
             } => Err(Error::Timeout(message.to_string())),
+            Outcome::Failed {
+                exhausted: true,
+                message,
+                ..
+            } => Err(Error::ResourceExhausted(message.to_string())),
             Outcome::Failed { message, .. } => Err(Error::Fetch(message.to_string())),
         }
     }
@@ -135,6 +144,7 @@ impl Flights {
                 Ok(_permit) => fut.await,
                 Err(_) => Outcome::Failed {
                     timeout: false,
+                    exhausted: false,
                     message: "cache is shutting down".into(),
                 },
             };
@@ -160,12 +170,14 @@ pub async fn wait(mut rx: watch::Receiver<Progress>, idle: Duration) -> Outcome 
             Err(_) => {
                 return Outcome::Failed {
                     timeout: true,
+                    exhausted: false,
                     message: format!("no progress from the remote store for {idle:?}").into(),
                 }
             }
             Ok(Err(_)) => {
                 return Outcome::Failed {
                     timeout: false,
+                    exhausted: false,
                     message: "the fetch ended without an outcome".into(),
                 }
             }

@@ -141,6 +141,9 @@ struct Filler {
     space: Arc<Space>,
     flights: Arc<Flights>,
     absent: Mutex<HashMap<[u8; 20], Instant>>,
+    /// Blobs found larger than the whole cache: not fetched into it again
+    /// (each attempt would transfer the bound's worth first).
+    too_big: Mutex<HashSet<B3Digest>>,
     /// flock'd for as long as we fill: one filler per directory.
     _lock: std::fs::File,
 }
@@ -211,6 +214,7 @@ impl Cache {
                     space,
                     flights: Flights::new(stats.clone()),
                     absent: Mutex::new(HashMap::new()),
+                    too_big: Mutex::new(HashSet::new()),
                     _lock: lock,
                 });
                 (local, role)
@@ -340,17 +344,39 @@ impl Cache {
             return Ok(rx);
         }
         self.stats.miss(Kind::Blob);
+        let max = f.space.max();
+        if size.is_some_and(|s| s > max) || lock(&f.too_big).contains(&digest) {
+            let (_, rx) = watch::channel(Progress {
+                bytes: 0,
+                outcome: Some(Outcome::failed(&Error::ResourceExhausted(format!(
+                    "blob {digest} is larger than the whole cache ({max} bytes)"
+                )))),
+            });
+            return Ok(rx);
+        }
         let this = self.clone();
         Ok(f.flights.join(Key::Blob(digest), move |rep| async move {
             match blob::fetch(&this, digest, size, &rep).await {
                 Ok(true) => Outcome::Stored,
                 Ok(false) => Outcome::Absent,
-                Err(e) => Outcome::failed(&e),
+                Err(e) => {
+                    if let (Error::ResourceExhausted(_), RoleState::Filler(f)) = (&e, &this.role) {
+                        if space::cost(rep.borrow().bytes) > f.space.max() {
+                            let mut big = lock(&f.too_big);
+                            if big.len() >= MAX_ABSENT {
+                                big.clear();
+                            }
+                            big.insert(digest);
+                        }
+                    }
+                    Outcome::failed(&e)
+                }
             }
         }))
     }
 
-    /// Marks objects as used, for the CacheService's Touch.
+    /// Marks objects as used, for the CacheService's Touch (each object
+    /// once per report, however often the reader served it).
     pub fn touch(&self, kind: Kind, keys: impl Iterator<Item = Vec<u8>>) {
         if self.filler().is_err() {
             return;
@@ -368,6 +394,9 @@ impl Cache {
                     .map(|h| self.local.infos.path_of(&h)),
             };
             if let Some(p) = path {
+                // Counted as a hit: readers serve hits themselves, and the
+                // filler's counters are the fleet's view of the cache.
+                self.stats.hit(kind);
                 space::touch(&p);
             }
         }
