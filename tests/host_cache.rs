@@ -1721,7 +1721,18 @@ fn fills_over_the_bound_do_not_stall() {
     let r = rt.block_on(fill(filler.cache_client(&rt), digests[2]));
     assert!(t1.elapsed() < quick, "stalled {:?}", t1.elapsed());
     let e = r.expect_err("a blob larger than the cache is not stored");
-    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(!blob_file(&dir, &digests[2]).exists());
+    // ... but it is served, checked, straight from the remote
+    let client = {
+        let _rt = rt.enter();
+        common::grpc_store(&filler.addr())
+    };
+    let got = rt
+        .block_on(read_to_vec(client.blob.as_ref(), &digests[2]))
+        .unwrap()
+        .unwrap();
+    assert!(got == datas[2], "the large blob's bytes");
     assert!(!blob_file(&dir, &digests[2]).exists());
     let m = filler.metrics();
     assert!(m.get("used_bytes") <= MAX);
