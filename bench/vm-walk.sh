@@ -34,6 +34,8 @@
 #   VIRTIOFSD   reference binary (/var/tmp/vmtest-virtiofsd/bin/virtiofsd;
 #               installed if missing and asked for)
 #   KEEP        1: keep the work directory (logs, consoles, cache) at the end
+#   BIN         our binary (default: target/release/tvix-virtiofsd, built
+#               first), e.g. an older build to compare with
 set -euo pipefail
 shopt -s inherit_errexit
 dirs=("$@")
@@ -51,7 +53,8 @@ done
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/daemons.sh
 . bench/daemons.sh
-cargo build --release --quiet
+[ -n "${BIN:-}" ] || cargo build --release --quiet
+bin=${BIN:-target/release/tvix-virtiofsd}
 VFSD=${VIRTIOFSD:-/var/tmp/vmtest-virtiofsd/bin/virtiofsd}
 if [[ " $stores " == *" virtiofsd "* ]] && [ ! -x "$VFSD" ]; then
   apt-get install -y -q libseccomp-dev libcap-ng-dev >/dev/null
@@ -77,7 +80,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 # A private copy of the program (a concurrent build cannot swap it mid-run)
 # and of the trees.
-cp target/release/tvix-virtiofsd "$work/tvix-virtiofsd"
+cp "$bin" "$work/tvix-virtiofsd"
 B=$work/tvix-virtiofsd
 mkdir -p "$work/src" "$work/logs" "$work/vm"
 for d in "${dirs[@]}"; do cp -a "$d" "$work/src/"; done

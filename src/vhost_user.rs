@@ -124,12 +124,76 @@ struct Job {
     chain: DescriptorChain<Arc<Mem>>,
 }
 
+/// Workers the pool keeps however idle it is.
+const MIN_WORKERS: usize = 2;
+/// A worker beyond those idle this long exits.
+const WORKER_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The worker pool: grows while requests wait for the store and no
+/// worker is free, up to its size, and shrinks again when idle, so an idle
+/// daemon (most of a host's many) keeps few threads.
+struct Pool {
+    server: Arc<FsServer>,
+    rx: Mutex<Receiver<Job>>,
+    /// Workers waiting for a job.
+    idle: AtomicUsize,
+    alive: AtomicUsize,
+    max: usize,
+}
+
+impl Pool {
+    /// Starts one more worker, unless the pool is full.
+    fn grow(self: &Arc<Self>) -> Result<(), Error> {
+        let n = self.alive.fetch_add(1, Ordering::AcqRel);
+        if n >= self.max {
+            self.alive.fetch_sub(1, Ordering::AcqRel);
+            return Ok(());
+        }
+        let pool = self.clone();
+        std::thread::Builder::new()
+            .name(format!("virtiofs-{n}"))
+            .spawn(move || pool.work())
+            .map(drop)
+            .map_err(|e| {
+                self.alive.fetch_sub(1, Ordering::AcqRel);
+                Error::Thread(e)
+            })
+    }
+
+    /// A worker: serves chains until it has been idle too long (and the
+    /// pool has more than its minimum) or the backend goes away.
+    fn work(&self) {
+        loop {
+            self.idle.fetch_add(1, Ordering::AcqRel);
+            let job = lock(&self.rx).recv_timeout(WORKER_IDLE);
+            self.idle.fetch_sub(1, Ordering::AcqRel);
+            match job {
+                Ok(job) => serve(&self.server, job),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let alive = self.alive.load(Ordering::Acquire);
+                    if alive > MIN_WORKERS
+                        && self
+                            .alive
+                            .compare_exchange(alive, alive - 1, Ordering::AcqRel, Ordering::Acquire)
+                            .is_ok()
+                    {
+                        return;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    self.alive.fetch_sub(1, Ordering::AcqRel);
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// The virtio-fs backend given to `VhostUserDaemon`.
 pub struct FsBackend {
     server: Arc<FsServer>,
     fs: Arc<StoreFs>,
-    /// Workers waiting for a job.
-    idle: Arc<AtomicUsize>,
+    pool: Arc<Pool>,
     config: DeviceConfig,
     config_space: Vec<u8>,
     mem: RwLock<GuestMemoryAtomic<Mem>>,
@@ -154,21 +218,20 @@ impl FsBackend {
         config.validate()?;
         let server = Arc::new(Server::new(fs.clone()));
         let (jobs, rx) = mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
-        let idle = Arc::new(AtomicUsize::new(0));
-        for i in 0..config.threads.max(1) {
-            let server = server.clone();
-            let rx = rx.clone();
-            let idle = idle.clone();
-            std::thread::Builder::new()
-                .name(format!("virtiofs-{i}"))
-                .spawn(move || worker(&server, &rx, &idle))
-                .map_err(Error::Thread)?;
+        let pool = Arc::new(Pool {
+            server: server.clone(),
+            rx: Mutex::new(rx),
+            idle: AtomicUsize::new(0),
+            alive: AtomicUsize::new(0),
+            max: config.threads.max(1),
+        });
+        for _ in 0..MIN_WORKERS.min(pool.max) {
+            pool.grow()?;
         }
         Ok(Self {
             server,
             fs,
-            idle,
+            pool,
             config_space: config.config_space(),
             config,
             mem: RwLock::new(mem),
@@ -206,7 +269,7 @@ impl FsBackend {
                 serve(&self.server, job);
                 continue;
             }
-            if self.idle.load(Ordering::Acquire) > 0 && more_available(vring, &mem) {
+            if self.pool.idle.load(Ordering::Acquire) > 0 && more_available(vring, &mem) {
                 self.to_pool(job);
                 continue;
             }
@@ -226,6 +289,12 @@ impl FsBackend {
         if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
             // Only possible if every worker is gone: still answer.
             serve(&self.server, job);
+            return;
+        }
+        if self.pool.idle.load(Ordering::Acquire) == 0 {
+            if let Err(e) = self.pool.grow() {
+                tracing::warn!("worker pool: {e}");
+            }
         }
     }
 }
@@ -237,19 +306,6 @@ fn more_available(vring: &VringRwLock, mem: &Mem) -> bool {
     q.avail_idx(mem, Ordering::Acquire)
         .map(|idx| idx.0 != q.next_avail())
         .unwrap_or(false)
-}
-
-/// A pool thread: serves chains until the backend goes away.
-fn worker(server: &FsServer, rx: &Mutex<Receiver<Job>>, idle: &AtomicUsize) {
-    loop {
-        idle.fetch_add(1, Ordering::AcqRel);
-        let job = lock(rx).recv();
-        idle.fetch_sub(1, Ordering::AcqRel);
-        match job {
-            Ok(job) => serve(server, job),
-            Err(_) => break,
-        }
-    }
 }
 
 /// Serves one chain and returns it to the guest.

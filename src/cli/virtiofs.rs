@@ -37,8 +37,9 @@ pub struct VirtiofsArgs {
     #[arg(long, default_value = "nix-store", value_parser = parse_tag)]
     pub tag: String,
 
-    /// Worker threads serving requests, so one slow store fetch does not
-    /// stall the others.
+    /// Most worker threads serving requests that wait for the store, so one
+    /// slow fetch does not stall the others (started as needed, idle ones
+    /// exit).
     #[arg(long, default_value_t = default_pool_size(), value_parser = clap::value_parser!(u16).range(1..))]
     pub thread_pool_size: u16,
 
@@ -80,10 +81,16 @@ pub struct VirtiofsArgs {
     pub view: super::ViewArgs,
 }
 
+/// Workers wait for the store (a remote's round trips), not for CPUs: 16,
+/// or twice the CPUs on bigger hosts. Only as many as are busy exist.
 fn default_pool_size() -> u16 {
     std::thread::available_parallelism()
-        .map(|n| u16::try_from(n.get()).unwrap_or(u16::MAX).max(2))
-        .unwrap_or(2)
+        .map(|n| {
+            u16::try_from(n.get().saturating_mul(2))
+                .unwrap_or(u16::MAX)
+                .max(16)
+        })
+        .unwrap_or(16)
 }
 
 fn parse_tag(s: &str) -> Result<String, String> {
