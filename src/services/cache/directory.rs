@@ -6,7 +6,7 @@
 use super::flights::{self, Key, Outcome, Reporter};
 use super::space::cost;
 use super::stats::Kind;
-use super::{is_corrupt, Cache, RoleState};
+use super::{Cache, RoleState};
 use crate::castore::{B3Digest, Directory, ValidatedGraph};
 use crate::services::directory::DirectoryService;
 use crate::services::{Error, Result};
@@ -26,27 +26,13 @@ impl Cache {
     /// A directory from the cache directory, on this thread, counted as a
     /// hit when `hit`; damaged objects count as absent.
     fn local_dir(&self, digest: &B3Digest, hit: bool) -> Option<Directory> {
-        match self.local.dirs.get_blocking(digest)? {
-            Ok(Some(d)) => {
-                if hit {
-                    self.hit(
-                        Kind::Directory,
-                        || self.local.dirs.path_of(digest),
-                        Key::Directory(*digest),
-                    );
-                }
-                Some(d)
-            }
-            Ok(None) => None,
-            Err(e) => {
-                if is_corrupt(&e) {
-                    self.discard(&self.local.dirs.path_of(digest), &e);
-                } else {
-                    tracing::warn!("cache directory {digest}: {e}");
-                }
-                None
-            }
-        }
+        self.found(
+            self.local.dirs.get_blocking(digest),
+            Kind::Directory,
+            Key::Directory(*digest),
+            || self.local.dirs.path_of(digest),
+            hit,
+        )
     }
 
     /// The whole tree below `root` from the cache directory, root first;

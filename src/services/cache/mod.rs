@@ -220,6 +220,9 @@ impl Cache {
                 (local, role)
             }
             Role::Reader => {
+                // Must exist: a mistyped directory is an operator's error
+                // (`virtiofs` creates it before its sandbox, for a host
+                // daemon that has not run yet).
                 let local = Local {
                     blobs: LocalBlobService::open_existing(&root)?,
                     dirs: LocalDirectoryService::open_existing(&root)?,
@@ -303,6 +306,35 @@ impl Cache {
                 if t.len() == TOUCH_SOON {
                     r.report_now.notify_one();
                 }
+            }
+        }
+    }
+
+    /// What a local lookup found: the object (counted as a hit when `hit`)
+    /// or nothing; a damaged object counts as absent and is discarded.
+    fn found<T>(
+        &self,
+        got: Option<Result<Option<T>>>,
+        kind: Kind,
+        key: Key,
+        path: impl Fn() -> PathBuf,
+        hit: bool,
+    ) -> Option<T> {
+        match got? {
+            Ok(Some(v)) => {
+                if hit {
+                    self.hit(kind, &path, key);
+                }
+                Some(v)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                if is_corrupt(&e) {
+                    self.discard(&path(), &e);
+                } else {
+                    tracing::warn!("cache {key:?}: {e}");
+                }
+                None
             }
         }
     }

@@ -5,7 +5,7 @@
 use super::flights::{self, Key, Outcome};
 use super::space::cost;
 use super::stats::Kind;
-use super::{is_corrupt, lock, Cache, RoleState, ABSENT_TTL, MAX_ABSENT};
+use super::{lock, Cache, RoleState, ABSENT_TTL, MAX_ABSENT};
 use crate::pathinfo::PathInfo;
 use crate::services::pathinfo::PathInfoService;
 use crate::services::{Error, Result};
@@ -21,25 +21,13 @@ impl Cache {
     /// A cached path info, counted as a hit when `hit`; damaged ones
     /// count as absent.
     fn local_info(&self, hash: &[u8; 20], hit: bool) -> Option<PathInfo> {
-        match self.local.infos.get_blocking(hash)? {
-            Ok(Some(i)) => {
-                if hit {
-                    self.hit(
-                        Kind::PathInfo,
-                        || self.local.infos.path_of(hash),
-                        Key::PathInfo(*hash),
-                    );
-                }
-                Some(i)
-            }
-            Ok(None) => None,
-            Err(e) => {
-                if is_corrupt(&e) {
-                    self.discard(&self.local.infos.path_of(hash), &e);
-                }
-                None
-            }
-        }
+        self.found(
+            self.local.infos.get_blocking(hash),
+            Kind::PathInfo,
+            Key::PathInfo(*hash),
+            || self.local.infos.path_of(hash),
+            hit,
+        )
     }
 
     async fn store_info(&self, info: &PathInfo) -> Result<()> {
