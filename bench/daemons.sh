@@ -113,7 +113,12 @@ start_remote() {
   remote_log=$5.remote.log
   host_log=$5.host.log
   shift 5
-  rm -rf "$dir/cache" "$dir/remote" "$dir/host"
+  # The previous cache is moved aside, not deleted: ext4 skips inodes
+  # deleted within the last minutes when it allocates new ones, and tens of
+  # thousands deleted just before would slow the next fill down (the work
+  # directory, trash included, goes at the end of the run).
+  [ -e "$dir/cache" ] && mv "$dir/cache" "$(mktemp -u "$dir/trash.XXXXXX")"
+  rm -rf "$dir/remote" "$dir/host"
   mkdir -p "$dir/remote" "$dir/host"
   if [ "$kind" = remote-unix ]; then
     "$bin" --store "$store" daemon --listen "unix:$dir/remote/remote.sock" > "$remote_log" 2>&1 &
