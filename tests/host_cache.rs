@@ -916,6 +916,15 @@ fn eviction_keeps_the_bound_lru() {
         read(&m1, i);
     }
     m1.stop();
+    // Make the three look used hours ago, f0 longest: only objects not
+    // used within the last ten minutes have their use reported.
+    for (i, hours) in [(0, 3), (1, 2), (2, 1)] {
+        let when = std::time::SystemTime::now() - Duration::from_secs(hours * 3600);
+        std::fs::File::open(blob_file(&dir, &digests[i]))
+            .unwrap()
+            .set_times(std::fs::FileTimes::new().set_accessed(when))
+            .unwrap();
+    }
     // f0 again, through a fresh reader (the first one's page cache would
     // answer without asking it): a hit, reported when it exits
     let m1b = Mount::start(&filler.addr(), Some(&dir), &t.join("mnt1b"), &[]);

@@ -25,11 +25,17 @@ fn stalled(digest: &B3Digest, idle: std::time::Duration) -> Error {
 }
 
 impl Cache {
-    fn blob_hit(&self, digest: &B3Digest) {
-        self.hit(
+    /// A blob served from the cache directory; `reader` is its open file.
+    fn blob_hit(&self, digest: &B3Digest, reader: &mut dyn BlobReader) {
+        let meta = match reader.direct() {
+            Some(crate::services::blob::Direct::File(f)) => f.metadata().ok(),
+            _ => None,
+        };
+        self.hit_stale(
             Kind::Blob,
             || self.local.blobs.path_of(digest),
             Key::Blob(*digest),
+            meta,
         );
     }
 
@@ -38,8 +44,8 @@ impl Cache {
         digest: &B3Digest,
         size: Option<u64>,
     ) -> Result<Option<Box<dyn BlobReader>>> {
-        if let Some(r) = self.local.blobs.open_read(digest).await? {
-            self.blob_hit(digest);
+        if let Some(mut r) = self.local.blobs.open_read(digest).await? {
+            self.blob_hit(digest, &mut *r);
             return Ok(Some(r));
         }
         match &self.role {
@@ -265,8 +271,8 @@ impl BlobService for CachedBlobService {
     /// Hits only: a miss goes the async way, which fetches.
     fn open_read_blocking(&self, digest: &B3Digest) -> Option<Result<Option<Box<dyn BlobReader>>>> {
         match self.0.local.blobs.open_read_blocking(digest)? {
-            Ok(Some(r)) => {
-                self.0.blob_hit(digest);
+            Ok(Some(mut r)) => {
+                self.0.blob_hit(digest, &mut *r);
                 Some(Ok(Some(r)))
             }
             Ok(None) => None,

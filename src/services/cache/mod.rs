@@ -24,13 +24,13 @@ pub mod flights;
 mod pathinfo;
 pub mod space;
 pub mod stats;
+mod touches;
 
 use crate::castore::B3Digest;
 use crate::services::blob::local::LocalBlobService;
 use crate::services::directory::local::LocalDirectoryService;
 use crate::services::pathinfo::local::LocalPathInfoService;
 use crate::services::{Error, Result, Store};
-use crate::wire::cache as pb;
 use crate::wire::cache::cache_service_client::CacheServiceClient;
 use flights::{Flights, Key, Outcome, Progress};
 use space::Space;
@@ -50,14 +50,6 @@ pub const DEFAULT_MAX_BYTES: u64 = 10 << 30;
 const ABSENT_TTL: Duration = Duration::from_secs(1);
 /// Most absent store paths remembered.
 const MAX_ABSENT: usize = 4096;
-/// Most hits a reader holds before reporting them.
-const MAX_TOUCHED: usize = 16_384;
-/// A reader reports its hits early once it holds this many.
-const TOUCH_SOON: usize = 4096;
-/// How often a reader reports its hits.
-const TOUCH_PERIOD: Duration = Duration::from_secs(10);
-/// Most digests in one Touch call.
-const TOUCH_BATCH: usize = 8192;
 
 /// Which part a process plays.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,27 +140,11 @@ struct Filler {
     _lock: std::fs::File,
 }
 
-#[derive(Default)]
-struct Touched {
-    blobs: HashSet<B3Digest>,
-    dirs: HashSet<B3Digest>,
-    infos: HashSet<[u8; 20]>,
-}
-
-impl Touched {
-    fn len(&self) -> usize {
-        self.blobs.len() + self.dirs.len() + self.infos.len()
-    }
-}
-
 struct Reader {
     client: Option<CacheServiceClient<Channel>>,
     /// The store fills our directory (until it says it cannot).
     fills: AtomicBool,
-    /// Hits not reported yet.
-    touched: Mutex<Touched>,
-    /// Wakes the reporter early.
-    report_now: Arc<tokio::sync::Notify>,
+    touches: touches::Touches,
 }
 
 enum RoleState {
@@ -234,8 +210,7 @@ impl Cache {
                         CacheServiceClient::new(c)
                             .max_decoding_message_size(crate::services::channel::MAX_MESSAGE_SIZE)
                     }),
-                    touched: Mutex::new(Touched::default()),
-                    report_now: Arc::new(tokio::sync::Notify::new()),
+                    touches: touches::Touches::default(),
                 }));
                 (local, role)
             }
@@ -250,7 +225,10 @@ impl Cache {
         });
         if let RoleState::Reader(r) = &cache.role {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(touch_reporter(Arc::downgrade(&cache), r.report_now.clone()));
+                rt.spawn(touch_reporter(
+                    Arc::downgrade(&cache),
+                    r.touches.wake.clone(),
+                ));
             }
         }
         Ok(cache)
@@ -289,22 +267,31 @@ impl Cache {
         }
     }
 
-    /// Counts a hit and marks the object as used.
+    /// Counts a hit and marks the object as used (when it was not
+    /// recently: see [`space::FRESH`]).
     fn hit(&self, kind: Kind, path: impl FnOnce() -> PathBuf, key: Key) {
+        self.hit_stale(kind, path, key, None)
+    }
+
+    /// As `hit`, with the object's metadata when the caller has it at hand
+    /// (an open file's `fstat` spares a lookup by path).
+    fn hit_stale(
+        &self,
+        kind: Kind,
+        path: impl FnOnce() -> PathBuf,
+        key: Key,
+        meta: Option<std::fs::Metadata>,
+    ) {
         self.stats.hit(kind);
         match &self.role {
             RoleState::Filler(_) => space::touch(&path()),
             RoleState::Reader(r) => {
-                let mut t = lock(&r.touched);
-                if t.len() < MAX_TOUCHED {
-                    match key {
-                        Key::Blob(d) => t.blobs.insert(d),
-                        Key::Directory(d) | Key::Tree(d) => t.dirs.insert(d),
-                        Key::PathInfo(h) => t.infos.insert(h),
-                    };
-                }
-                if t.len() == TOUCH_SOON {
-                    r.report_now.notify_one();
+                let stale = match meta {
+                    Some(m) => space::is_stale(&m),
+                    None => std::fs::symlink_metadata(path()).is_ok_and(|m| space::is_stale(&m)),
+                };
+                if stale {
+                    r.touches.record(key);
                 }
             }
         }
@@ -436,40 +423,9 @@ impl Cache {
 
     /// Sends the hits a reader served to the filler.
     pub async fn report_touches(&self) {
-        let RoleState::Reader(r) = &self.role else {
-            return;
-        };
-        let Some(client) = &r.client else { return };
-        let t = std::mem::take(&mut *lock(&r.touched));
-        let blobs: Vec<_> = t.blobs.iter().map(|d| bytes::Bytes::from(*d)).collect();
-        let dirs: Vec<_> = t.dirs.iter().map(|d| bytes::Bytes::from(*d)).collect();
-        let infos: Vec<_> = t
-            .infos
-            .iter()
-            .map(|h| bytes::Bytes::copy_from_slice(h))
-            .collect();
-        let mut chunks = (
-            blobs.chunks(TOUCH_BATCH),
-            dirs.chunks(TOUCH_BATCH),
-            infos.chunks(TOUCH_BATCH),
-        );
-        loop {
-            let req = pb::TouchRequest {
-                blobs: chunks.0.next().map(<[_]>::to_vec).unwrap_or_default(),
-                directories: chunks.1.next().map(<[_]>::to_vec).unwrap_or_default(),
-                path_infos: chunks.2.next().map(<[_]>::to_vec).unwrap_or_default(),
-            };
-            if req.blobs.is_empty() && req.directories.is_empty() && req.path_infos.is_empty() {
-                return;
-            }
-            let mut client = client.clone();
-            match tokio::time::timeout(self.idle, client.touch(req)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(s)) => {
-                    tracing::debug!("reporting cache hits: {}", s.message());
-                    return;
-                }
-                Err(_) => return,
+        if let RoleState::Reader(r) = &self.role {
+            if let Some(client) = &r.client {
+                r.touches.report(client, self.idle).await;
             }
         }
     }
@@ -479,7 +435,7 @@ impl Cache {
 /// as long as it lives; holds no reference to it while asleep.
 async fn touch_reporter(cache: Weak<Cache>, wake: Arc<tokio::sync::Notify>) {
     loop {
-        let _ = tokio::time::timeout(TOUCH_PERIOD, wake.notified()).await;
+        let _ = tokio::time::timeout(touches::PERIOD, wake.notified()).await;
         let Some(c) = cache.upgrade() else { return };
         c.report_touches().await;
     }

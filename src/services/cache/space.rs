@@ -122,8 +122,27 @@ fn atime(m: &std::fs::Metadata) -> (i64, i64) {
     (m.atime(), m.atime_nsec())
 }
 
-/// Marks `path` as just used. Best effort: a vanished object is fine.
+/// Objects used within this long count as recently used: their access
+/// time is not moved again (eviction orders by it at this granularity),
+/// which spares a write of the inode and a report per hit.
+pub const FRESH: Duration = Duration::from_secs(600);
+
+/// Whether an object's access time is older than [`FRESH`].
+pub fn is_stale(m: &std::fs::Metadata) -> bool {
+    m.accessed()
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_none_or(|age| age > FRESH)
+}
+
+/// Marks `path` as just used, unless it was recently. Best effort: a
+/// vanished object is fine.
 pub fn touch(path: &Path) {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !is_stale(&m) => return,
+        Ok(_) => {}
+        Err(_) => return,
+    }
     let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
         return;
     };

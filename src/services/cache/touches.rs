@@ -1,0 +1,94 @@
+//! A reader's hits, reported to the filler: readers serve hits straight
+//! from the cache directory (read-only, so the access times the eviction
+//! goes by do not move), and tell the filler in batches which objects they
+//! used (`CacheService/Touch`), now and then and sooner when many pile up.
+use super::flights::Key;
+use crate::castore::B3Digest;
+use crate::wire::cache as pb;
+use crate::wire::cache::cache_service_client::CacheServiceClient;
+use bytes::Bytes;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tonic::transport::Channel;
+
+/// Most hits held before reporting; more are dropped (an object missed
+/// here is only evicted a little sooner).
+const MAX_HELD: usize = 16_384;
+/// Reported early once this many are held.
+const REPORT_SOON: usize = 4096;
+/// Reported at least this often.
+pub const PERIOD: Duration = Duration::from_secs(10);
+/// Most digests in one Touch call.
+const BATCH: usize = 8192;
+
+#[derive(Default)]
+struct Held {
+    blobs: HashSet<B3Digest>,
+    dirs: HashSet<B3Digest>,
+    infos: HashSet<[u8; 20]>,
+}
+
+impl Held {
+    fn len(&self) -> usize {
+        self.blobs.len() + self.dirs.len() + self.infos.len()
+    }
+}
+
+/// Hits not reported yet.
+#[derive(Default)]
+pub struct Touches {
+    held: Mutex<Held>,
+    /// Wakes the reporter early.
+    pub wake: Arc<Notify>,
+}
+
+impl Touches {
+    fn lock(&self) -> MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn record(&self, key: Key) {
+        let mut h = self.lock();
+        if h.len() < MAX_HELD {
+            match key {
+                Key::Blob(d) => h.blobs.insert(d),
+                Key::Directory(d) | Key::Tree(d) => h.dirs.insert(d),
+                Key::PathInfo(p) => h.infos.insert(p),
+            };
+        }
+        if h.len() == REPORT_SOON {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Sends what is held to the filler (each call within `idle`); a
+    /// failed report is dropped.
+    pub async fn report(&self, client: &CacheServiceClient<Channel>, idle: Duration) {
+        let h = std::mem::take(&mut *self.lock());
+        let blobs: Vec<Bytes> = h.blobs.into_iter().map(Bytes::from).collect();
+        let dirs: Vec<Bytes> = h.dirs.into_iter().map(Bytes::from).collect();
+        let infos: Vec<Bytes> = h.infos.iter().map(|p| Bytes::copy_from_slice(p)).collect();
+        let mut chunks = (blobs.chunks(BATCH), dirs.chunks(BATCH), infos.chunks(BATCH));
+        loop {
+            let req = pb::TouchRequest {
+                blobs: chunks.0.next().map(<[_]>::to_vec).unwrap_or_default(),
+                directories: chunks.1.next().map(<[_]>::to_vec).unwrap_or_default(),
+                path_infos: chunks.2.next().map(<[_]>::to_vec).unwrap_or_default(),
+            };
+            if req.blobs.is_empty() && req.directories.is_empty() && req.path_infos.is_empty() {
+                return;
+            }
+            let mut client = client.clone();
+            match tokio::time::timeout(idle, client.touch(req)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(s)) => {
+                    tracing::debug!("reporting cache hits: {}", s.message());
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+    }
+}
