@@ -197,7 +197,9 @@ pub(super) async fn fetch(
         Err(e) => return Err(e),
     };
     let tmp = super::temp_beside(&dest)?;
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, tmp);
+    // Chunks go straight to the file: they come in tens or hundreds of KiB,
+    // and a buffer per fill cost a mapping (and its unmapping) per blob.
+    let mut out = tmp;
     let mut hasher = blake3::Hasher::new();
     let mut n = 0u64;
     loop {
@@ -240,7 +242,7 @@ pub(super) async fn fetch(
             actual: n,
         });
     }
-    let tmp = out.into_inner().map_err(|e| e.into_error())?;
+    let tmp = out;
     tmp.persist(&dest).map_err(|e| e.error)?;
     room.commit(cost(n));
     cache.stats.fetched_bytes.fetch_add(n, Relaxed);

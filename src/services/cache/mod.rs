@@ -91,10 +91,20 @@ pub(crate) fn temp_beside(dest: &Path) -> std::io::Result<tempfile::NamedTempFil
     let dir = dest
         .parent()
         .ok_or_else(|| std::io::Error::other(format!("{} has no parent", dest.display())))?;
-    std::fs::create_dir_all(dir)?;
-    tempfile::Builder::new()
-        .prefix(space::TEMP_PREFIX)
-        .tempfile_in(dir)
+    let make = || {
+        tempfile::Builder::new()
+            .prefix(space::TEMP_PREFIX)
+            .tempfile_in(dir)
+    };
+    // The shard directories exist (the filler makes them when it opens):
+    // no lookup per fill unless one went missing.
+    match make() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir)?;
+            make()
+        }
+        r => r,
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -185,6 +195,11 @@ impl Cache {
                     dirs: LocalDirectoryService::open(&root)?,
                     infos: LocalPathInfoService::open(&root)?,
                 };
+                for area in ["blobs", "directories"] {
+                    for shard in 0..=255u8 {
+                        std::fs::create_dir_all(root.join(area).join(format!("{shard:02x}")))?;
+                    }
+                }
                 let space = Space::open(&root, opts.max_bytes, stats.clone())?;
                 let role = RoleState::Filler(Filler {
                     space,
