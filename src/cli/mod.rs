@@ -95,7 +95,7 @@ pub struct ViewArgs {
 
     /// Bytes of decoded directories kept in memory (K, M, G suffixes);
     /// others are read again from the store or its cache directory.
-    #[arg(long, default_value = "4M", value_parser = daemon::parse_size)]
+    #[arg(long, default_value = "2M", value_parser = daemon::parse_size)]
     pub directory_cache_size: u64,
 
     /// How many blobs are remembered as checked against their digest; a

@@ -56,9 +56,9 @@ impl Default for FsConfig {
 }
 
 /// Default [`FsConfig::dir_cache_bytes`]: a few thousand directories.
-pub const DEFAULT_DIR_CACHE_BYTES: u64 = 4 << 20;
+pub const DEFAULT_DIR_CACHE_BYTES: u64 = 2 << 20;
 /// Default [`FsConfig::verified_blobs`].
-pub const DEFAULT_VERIFIED_BLOBS: usize = 16_384;
+pub const DEFAULT_VERIFIED_BLOBS: usize = 8192;
 
 /// A directory's entries in name order, as readdir walks them.
 type Listing = Arc<[(Bytes, Node)]>;
@@ -517,8 +517,10 @@ fn check(
     Ok(())
 }
 
-/// Bytes hashed per read while checking a blob file.
-const CHECK_CHUNK: usize = 128 << 10;
+/// Bytes hashed per read while checking a blob file: one such buffer per
+/// thread that checks (up to `--thread-pool-size` workers and the queue's
+/// thread), so small; a syscall per 32 KiB is noise next to hashing.
+const CHECK_CHUNK: usize = 32 << 10;
 /// Larger blobs are not checked on the virtio queue's own thread: the
 /// request is deferred to a worker, so one big first read does not hold up
 /// every other request.
