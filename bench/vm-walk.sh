@@ -86,6 +86,12 @@ mkdir -p "$work/src" "$work/logs" "$work/vm"
 for d in "${dirs[@]}"; do cp -a "$d" "$work/src/"; done
 store=local://$work/store
 paths=$($B --store "$store" import "$work"/src/*)
+# The copies and the import leave dirty pages: written back now, not
+# during the first contender's walk; and every contender's files (the
+# copies virtiofsd serves, the store ours does) are read once, so the first
+# one does not pay for a cold page cache the others find warm.
+sync
+find "$work/src" "$work/store" -type f -print0 | xargs -0 cat > /dev/null
 ours_names=$(for p in $paths; do basename "$p"; done | tr '\n' ' ')
 ref_names=$(find "$work/src" -mindepth 1 -maxdepth 1 -printf '%f ')
 entries=$(find "$work/src" -mindepth 1 | wc -l)
