@@ -72,6 +72,27 @@ fn ca_len(kind: CaKind) -> usize {
 }
 
 impl PathInfo {
+    /// Whether `other` describes the same store path contents: a store path
+    /// never changes once it exists, so a second Put must agree on what it
+    /// is (tree, NAR, references); signatures and the deriver may differ.
+    pub fn same_contents(&self, other: &PathInfo) -> bool {
+        self.store_path == other.store_path
+            && self.node == other.node
+            && self.nar_sha256 == other.nar_sha256
+            && self.nar_size == other.nar_size
+            && self.references == other.references
+    }
+
+    /// The refusal of a Put that would change an existing store path.
+    pub fn conflict(&self, existing: &PathInfo) -> crate::services::Error {
+        crate::services::Error::Conflict(format!(
+            "{} exists with other contents (NAR sha256 {} here, {} offered); a store path never changes",
+            self.store_path,
+            hex_short(&existing.nar_sha256),
+            hex_short(&self.nar_sha256),
+        ))
+    }
+
     pub fn to_proto(&self) -> pb::PathInfo {
         let name = Bytes::from(self.store_path.to_basename());
         pb::PathInfo {
@@ -225,6 +246,11 @@ impl ContentAddress {
             CaKind::FlatMd5 => format!("fixed:md5:{d}"),
         }
     }
+}
+
+/// The first bytes of a hash, enough to tell two apart in a message.
+fn hex_short(h: &[u8]) -> String {
+    h.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

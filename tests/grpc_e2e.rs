@@ -170,6 +170,73 @@ fn read_only_refuses_puts() {
     assert!(d.stop().success());
 }
 
+/// A store path never changes once it exists. The default daemon on TCP
+/// refuses writes; a writable one (a unix socket, 0600) accepts the same
+/// contents again but refuses `import-nar` of other contents under an
+/// existing path's name, and the path keeps serving its own NAR.
+#[test]
+fn store_paths_never_change() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let store_url = format!("local://{}", tmp.path().join("store").display());
+    let hello = tmp.path().join("hello");
+    std::fs::write(&hello, b"hello").unwrap();
+    let out = cli_ok(&["--store", &store_url, "import", hello.to_str().unwrap()]);
+    let path = String::from_utf8(out).unwrap().trim().to_string();
+
+    // The NAR of other contents, described as if it were `path`.
+    let other_url = format!("local://{}", tmp.path().join("other-store").display());
+    let other = tmp.path().join("other");
+    std::fs::write(&other, b"other contents").unwrap();
+    let out = cli_ok(&["--store", &other_url, "import", other.to_str().unwrap()]);
+    let other_path = String::from_utf8(out).unwrap().trim().to_string();
+    let nar_file = tmp.path().join("other.nar");
+    std::fs::write(
+        &nar_file,
+        cli_ok(&["--store", &other_url, "nar", &other_path]),
+    )
+    .unwrap();
+    let info = cli_ok(&["--store", &other_url, "path-info", "--json", &other_path]);
+    let mut info: serde_json::Value = serde_json::from_slice(&info).unwrap();
+    info[0]["path"] = serde_json::Value::String(path.clone());
+    let info_file = tmp.path().join("forged.json");
+    std::fs::write(&info_file, serde_json::to_vec(&info).unwrap()).unwrap();
+    let forged = format!("{path}={}", nar_file.display());
+    let import_nar = |addr: &str| {
+        common::cli_err(&[
+            "--store",
+            addr,
+            "import-nar",
+            "--path-info",
+            info_file.to_str().unwrap(),
+            &forged,
+        ])
+    };
+
+    let tcp = Daemon::start_with(&store_url, &format!("127.0.0.1:{}", free_port()), &[]);
+    let err = import_nar(&tcp.addr);
+    assert!(err.contains("read-only"), "{err}");
+    assert!(tcp.stop().success());
+
+    let sock = tmp.path().join("rw.sock");
+    let unix = Daemon::start(&store_url, &format!("unix:{}", sock.display()), &[]);
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+    let err = import_nar(&unix.addr);
+    assert!(err.contains("never changes"), "{err}");
+    let nar = cli_ok(&["--store", &unix.addr, "nar", &path]);
+    assert!(nar.windows(5).any(|w| w == b"hello"), "the path changed");
+    assert!(!nar.windows(5).any(|w| w == b"other"), "the path changed");
+    // The same contents again: accepted, same path.
+    let again = cli_ok(&["--store", &unix.addr, "import", hello.to_str().unwrap()]);
+    assert_eq!(String::from_utf8(again).unwrap().trim(), path);
+    assert!(unix.stop().success());
+
+    // Through the store directly (no daemon) the rule holds too.
+    let err = import_nar(&store_url);
+    assert!(err.contains("never changes"), "{err}");
+}
+
 /// The standard health service answers SERVING for each store service, and
 /// reflection lists them.
 #[test]

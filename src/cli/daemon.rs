@@ -2,10 +2,11 @@
 //! reflection) on TCP, a unix socket, or a socket handed over by systemd.
 use super::StoreArgs;
 use crate::grpc_server::StoreServer;
+use crate::socket::SocketFile;
 use crate::wire::{castore, store, FILE_DESCRIPTOR_SET};
 use anyhow::{bail, Context};
 use clap::Args;
-use std::path::PathBuf;
+use std::path::Path;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::Server;
 
@@ -16,9 +17,19 @@ pub struct DaemonArgs {
     #[arg(long, env = "TVIX_VIRTIOFSD_LISTEN", default_value = "[::1]:8000")]
     pub listen: String,
 
-    /// Refuse every Put: serve the store read-only.
-    #[arg(long)]
+    /// Refuse every Put: serve the store read-only (the default on TCP).
+    #[arg(long, conflicts_with = "writable")]
     pub read_only: bool,
+
+    /// Accept Puts on a TCP listener too. Anyone who can connect can then
+    /// add store paths: put it behind a firewall or on loopback only.
+    #[arg(long)]
+    pub writable: bool,
+
+    /// Group (name or gid) given access to the unix socket created by
+    /// --listen unix:PATH: mode 0660 instead of 0600.
+    #[arg(long)]
+    pub socket_group: Option<String>,
 
     /// Size bound of --cache-dir in bytes (K, M, G, T: powers of 1024); the
     /// least recently used objects are evicted to stay within it.
@@ -61,7 +72,19 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 enum Listener {
     Tcp(tokio::net::TcpListener),
     /// The socket file is removed on shutdown when we created it.
-    Unix(tokio::net::UnixListener, Option<PathBuf>),
+    Unix(tokio::net::UnixListener, Option<SocketFile>),
+}
+
+impl Listener {
+    /// Whether Puts are refused: on TCP unless the operator asked for
+    /// writes (any local user, or the network, can reach a TCP port); on a
+    /// unix socket (0600 unless a group is given) only when asked.
+    fn read_only(&self, args: &DaemonArgs) -> bool {
+        match self {
+            Listener::Tcp(_) => !args.writable,
+            Listener::Unix(..) => args.read_only,
+        }
+    }
 }
 
 /// The first socket passed by systemd socket activation, if any.
@@ -81,21 +104,19 @@ fn systemd_listener() -> anyhow::Result<Option<Listener>> {
     }))
 }
 
-async fn bind(listen: &str) -> anyhow::Result<Listener> {
+async fn bind(listen: &str, group: Option<&str>) -> anyhow::Result<Listener> {
     if let Some(path) = listen.strip_prefix("unix:") {
-        let path = PathBuf::from(path);
-        if let Ok(meta) = std::fs::symlink_metadata(&path) {
-            use std::os::unix::fs::FileTypeExt;
-            if !meta.file_type().is_socket() {
-                bail!("{} exists and is not a socket", path.display());
-            }
-            std::fs::remove_file(&path)
-                .with_context(|| format!("removing stale socket {}", path.display()))?;
-        }
-        let l = tokio::net::UnixListener::bind(&path)
-            .with_context(|| format!("binding {}", path.display()))?;
-        Ok(Listener::Unix(l, Some(path)))
+        let group = group.map(crate::socket::group_id).transpose()?;
+        let (l, file) = crate::socket::bind_socket(Path::new(path), group)?;
+        l.set_nonblocking(true)?;
+        Ok(Listener::Unix(
+            tokio::net::UnixListener::from_std(l)?,
+            Some(file),
+        ))
     } else {
+        if group.is_some() {
+            bail!("--socket-group is for a unix socket (--listen unix:PATH)");
+        }
         let l = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;
@@ -143,7 +164,15 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
     let mut opts = store_args.options(false, cache);
     opts.idle_timeout = std::time::Duration::from_secs(args.store_timeout);
     let (store, cache) = store_args.open_with(&opts)?;
-    let server = StoreServer::new(store, args.read_only);
+    let listener = match systemd_listener()? {
+        Some(l) => {
+            tracing::info!("serving on the socket passed by systemd");
+            l
+        }
+        None => bind(&args.listen, args.socket_group.as_deref()).await?,
+    };
+    let read_only = listener.read_only(&args);
+    let server = StoreServer::new(store, read_only);
     if let Some(listen) = &args.metrics_listen {
         let c = cache.clone();
         let render: crate::metrics::Render = std::sync::Arc::new(move || {
@@ -213,14 +242,11 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
         )
         .add_optional_service(cache_service);
 
-    let listener = match systemd_listener()? {
-        Some(l) => {
-            tracing::info!("serving on the socket passed by systemd");
-            l
-        }
-        None => bind(&args.listen).await?,
+    let ro = match (&listener, read_only) {
+        (Listener::Tcp(_), true) => " (read-only; --writable accepts Puts)",
+        (_, true) => " (read-only)",
+        (_, false) => "",
     };
-    let ro = if args.read_only { " (read-only)" } else { "" };
     match listener {
         Listener::Tcp(l) => {
             tracing::info!("listening on {}{ro}", l.local_addr()?);
@@ -228,16 +254,15 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
                 .serve_with_incoming_shutdown(nodelay(TcpListenerStream::new(l)), shutdown_signal())
                 .await?;
         }
-        Listener::Unix(l, path) => {
-            if let Some(p) = &path {
-                tracing::info!("listening on unix:{}{ro}", p.display());
+        Listener::Unix(l, file) => {
+            if let Some(f) = &file {
+                tracing::info!("listening on unix:{}{ro}", f.path().display());
             }
             let r = router
                 .serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown_signal())
                 .await;
-            if let Some(p) = path {
-                let _ = std::fs::remove_file(p);
-            }
+            // the socket file goes now, before the cache's closing report
+            drop(file);
             r?;
         }
     }

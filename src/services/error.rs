@@ -47,6 +47,8 @@ pub enum Error {
     Fetch(String),
     #[error("out of room: {0}")]
     ResourceExhausted(String),
+    #[error("refused: {0}")]
+    Conflict(String),
 }
 
 impl Error {
@@ -55,6 +57,15 @@ impl Error {
         match self {
             Error::Timeout(_) => true,
             Error::Remote(s) => s.code() == tonic::Code::DeadlineExceeded,
+            _ => false,
+        }
+    }
+
+    /// Whether a Put was refused because it would change what exists.
+    pub fn is_conflict(&self) -> bool {
+        match self {
+            Error::Conflict(_) => true,
+            Error::Remote(s) => s.code() == tonic::Code::AlreadyExists,
             _ => false,
         }
     }
@@ -92,6 +103,10 @@ impl From<Error> for tonic::Status {
         match e {
             Error::NotFound(m) => Status::not_found(m),
             Error::ReadOnly => Status::permission_denied(e.to_string()),
+            Error::Conflict(m) => Status::already_exists(m),
+            Error::Remote(s) if s.code() == tonic::Code::AlreadyExists => {
+                Status::already_exists(format!("upstream: {}", s.message()))
+            }
             Error::Remote(s) if s.code() == tonic::Code::NotFound => {
                 Status::not_found(format!("upstream: {}", s.message()))
             }

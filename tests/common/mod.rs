@@ -68,8 +68,20 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts the daemon on `listen` (HOST:PORT or unix:PATH) over `store_url`.
+    /// Starts the daemon on `listen` (HOST:PORT or unix:PATH) over
+    /// `store_url`. Tests write through TCP too: `--writable` is added there
+    /// unless `extra` says `--read-only` (`start_with` adds nothing).
     pub fn start(store_url: &str, listen: &str, extra: &[&str]) -> Daemon {
+        let tcp = !listen.starts_with("unix:");
+        let mut args = extra.to_vec();
+        if tcp && !extra.contains(&"--read-only") {
+            args.push("--writable");
+        }
+        Self::start_with(store_url, listen, &args)
+    }
+
+    /// Starts the daemon with exactly the flags in `extra`.
+    pub fn start_with(store_url: &str, listen: &str, extra: &[&str]) -> Daemon {
         let child = Command::new(bin())
             .args(["--store", store_url, "daemon", "--listen", listen])
             .args(extra)

@@ -282,7 +282,9 @@ fn path_info(n: u8, name: &str, node: Node) -> PathInfo {
     }
 }
 
-/// Path infos (symlink, file and directory roots) read back equal, list exactly, and are replaced by a new put.
+/// Path infos (symlink, file and directory roots) read back equal, list
+/// exactly, and never change: a put of other contents for an existing path
+/// is refused, of the same contents accepted.
 pub async fn path_infos_roundtrip(store: &Store) {
     let blob = put_bytes(store.blob.as_ref(), b"#!/bin/sh\n")
         .await
@@ -317,7 +319,7 @@ pub async fn path_infos_roundtrip(store: &Store) {
         digest: Bytes::from(vec![3u8; 32]),
     });
     let pkg = path_info(3, "pkg-1.0", dir_node(&tree));
-    let mut all = vec![sym, script, pkg];
+    let all = vec![sym, script, pkg];
 
     for info in &all {
         assert_eq!(store.path_info.put(info.clone()).await.unwrap(), *info);
@@ -329,15 +331,35 @@ pub async fn path_infos_roundtrip(store: &Store) {
     assert_eq!(store.path_info.get(&[0xee; 20]).await.unwrap(), None);
     assert_eq!(listed(store).await, all);
 
-    all[1].nar_size += 1;
-    store.path_info.put(all[1].clone()).await.unwrap();
+    // A store path never changes: the same contents again are accepted
+    // (signatures may differ), other contents are refused.
+    let mut resigned = all[1].clone();
+    resigned.signatures.clear();
+    let back = store.path_info.put(resigned).await.unwrap();
+    assert!(back.same_contents(&all[1]));
+    for change in [
+        |i: &mut PathInfo| i.nar_size += 1,
+        |i: &mut PathInfo| i.nar_sha256[0] ^= 1,
+        |i: &mut PathInfo| {
+            i.node = Node::Symlink {
+                target: "/elsewhere".into(),
+            }
+        },
+        |i: &mut PathInfo| i.references.pop().map(drop).unwrap_or(()),
+    ] {
+        let mut changed = all[1].clone();
+        change(&mut changed);
+        let err = store.path_info.put(changed).await.unwrap_err();
+        assert!(err.is_conflict(), "{err}");
+        assert!(err.to_string().contains("never changes"), "{err}");
+    }
     let got = store
         .path_info
         .get(all[1].store_path.digest())
         .await
         .unwrap();
-    assert_eq!(got.map(|i| i.nar_size), Some(all[1].nar_size));
-    assert_eq!(listed(store).await, all, "a second put replaces the first");
+    assert_eq!(got.as_ref(), Some(&all[1]));
+    assert_eq!(listed(store).await, all, "refused puts change nothing");
 }
 
 async fn listed(store: &Store) -> Vec<PathInfo> {

@@ -58,6 +58,45 @@ impl LocalPathInfoService {
     }
 }
 
+impl LocalPathInfoService {
+    fn publish(&self, info: PathInfo) -> Result<PathInfo> {
+        let digest = *info.store_path.digest();
+        let dest = self.path_of(&digest);
+        let existing = |this: &Self| match this.read(&digest) {
+            Ok(Some(old)) if old.same_contents(&info) => Ok(Some(old)),
+            Ok(Some(old)) => Err(info.conflict(&old)),
+            Ok(None) => Ok(None),
+            Err(e) => {
+                tracing::warn!("replacing the unreadable path info {}: {e}", dest.display());
+                Ok(None)
+            }
+        };
+        // Checked first so that a repeated Put does not flush the store.
+        if let Some(old) = existing(self)? {
+            return Ok(old);
+        }
+        syncfs(&self.root)?;
+        let mut tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))?;
+        tmp.write_all(&info.to_proto().encode_to_vec())?;
+        tmp.as_file().sync_all()?;
+        match tmp.persist_noclobber(&dest) {
+            Ok(_) => Ok(info),
+            Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {
+                // Another writer got there first, or the file there is
+                // unreadable (then replaced).
+                match existing(self)? {
+                    Some(old) => Ok(old),
+                    None => {
+                        e.file.persist(&dest).map_err(|e| e.error)?;
+                        Ok(info)
+                    }
+                }
+            }
+            Err(e) => Err(e.error.into()),
+        }
+    }
+}
+
 fn decode(bytes: &[u8], expected: Option<&[u8; 20]>, file: &Path) -> Result<PathInfo> {
     let pb = pb::PathInfo::decode(bytes).map_err(|e| {
         Error::Io(std::io::Error::other(format!(
@@ -104,21 +143,14 @@ impl PathInfoService for LocalPathInfoService {
         Some(self.read(digest))
     }
 
+    /// Published without replacing: a store path that exists keeps its
+    /// contents (the same contents again succeed; other contents are a
+    /// conflict). Only an unreadable file there is replaced.
     async fn put(&self, info: PathInfo) -> Result<PathInfo> {
         let this = self.clone();
-        let bytes = info.to_proto().encode_to_vec();
-        let dest = self.path_of(info.store_path.digest());
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            syncfs(&this.root)?;
-            let mut tmp = tempfile::NamedTempFile::new_in(this.root.join("tmp"))?;
-            tmp.write_all(&bytes)?;
-            tmp.as_file().sync_all()?;
-            tmp.persist(&dest).map_err(|e| e.error)?;
-            Ok(())
-        })
-        .await
-        .map_err(std::io::Error::other)??;
-        Ok(info)
+        tokio::task::spawn_blocking(move || this.publish(info))
+            .await
+            .map_err(std::io::Error::other)?
     }
 
     fn list(&self) -> BoxStream<'_, Result<PathInfo>> {

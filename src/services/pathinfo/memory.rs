@@ -28,11 +28,17 @@ impl PathInfoService for MemoryPathInfoService {
     }
 
     async fn put(&self, info: PathInfo) -> Result<PathInfo> {
-        self.infos
-            .write()
-            .map_err(|_| poisoned())?
-            .insert(*info.store_path.digest(), info.clone());
-        Ok(info)
+        let mut infos = self.infos.write().map_err(|_| poisoned())?;
+        match infos.entry(*info.store_path.digest()) {
+            std::collections::btree_map::Entry::Occupied(e) => {
+                if e.get().same_contents(&info) {
+                    Ok(e.get().clone())
+                } else {
+                    Err(info.conflict(e.get()))
+                }
+            }
+            std::collections::btree_map::Entry::Vacant(e) => Ok(e.insert(info).clone()),
+        }
     }
 
     fn list(&self) -> BoxStream<'_, Result<PathInfo>> {
