@@ -12,6 +12,9 @@ const POLICY: Option<&str> = None;
 
 /// The filter's name inside the policy file.
 const FILTER: &str = "serving";
+/// A second filter, installed beside it: calls answered ENOSYS (clone3,
+/// whose flags a filter cannot see, so the C library falls back to clone).
+const ENOSYS_FILTER: &str = "enosys";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum SeccompAction {
@@ -35,8 +38,10 @@ pub enum SeccompError {
     Install(seccompiler::Error),
 }
 
-/// Compiles the built-in policy with `action` for calls outside it.
-pub fn compile(action: SeccompAction) -> Result<Option<BpfProgram>, SeccompError> {
+/// Compiles the built-in policy with `action` for calls outside it: the
+/// serving filter, then the ENOSYS one (the kernel applies the strictest
+/// answer of all installed filters, and ERRNO beats ALLOW).
+pub fn compile(action: SeccompAction) -> Result<Option<[BpfProgram; 2]>, SeccompError> {
     let mismatch = match action {
         SeccompAction::None => return Ok(None),
         SeccompAction::Kill => "kill_process",
@@ -54,22 +59,27 @@ pub fn compile(action: SeccompAction) -> Result<Option<BpfProgram>, SeccompError
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| bad(&e))?;
     let bytes = serde_json::to_vec(&json).map_err(|e| bad(&e))?;
     let mut map = seccompiler::compile_from_json(bytes.as_slice(), arch).map_err(|e| bad(&e))?;
-    map.remove(FILTER)
-        .map(Some)
-        .ok_or_else(|| bad(&format!("no {FILTER:?} filter")))
+    let mut take = |name: &str| {
+        map.remove(name)
+            .ok_or_else(|| bad(&format!("no {name:?} filter")))
+    };
+    Ok(Some([take(FILTER)?, take(ENOSYS_FILTER)?]))
 }
 
 /// Installs the filter on every thread of the process (it also sets
 /// no_new_privs, which the kernel requires of an unprivileged caller).
 pub fn install(action: SeccompAction) -> Result<(), SeccompError> {
-    let Some(prog) = compile(action)? else {
+    let Some(progs) = compile(action)? else {
         tracing::warn!("--seccomp none: serving without a system call filter");
         return Ok(());
     };
-    seccompiler::apply_filter_all_threads(&prog).map_err(SeccompError::Install)?;
+    // The ENOSYS filter first: the serving one forbids seccomp(2) itself.
+    for prog in progs.iter().rev() {
+        seccompiler::apply_filter_all_threads(prog).map_err(SeccompError::Install)?;
+    }
     tracing::debug!(
         "seccomp filter installed ({} instructions, {action:?} on a violation)",
-        prog.len()
+        progs[0].len()
     );
     Ok(())
 }
@@ -77,6 +87,12 @@ pub fn install(action: SeccompAction) -> Result<(), SeccompError> {
 /// Makes a call the policy forbids (`--selftest-seccomp`): with the
 /// default action the process dies here.
 pub fn selftest() {
+    // clone3 with no arguments: EFAULT/EINVAL if it reached the kernel,
+    // ENOSYS from the filter.
+    // SAFETY: a null argument block and size 0; no memory is touched.
+    let rc = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0usize) };
+    let errno = std::io::Error::last_os_error();
+    tracing::warn!("seccomp selftest: clone3 returned {rc} ({errno})");
     // personality(0xffffffff) only queries the persona: harmless if allowed.
     // SAFETY: integer argument only, no memory effects.
     let rc = unsafe { libc::personality(0xffff_ffff) };
@@ -90,8 +106,9 @@ mod tests {
     #[test]
     fn policy_compiles_for_every_action() {
         for a in [SeccompAction::Kill, SeccompAction::Log, SeccompAction::Trap] {
-            let prog = compile(a).unwrap().unwrap();
+            let [prog, enosys] = compile(a).unwrap().unwrap();
             assert!(prog.len() > 40, "{a:?}: {} instructions", prog.len());
+            assert!(enosys.len() < 12, "{a:?}: {} instructions", enosys.len());
         }
         assert!(compile(SeccompAction::None).unwrap().is_none());
     }
