@@ -122,6 +122,62 @@ struct Job {
     vring: VringRwLock,
     mem: Arc<Mem>,
     chain: DescriptorChain<Arc<Mem>>,
+    /// The queue's count of chains handed to the pool, released when served.
+    slots: Arc<Slots>,
+}
+
+/// Chains of one request queue waiting for or held by a worker. A guest
+/// can put the same head on the available ring again and again without
+/// waiting for it, so what the pool holds is bounded by the queue's size:
+/// past it the vring thread stops popping, and the worker that frees a
+/// slot wakes it again (through the queue's kick eventfd).
+#[derive(Default)]
+struct Slots {
+    in_flight: AtomicUsize,
+    /// The vring thread stopped popping for want of a slot.
+    full: AtomicBool,
+}
+
+impl Slots {
+    /// Takes a slot for one more chain, or says the queue must wait: the
+    /// flag is raised before the count is read again, so a worker that
+    /// frees a slot meanwhile either is seen here or sees the flag.
+    fn take(&self, limit: usize) -> bool {
+        if self.in_flight.fetch_add(1, Ordering::SeqCst) < limit {
+            return true;
+        }
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.full.store(true, Ordering::SeqCst);
+        if self.in_flight.load(Ordering::SeqCst) < limit {
+            self.full.store(false, Ordering::SeqCst);
+            return self.take(limit);
+        }
+        false
+    }
+
+    /// Gives a slot back; wakes the vring thread if it was waiting.
+    fn give(&self, vring: &VringRwLock) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.full.swap(false, Ordering::SeqCst) {
+            kick(vring);
+        }
+    }
+}
+
+/// Wakes the vring thread of `vring` as a guest notification would.
+fn kick(vring: &VringRwLock) {
+    let state = vring.get_ref();
+    let Some(k) = state.get_kick() else { return };
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live local buffer to the queue's kick
+    // eventfd, which the vring state keeps open while we hold its lock.
+    let n = unsafe { libc::write(k.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    if n != 8 {
+        tracing::warn!(
+            "cannot wake the queue's thread: {}",
+            io::Error::last_os_error()
+        );
+    }
 }
 
 /// Workers the pool keeps however idle it is.
@@ -202,6 +258,8 @@ pub struct FsBackend {
     /// not be dropped, as that joins the vring threads.
     no_exit_event: AtomicBool,
     jobs: Sender<Job>,
+    /// Per queue (index = queue number).
+    slots: Vec<Arc<Slots>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -228,6 +286,9 @@ impl FsBackend {
         for _ in 0..MIN_WORKERS.min(pool.max) {
             pool.grow()?;
         }
+        let slots = (0..=config.request_queues)
+            .map(|_| Arc::new(Slots::default()))
+            .collect();
         Ok(Self {
             server,
             fs,
@@ -238,6 +299,7 @@ impl FsBackend {
             event_idx: AtomicBool::new(false),
             no_exit_event: AtomicBool::new(false),
             jobs,
+            slots,
         })
     }
 
@@ -248,25 +310,41 @@ impl FsBackend {
 
     /// Pops every available chain of `vring` and serves it: inline for the
     /// high-priority queue; for request queues inline unless it would wait
-    /// for the store, or others are waiting and a worker is idle.
-    fn drain(&self, vring: &VringRwLock, queue: usize) {
+    /// for the store, or others are waiting and a worker is idle. Answers
+    /// false when it stopped because the pool holds a queue's worth of
+    /// this queue's chains (a worker wakes the queue when one is served).
+    fn drain(&self, vring: &VringRwLock, queue: usize) -> bool {
         let mem = self.memory();
+        let Some(slots) = self.slots.get(queue).cloned() else {
+            tracing::warn!("queue {queue}: no such queue");
+            return false;
+        };
+        let limit = usize::from(vring.get_ref().get_queue().size()).max(1);
         loop {
+            if queue != 0 && !slots.take(limit) {
+                return false;
+            }
             // The write guard is a temporary of this statement: it must be
             // released before the chain is served, which locks the vring again.
             let chain = vring
                 .get_mut()
                 .get_queue_mut()
                 .pop_descriptor_chain(mem.clone());
-            let Some(chain) = chain else { break };
+            let Some(chain) = chain else {
+                if queue != 0 {
+                    slots.in_flight.fetch_sub(1, Ordering::SeqCst);
+                }
+                return true;
+            };
             let job = Job {
                 queue,
                 vring: vring.clone(),
                 mem: mem.clone(),
                 chain,
+                slots: slots.clone(),
             };
             if queue == 0 {
-                serve(&self.server, job);
+                serve_here(&self.server, job);
                 continue;
             }
             if self.pool.idle.load(Ordering::Acquire) > 0 && more_available(vring, &mem) {
@@ -281,6 +359,7 @@ impl FsBackend {
                 self.to_pool(job);
             } else {
                 complete(&job.vring, head, len, queue);
+                slots.in_flight.fetch_sub(1, Ordering::SeqCst);
             }
         }
     }
@@ -288,7 +367,7 @@ impl FsBackend {
     fn to_pool(&self, job: Job) {
         if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
             // Only possible if every worker is gone: still answer.
-            serve(&self.server, job);
+            serve_here(&self.server, job);
             return;
         }
         if self.pool.idle.load(Ordering::Acquire) == 0 {
@@ -308,11 +387,23 @@ fn more_available(vring: &VringRwLock, mem: &Mem) -> bool {
         .unwrap_or(false)
 }
 
-/// Serves one chain and returns it to the guest.
+/// Serves one chain on a worker, returns it to the guest and frees its slot.
 fn serve(server: &FsServer, job: Job) {
     let head = job.chain.head_index();
     let len = handle_chain(server, &job.mem, job.chain, job.queue);
     complete(&job.vring, head, len, job.queue);
+    job.slots.give(&job.vring);
+}
+
+/// Serves one chain on the vring thread itself: its slot (request queues)
+/// is freed without waking the thread that is running it.
+fn serve_here(server: &FsServer, job: Job) {
+    let head = job.chain.head_index();
+    let len = handle_chain(server, &job.mem, job.chain, job.queue);
+    complete(&job.vring, head, len, job.queue);
+    if job.queue != 0 {
+        job.slots.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Runs one FUSE request; returns the bytes written into the chain's
@@ -482,13 +573,17 @@ impl VhostUserBackend for FsBackend {
             self.drain(vring, queue);
             return Ok(());
         }
+        // (A drain that stopped for want of slots is resumed by the worker
+        // that frees one, through the kick eventfd.)
         // EVENT_IDX: no kicks while draining; re-arm, and drain again if
         // the guest added chains in between.
         loop {
             if let Err(e) = vring.disable_notification() {
                 tracing::warn!("queue {queue}: disabling notifications: {e}");
             }
-            self.drain(vring, queue);
+            if !self.drain(vring, queue) {
+                break;
+            }
             match vring.enable_notification() {
                 Ok(true) => continue,
                 Ok(false) => break,
@@ -549,6 +644,24 @@ pub fn serve_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_queue_holds_at_most_its_size_in_the_pool() {
+        let s = Slots::default();
+        assert!(s.take(2));
+        assert!(s.take(2));
+        assert!(!s.take(2), "a third chain of a queue of 2");
+        assert!(
+            s.full.load(Ordering::SeqCst),
+            "the worker must wake the queue"
+        );
+        assert_eq!(s.in_flight.load(Ordering::SeqCst), 2);
+        // a worker frees one (without a vring here: the count and the flag)
+        s.in_flight.fetch_sub(1, Ordering::SeqCst);
+        assert!(s.full.swap(false, Ordering::SeqCst));
+        assert!(s.take(2));
+        assert!(!s.take(2));
+    }
 
     fn config(tag: &str, queues: usize) -> DeviceConfig {
         DeviceConfig {
