@@ -3,7 +3,7 @@
 //! EROFS, unknown inodes and handles are errors, never panics.
 mod common;
 
-use fuse_backend_rs::api::filesystem::{Context, FileSystem};
+use fuse_backend_rs::api::filesystem::{Context, FileSystem, FsOptions};
 use std::ffi::CString;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +20,14 @@ fn errno<T>(r: std::io::Result<T>) -> i32 {
 }
 
 fn setup() -> (tokio::runtime::Runtime, Arc<StoreFs>, String) {
+    setup_with(FsConfig {
+        list_root: false,
+        store_timeout: Duration::from_secs(5),
+        ..Default::default()
+    })
+}
+
+fn setup_with(cfg: FsConfig) -> (tokio::runtime::Runtime, Arc<StoreFs>, String) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let store = Store::memory();
     let sp = StorePath::from_basename("00000000000000000000000000000000-file").unwrap();
@@ -40,15 +48,7 @@ fn setup() -> (tokio::runtime::Runtime, Arc<StoreFs>, String) {
             .await
             .unwrap();
     });
-    let fs = Arc::new(StoreFs::new(
-        store,
-        rt.handle().clone(),
-        FsConfig {
-            list_root: false,
-            store_timeout: Duration::from_secs(5),
-            ..Default::default()
-        },
-    ));
+    let fs = Arc::new(StoreFs::new(store, rt.handle().clone(), cfg));
     (rt, fs, sp.to_basename())
 }
 
@@ -107,6 +107,60 @@ fn writes_are_erofs_and_bad_ids_are_errors() {
     fs.forget(&ctx, e.inode, 1);
     assert_eq!(fs.inode_count(), 0);
     assert_eq!(errno(fs.getattr(&ctx, e.inode, None)), libc::ENOENT);
+}
+
+/// A guest that reboots keeps the connection and sends INIT again (with or
+/// without DESTROY first); what its old kernel held is dropped, and the
+/// new one can look everything up again.
+#[test]
+fn a_second_init_drops_the_old_kernels_inodes_and_handles() {
+    let (_rt, fs, name) = setup();
+    let ctx = Context::default();
+    let cname = CString::new(name).unwrap();
+    for destroy_first in [false, true] {
+        let e = fs.lookup(&ctx, ROOT_INO, &cname).unwrap();
+        let (h, _, _) = fs.open(&ctx, e.inode, libc::O_RDONLY as u32, 0).unwrap();
+        assert!(h.is_some());
+        assert_eq!((fs.inode_count(), fs.handle_count()), (1, 1));
+        if destroy_first {
+            fs.destroy();
+        } else {
+            fs.init(FsOptions::empty()).unwrap();
+        }
+        assert_eq!((fs.inode_count(), fs.handle_count()), (0, 0));
+        assert_eq!(errno(fs.getattr(&ctx, e.inode, None)), libc::ENOENT);
+        fs.init(FsOptions::empty()).unwrap();
+        let again = fs.lookup(&ctx, ROOT_INO, &cname).unwrap();
+        assert_eq!(again.attr.st_size, 8);
+        fs.forget(&ctx, again.inode, 1);
+    }
+}
+
+/// A guest that opens without releasing runs into the handle bound
+/// (ENFILE), and releasing makes room again.
+#[test]
+fn open_handles_are_bounded() {
+    let (_rt, fs, name) = setup_with(FsConfig {
+        max_handles: 3,
+        ..Default::default()
+    });
+    let ctx = Context::default();
+    let e = fs
+        .lookup(&ctx, ROOT_INO, &CString::new(name).unwrap())
+        .unwrap();
+    let open = || fs.open(&ctx, e.inode, libc::O_RDONLY as u32, 0);
+    let hs: Vec<u64> = (0..3).map(|_| open().unwrap().0.unwrap()).collect();
+    assert_eq!(errno(open()), libc::ENFILE);
+    assert_eq!(fs.handle_count(), 3);
+    fs.release(&ctx, e.inode, 0, hs[0], false, false, None)
+        .unwrap();
+    // releasing an unknown or already released handle frees nothing
+    fs.release(&ctx, e.inode, 0, hs[0], false, false, None)
+        .unwrap();
+    fs.release(&ctx, e.inode, 0, 999, false, false, None)
+        .unwrap();
+    assert!(open().is_ok());
+    assert_eq!(errno(open()), libc::ENFILE);
 }
 
 #[test]

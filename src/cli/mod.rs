@@ -102,6 +102,11 @@ pub struct ViewArgs {
     /// forgotten one is checked again when next opened.
     #[arg(long, default_value_t = crate::fs::DEFAULT_VERIFIED_BLOBS)]
     pub verified_blobs: usize,
+
+    /// Open files and directories the guest may hold at once; past it
+    /// opening answers ENFILE.
+    #[arg(long, default_value_t = crate::fs::DEFAULT_MAX_HANDLES)]
+    pub max_handles: usize,
 }
 
 impl ViewArgs {
@@ -115,6 +120,7 @@ impl ViewArgs {
                 store_timeout: std::time::Duration::from_secs(self.store_timeout),
                 dir_cache_bytes: self.directory_cache_size,
                 verified_blobs: self.verified_blobs,
+                max_handles: self.max_handles,
             },
         ))
     }

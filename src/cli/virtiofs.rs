@@ -172,8 +172,11 @@ pub fn main(store_args: &StoreArgs, args: VirtiofsArgs) -> anyhow::Result<ExitCo
     }
     crate::memory::configure();
     crate::memory::spawn_trimmer();
+    // Blocking tasks are store file reads for misses: a few dozen threads
+    // at most (tokio's default allows 512), well inside the unit's TasksMax.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(32)
         .build()
         .context("starting the async runtime")?;
     let opts = StoreOptions {

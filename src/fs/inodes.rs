@@ -131,6 +131,15 @@ impl Inodes {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Forgets every inode but the root (a new guest kernel: it knows none
+    /// of them and will never FORGET them); answers how many there were.
+    pub fn reset(&self) -> usize {
+        let mut t = self.lock();
+        let n = t.live;
+        *t = Table::default();
+        n
+    }
+
     pub fn get(&self, ino: u64) -> Option<InodeKind> {
         if ino == ROOT_INO {
             return Some(InodeKind::Root);

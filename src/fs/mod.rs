@@ -22,7 +22,7 @@ pub use inodes::{InodeKind, Inodes, ROOT_INO};
 use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -42,6 +42,10 @@ pub struct FsConfig {
     pub dir_cache_bytes: u64,
     /// Blobs remembered as checked (each is checked again once forgotten).
     pub verified_blobs: usize,
+    /// Open file and directory handles a guest may hold at once; past it
+    /// OPEN and OPENDIR answer ENFILE (a guest kernel that never releases
+    /// cannot grow the daemon without bound).
+    pub max_handles: usize,
 }
 
 impl Default for FsConfig {
@@ -51,6 +55,7 @@ impl Default for FsConfig {
             store_timeout: Duration::from_secs(30),
             dir_cache_bytes: DEFAULT_DIR_CACHE_BYTES,
             verified_blobs: DEFAULT_VERIFIED_BLOBS,
+            max_handles: DEFAULT_MAX_HANDLES,
         }
     }
 }
@@ -59,6 +64,10 @@ impl Default for FsConfig {
 pub const DEFAULT_DIR_CACHE_BYTES: u64 = 2 << 20;
 /// Default [`FsConfig::verified_blobs`].
 pub const DEFAULT_VERIFIED_BLOBS: usize = 8192;
+/// Default [`FsConfig::max_handles`]: far above what a guest's programs
+/// keep open, far below what would strain the host (a descriptor and a
+/// few hundred bytes each).
+pub const DEFAULT_MAX_HANDLES: usize = 65_536;
 
 /// A directory's entries in name order, as readdir walks them.
 type Listing = Arc<[(Bytes, Node)]>;
@@ -129,6 +138,8 @@ pub struct StoreFs {
     /// valid while the store changes.
     dir_handles: Mutex<HashMap<u64, Listing>>,
     next_handle: AtomicU64,
+    /// Entries of `files` and `dir_handles` together.
+    handles: AtomicUsize,
 }
 
 fn err(code: i32) -> io::Error {
@@ -164,6 +175,7 @@ impl StoreFs {
             files: Mutex::new(HashMap::new()),
             dir_handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
+            handles: AtomicUsize::new(0),
             cfg,
         }
     }
@@ -171,6 +183,27 @@ impl StoreFs {
     /// Live inodes, for tests.
     pub fn inode_count(&self) -> usize {
         self.inodes.len()
+    }
+
+    /// Open file and directory handles, for tests.
+    pub fn handle_count(&self) -> usize {
+        lock(&self.files).len() + lock(&self.dir_handles).len()
+    }
+
+    /// Drops every inode and handle of the previous guest kernel: a guest
+    /// that reboots keeps the vhost-user connection and sends INIT again
+    /// (after DESTROY, or without it) and never releases what the old
+    /// kernel held.
+    fn reset(&self, why: &str) {
+        let inodes = self.inodes.reset();
+        let files = std::mem::take(&mut *lock(&self.files)).len();
+        let dirs = std::mem::take(&mut *lock(&self.dir_handles)).len();
+        self.handles.fetch_sub(files + dirs, Ordering::AcqRel);
+        if inodes + files + dirs > 0 {
+            tracing::info!(
+                "{why}: dropped {inodes} inodes, {files} open files and {dirs} open directories of the previous guest kernel"
+            );
+        }
     }
 
     /// Serves one request as an inline attempt (see [`inline`]): answers
@@ -409,8 +442,24 @@ impl StoreFs {
         Ok(r)
     }
 
-    fn new_handle(&self) -> u64 {
-        self.next_handle.fetch_add(1, Ordering::Relaxed)
+    /// A handle number, counted against `max_handles` until
+    /// [`Self::handle_gone`].
+    fn new_handle(&self) -> io::Result<u64> {
+        if self.handles.fetch_add(1, Ordering::AcqRel) >= self.cfg.max_handles {
+            self.handles.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(
+                "the guest holds {} open handles: refusing more (ENFILE)",
+                self.cfg.max_handles
+            );
+            return Err(err(libc::ENFILE));
+        }
+        Ok(self.next_handle.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn handle_gone(&self, removed: bool) {
+        if removed {
+            self.handles.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// The listing of a directory inode: (name, node) in order; the open
@@ -568,6 +617,7 @@ impl FileSystem for StoreFs {
     type Handle = u64;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        self.reset("FUSE INIT");
         let want = FsOptions::ASYNC_READ
             | FsOptions::PARALLEL_DIROPS
             | FsOptions::MAX_PAGES
@@ -592,6 +642,10 @@ impl FileSystem for StoreFs {
             }
             InodeKind::Node(_) => Err(err(libc::ENOTDIR)),
         }
+    }
+
+    fn destroy(&self) {
+        self.reset("FUSE DESTROY");
     }
 
     fn forget(&self, _: &Context, inode: u64, count: u64) {
@@ -637,7 +691,7 @@ impl FileSystem for StoreFs {
             InodeKind::Node(Node::Symlink { .. }) => return Err(err(libc::ELOOP)),
             _ => return Err(err(libc::EISDIR)),
         };
-        let h = self.new_handle();
+        let h = self.new_handle()?;
         lock(&self.files).insert(
             h,
             Arc::new(Mutex::new(OpenFile {
@@ -720,7 +774,8 @@ impl FileSystem for StoreFs {
         _: bool,
         _: Option<u64>,
     ) -> io::Result<()> {
-        lock(&self.files).remove(&handle);
+        let removed = lock(&self.files).remove(&handle).is_some();
+        self.handle_gone(removed);
         Ok(())
     }
 
@@ -786,13 +841,13 @@ impl FileSystem for StoreFs {
                 })?;
                 all.sort_by(|a, b| a.0.cmp(&b.0));
                 all.dedup_by(|a, b| a.0 == b.0);
-                let h = self.new_handle();
+                let h = self.new_handle()?;
                 lock(&self.dir_handles).insert(h, all.into());
                 Ok((Some(h), OpenOptions::empty()))
             }
             InodeKind::Node(Node::Directory { digest, .. }) => {
                 let listing = self.directory(digest)?.entries.clone();
-                let h = self.new_handle();
+                let h = self.new_handle()?;
                 lock(&self.dir_handles).insert(h, listing);
                 Ok((Some(h), OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE))
             }
@@ -839,7 +894,8 @@ impl FileSystem for StoreFs {
     }
 
     fn releasedir(&self, _: &Context, _: u64, _: u32, handle: u64) -> io::Result<()> {
-        lock(&self.dir_handles).remove(&handle);
+        let removed = lock(&self.dir_handles).remove(&handle).is_some();
+        self.handle_gone(removed);
         Ok(())
     }
 
