@@ -13,7 +13,7 @@ use crate::services::Addr;
 use std::ffi::CString;
 use std::io;
 use std::net::ToSocketAddrs;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -281,6 +281,23 @@ fn fork() -> Result<Option<Supervisor>, SandboxError> {
         unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) },
         "blocking signals",
     )?;
+    // The supervisor holds the write end of this pipe as long as it lives;
+    // the child sees it closed if the supervisor died before the child's
+    // PR_SET_PDEATHSIG was in place (getppid cannot tell: in a new PID
+    // namespace it answers 0 either way).
+    let mut alive = [-1 as libc::c_int; 2];
+    // SAFETY: `alive` has room for the two descriptors.
+    check(
+        unsafe { libc::pipe2(alive.as_mut_ptr(), libc::O_CLOEXEC) },
+        "pipe2",
+    )?;
+    // SAFETY: pipe2 returned two open descriptors that nothing else owns.
+    let (alive_r, alive_w) = unsafe {
+        (
+            OwnedFd::from_raw_fd(alive[0]),
+            OwnedFd::from_raw_fd(alive[1]),
+        )
+    };
     // SAFETY: the process has a single thread (checked by the caller), so
     // the child inherits no lock held by another thread.
     let pid = unsafe { libc::fork() };
@@ -307,9 +324,29 @@ fn fork() -> Result<Option<Supervisor>, SandboxError> {
             libc::pthread_sigmask(libc::SIG_SETMASK, &mask, std::ptr::null_mut());
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
         }
+        // A supervisor that died before the prctl sent no signal: the child
+        // must not serve unsupervised.
+        drop(alive_w);
+        let mut p = libc::pollfd {
+            fd: alive_r.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no timeout.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        if n != 0 {
+            // SAFETY: _exit ends the process without running anything else.
+            unsafe { libc::_exit(1) };
+        }
+        drop(alive_r);
         return Ok(None);
     }
-    Ok(Some(Supervisor { child: pid, set }))
+    drop(alive_r);
+    Ok(Some(Supervisor {
+        child: pid,
+        set,
+        _alive: alive_w,
+    }))
 }
 
 /// In the serving process, once its signal handlers are installed: lets
@@ -325,6 +362,8 @@ pub fn release_signals() {
 pub struct Supervisor {
     child: libc::pid_t,
     set: libc::sigset_t,
+    /// Closed only when the supervisor ends (see `fork`).
+    _alive: OwnedFd,
 }
 
 impl Supervisor {
@@ -556,6 +595,9 @@ fn chroot_root(
             }
             _ => root = Some(dir),
         }
+        if !e.is_dir {
+            alone_in_its_directory(&e.path)?;
+        }
     }
     if let Some(r) = &root {
         let inside = |p: &mut PathBuf| {
@@ -572,6 +614,31 @@ fn chroot_root(
         }
     }
     Ok((root, places))
+}
+
+/// A socket the chroot exposes through its directory: refused unless the
+/// directory holds nothing else (`/run` would show other VMs' sockets and
+/// the system's to a compromised daemon).
+fn alone_in_its_directory(socket: &Path) -> Result<(), SandboxError> {
+    let dir = socket.parent().unwrap_or(Path::new("/"));
+    let others: Vec<String> = std::fs::read_dir(dir)
+        .map_err(sys(format!("listing {}", dir.display())))?
+        .filter_map(|e| e.ok())
+        .filter(|e| Some(e.file_name().as_os_str()) != socket.file_name())
+        .take(3)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if others.is_empty() {
+        return Ok(());
+    }
+    Err(SandboxError::Setup(format!(
+        "--sandbox chroot would expose all of {} to the serving process, and it holds more \
+         than the store's socket ({}{}): give the socket a directory of its own, or use \
+         --sandbox namespace",
+        dir.display(),
+        others.join(", "),
+        if others.len() == 3 { ", ..." } else { "" }
+    )))
 }
 
 /// The child in chroot mode. Without a directory to expose it is chrooted
@@ -642,21 +709,35 @@ mod tests {
 
     #[test]
     fn chroot_rewrites_paths_under_one_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("store");
+        std::fs::create_dir(&dir).unwrap();
+        let sock = dir.join("s.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
         let needs = Needs {
             paths: vec![Exposed {
-                path: "/run/store/s.sock".into(),
+                path: sock.clone(),
                 is_dir: false,
             }],
             network: false,
         };
-        let a = Addr::GrpcUnix("/run/store/s.sock".into());
+        let a = Addr::GrpcUnix(sock.clone());
         let places = |addrs: [Addr; 3]| Places {
             addrs,
             cache_dir: None,
         };
-        let (root, out) = chroot_root(&needs, places([a.clone(), a, Addr::Memory])).unwrap();
-        assert_eq!(root.as_deref(), Some(Path::new("/run/store")));
+        let (root, out) =
+            chroot_root(&needs, places([a.clone(), a.clone(), Addr::Memory])).unwrap();
+        assert_eq!(root.as_deref(), Some(dir.as_path()));
         assert_eq!(out.addrs[0], Addr::GrpcUnix("/s.sock".into()));
+
+        // a socket among other files (e.g. in /run) is not exposed
+        std::fs::write(dir.join("other-vm.sock"), b"").unwrap();
+        let err = chroot_root(&needs, places([a.clone(), a, Addr::Memory]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("other-vm.sock"), "{err}");
+        assert!(err.contains("a directory of its own"), "{err}");
 
         let two = Needs {
             paths: vec![

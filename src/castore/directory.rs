@@ -315,6 +315,16 @@ mod tests {
             ..Default::default()
         };
         assert!(Directory::try_from(d).is_err());
+        // a size no file can have (it would be a negative st_size)
+        for (size, ok) in [(i64::MAX as u64, true), (1 << 63, false), (u64::MAX, false)] {
+            let mut f = fnode("big");
+            f.size = size;
+            let d = pb::Directory {
+                files: vec![f],
+                ..Default::default()
+            };
+            assert_eq!(Directory::try_from(d).is_ok(), ok, "{size}");
+        }
         for t in [&b""[..], b"a\0", &[b'a'; 4096][..]] {
             let d = pb::Directory {
                 symlinks: vec![pb::SymlinkNode {

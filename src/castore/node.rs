@@ -19,6 +19,8 @@ pub enum NodeError {
     InvalidTarget(Bytes, &'static str),
     #[error("node has no kind set")]
     Empty,
+    #[error("file {0:?}: size {1} is beyond what a file can hold (2^63 - 1 bytes)")]
+    TooLarge(Bytes, u64),
 }
 
 /// One filesystem object: what a name in a directory (or a store path) points to.
@@ -117,6 +119,10 @@ impl Node {
     }
 
     pub(crate) fn from_file_node(f: &pb::FileNode) -> Result<Node, NodeError> {
+        // st_size and file offsets are signed 64-bit.
+        if i64::try_from(f.size).is_err() {
+            return Err(NodeError::TooLarge(f.name.clone(), f.size));
+        }
         Ok(Node::File {
             digest: B3Digest::try_from(&f.digest[..])
                 .map_err(|e| NodeError::InvalidDigest(f.name.clone(), e))?,
