@@ -66,6 +66,11 @@ impl Directory {
         self.entries.iter()
     }
 
+    /// The entries as their map, for walks that keep an iterator.
+    pub fn entries_map(&self) -> &BTreeMap<Bytes, Node> {
+        &self.entries
+    }
+
     pub fn get(&self, name: &[u8]) -> Option<&Node> {
         self.entries.get(name)
     }

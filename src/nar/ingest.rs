@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, BufReader, ReadBuf};
 
 /// Deepest directory nesting accepted (Linux paths cannot be deeper anyway).
-const MAX_DEPTH: usize = 2048;
+pub(crate) const MAX_DEPTH: usize = 2048;
 
 /// What ingesting a NAR produced.
 #[derive(Debug, Clone)]
