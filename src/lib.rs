@@ -6,6 +6,8 @@ pub mod castore;
 pub mod cli;
 pub mod fs;
 pub mod fuse;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod grpc_server;
 pub mod import;
 pub mod memory;

@@ -112,7 +112,7 @@ pub fn check_tag(tag: &str) -> Result<(), Error> {
 }
 
 type Mem = GuestMemoryMmap;
-type FsServer = Server<Arc<StoreFs>>;
+pub(crate) type FsServer = Server<Arc<StoreFs>>;
 
 /// One descriptor chain on its way to a worker. It owns a reference to the
 /// guest memory it was popped from, so a memory table update in between
@@ -409,7 +409,7 @@ fn serve_here(server: &FsServer, job: Job) {
 /// Runs one FUSE request; returns the bytes written into the chain's
 /// writable part, 0 when the chain is unusable or the request failed, so
 /// the descriptor always goes back to the guest.
-fn handle_chain(
+pub(crate) fn handle_chain(
     server: &FsServer,
     mem: &Mem,
     chain: DescriptorChain<Arc<Mem>>,
