@@ -26,6 +26,8 @@ work=${WORK:-/var/tmp/tvix-virtiofsd-fuzz}
 mkdir -p "$work"
 command -v cargo >/dev/null || . "$HOME/.cargo/env"
 
+# An explicit --target keeps the flags off build scripts and proc macros.
+triple=$(rustc -vV | awk '/^host:/ { print $2 }')
 echo "building the instrumented harness..." >&2
 RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module \
   -Cllvm-args=-sanitizer-coverage-level=4 \
@@ -33,8 +35,9 @@ RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module \
   -Cllvm-args=-sanitizer-coverage-pc-table \
   -Cllvm-args=-sanitizer-coverage-trace-compares \
   -Cdebug-assertions -Coverflow-checks" \
-  cargo build --release --manifest-path fuzz/Cargo.toml --target-dir "$work/target" >&2
-bin=$work/target/release/tvix-virtiofsd-fuzz
+  cargo build --release --manifest-path fuzz/Cargo.toml --target-dir "$work/target" \
+  --target "$triple" >&2
+bin=$work/target/$triple/release/tvix-virtiofsd-fuzz
 
 echo "writing the seeds..." >&2
 rm -rf "$work/seeds"
