@@ -428,3 +428,36 @@ fn import_nar_path_not_described() {
     );
     cli_err(&["--store", &store.url, "path-info", &other]);
 }
+
+/// A NAR longer than the narSize it is described with (an `.xz` that
+/// expands without end, say) is stopped at that size, before its bytes
+/// reach the store: no blob of the oversized file is written.
+#[test]
+fn nar_longer_than_its_nar_size() {
+    let store = TestStore::new();
+    let big = vec![b'x'; 4 << 20];
+    let bytes = nar(&dir(vec![(b"big", file(&big))]));
+    let path = store_path("too-long");
+    let nar_file = store.tmp.path().join("long.nar");
+    let json_file = store.tmp.path().join("long.json");
+    std::fs::write(&nar_file, &bytes).unwrap();
+    // described as 64 KiB: the reader stops there
+    let json = path_info_json(&path, &bytes)
+        .replace(&format!("\"narSize\":{}", bytes.len()), "\"narSize\":65536");
+    assert!(json.contains("65536"), "{json}");
+    std::fs::write(&json_file, json).unwrap();
+    let blobs_before = count_files(&store.root().join("blobs"));
+    let err = cli_err(&[
+        "--store",
+        &store.url,
+        "import-nar",
+        "--path-info",
+        json_file.to_str().unwrap(),
+        &format!("{path}={}", nar_file.display()),
+    ]);
+    assert!(
+        err.contains("longer than its narSize (65536 bytes)"),
+        "{err}"
+    );
+    assert_eq!(count_files(&store.root().join("blobs")), blobs_before);
+}

@@ -27,6 +27,16 @@ fn bad(msg: impl Into<String>) -> Error {
     Error::Nar(msg.into())
 }
 
+/// A read that ran out of NAR is a truncated NAR; any other failure (a
+/// decompressor's, the disk's, a size limit's) is reported as itself.
+fn read_err(e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        bad("truncated")
+    } else {
+        Error::Io(e)
+    }
+}
+
 /// Hashes and counts every byte read through it.
 struct HashingReader<R> {
     inner: R,
@@ -95,20 +105,14 @@ pub async fn ingest_nar<R: AsyncRead + Unpin + Send>(r: R, store: &Store) -> Res
 impl<R: AsyncRead + Unpin + Send> Parser<'_, R> {
     async fn read_u64(&mut self) -> Result<u64> {
         let mut b = [0u8; 8];
-        self.r
-            .read_exact(&mut b)
-            .await
-            .map_err(|_| bad("truncated"))?;
+        self.r.read_exact(&mut b).await.map_err(read_err)?;
         Ok(u64::from_le_bytes(b))
     }
 
     async fn read_padding(&mut self, len: u64) -> Result<()> {
         let mut pad = [0u8; 8];
         let n = padding(len);
-        self.r
-            .read_exact(&mut pad[..n])
-            .await
-            .map_err(|_| bad("truncated"))?;
+        self.r.read_exact(&mut pad[..n]).await.map_err(read_err)?;
         if pad[..n].iter().any(|&b| b != 0) {
             return Err(bad("non-zero padding"));
         }
@@ -123,10 +127,7 @@ impl<R: AsyncRead + Unpin + Send> Parser<'_, R> {
             )));
         }
         let mut s = vec![0u8; len as usize];
-        self.r
-            .read_exact(&mut s)
-            .await
-            .map_err(|_| bad("truncated"))?;
+        self.r.read_exact(&mut s).await.map_err(read_err)?;
         self.read_padding(len).await?;
         Ok(s)
     }
