@@ -19,17 +19,85 @@ fn read_only() -> Status {
     Status::from(Error::ReadOnly)
 }
 
+/// What one client may make a writable daemon hold or write.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Directories in one Put (the whole graph is checked in memory before
+    /// any of it is stored).
+    pub put_directories: usize,
+    /// Bytes those directories may take in memory.
+    pub put_directory_bytes: u64,
+    /// Blob Puts are refused while the store's file system has less room
+    /// than this (checked before and every few MiB during a Put); None
+    /// for stores not on a local disk.
+    pub min_free: Option<(std::path::PathBuf, u64)>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            put_directories: 1_000_000,
+            put_directory_bytes: 512 << 20,
+            min_free: None,
+        }
+    }
+}
+
+/// Room is checked again after this many bytes of one blob.
+const FREE_CHECK_EVERY: u64 = 16 << 20;
+
 /// Serves the three services of `store`; `read_only` refuses every Put.
 #[derive(Clone)]
 pub struct StoreServer {
     store: Store,
     read_only: bool,
+    limits: Limits,
 }
 
 impl StoreServer {
     pub fn new(store: Store, read_only: bool) -> Self {
-        Self { store, read_only }
+        Self {
+            store,
+            read_only,
+            limits: Limits::default(),
+        }
     }
+
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Refuses a write while the store's disk is short of room.
+    fn check_room(&self) -> Result<(), Status> {
+        let Some((dir, min)) = &self.limits.min_free else {
+            return Ok(());
+        };
+        let free = free_bytes(dir).map_err(|e| {
+            Status::internal(format!("checking free space of {}: {e}", dir.display()))
+        })?;
+        if free < *min {
+            return Err(Status::resource_exhausted(format!(
+                "the store's disk has {} MiB free, below the {} MiB kept free (--min-free-space)",
+                free >> 20,
+                min >> 20
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Bytes an unprivileged writer may still use on the file system of `dir`.
+fn free_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: statvfs is plain data, filled in by the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 #[tonic::async_trait]
@@ -73,9 +141,17 @@ impl cpb::blob_service_server::BlobService for StoreServer {
         if self.read_only {
             return Err(read_only());
         }
+        self.check_room()?;
         let mut stream = req.into_inner();
         let mut w = self.store.blob.open_write().await?;
+        let mut since_check = 0u64;
         while let Some(chunk) = stream.message().await? {
+            since_check += chunk.data.len() as u64;
+            if since_check >= FREE_CHECK_EVERY {
+                since_check = 0;
+                // dropping the writer discards what was written
+                self.check_room()?;
+            }
             w.write(&chunk.data).await?;
         }
         let digest = w.close().await?;
@@ -119,10 +195,21 @@ impl cpb::directory_service_server::DirectoryService for StoreServer {
         if self.read_only {
             return Err(read_only());
         }
+        self.check_room()?;
         let mut stream = req.into_inner();
         let mut graph = LeavesFirst::new();
+        let (mut count, mut bytes) = (0usize, 0u64);
         while let Some(msg) = stream.message().await? {
             let dir = Directory::try_from(msg).map_err(Error::from)?;
+            count += 1;
+            bytes += dir.heap_size();
+            if count > self.limits.put_directories || bytes > self.limits.put_directory_bytes {
+                return Err(Status::resource_exhausted(format!(
+                    "a directory Put may carry at most {} directories and {} MiB",
+                    self.limits.put_directories,
+                    self.limits.put_directory_bytes >> 20
+                )));
+            }
             graph.add(dir).map_err(Error::from)?;
         }
         let graph = graph.finish().map_err(Error::from)?;

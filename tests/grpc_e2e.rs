@@ -237,6 +237,72 @@ fn store_paths_never_change() {
     assert!(err.contains("never changes"), "{err}");
 }
 
+/// A writable daemon bounds what one client makes it hold or write: a
+/// directory Put of more directories than allowed, and any upload while
+/// the disk is short of the room kept free, get RESOURCE_EXHAUSTED and
+/// store nothing.
+#[test]
+fn uploads_are_bounded() {
+    use tvix_virtiofsd::castore::{Directory, LeavesFirst, Node};
+    let tmp = tempfile::tempdir().unwrap();
+    let store_url = format!("local://{}", tmp.path().join("store").display());
+    let sock = tmp.path().join("full.sock");
+    // more room kept free than any disk has
+    let d = Daemon::start(
+        &store_url,
+        &format!("unix:{}", sock.display()),
+        &["--min-free-space", "1000000T"],
+    );
+    let f = tmp.path().join("file");
+    std::fs::write(&f, pseudo_random(1 << 20, 3)).unwrap();
+    let err = common::cli_err(&["--store", &d.addr, "import", f.to_str().unwrap()]);
+    assert!(err.contains("kept free"), "{err}");
+    let blobs = tmp.path().join("store/blobs");
+    let stored = std::fs::read_dir(&blobs)
+        .map(|r| r.flatten().filter(|e| e.path().is_file()).count())
+        .unwrap_or(0);
+    assert_eq!(stored, 0, "nothing is stored");
+    assert!(d.stop().success());
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let backend = tvix_virtiofsd::services::Store::memory();
+        let addr = common::serve_in_process_with(
+            backend.clone(),
+            None,
+            tvix_virtiofsd::grpc_server::Limits {
+                put_directories: 10,
+                ..Default::default()
+            },
+        )
+        .await;
+        let client = grpc_store(&addr);
+        let mut dirs = vec![Directory::new()];
+        for _ in 0..10 {
+            let below = dirs.last().unwrap();
+            let node = Node::Directory {
+                digest: below.digest(),
+                size: below.size(),
+            };
+            let mut d = Directory::new();
+            d.add("d".into(), node).unwrap();
+            dirs.push(d);
+        }
+        let root = dirs.last().unwrap().digest();
+        let mut g = LeavesFirst::new();
+        for d in dirs {
+            g.add(d).unwrap();
+        }
+        let err = client
+            .directory
+            .put_graph(g.finish().unwrap())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("at most 10 directories"), "{err}");
+        assert!(backend.directory.get(&root).await.unwrap().is_none());
+    });
+}
+
 /// The standard health service answers SERVING for each store service, and
 /// reflection lists them.
 #[test]

@@ -40,6 +40,11 @@ pub struct DaemonArgs {
     #[arg(long, default_value_t = 30)]
     pub store_timeout: u64,
 
+    /// Refuse uploads while the embedded store's disk has less room than
+    /// this (K, M, G, T).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub min_free_space: u64,
+
     /// Serve Prometheus metrics (GET /metrics) on HOST:PORT or unix:PATH.
     #[arg(long, env = "TVIX_VIRTIOFSD_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
@@ -172,7 +177,15 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
         None => bind(&args.listen, args.socket_group.as_deref()).await?,
     };
     let read_only = listener.read_only(&args);
-    let server = StoreServer::new(store, read_only);
+    // An embedded store (blobs are what fill a disk) keeps room free.
+    let min_free = match &store_args.addrs()?[0] {
+        crate::services::Addr::Local(dir) => Some((dir.clone(), args.min_free_space)),
+        _ => None,
+    };
+    let server = StoreServer::new(store, read_only).with_limits(crate::grpc_server::Limits {
+        min_free,
+        ..Default::default()
+    });
     if let Some(listen) = &args.metrics_listen {
         let c = cache.clone();
         let render: crate::metrics::Render = std::sync::Arc::new(move || {

@@ -18,7 +18,17 @@ pub fn bin() -> PathBuf {
 /// Serves `backend` over gRPC in this process on a unix socket (in `dir`)
 /// or loopback TCP, and returns the address a client uses.
 pub async fn serve_in_process(backend: Store, unix_dir: Option<&Path>) -> String {
-    let srv = StoreServer::new(backend, false);
+    serve_in_process_with(backend, unix_dir, Default::default()).await
+}
+
+/// [`serve_in_process`] with upload limits.
+#[allow(dead_code)]
+pub async fn serve_in_process_with(
+    backend: Store,
+    unix_dir: Option<&Path>,
+    limits: tvix_virtiofsd::grpc_server::Limits,
+) -> String {
+    let srv = StoreServer::new(backend, false).with_limits(limits);
     let router = tonic::transport::Server::builder()
         .layer(tower::util::MapRequestLayer::new(
             tvix_virtiofsd::grpc_server::reset_is_error,
