@@ -616,6 +616,32 @@ fn chroot_root(
     Ok((root, places))
 }
 
+/// Closes every descriptor from 3 up but those in `keep` (close_range:
+/// no /proc is needed, which the sandbox may not have).
+pub fn close_inherited(keep: &[std::os::fd::RawFd]) -> Result<(), SandboxError> {
+    let mut keep: Vec<u32> = keep
+        .iter()
+        .filter_map(|&fd| u32::try_from(fd).ok())
+        .filter(|&fd| fd >= 3)
+        .collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut first = 3u32;
+    for k in keep.into_iter().chain([u32::MAX]) {
+        if k > first {
+            let last = if k == u32::MAX { u32::MAX } else { k - 1 };
+            // SAFETY: close_range only closes descriptors; the ones kept
+            // and 0-2 are outside every range given.
+            let rc = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
+            if rc != 0 {
+                return Err(sys("close_range")(io::Error::last_os_error()));
+            }
+        }
+        first = k.saturating_add(1);
+    }
+    Ok(())
+}
+
 /// A socket the chroot exposes through its directory: refused unless the
 /// directory holds nothing else (`/run` would show other VMs' sockets and
 /// the system's to a compromised daemon).

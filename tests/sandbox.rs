@@ -12,6 +12,17 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The daemon started with `args`, and its serving process once confined.
+const LEAKED_FD: &str = "leaked-fd";
+
+/// Whether `pid` holds a descriptor of the file `name`.
+fn holds_file(pid: u32, name: &str) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .any(|t| t.file_name().is_some_and(|n| n == name))
+}
+
 struct Running {
     child: Child,
     sock: PathBuf,
@@ -28,7 +39,26 @@ fn start(store: &str, sock: &Path, args: &[&str], uid: Option<u32>) -> Running {
     if let Some(u) = uid {
         cmd.uid(u).gid(u);
     }
+    // A descriptor a careless VMM or unit leaves open: fd 9, a file named
+    // LEAKED_FD next to the socket. The serving process must not hold it.
+    let leaked = std::fs::File::create(sock.with_file_name(LEAKED_FD)).unwrap();
+    {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let fd = leaked.as_raw_fd();
+        // SAFETY: dup2 is async-signal-safe; it runs between fork and exec
+        // (the copy on fd 9 has no close-on-exec flag).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(fd, 9) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     let mut child = cmd.spawn().unwrap();
+    drop(leaked);
     let pid = child.id();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -167,6 +197,11 @@ fn namespace_sandbox_over_the_embedded_store() {
         None,
     );
     assert_powerless(d.serving);
+    assert!(holds_file(d.child.id(), LEAKED_FD), "the fd was not passed");
+    assert!(
+        !holds_file(d.serving, LEAKED_FD),
+        "the serving process holds an inherited descriptor"
+    );
     let parent = d.child.id();
     let st = status(parent);
     assert_eq!(

@@ -164,6 +164,12 @@ pub fn main(store_args: &StoreArgs, args: VirtiofsArgs) -> anyhow::Result<ExitCo
     // The serving process may not see the socket file, nor unlink it under
     // seccomp: its supervisor removes it.
     std::mem::forget(socket_file);
+    // Nothing inherited but the listener and the standard streams reaches
+    // the serving process (a VMM or unit may leave other descriptors open).
+    {
+        use std::os::fd::AsRawFd;
+        sandbox::close_inherited(&[listener.as_raw_fd()])?;
+    }
     privileges::set_rlimit_nofile(args.rlimit_nofile)?;
     privileges::drop_all(args.sandbox == SandboxMode::None)?;
     seccomp::install(args.seccomp)?;
