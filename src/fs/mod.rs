@@ -137,6 +137,11 @@ pub struct StoreFs {
     /// so every READDIR of it is an index, and the root's offsets stay
     /// valid while the store changes.
     dir_handles: Mutex<HashMap<u64, Listing>>,
+    /// The newest root listing (`--list-root`) and when it was made: open
+    /// handles share it while it is fresh or while the store has not
+    /// changed, so a guest opening the root again and again holds one
+    /// listing, not one per handle.
+    root_snapshot: Mutex<Option<(std::time::Instant, Listing)>>,
     next_handle: AtomicU64,
     /// Entries of `files` and `dir_handles` together.
     handles: AtomicUsize,
@@ -174,6 +179,7 @@ impl StoreFs {
             verified: quick_cache::sync::Cache::new(cfg.verified_blobs.max(1)),
             files: Mutex::new(HashMap::new()),
             dir_handles: Mutex::new(HashMap::new()),
+            root_snapshot: Mutex::new(None),
             next_handle: AtomicU64::new(1),
             handles: AtomicUsize::new(0),
             cfg,
@@ -188,6 +194,34 @@ impl StoreFs {
     /// Open file and directory handles, for tests.
     pub fn handle_count(&self) -> usize {
         lock(&self.files).len() + lock(&self.dir_handles).len()
+    }
+
+    /// Every store path, sorted: the shared snapshot when it is under a
+    /// second old or unchanged, else a new one.
+    fn root_listing(&self) -> io::Result<Listing> {
+        const FRESH: Duration = Duration::from_secs(1);
+        if let Some((at, l)) = &*lock(&self.root_snapshot) {
+            if at.elapsed() < FRESH {
+                return Ok(l.clone());
+            }
+        }
+        let mut all = self.block("listing store paths", async {
+            let mut s = self.store.path_info.list();
+            let mut out = Vec::new();
+            while let Some(info) = s.try_next().await? {
+                out.push((Bytes::from(info.store_path.to_basename()), info.node));
+            }
+            Ok(out)
+        })?;
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all.dedup_by(|a, b| a.0 == b.0);
+        let mut snap = lock(&self.root_snapshot);
+        let listing: Listing = match &*snap {
+            Some((_, old)) if old[..] == all[..] => old.clone(),
+            _ => all.into(),
+        };
+        *snap = Some((std::time::Instant::now(), listing.clone()));
+        Ok(listing)
     }
 
     /// Drops every inode and handle of the previous guest kernel: a guest
@@ -831,18 +865,9 @@ impl FileSystem for StoreFs {
                     return Ok((None, OpenOptions::empty()));
                 }
                 // A snapshot per handle keeps offsets stable while the store changes.
-                let mut all = self.block("listing store paths", async {
-                    let mut s = self.store.path_info.list();
-                    let mut out = Vec::new();
-                    while let Some(info) = s.try_next().await? {
-                        out.push((Bytes::from(info.store_path.to_basename()), info.node));
-                    }
-                    Ok(out)
-                })?;
-                all.sort_by(|a, b| a.0.cmp(&b.0));
-                all.dedup_by(|a, b| a.0 == b.0);
+                let listing = self.root_listing()?;
                 let h = self.new_handle()?;
-                lock(&self.dir_handles).insert(h, all.into());
+                lock(&self.dir_handles).insert(h, listing);
                 Ok((Some(h), OpenOptions::empty()))
             }
             InodeKind::Node(Node::Directory { digest, .. }) => {
@@ -977,5 +1002,61 @@ impl FileSystem for StoreFs {
 
     fn fallocate(&self, _: &Context, _: u64, _: u64, _: u32, _: u64, _: u64) -> io::Result<()> {
         erofs()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Open root handles share one listing (unchanged store): a guest that
+    /// opens the root many times does not multiply it.
+    #[test]
+    fn root_handles_share_one_listing() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let store = Store::memory();
+        rt.block_on(async {
+            for i in 0..100u8 {
+                let sp = crate::nix::store_path::StorePath::new([i; 20], format!("p{i}")).unwrap();
+                store
+                    .path_info
+                    .put(crate::pathinfo::PathInfo {
+                        store_path: sp,
+                        node: Node::Symlink { target: "x".into() },
+                        references: vec![],
+                        nar_size: 0,
+                        nar_sha256: [0; 32],
+                        signatures: vec![],
+                        deriver: None,
+                        ca: None,
+                    })
+                    .await
+                    .unwrap();
+            }
+        });
+        let fs = StoreFs::new(
+            store,
+            rt.handle().clone(),
+            FsConfig {
+                list_root: true,
+                ..Default::default()
+            },
+        );
+        let ctx = Context::default();
+        let mut handles = Vec::new();
+        for round in 0..2 {
+            if round == 1 {
+                // past the freshness window: listed again, and still shared
+                // because nothing changed
+                std::thread::sleep(Duration::from_millis(1100));
+            }
+            for _ in 0..50 {
+                handles.push(fs.opendir(&ctx, ROOT_INO, 0).unwrap().0.unwrap());
+            }
+        }
+        let dh = lock(&fs.dir_handles);
+        let first = dh[&handles[0]].clone();
+        assert_eq!(first.len(), 100);
+        assert!(handles.iter().all(|h| Arc::ptr_eq(&dh[h], &first)));
     }
 }
