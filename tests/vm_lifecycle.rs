@@ -383,3 +383,94 @@ exit 5
     let err = std::os::unix::net::UnixStream::connect(&sock).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
 }
+
+/// A QEMU guest that reboots (`reboot -f`; the VM goes on) keeps the
+/// vhost-user connection: its new kernel sends INIT again and never
+/// FORGETs what the old one looked up or kept open. The daemon drops those
+/// inodes and handles at the second INIT (it says how many), and the
+/// rebooted guest mounts and reads again.
+#[test]
+fn a_rebooting_guest_reads_again_and_leaks_nothing() {
+    require_vm_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("local://{}", dir.path().join("store").display());
+    let import = |name: &str, contents: &[u8]| {
+        let f = dir.path().join(name);
+        std::fs::write(&f, contents).unwrap();
+        String::from_utf8(cli_ok(&["--store", &store, "import", f.to_str().unwrap()]))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let data = import("data", b"read me after a reboot\n");
+    // the second boot's sign: a store path added while the first ran
+    let marker_file = dir.path().join("rebooted");
+    std::fs::write(&marker_file, b"x").unwrap();
+    let marker_path = {
+        // the path `import` will give it, without adding it yet
+        let out = cli_ok(&[
+            "--store",
+            &format!("local://{}", dir.path().join("scratch").display()),
+            "import",
+            marker_file.to_str().unwrap(),
+        ]);
+        String::from_utf8(out).unwrap().trim().to_string()
+    };
+    let sock = dir.path().join("vfs.sock");
+    let log = dir.path().join("daemon.log");
+    let mut daemon = Command::new(bin())
+        .args(["--store", &store, "virtiofs", "--socket-path"])
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let guest = format!(
+        r#"set -u
+if [ -e {marker_path} ]; then
+  [ "$(cat {data})" = "read me after a reboot" ] || exit 3
+  echo SECOND-BOOT-OK
+  exit 0
+fi
+# the first kernel looks paths up and keeps a file open, then reboots
+ls -l {data} /nix/store/ > /dev/null
+exec 3< {data}
+cat {data} > /dev/null
+echo FIRST-BOOT-DONE
+sleep 3
+reboot -f
+sleep 60
+"#
+    );
+    let mut added = false;
+    let mut on_line = |line: &str| {
+        if line == "FIRST-BOOT-DONE" && !added {
+            cli_ok(&["--store", &store, "import", marker_file.to_str().unwrap()]);
+            added = true;
+        }
+    };
+    let (status, console) = run_vm(
+        Some("qemu"),
+        &sock,
+        &guest,
+        dir.path(),
+        VmOpts {
+            args: &["--reboot"],
+            timeout_secs: 400,
+            on_line: Some(&mut on_line),
+        },
+    );
+    assert_guest_status(status, 0, &mut daemon, &log);
+    assert!(console.contains("FIRST-BOOT-DONE"), "{console}");
+    assert!(console.contains("SECOND-BOOT-OK"), "{console}");
+    let exit = wait_daemon_exit(&mut daemon, &log);
+    assert!(exit.success(), "{exit}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let dropped = text
+        .lines()
+        .find(|l| l.contains("FUSE INIT: dropped"))
+        .unwrap_or_else(|| panic!("no reset at the second INIT:\n{text}"));
+    // the old kernel held at least the data path's inode and one open file
+    assert!(!dropped.contains("dropped 0 inodes"), "{dropped}");
+    assert!(dropped.contains("1 open files"), "{dropped}");
+}

@@ -29,6 +29,9 @@
 #                     /dev/kvm on our machines hangs a stock kernel)
 #   --append ARGS     extra kernel command line arguments
 #   --log FILE        also keep the console output in FILE
+#   --reboot          QEMU only: a guest reboot restarts the guest (the
+#                     script runs again, on the same vhost-user connection)
+#                     instead of ending the VM
 #
 # Exit status: the guest script's status from its "VMTEST-EXIT=<n>" line;
 #   124  timeout (the VMM was killed)
@@ -55,7 +58,7 @@ usage() {
 }
 log() { echo "run-vm: $*" >&2; }
 
-SOCK='' SCRIPT='' TAG=nix-store MEM=1G SMP=1 TIMEOUT=120 ACCEL='' APPEND='' LOGFILE=''
+SOCK='' SCRIPT='' TAG=nix-store MEM=1G SMP=1 TIMEOUT=120 ACCEL='' APPEND='' LOGFILE='' REBOOT=''
 VMM=${VMTEST_VMM:-qemu} SCRIPT_VIA=''
 EXTRA=()
 while [ $# -gt 0 ]; do
@@ -69,6 +72,7 @@ while [ $# -gt 0 ]; do
         --accel) ACCEL=${2:?}; shift 2 ;;
         --append) APPEND=${2?}; shift 2 ;;
         --log) LOGFILE=${2:?}; shift 2 ;;
+        --reboot) REBOOT=1; shift ;;
         --vmm) VMM=${2:?}; shift 2 ;;
         --script-via) SCRIPT_VIA=${2:?}; shift 2 ;;
         --) shift; EXTRA=("$@"); break ;;
@@ -184,6 +188,8 @@ CMDLINE="console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init cryptomgr.notests 
 
 KERNEL=${VMTEST_KERNEL:-$GUEST/kernel}
 if [ "$VMM" = qemu ]; then
+    REBOOT_ARGS=(-no-reboot)
+    [ -z "$REBOOT" ] || REBOOT_ARGS=()
     FS_ARGS=()
     [ -z "$SOCK" ] || FS_ARGS=(
         -chardev "socket,id=vfs,path=$(qesc "$SOCK")"
@@ -191,7 +197,7 @@ if [ "$VMM" = qemu ]; then
     )
     VM_CMD=(
         "${QEMU:-qemu-system-x86_64}"
-        -nodefaults -no-user-config -nographic -no-reboot
+        -nodefaults -no-user-config -nographic "${REBOOT_ARGS[@]}"
         -machine pc
         "${BIOS_ARGS[@]}"
         "${ACCEL_ARGS[@]}"
