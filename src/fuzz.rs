@@ -93,16 +93,7 @@ async fn fill(store: &Store) -> crate::services::Result<()> {
             .map_err(|e| crate::services::Error::InvalidRequest(e.to_string()))?;
         store
             .path_info
-            .put(PathInfo {
-                store_path,
-                node,
-                references: vec![],
-                nar_size: 0,
-                nar_sha256: [0; 32],
-                signatures: vec![],
-                deriver: None,
-                ca: None,
-            })
+            .put(PathInfo::bare(store_path, node))
             .await?;
     }
     Ok(())

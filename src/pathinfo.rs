@@ -72,6 +72,22 @@ fn ca_len(kind: CaKind) -> usize {
 }
 
 impl PathInfo {
+    /// A path info of `node` and nothing else (no references, signatures
+    /// or deriver; NAR size and hash zero): for fixtures and tests that
+    /// need a store path to exist, not a checked one.
+    pub fn bare(store_path: StorePath, node: Node) -> Self {
+        Self {
+            store_path,
+            node,
+            references: vec![],
+            nar_size: 0,
+            nar_sha256: [0; 32],
+            signatures: vec![],
+            deriver: None,
+            ca: None,
+        }
+    }
+
     /// Whether `other` describes the same store path contents: a store path
     /// never changes once it exists, so a second Put must agree on what it
     /// is (tree, NAR, references); signatures and the deriver may differ.

@@ -170,10 +170,21 @@ impl TestStore {
 
     /// `import-nar` of `bytes` as `path`: Ok(stdout) or Err(stderr).
     fn import_nar(&self, tag: &str, path: &str, bytes: &[u8]) -> Result<String, String> {
+        self.import_nar_as(tag, path, bytes, &path_info_json(path, bytes))
+    }
+
+    /// `import_nar` with `json` as the path info.
+    fn import_nar_as(
+        &self,
+        tag: &str,
+        path: &str,
+        bytes: &[u8],
+        json: &str,
+    ) -> Result<String, String> {
         let nar_file = self.tmp.path().join(format!("{tag}.nar"));
         let json_file = self.tmp.path().join(format!("{tag}.json"));
         std::fs::write(&nar_file, bytes).unwrap();
-        std::fs::write(&json_file, path_info_json(path, bytes)).unwrap();
+        std::fs::write(&json_file, json).unwrap();
         let out = std::process::Command::new(common::bin())
             .args(["--store", &self.url, "import-nar", "--path-info"])
             .arg(&json_file)
@@ -438,23 +449,14 @@ fn nar_longer_than_its_nar_size() {
     let big = vec![b'x'; 4 << 20];
     let bytes = nar(&dir(vec![(b"big", file(&big))]));
     let path = store_path("too-long");
-    let nar_file = store.tmp.path().join("long.nar");
-    let json_file = store.tmp.path().join("long.json");
-    std::fs::write(&nar_file, &bytes).unwrap();
     // described as 64 KiB: the reader stops there
     let json = path_info_json(&path, &bytes)
         .replace(&format!("\"narSize\":{}", bytes.len()), "\"narSize\":65536");
     assert!(json.contains("65536"), "{json}");
-    std::fs::write(&json_file, json).unwrap();
     let blobs_before = count_files(&store.root().join("blobs"));
-    let err = cli_err(&[
-        "--store",
-        &store.url,
-        "import-nar",
-        "--path-info",
-        json_file.to_str().unwrap(),
-        &format!("{path}={}", nar_file.display()),
-    ]);
+    let err = store
+        .import_nar_as("long", &path, &bytes, &json)
+        .unwrap_err();
     assert!(
         err.contains("longer than its narSize (65536 bytes)"),
         "{err}"

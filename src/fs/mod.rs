@@ -1020,16 +1020,10 @@ mod tests {
                 let sp = crate::nix::store_path::StorePath::new([i; 20], format!("p{i}")).unwrap();
                 store
                     .path_info
-                    .put(crate::pathinfo::PathInfo {
-                        store_path: sp,
-                        node: Node::Symlink { target: "x".into() },
-                        references: vec![],
-                        nar_size: 0,
-                        nar_sha256: [0; 32],
-                        signatures: vec![],
-                        deriver: None,
-                        ca: None,
-                    })
+                    .put(crate::pathinfo::PathInfo::bare(
+                        sp,
+                        Node::Symlink { target: "x".into() },
+                    ))
                     .await
                     .unwrap();
             }

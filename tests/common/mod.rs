@@ -206,16 +206,7 @@ pub fn bare_path_info(
     store_path: tvix_virtiofsd::nix::store_path::StorePath,
     node: tvix_virtiofsd::castore::Node,
 ) -> tvix_virtiofsd::pathinfo::PathInfo {
-    tvix_virtiofsd::pathinfo::PathInfo {
-        store_path,
-        node,
-        references: vec![],
-        nar_size: 0,
-        nar_sha256: [0; 32],
-        signatures: vec![],
-        deriver: None,
-        ca: None,
-    }
+    tvix_virtiofsd::pathinfo::PathInfo::bare(store_path, node)
 }
 
 /// Panics unless every command in `tools` (command, Debian package) is on
