@@ -205,3 +205,92 @@ fn xattrs_expose_digests() {
         libc::ENODATA
     );
 }
+
+/// A store path's tree larger than the directory cache, from a store over
+/// gRPC: the first lookup prefetches only what the cache holds, and a walk
+/// of the whole tree still finds every file.
+#[test]
+fn a_tree_larger_than_the_directory_cache_is_walked_in_full() {
+    use tvix_virtiofsd::castore::{Directory, LeavesFirst};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let backend = Store::memory();
+    let sp = StorePath::from_basename("00000000000000000000000000000000-big").unwrap();
+    let (addr, names) = rt.block_on(async {
+        let digest = blob::put_bytes(backend.blob.as_ref(), b"leaf")
+            .await
+            .unwrap();
+        let leaf = Node::File {
+            digest,
+            size: 4,
+            executable: false,
+        };
+        let mut g = LeavesFirst::new();
+        let mut top = Directory::new();
+        let mut names = Vec::new();
+        for i in 0..300 {
+            let mut d = Directory::new();
+            for j in 0..8 {
+                d.add(format!("f{j}").into(), leaf.clone()).unwrap();
+            }
+            // distinct directories: each also holds a symlink to its own name
+            d.add(
+                "me".into(),
+                Node::Symlink {
+                    target: format!("d{i}").into(),
+                },
+            )
+            .unwrap();
+            let node = Node::Directory {
+                digest: d.digest(),
+                size: d.size(),
+            };
+            g.add(d).unwrap();
+            top.add(format!("d{i:03}").into(), node).unwrap();
+            names.push(format!("d{i:03}"));
+        }
+        let root = Node::Directory {
+            digest: top.digest(),
+            size: top.size(),
+        };
+        g.add(top).unwrap();
+        backend
+            .directory
+            .put_graph(g.finish().unwrap())
+            .await
+            .unwrap();
+        backend
+            .path_info
+            .put(common::bare_path_info(sp.clone(), root))
+            .await
+            .unwrap();
+        (common::serve_in_process(backend.clone(), None).await, names)
+    });
+    // gRPC channels start their tasks on the runtime they are opened in
+    let client = {
+        let _rt = rt.enter();
+        common::grpc_store(&addr)
+    };
+    let fs = StoreFs::new(
+        client,
+        rt.handle().clone(),
+        FsConfig {
+            dir_cache_bytes: 16 << 10,
+            ..Default::default()
+        },
+    );
+    let ctx = Context::default();
+    let top = fs
+        .lookup(&ctx, ROOT_INO, &CString::new(sp.to_basename()).unwrap())
+        .unwrap();
+    for name in &names {
+        let d = fs
+            .lookup(&ctx, top.inode, &CString::new(name.as_str()).unwrap())
+            .unwrap();
+        for j in 0..8 {
+            let f = fs
+                .lookup(&ctx, d.inode, &CString::new(format!("f{j}")).unwrap())
+                .unwrap();
+            assert_eq!(f.attr.st_size, 4, "{name}/f{j}");
+        }
+    }
+}

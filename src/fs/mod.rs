@@ -344,11 +344,20 @@ impl StoreFs {
                 return Ok(());
             }
         }
+        // At most what the directory cache holds: a store's tree of a
+        // million directories is not buffered whole; the rest is fetched a
+        // directory at a time if the guest walks that far.
+        let cap = self.cfg.dir_cache_bytes;
         let tree = self.block(what, async {
             let mut s = self.store.directory.get_recursive(*root);
-            let mut out = Vec::new();
+            let (mut out, mut bytes) = (Vec::new(), 0u64);
             while let Some(d) = s.try_next().await? {
+                bytes += d.heap_size();
                 out.push(d);
+                if bytes > cap {
+                    tracing::debug!("directory tree {root}: past {cap} bytes, the rest on demand");
+                    break;
+                }
             }
             Ok(out)
         })?;
