@@ -36,8 +36,8 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            put_directories: 1_000_000,
-            put_directory_bytes: 512 << 20,
+            put_directories: crate::services::directory::MAX_TREE_DIRECTORIES,
+            put_directory_bytes: crate::services::directory::MAX_TREE_BYTES,
             min_free: None,
         }
     }

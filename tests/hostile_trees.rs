@@ -137,3 +137,31 @@ fn a_daemon_asked_for_them_keeps_serving() {
     assert!(nar.windows(4).any(|w| w == b"fine"));
     assert!(d.stop().success());
 }
+
+/// A tree is held whole in memory only within its bounds (directories and
+/// bytes): one past them, from a store over gRPC, is RESOURCE_EXHAUSTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_is_collected_within_bounds() {
+    use tvix_virtiofsd::services::directory::get_tree_within;
+    let backend = Store::memory();
+    let root = put(&backend, chain(100)).await;
+    let Node::Directory { digest, .. } = root else {
+        unreachable!()
+    };
+    let client = common::grpc_store(&common::serve_in_process(backend, None).await);
+    let tree = get_tree_within(client.directory.as_ref(), digest, 101, 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(tree.len(), 101);
+    let err = get_tree_within(client.directory.as_ref(), digest, 100, 1 << 20)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("more than 100 directories"),
+        "{err}"
+    );
+    let err = get_tree_within(client.directory.as_ref(), digest, 1000, 4096)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("out of room"), "{err}");
+}

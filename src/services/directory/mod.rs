@@ -64,15 +64,40 @@ pub async fn put_one(svc: &dyn DirectoryService, dir: Directory) -> Result<B3Dig
     }
 }
 
-/// Collects a whole tree, for callers that walk it (NAR rendering).
+/// Most directories one tree held whole in memory may have (a NAR is
+/// rendered from it), as a writable daemon accepts in one Put.
+pub const MAX_TREE_DIRECTORIES: usize = 1_000_000;
+/// Most bytes those directories may take.
+pub const MAX_TREE_BYTES: u64 = 512 << 20;
+
+/// Collects a whole tree, for callers that walk it (NAR rendering), within
+/// `MAX_TREE_DIRECTORIES` and `MAX_TREE_BYTES`.
 pub async fn get_tree(
     svc: &dyn DirectoryService,
     root: B3Digest,
 ) -> Result<std::collections::HashMap<B3Digest, Directory>> {
+    get_tree_within(svc, root, MAX_TREE_DIRECTORIES, MAX_TREE_BYTES).await
+}
+
+/// [`get_tree`] with the bounds given.
+pub async fn get_tree_within(
+    svc: &dyn DirectoryService,
+    root: B3Digest,
+    max_dirs: usize,
+    max_bytes: u64,
+) -> Result<std::collections::HashMap<B3Digest, Directory>> {
     use futures::TryStreamExt;
     let mut out = std::collections::HashMap::new();
     let mut s = svc.get_recursive(root);
+    let mut bytes = 0u64;
     while let Some(d) = s.try_next().await? {
+        bytes += d.heap_size();
+        if out.len() >= max_dirs || bytes > max_bytes {
+            return Err(Error::ResourceExhausted(format!(
+                "directory tree {root}: more than {max_dirs} directories or {} MiB",
+                max_bytes >> 20
+            )));
+        }
         out.insert(d.digest(), d);
     }
     if out.is_empty() {
