@@ -352,7 +352,7 @@ pub fn path_info_json(data: &[u8]) {
 }
 
 /// A FUSE request: header (40 bytes) and body.
-fn fuse_msg(opcode: u32, unique: u64, nodeid: u64, body: &[u8]) -> Vec<u8> {
+pub fn fuse_msg(opcode: u32, unique: u64, nodeid: u64, body: &[u8]) -> Vec<u8> {
     let mut m = Vec::with_capacity(40 + body.len());
     m.extend_from_slice(&(40 + body.len() as u32).to_le_bytes());
     m.extend_from_slice(&opcode.to_le_bytes());
@@ -363,14 +363,14 @@ fn fuse_msg(opcode: u32, unique: u64, nodeid: u64, body: &[u8]) -> Vec<u8> {
     m
 }
 
-fn cstr(name: &str) -> Vec<u8> {
+pub fn cstr(name: &str) -> Vec<u8> {
     let mut v = name.as_bytes().to_vec();
     v.push(0);
     v
 }
 
 /// A READ-shaped body (READ, READDIR, READDIRPLUS): fh, offset, size.
-fn read_in(fh: u64, offset: u64, size: u32) -> Vec<u8> {
+pub fn read_in(fh: u64, offset: u64, size: u32) -> Vec<u8> {
     let mut b = Vec::with_capacity(40);
     b.extend_from_slice(&fh.to_le_bytes());
     b.extend_from_slice(&offset.to_le_bytes());

@@ -1,0 +1,265 @@
+//! A hostile guest against the real `virtiofs` daemon process, through the
+//! vhost-user frontend the load generator uses (benches/common/frontend.rs:
+//! guest memory, split virtqueues, QEMU's handshake): malformed descriptor
+//! chains, wrong FUSE lengths and opcodes, unknown inodes and handles, INIT
+//! twice, a huge READ, opens without release, 50,000 lookups of names that
+//! do not exist. The daemon answers every chain, writes nothing outside the
+//! chains' writable buffers, keeps serving both queues, holds at most
+//! `--max-handles`, and its private memory stays under 64 MiB.
+mod common;
+#[path = "../benches/common/frontend.rs"]
+mod frontend;
+
+use common::{bin, cli_ok};
+use frontend::*;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tvix_virtiofsd::fuzz::{cstr, fuse_msg, read_in};
+
+const IN_BUF: u64 = 0x20_0000;
+const OUT_BUF: u64 = 0x30_0000;
+const OUT_LEN: u32 = 0x1_0000;
+/// Never handed to the daemon: must read back as it was written.
+const CANARY: u64 = 0x80_0000;
+const CANARY_LEN: usize = 1 << 20;
+
+/// A descriptor: guest address, length, flags.
+type Desc = (u64, u32, u16);
+
+/// A chain of descriptors in slots 0.., made available on `q`; answers its
+/// used length once the daemon returns it.
+fn submit(mem: &GuestMem, q: &mut Queue, descs: &[Desc]) -> u32 {
+    for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+        let next = if i + 1 < descs.len() { i as u16 + 1 } else { 0 };
+        q.set_desc(mem, i as u16, addr, len, flags, next).unwrap();
+    }
+    q.push(mem, 0).unwrap();
+    q.kick.write(1).unwrap();
+    wait_used(mem, q)
+}
+
+fn wait_used(mem: &GuestMem, q: &mut Queue) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut used = Vec::new();
+    loop {
+        q.pop_used(mem, &mut used).unwrap();
+        if let Some(&(id, len)) = used.first() {
+            assert_eq!(id, 0, "another head came back");
+            return len;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never returned the chain"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// A well-formed request: `msg` readable, 64 KiB writable; answers the
+/// reply's error field (0 or -errno) and the reply.
+fn request(mem: &GuestMem, q: &mut Queue, msg: &[u8]) -> (i32, Vec<u8>) {
+    mem.write(IN_BUF, msg).unwrap();
+    let len = submit(
+        mem,
+        q,
+        &[
+            (IN_BUF, msg.len() as u32, VIRTQ_DESC_F_NEXT),
+            (OUT_BUF, OUT_LEN, VIRTQ_DESC_F_WRITE),
+        ],
+    );
+    let mut reply = vec![0u8; len as usize];
+    mem.read(OUT_BUF, &mut reply).unwrap();
+    let err = if reply.len() >= 16 {
+        i32::from_le_bytes([reply[4], reply[5], reply[6], reply[7]])
+    } else {
+        i32::MIN
+    };
+    (err, reply)
+}
+
+fn rss_anon_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_hostile_guest_gets_errors_and_the_daemon_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("local://{}", dir.path().join("store").display());
+    let f = dir.path().join("hello");
+    std::fs::write(&f, b"hello, guest\n").unwrap();
+    let path = String::from_utf8(cli_ok(&["--store", &store, "import", f.to_str().unwrap()]))
+        .unwrap()
+        .trim()
+        .to_string();
+    let name = path.strip_prefix("/nix/store/").unwrap().to_string();
+    let sock = dir.path().join("vfs.sock");
+    let log = dir.path().join("daemon.log");
+    let mut daemon = Command::new(bin())
+        .args(["--store", &store, "virtiofs", "--socket-path"])
+        .arg(&sock)
+        .args(["--max-handles", "1000", "--thread-pool-size", "4"])
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mem = GuestMem::new(MEM_SIZE).unwrap();
+    let canary: Vec<u8> = (0..CANARY_LEN).map(|i| (i * 7 + 3) as u8).collect();
+    mem.write(CANARY, &canary).unwrap();
+    let (conn, mut queues) = setup(sock.to_str().unwrap(), &mem).unwrap();
+    let serving = {
+        let pid = daemon.id();
+        let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+        kids.split_whitespace()
+            .next()
+            .unwrap()
+            .parse::<u32>()
+            .unwrap()
+    };
+    let mut q = queues.remove(REQUEST_QUEUE);
+    let mut hiprio = queues.remove(0);
+
+    // Requests before INIT, then INIT twice.
+    let (e, _) = request(&mem, &mut q, &fuse_msg(3, 1, ROOT, &[0u8; 16]));
+    assert!(e <= 0, "GETATTR before INIT: {e}");
+    for _ in 0..2 {
+        let (e, _) = request(&mem, &mut q, &tvix_virtiofsd::fuzz::init_message());
+        assert_eq!(e, 0, "INIT");
+    }
+
+    // Malformed chains: each comes back (length 0), nothing else happens.
+    let lookup = fuse_msg(1, 2, ROOT, &cstr(&name));
+    mem.write(IN_BUF, &lookup).unwrap();
+    let n = lookup.len() as u32;
+    let (r, w, nx) = (0u16, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_NEXT);
+    let cases: Vec<(&str, Vec<Desc>)> = vec![
+        (
+            "beyond guest memory",
+            vec![(MEM_SIZE as u64 + 4096, n, nx), (OUT_BUF, OUT_LEN, w)],
+        ),
+        (
+            "a wrapping address",
+            vec![(u64::MAX - 8, n, nx), (OUT_BUF, OUT_LEN, w)],
+        ),
+        ("zero lengths", vec![(IN_BUF, 0, nx), (OUT_BUF, 0, w)]),
+        (
+            "no writable buffer",
+            vec![(IN_BUF, n, nx), (OUT_BUF, OUT_LEN, r)],
+        ),
+        (
+            "writable before readable",
+            vec![(OUT_BUF, OUT_LEN, w | nx), (IN_BUF, n, r)],
+        ),
+        (
+            "a header cut short",
+            vec![(IN_BUF, 20, nx), (OUT_BUF, OUT_LEN, w)],
+        ),
+    ];
+    for (what, descs) in &cases {
+        let len = submit(&mem, &mut q, descs);
+        assert!(len <= OUT_LEN, "{what}: used length {len}");
+    }
+    // a loop: the second descriptor points back at the first
+    q.set_desc(&mem, 0, IN_BUF, n, nx, 1).unwrap();
+    q.set_desc(&mem, 1, OUT_BUF, OUT_LEN, w | nx, 0).unwrap();
+    q.push(&mem, 0).unwrap();
+    q.kick.write(1).unwrap();
+    assert!(wait_used(&mem, &mut q) <= OUT_LEN, "a loop");
+    // a chain longer than the queue: QUEUE_SIZE + 1 linked descriptors
+    for i in 0..QUEUE_SIZE {
+        q.set_desc(&mem, i, IN_BUF, 1, nx, (i + 1) % QUEUE_SIZE)
+            .unwrap();
+    }
+    q.push(&mem, 0).unwrap();
+    q.kick.write(1).unwrap();
+    wait_used(&mem, &mut q);
+
+    // Wrong FUSE lengths and opcodes, unknown inodes and handles.
+    let mut long = lookup.clone();
+    long[0..4].copy_from_slice(&4096u32.to_le_bytes());
+    let (e, _) = request(&mem, &mut q, &long);
+    assert!(e < 0, "header longer than the buffer: {e}");
+    let (e, _) = request(&mem, &mut q, &fuse_msg(9999, 3, ROOT, &[]));
+    assert_eq!(e, -libc::ENOSYS, "unknown opcode");
+    let (e, _) = request(&mem, &mut q, &fuse_msg(3, 4, 777_777, &[0u8; 16]));
+    assert_eq!(e, -libc::ENOENT, "unknown inode");
+    let (e, _) = request(
+        &mem,
+        &mut q,
+        &fuse_msg(15, 5, ROOT, &read_in(424_242, 0, u32::MAX)),
+    );
+    assert!(e < 0, "READ of an unknown handle, u32::MAX bytes: {e}");
+
+    // The real file still reads, then a huge READ of it is cut to the file.
+    let (e, reply) = request(&mem, &mut q, &lookup);
+    assert_eq!(e, 0, "LOOKUP");
+    let ino = u64::from_le_bytes(reply[16..24].try_into().unwrap());
+    let (e, reply) = request(&mem, &mut q, &fuse_msg(14, 6, ino, &[0u8; 8]));
+    assert_eq!(e, 0, "OPEN");
+    let fh = u64::from_le_bytes(reply[16..24].try_into().unwrap());
+    let (e, reply) = request(
+        &mem,
+        &mut q,
+        &fuse_msg(15, 7, ino, &read_in(fh, 0, u32::MAX)),
+    );
+    assert_eq!(e, 0, "READ");
+    assert_eq!(&reply[16..], b"hello, guest\n");
+
+    // Opens without release: the bound holds (ENFILE), memory does not grow.
+    let mut refused = 0;
+    for i in 0..1100u64 {
+        let (e, _) = request(&mem, &mut q, &fuse_msg(14, 100 + i, ino, &[0u8; 8]));
+        match e {
+            0 => {}
+            e if e == -libc::ENFILE => refused += 1,
+            e => panic!("OPEN: {e}"),
+        }
+    }
+    assert_eq!(refused, 101, "1,000 handles at most (one was open already)");
+
+    // 50,000 lookups of names that do not exist.
+    for i in 0..50_000u64 {
+        let bogus = format!("{}-x{i}", "0".repeat(32));
+        let (e, _) = request(&mem, &mut q, &fuse_msg(1, 10_000 + i, ROOT, &cstr(&bogus)));
+        assert!(e == -libc::ENOENT || e == 0, "LOOKUP {bogus}: {e}");
+    }
+    let rss = rss_anon_kib(serving);
+    assert!(rss < 64 << 10, "the serving process holds {rss} KiB");
+
+    // Both queues still serve, and nothing was written outside the chains.
+    let (e, _) = request(&mem, &mut hiprio, &fuse_msg(3, 99, ino, &[0u8; 16]));
+    assert_eq!(e, 0, "GETATTR on the high-priority queue");
+    let (e, _) = request(&mem, &mut q, &fuse_msg(3, 98, ino, &[0u8; 16]));
+    assert_eq!(e, 0, "GETATTR on the request queue");
+    let mut after = vec![0u8; CANARY_LEN];
+    mem.read(CANARY, &mut after).unwrap();
+    assert!(after == canary, "guest memory outside every chain changed");
+    assert!(daemon.try_wait().unwrap().is_none(), "the daemon died");
+    eprintln!("serving process RssAnon after the hostile guest: {rss} KiB");
+
+    drop(conn);
+    let status = common::vm::wait_exit(&mut daemon, Duration::from_secs(20)).unwrap_or_else(|| {
+        panic!(
+            "daemon still running; log:\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        )
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{status}: {text}");
+    // the chains outside guest memory were refused as unreadable (the
+    // others parse as FUSE and get an error or an empty answer)
+    let refused = text
+        .lines()
+        .filter(|l| l.contains("descriptor chain") && l.contains("unreadable"))
+        .count();
+    assert!(refused >= 2, "{text}");
+}
