@@ -26,6 +26,7 @@ work=${WORK:-/var/tmp/tvix-virtiofsd-fuzz}
 mkdir -p "$work"
 command -v cargo >/dev/null || . "$HOME/.cargo/env"
 
+commit="$(git rev-parse --short HEAD)$(git diff --quiet || echo ' (with uncommitted changes)')"
 # An explicit --target keeps the flags off build scripts and proc macros.
 triple=$(rustc -vV | awk '/^host:/ { print $2 }')
 echo "building the instrumented harness..." >&2
@@ -86,7 +87,7 @@ for t in "${targets[@]}"; do
 done
 
 echo
-echo "libFuzzer on $(nproc) CPUs, one job per target; commit $(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet || echo ' (with uncommitted changes)')"
+echo "libFuzzer on $(nproc) CPUs, one job per target; built at commit $commit"
 echo
 echo "| target | seconds | executions | exec/s | coverage: edges / features | corpus | peak RSS MiB | found (kept in fuzz/regressions/) |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
