@@ -10,9 +10,8 @@ mod common;
 #[path = "../benches/common/frontend.rs"]
 mod frontend;
 
-use common::{bin, cli_ok};
+use common::cli_ok;
 use frontend::*;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tvix_virtiofsd::fuzz::{cstr, fuse_msg, read_in};
 
@@ -99,14 +98,12 @@ fn a_hostile_guest_gets_errors_and_the_daemon_keeps_serving() {
     let name = path.strip_prefix("/nix/store/").unwrap().to_string();
     let sock = dir.path().join("vfs.sock");
     let log = dir.path().join("daemon.log");
-    let mut daemon = Command::new(bin())
-        .args(["--store", &store, "virtiofs", "--socket-path"])
-        .arg(&sock)
-        .args(["--max-handles", "1000", "--thread-pool-size", "4"])
-        .stdin(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut daemon = common::spawn_virtiofs(
+        &store,
+        &sock,
+        &log,
+        &["--max-handles", "1000", "--thread-pool-size", "4"],
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while !sock.exists() {
         assert!(Instant::now() < deadline, "no socket");

@@ -183,14 +183,7 @@ fn slow_fetch_case(vmm: &str) {
     let sock = tmp.path().join("vfs.sock");
     let log = tmp.path().join("daemon.log");
     // Default store timeout (30 s) on purpose: the gate opens long before.
-    let mut daemon = Command::new(bin())
-        .args(["--store", &addr, "virtiofs", "--socket-path"])
-        .arg(&sock)
-        .args(["--thread-pool-size", "4"])
-        .stdin(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut daemon = common::spawn_virtiofs(&addr, &sock, &log, &["--thread-pool-size", "4"]);
 
     let guest = format!(
         r#"set -u
@@ -418,13 +411,7 @@ fn a_rebooting_guest_reads_again_and_leaks_nothing() {
     };
     let sock = dir.path().join("vfs.sock");
     let log = dir.path().join("daemon.log");
-    let mut daemon = Command::new(bin())
-        .args(["--store", &store, "virtiofs", "--socket-path"])
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut daemon = common::spawn_virtiofs(&store, &sock, &log, &[]);
     let guest = format!(
         r#"set -u
 if [ -e {marker_path} ]; then

@@ -259,3 +259,17 @@ pub fn metric(text: &str, sample: &str) -> u64 {
         .parse()
         .unwrap_or_else(|e| panic!("{sample}: {e}"))
 }
+
+/// `virtiofs --socket-path SOCK` over `store` with `extra` flags, its log
+/// in `log`; the caller waits for it (it exits when its VMM goes).
+#[allow(dead_code)]
+pub fn spawn_virtiofs(store: &str, sock: &Path, log: &Path, extra: &[&str]) -> std::process::Child {
+    Command::new(bin())
+        .args(["--store", store, "virtiofs", "--socket-path"])
+        .arg(sock)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("create daemon log"))
+        .spawn()
+        .expect("spawn virtiofs daemon")
+}
