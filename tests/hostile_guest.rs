@@ -85,6 +85,110 @@ fn rss_anon_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// The sandboxed process that serves the guest: the daemon's child.
+fn serving_pid(daemon: &std::process::Child) -> u32 {
+    let pid = daemon.id();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+        if let Some(kid) = kids.split_whitespace().next() {
+            return kid.parse().unwrap();
+        }
+        assert!(Instant::now() < deadline, "the daemon never forked");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_socket(sock: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The inode LOOKUP answers for `name` below the root.
+fn lookup(mem: &GuestMem, q: &mut Queue, name: &str) -> u64 {
+    let (e, reply) = request(mem, q, &fuse_msg(1, 2, ROOT, &cstr(name)));
+    assert_eq!(e, 0, "LOOKUP {name}");
+    u64::from_le_bytes(reply[16..24].try_into().unwrap())
+}
+
+/// Imports `data` as a file and answers its store path's name.
+fn import(store: &str, dir: &std::path::Path, file: &str, data: &[u8]) -> String {
+    let f = dir.join(file);
+    std::fs::write(&f, data).unwrap();
+    let path =
+        String::from_utf8(cli_ok(&["--store", store, "import", f.to_str().unwrap()])).unwrap();
+    path.trim().strip_prefix("/nix/store/").unwrap().to_string()
+}
+
+/// Descriptors of the spooled remote blobs a process holds.
+fn spooled_blobs(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.to_string_lossy().contains("memfd:tvix-blob"))
+        .count()
+}
+
+/// Many handles on one remote file (no host cache, so each open blob is
+/// fetched into this process) hold one copy of it, not one per handle: a
+/// 2 MiB blob held in memory and a 6 MiB one spooled to a memory file,
+/// each opened 200 times and read through every handle.
+#[test]
+fn handles_on_one_remote_blob_share_one_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("local://{}", dir.path().join("store").display());
+    let small_data = common::pseudo_random(2 << 20, 1);
+    let large_data = common::pseudo_random(6 << 20, 2);
+    let small = import(&store, dir.path(), "small", &small_data);
+    let large = import(&store, dir.path(), "large", &large_data);
+    let grpc = dir.path().join("store.sock");
+    let remote = common::Daemon::start(&store, &format!("unix:{}", grpc.display()), &[]);
+    let sock = dir.path().join("vfs.sock");
+    let log = dir.path().join("daemon.log");
+    let mut daemon = common::spawn_virtiofs(&remote.addr, &sock, &log, &["--max-handles", "1000"]);
+    wait_socket(&sock);
+    let mem = GuestMem::new(MEM_SIZE).unwrap();
+    let (conn, mut queues) = setup(sock.to_str().unwrap(), &mem).unwrap();
+    let serving = serving_pid(&daemon);
+    let mut q = queues.remove(REQUEST_QUEUE);
+    let (e, _) = request(&mem, &mut q, &tvix_virtiofsd::fuzz::init_message());
+    assert_eq!(e, 0, "INIT");
+    let before = rss_anon_kib(serving);
+    for (name, data) in [(&small, &small_data), (&large, &large_data)] {
+        let ino = lookup(&mem, &mut q, name);
+        for i in 0..200u64 {
+            let (e, reply) = request(&mem, &mut q, &fuse_msg(14, 100 + i, ino, &[0u8; 8]));
+            assert_eq!(e, 0, "OPEN {name}");
+            let fh = u64::from_le_bytes(reply[16..24].try_into().unwrap());
+            let at = (i * 4093) as usize % (data.len() - 4096);
+            let (e, reply) = request(
+                &mem,
+                &mut q,
+                &fuse_msg(15, 1000 + i, ino, &read_in(fh, at as u64, 4096)),
+            );
+            assert_eq!(e, 0, "READ {name}");
+            assert!(reply[16..] == data[at..at + 4096], "{name} at {at}");
+        }
+    }
+    let grown = rss_anon_kib(serving).saturating_sub(before);
+    let spooled = spooled_blobs(serving);
+    eprintln!(
+        "400 handles on two remote blobs: RssAnon grew {grown} KiB, {spooled} spooled blob(s)"
+    );
+    assert_eq!(spooled, 1, "the 6 MiB blob is spooled once");
+    assert!(grown < 32 << 10, "RssAnon grew {grown} KiB");
+    drop(conn);
+    let status = common::vm::wait_exit(&mut daemon, Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+}
+
 #[test]
 fn a_hostile_guest_gets_errors_and_the_daemon_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
@@ -104,24 +208,12 @@ fn a_hostile_guest_gets_errors_and_the_daemon_keeps_serving() {
         &log,
         &["--max-handles", "1000", "--thread-pool-size", "4"],
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_socket(&sock);
     let mem = GuestMem::new(MEM_SIZE).unwrap();
     let canary: Vec<u8> = (0..CANARY_LEN).map(|i| (i * 7 + 3) as u8).collect();
     mem.write(CANARY, &canary).unwrap();
     let (conn, mut queues) = setup(sock.to_str().unwrap(), &mem).unwrap();
-    let serving = {
-        let pid = daemon.id();
-        let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
-        kids.split_whitespace()
-            .next()
-            .unwrap()
-            .parse::<u32>()
-            .unwrap()
-    };
+    let serving = serving_pid(&daemon);
     let mut q = queues.remove(REQUEST_QUEUE);
     let mut hiprio = queues.remove(0);
 

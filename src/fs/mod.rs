@@ -4,6 +4,7 @@
 //! `<hash>-<name>` below the root; trees are fetched on first access and
 //! every byte served has been checked against its BLAKE3 digest.
 mod attr;
+mod blobs;
 pub mod inline;
 mod inodes;
 
@@ -12,6 +13,7 @@ use crate::nix::store_path::StorePath;
 use crate::services::blob::{BlobReader, Direct};
 use crate::services::Store;
 use attr::{dtype, stat, NEGATIVE_TTL, TTL};
+use blobs::{OpenBlob, OpenBlobs};
 use bytes::Bytes;
 use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileSystem, FsOptions, GetxattrReply, ListxattrReply, OpenOptions,
@@ -22,6 +24,7 @@ pub use inodes::{InodeKind, Inodes, ROOT_INO};
 use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -118,9 +121,8 @@ impl quick_cache::Weighter<B3Digest, Arc<DirView>> for DirWeight {
 /// at open: with a warm page cache (KEEP_CACHE) no read ever comes.
 struct OpenFile {
     digest: B3Digest,
-    reader: Option<Box<dyn BlobReader>>,
-    pos: u64,
     size: u64,
+    blob: Option<Arc<OpenBlob>>,
 }
 
 pub struct StoreFs {
@@ -133,6 +135,8 @@ pub struct StoreFs {
     /// Blobs checked against (digest, size), bounded by count.
     verified: quick_cache::sync::Cache<(B3Digest, u64), ()>,
     files: Mutex<HashMap<u64, Arc<Mutex<OpenFile>>>>,
+    /// What the open files read from: one per blob.
+    blobs: OpenBlobs,
     /// Listings of open directories, by handle: one snapshot per OPENDIR,
     /// so every READDIR of it is an index, and the root's offsets stay
     /// valid while the store changes.
@@ -178,6 +182,7 @@ impl StoreFs {
             ),
             verified: quick_cache::sync::Cache::new(cfg.verified_blobs.max(1)),
             files: Mutex::new(HashMap::new()),
+            blobs: OpenBlobs::default(),
             dir_handles: Mutex::new(HashMap::new()),
             root_snapshot: Mutex::new(None),
             next_handle: AtomicU64::new(1),
@@ -194,6 +199,11 @@ impl StoreFs {
     /// Open file and directory handles, for tests.
     pub fn handle_count(&self) -> usize {
         lock(&self.files).len() + lock(&self.dir_handles).len()
+    }
+
+    /// Blobs held open by file handles, for tests.
+    pub fn open_blob_count(&self) -> usize {
+        self.blobs.len()
     }
 
     /// Every store path, sorted: the shared snapshot when it is under a
@@ -231,6 +241,7 @@ impl StoreFs {
     fn reset(&self, why: &str) {
         let inodes = self.inodes.reset();
         let files = std::mem::take(&mut *lock(&self.files)).len();
+        self.blobs.clear();
         let dirs = std::mem::take(&mut *lock(&self.dir_handles)).len();
         self.handles.fetch_sub(files + dirs, Ordering::AcqRel);
         if inodes + files + dirs > 0 {
@@ -483,6 +494,24 @@ impl StoreFs {
         })?;
         self.verified.insert(key, ());
         Ok(r)
+    }
+
+    /// The blob an open file reads from: its own, another handle's on the
+    /// same blob, or newly opened and checked.
+    fn blob_of(&self, f: &mut OpenFile) -> io::Result<Arc<OpenBlob>> {
+        if let Some(b) = &f.blob {
+            return Ok(b.clone());
+        }
+        let key = (f.digest, f.size);
+        let b = match self.blobs.get(&key) {
+            Some(b) => b,
+            None => {
+                let r = self.open_blob(&f.digest, f.size)?;
+                self.blobs.share(key, r.into_shared().into())
+            }
+        };
+        f.blob = Some(b.clone());
+        Ok(b)
     }
 
     /// A handle number, counted against `max_handles` until
@@ -739,9 +768,8 @@ impl FileSystem for StoreFs {
             h,
             Arc::new(Mutex::new(OpenFile {
                 digest,
-                reader: None,
-                pos: 0,
                 size,
+                blob: None,
             })),
         );
         Ok((Some(h), OpenOptions::KEEP_CACHE, None))
@@ -763,47 +791,49 @@ impl FileSystem for StoreFs {
             .get(&handle)
             .cloned()
             .ok_or_else(|| err(libc::EBADF))?;
-        let mut f = lock(&file);
-        if offset >= f.size {
-            return Ok(0);
-        }
-        let n = (size as u64)
-            .min(f.size - offset)
-            .min(w.available_bytes() as u64) as usize;
-        let f = &mut *f;
-        let reader = match &mut f.reader {
-            Some(r) => r,
-            None => {
-                f.pos = 0;
-                f.reader.insert(self.open_blob(&f.digest, f.size)?)
+        let (blob, file_size) = {
+            let mut f = lock(&file);
+            if offset >= f.size {
+                return Ok(0);
             }
+            (self.blob_of(&mut f)?, f.size)
         };
-        match reader.direct() {
-            Some(Direct::Bytes(b)) => {
+        let n = (size as u64)
+            .min(file_size - offset)
+            .min(w.available_bytes() as u64) as usize;
+        match &*blob {
+            OpenBlob::Bytes(b) => {
                 let start = usize::try_from(offset).map_err(|_| err(libc::EINVAL))?;
                 let chunk = b.get(start..start + n).ok_or_else(|| err(libc::EIO))?;
-                return w.write_all(chunk).map(|()| n);
+                w.write_all(chunk).map(|()| n)
             }
-            Some(Direct::File(file)) => {
-                // pread straight into guest memory; the reader's own file
-                // position is left alone
-                w.write_all_from(file, n, offset)?;
-                return Ok(n);
+            OpenBlob::File(file) => {
+                // SAFETY: the descriptor belongs to `file`, which `blob`
+                // keeps open for the whole borrow; ManuallyDrop never closes
+                // it. pread (at an offset) leaves its position alone, so
+                // handles on other threads may read it at the same time.
+                let mut alias = std::mem::ManuallyDrop::new(unsafe {
+                    std::fs::File::from_raw_fd(file.as_raw_fd())
+                });
+                w.write_all_from(&mut *alias, n, offset)?;
+                Ok(n)
             }
-            None => {}
+            OpenBlob::Stream(stream) => {
+                let mut buf = vec![0u8; n];
+                let mut s = lock(stream);
+                let s = &mut *s;
+                self.block("reading a blob", async {
+                    if s.pos != offset {
+                        s.reader.seek(std::io::SeekFrom::Start(offset)).await?;
+                    }
+                    s.reader.read_exact(&mut buf).await?;
+                    Ok(())
+                })?;
+                s.pos = offset + n as u64;
+                w.write_all(&buf)?;
+                Ok(n)
+            }
         }
-        let mut buf = vec![0u8; n];
-        let pos = f.pos;
-        self.block("reading a blob", async {
-            if pos != offset {
-                reader.seek(std::io::SeekFrom::Start(offset)).await?;
-            }
-            reader.read_exact(&mut buf).await?;
-            Ok(())
-        })?;
-        f.pos = offset + n as u64;
-        w.write_all(&buf)?;
-        Ok(n)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -817,8 +847,14 @@ impl FileSystem for StoreFs {
         _: bool,
         _: Option<u64>,
     ) -> io::Result<()> {
-        let removed = lock(&self.files).remove(&handle).is_some();
-        self.handle_gone(removed);
+        let removed = lock(&self.files).remove(&handle);
+        if let Some(file) = &removed {
+            let mut f = lock(file);
+            if let Some(blob) = f.blob.take() {
+                self.blobs.put_back(&(f.digest, f.size), blob);
+            }
+        }
+        self.handle_gone(removed.is_some());
         Ok(())
     }
 

@@ -16,6 +16,19 @@ pub trait BlobReader: AsyncRead + AsyncSeek + Send + Unpin {
     fn direct(&mut self) -> Option<Direct<'_>> {
         None
     }
+
+    /// The reader as something many readers can share at once: the view
+    /// keeps one per blob, however many handles the guest opens on it.
+    fn into_shared(self: Box<Self>) -> Shared;
+}
+
+/// See [`BlobReader::into_shared`].
+pub enum Shared {
+    Bytes(bytes::Bytes),
+    /// Read it only at offsets (pread), from any thread.
+    File(std::fs::File),
+    /// No positional access: readers take turns.
+    Stream(Box<dyn BlobReader>),
 }
 
 /// See [`BlobReader::direct`].
@@ -28,6 +41,10 @@ pub enum Direct<'a> {
 impl BlobReader for std::io::Cursor<bytes::Bytes> {
     fn direct(&mut self) -> Option<Direct<'_>> {
         Some(Direct::Bytes(self.get_ref()))
+    }
+
+    fn into_shared(self: Box<Self>) -> Shared {
+        Shared::Bytes(self.into_inner())
     }
 }
 
@@ -89,6 +106,10 @@ impl AsyncSeek for FileReader {
 impl BlobReader for FileReader {
     fn direct(&mut self) -> Option<Direct<'_>> {
         Some(Direct::File(&mut self.std))
+    }
+
+    fn into_shared(self: Box<Self>) -> Shared {
+        Shared::File(self.std)
     }
 }
 
