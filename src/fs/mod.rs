@@ -65,6 +65,15 @@ impl Default for FsConfig {
 
 /// Default [`FsConfig::dir_cache_bytes`]: a few thousand directories.
 pub const DEFAULT_DIR_CACHE_BYTES: u64 = 2 << 20;
+/// Entries (recursively) from which a directory is fetched one at a time:
+/// its own entries may then take megabytes decoded.
+const LARGE_DIRECTORY: u64 = 1 << 16;
+/// How long the one large directory is kept unused.
+const LARGE_DIRECTORY_IDLE: Duration = if cfg!(test) {
+    Duration::from_millis(300)
+} else {
+    Duration::from_secs(30)
+};
 /// Default [`FsConfig::verified_blobs`].
 pub const DEFAULT_VERIFIED_BLOBS: usize = 8192;
 /// Default [`FsConfig::max_handles`]: far above what a guest's programs
@@ -132,6 +141,11 @@ pub struct StoreFs {
     inodes: Inodes,
     /// Decoded directories, bounded by bytes.
     dirs: quick_cache::sync::Cache<B3Digest, Arc<DirView>, DirWeight>,
+    /// The last directory too large for `dirs` on its own, and when it was
+    /// last used: let go after [`LARGE_DIRECTORY_IDLE`].
+    large: Arc<LargeSlot>,
+    /// Held while a directory declared [`LARGE_DIRECTORY`] or more is fetched.
+    large_fetch: Mutex<()>,
     /// Blobs checked against (digest, size), bounded by count.
     verified: quick_cache::sync::Cache<(B3Digest, u64), ()>,
     files: Mutex<HashMap<u64, Arc<Mutex<OpenFile>>>>,
@@ -151,6 +165,25 @@ pub struct StoreFs {
     handles: AtomicUsize,
 }
 
+type LargeSlot = Mutex<Option<(B3Digest, Arc<DirView>, std::time::Instant)>>;
+
+/// Drops the one large directory once unused for [`LARGE_DIRECTORY_IDLE`];
+/// ends then, or with the view.
+async fn let_go_of_idle(large: std::sync::Weak<LargeSlot>) {
+    loop {
+        tokio::time::sleep(LARGE_DIRECTORY_IDLE / 3).await;
+        let Some(large) = large.upgrade() else { return };
+        let mut slot = lock(&large);
+        match &*slot {
+            Some((_, _, used)) if used.elapsed() < LARGE_DIRECTORY_IDLE => {}
+            _ => {
+                *slot = None;
+                return;
+            }
+        }
+    }
+}
+
 fn err(code: i32) -> io::Error {
     io::Error::from_raw_os_error(code)
 }
@@ -163,6 +196,7 @@ impl StoreFs {
     /// `rt` runs the store calls; FUSE workers block on it from their own threads.
     pub fn new(store: Store, rt: tokio::runtime::Handle, cfg: FsConfig) -> Self {
         Self {
+            large: Arc::default(),
             store,
             rt,
             inodes: Inodes::default(),
@@ -180,6 +214,7 @@ impl StoreFs {
                 Default::default(),
                 Default::default(),
             ),
+            large_fetch: Mutex::new(()),
             verified: quick_cache::sync::Cache::new(cfg.verified_blobs.max(1)),
             files: Mutex::new(HashMap::new()),
             blobs: OpenBlobs::default(),
@@ -324,8 +359,15 @@ impl StoreFs {
     }
 
     /// A directory's listing, from memory, a local disk or the store.
-    fn directory(&self, digest: &B3Digest) -> io::Result<Arc<DirView>> {
-        if let Some(d) = self.dirs.get(digest) {
+    /// `size` is what its node declares (entries below it, recursively):
+    /// large ones are fetched one at a time, so a guest cannot have a
+    /// hostile store's huge directories decoded on every thread at once.
+    fn directory(&self, digest: &B3Digest, size: u64) -> io::Result<Arc<DirView>> {
+        if let Some(d) = self.remembered(digest) {
+            return Ok(d);
+        }
+        let _one_at_a_time = (size >= LARGE_DIRECTORY).then(|| lock(&self.large_fetch));
+        if let Some(d) = self.remembered(digest) {
             return Ok(d);
         }
         let what = format_args!("directory {digest}");
@@ -337,21 +379,52 @@ impl StoreFs {
             tracing::error!("directory {digest} is missing from the store");
             err(libc::EIO)
         })?));
-        self.dirs.insert(*digest, d.clone());
+        self.remember(*digest, d.clone());
         Ok(d)
+    }
+
+    fn remembered(&self, digest: &B3Digest) -> Option<Arc<DirView>> {
+        if let Some(d) = self.dirs.get(digest) {
+            return Some(d);
+        }
+        let mut large = lock(&self.large);
+        let (k, d, used) = large.as_mut()?;
+        if k != digest {
+            return None;
+        }
+        *used = std::time::Instant::now();
+        Some(d.clone())
+    }
+
+    /// Keeps a directory in the cache, or, when it alone outweighs the
+    /// cache, as the one large directory (a guest looking names up in it
+    /// one by one must not have it fetched and decoded for each).
+    fn remember(&self, digest: B3Digest, d: Arc<DirView>) {
+        if d.weight > self.cfg.dir_cache_bytes {
+            let was = lock(&self.large).replace((digest, d, std::time::Instant::now()));
+            if was.is_none() {
+                self.rt.spawn(let_go_of_idle(Arc::downgrade(&self.large)));
+            }
+        } else {
+            self.dirs.insert(digest, d);
+        }
     }
 
     /// Before a store path's first directory is needed: a store that must
     /// be asked over the network sends the whole tree in one call; a local
     /// one is read a directory at a time, as the guest walks it.
-    fn prefetch_tree(&self, root: &B3Digest) -> io::Result<()> {
-        if self.dirs.contains_key(root) {
+    fn prefetch_tree(&self, root: &B3Digest, size: u64) -> io::Result<()> {
+        if self.remembered(root).is_some() {
+            return Ok(());
+        }
+        let _one_at_a_time = (size >= LARGE_DIRECTORY).then(|| lock(&self.large_fetch));
+        if self.remembered(root).is_some() {
             return Ok(());
         }
         let what = format_args!("directory tree {root}");
         if let Some(r) = self.local(what, self.store.directory.get_blocking(root)) {
             if let Some(d) = r? {
-                self.dirs.insert(*root, Arc::new(DirView::new(d)));
+                self.remember(*root, Arc::new(DirView::new(d)));
                 return Ok(());
             }
         }
@@ -373,15 +446,15 @@ impl StoreFs {
             Ok(out)
         })?;
         for d in tree {
-            self.dirs.insert(d.digest(), Arc::new(DirView::new(d)));
+            self.remember(d.digest(), Arc::new(DirView::new(d)));
         }
         Ok(())
     }
 
     fn dir_nlink(&self, kind: &InodeKind) -> io::Result<u64> {
         match kind {
-            InodeKind::Node(Node::Directory { digest, .. }) => {
-                let d = self.directory(digest)?;
+            InodeKind::Node(Node::Directory { digest, size }) => {
+                let d = self.directory(digest, *size)?;
                 Ok(2 + d.subdirs)
             }
             _ => Ok(2),
@@ -430,8 +503,8 @@ impl StoreFs {
         let Some(info) = info.filter(|i| i.store_path == sp) else {
             return Ok(Self::negative(NEGATIVE_TTL));
         };
-        if let Node::Directory { digest, .. } = &info.node {
-            self.prefetch_tree(digest)?;
+        if let Node::Directory { digest, size } = &info.node {
+            self.prefetch_tree(digest, *size)?;
         }
         let e = self.child_entry(ROOT_INO, &Bytes::copy_from_slice(name), &info.node)?;
         inline::took(e.inode);
@@ -542,8 +615,8 @@ impl StoreFs {
         }
         match &self.kind(ino)? {
             InodeKind::Root => Ok(Arc::from([])),
-            InodeKind::Node(Node::Directory { digest, .. }) => {
-                Ok(self.directory(digest)?.entries.clone())
+            InodeKind::Node(Node::Directory { digest, size }) => {
+                Ok(self.directory(digest, *size)?.entries.clone())
             }
             InodeKind::Node(_) => Err(err(libc::ENOTDIR)),
         }
@@ -703,8 +776,8 @@ impl FileSystem for StoreFs {
         let name = name.to_bytes();
         match &self.kind(parent)? {
             InodeKind::Root => self.lookup_store_path(name),
-            InodeKind::Node(Node::Directory { digest, .. }) => {
-                let dir = self.directory(digest)?;
+            InodeKind::Node(Node::Directory { digest, size }) => {
+                let dir = self.directory(digest, *size)?;
                 let Some(node) = dir.get(name) else {
                     return Ok(Self::negative(TTL));
                 };
@@ -915,8 +988,8 @@ impl FileSystem for StoreFs {
                 lock(&self.dir_handles).insert(h, listing);
                 Ok((Some(h), OpenOptions::empty()))
             }
-            InodeKind::Node(Node::Directory { digest, .. }) => {
-                let listing = self.directory(digest)?.entries.clone();
+            InodeKind::Node(Node::Directory { digest, size }) => {
+                let listing = self.directory(digest, *size)?.entries.clone();
                 let h = self.new_handle()?;
                 lock(&self.dir_handles).insert(h, listing);
                 Ok((Some(h), OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE))
@@ -1097,5 +1170,67 @@ mod tests {
         let first = dh[&handles[0]].clone();
         assert_eq!(first.len(), 100);
         assert!(handles.iter().all(|h| Arc::ptr_eq(&dh[h], &first)));
+    }
+
+    /// A directory heavier than the whole cache is kept on its own while
+    /// it is used (not fetched again for each name), then let go.
+    #[test]
+    fn one_large_directory_is_kept_while_used() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let store = Store::memory();
+        let sp = crate::nix::store_path::StorePath::new([7; 20], "wide".to_string()).unwrap();
+        let dir = rt.block_on(async {
+            let mut d = Directory::new();
+            for i in 0..100 {
+                d.add(
+                    format!("e{i:03}").into(),
+                    Node::Symlink { target: "x".into() },
+                )
+                .unwrap();
+            }
+            let mut g = crate::castore::LeavesFirst::new();
+            let node = Node::Directory {
+                digest: d.digest(),
+                size: d.size(),
+            };
+            g.add(d).unwrap();
+            store
+                .directory
+                .put_graph(g.finish().unwrap())
+                .await
+                .unwrap();
+            store
+                .path_info
+                .put(crate::pathinfo::PathInfo::bare(sp.clone(), node.clone()))
+                .await
+                .unwrap();
+            node
+        });
+        let Node::Directory { digest, .. } = dir else {
+            unreachable!()
+        };
+        let fs = StoreFs::new(
+            store,
+            rt.handle().clone(),
+            FsConfig {
+                dir_cache_bytes: 1024,
+                ..Default::default()
+            },
+        );
+        let ctx = Context::default();
+        let name = std::ffi::CString::new(sp.to_basename()).unwrap();
+        let top = fs.lookup(&ctx, ROOT_INO, &name).unwrap();
+        let held = fs.remembered(&digest).expect("kept after the first lookup");
+        assert!(!fs.dirs.contains_key(&digest), "too heavy for the cache");
+        for i in 0..10 {
+            std::thread::sleep(Duration::from_millis(50));
+            let e = std::ffi::CString::new(format!("e{:03}", i * 7)).unwrap();
+            assert_ne!(fs.lookup(&ctx, top.inode, &e).unwrap().inode, 0);
+        }
+        let again = fs.remembered(&digest).expect("kept while used");
+        assert!(Arc::ptr_eq(&held, &again), "not fetched again");
+        drop((held, again));
+        std::thread::sleep(LARGE_DIRECTORY_IDLE * 3);
+        assert!(lock(&fs.large).is_none(), "let go once idle");
     }
 }
