@@ -173,13 +173,36 @@ fn assert_same_info(path: &str, ours: &Value, nix: &Value, compare_refs: bool) {
         );
     }
     assert_eq!(opt_str(ours, "ca"), opt_str(nix, "ca"), "{path}: ca");
+    // Field for field, in Nix's order: all but what only a local Nix
+    // database records.
+    let local_only = ["registrationTime", "ultimate", "closureSize"];
+    let keys = |v: &Value| -> Vec<String> {
+        v.as_object()
+            .expect("an object")
+            .keys()
+            .filter(|k| !local_only.contains(&k.as_str()))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(keys(ours), keys(nix), "{path}: fields");
+    for k in keys(nix) {
+        if compare_refs || !["references", "deriver"].contains(&k.as_str()) {
+            assert_eq!(ours[&k], nix[&k], "{path}: {k}");
+        }
+    }
 }
 
 /// Our `path-info --json` for `paths` in `store`, keyed by path.
 fn our_path_info(store: &str, paths: &[String]) -> BTreeMap<String, Value> {
     let mut args = vec!["--store", store, "path-info", "--json"];
     args.extend(paths.iter().map(String::as_str));
-    by_path(&cli_ok(&args))
+    let out = cli_ok(&args);
+    assert_eq!(
+        out.iter().filter(|&&b| b == b'\n').count(),
+        1,
+        "one line, as Nix writes it"
+    );
+    by_path(&out)
 }
 
 fn local_url(dir: &Path) -> String {

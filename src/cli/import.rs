@@ -10,6 +10,7 @@ use clap::Args;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
@@ -88,7 +89,7 @@ pub async fn import(store: Store, args: ImportArgs) -> anyhow::Result<()> {
             }),
         };
         let info = store.path_info.put(info).await?;
-        println!("{}", info.store_path);
+        writeln!(std::io::stdout(), "{}", info.store_path)?;
     }
     Ok(())
 }
@@ -278,7 +279,7 @@ pub async fn copy(store: Store, args: CopyArgs) -> anyhow::Result<()> {
     pb.finish_and_clear();
     r?;
     for p in &roots {
-        println!("{p}");
+        writeln!(std::io::stdout(), "{p}")?;
     }
     Ok(())
 }
@@ -328,7 +329,7 @@ pub async fn import_nar(store: Store, args: ImportNarArgs) -> anyhow::Result<()>
             .with_context(|| format!("{sp}: reading NAR {file}"))?;
         let info = to_path_info(n, ing)?;
         store.path_info.put(info).await?;
-        println!("{sp}");
+        writeln!(std::io::stdout(), "{sp}")?;
     }
     Ok(())
 }

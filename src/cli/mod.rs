@@ -235,6 +235,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Whether a command failed only because its reader went away (`... |
+/// head`): Unix tools then end quietly, as by SIGPIPE.
+pub fn stdout_closed(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        let io = c
+            .downcast_ref::<std::io::Error>()
+            .or(match c.downcast_ref() {
+                Some(crate::services::Error::Io(io)) => Some(io),
+                _ => None,
+            });
+        io.is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 /// Parses a store path given absolute or as a basename.
 pub fn parse_store_path(s: &str) -> anyhow::Result<crate::nix::store_path::StorePath> {
     use crate::nix::store_path::StorePath;

@@ -5,6 +5,7 @@ use crate::services::Store;
 use anyhow::{anyhow, bail};
 use clap::Args;
 use data_encoding::BASE64;
+use std::io::Write;
 
 #[derive(Args, Debug)]
 pub struct NarArgs {
@@ -41,40 +42,70 @@ fn nar_hash(info: &PathInfo) -> anyhow::Result<NixHash> {
     NixHash::new(HashAlgo::Sha256, info.nar_sha256.to_vec()).map_err(|e| anyhow!("{e}"))
 }
 
+/// One entry of `nix path-info --json` as Nix 2.8 writes it: the same keys
+/// in the same order, optional ones left out rather than null. Nix's
+/// `registrationTime` and `ultimate` describe a local Nix database, which
+/// a content-addressed store does not keep.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NixJson {
+    path: String,
+    nar_hash: String,
+    nar_size: u64,
+    references: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deriver: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    signatures: Vec<String>,
+}
+
+fn nix_json(i: &PathInfo) -> anyhow::Result<NixJson> {
+    let mut references: Vec<String> = i.references.iter().map(|r| r.to_absolute_path()).collect();
+    references.sort();
+    Ok(NixJson {
+        path: i.store_path.to_absolute_path(),
+        nar_hash: nar_hash(i)?.to_sri(),
+        nar_size: i.nar_size,
+        references,
+        deriver: i.deriver.as_ref().map(|d| d.to_absolute_path()),
+        ca: i.ca.as_ref().map(|c| c.to_nix_string()),
+        signatures: i
+            .signatures
+            .iter()
+            .map(|s| format!("{}:{}", s.name, BASE64.encode(&s.data)))
+            .collect(),
+    })
+}
+
 pub async fn path_info(store: Store, args: PathInfoArgs) -> anyhow::Result<()> {
     let mut infos = Vec::new();
     for p in &args.paths {
         infos.push(lookup(&store, p).await?);
     }
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if args.json {
-        let mut out = Vec::new();
-        for i in &infos {
-            let mut refs: Vec<String> = i.references.iter().map(|r| r.to_absolute_path()).collect();
-            refs.sort();
-            out.push(serde_json::json!({
-                "path": i.store_path.to_absolute_path(),
-                "narHash": nar_hash(i)?.to_sri(),
-                "narSize": i.nar_size,
-                "references": refs,
-                "deriver": i.deriver.as_ref().map(|d| d.to_absolute_path()),
-                "ca": i.ca.as_ref().map(|c| c.to_nix_string()),
-                "signatures": i.signatures.iter().map(|s| format!("{}:{}", s.name, BASE64.encode(&s.data))).collect::<Vec<_>>(),
-            }));
-        }
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        let list = infos
+            .iter()
+            .map(nix_json)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        serde_json::to_writer(&mut out, &list).map_err(std::io::Error::from)?;
+        writeln!(out)?;
     } else {
         for i in &infos {
             let h = nar_hash(i)?;
-            println!("{}", i.store_path);
-            println!("  nar-hash: {} ({})", h.to_sri(), h.to_nix32());
-            println!("  nar-size: {}", i.nar_size);
+            writeln!(out, "{}", i.store_path)?;
+            writeln!(out, "  nar-hash: {} ({})", h.to_sri(), h.to_nix32())?;
+            writeln!(out, "  nar-size: {}", i.nar_size)?;
             for r in &i.references {
-                println!("  reference: {r}");
+                writeln!(out, "  reference: {r}")?;
             }
             if let Some(ca) = &i.ca {
-                println!("  ca: {}", ca.to_nix_string());
+                writeln!(out, "  ca: {}", ca.to_nix_string())?;
             }
         }
     }
+    out.flush()?;
     Ok(())
 }
