@@ -13,6 +13,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".")
         .file_descriptor_set_path(out.join("tvix_descriptor.bin"))
         .compile_protos(&protos, &["protos"])?;
+    // --version names the target and profile the binary was built for.
+    println!(
+        "cargo:rustc-env=TVIX_VIRTIOFSD_BUILD={} {}",
+        std::env::var("TARGET")?,
+        std::env::var("PROFILE")?
+    );
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

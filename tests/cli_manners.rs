@@ -58,3 +58,86 @@ fn a_closed_pipe_ends_commands_quietly() {
         );
     }
 }
+
+/// `--help` of a command shows its own flags first, then the store's.
+#[test]
+fn help_lists_a_commands_own_flags_first() {
+    for (cmd, own) in [
+        ("mount", "--allow-other"),
+        ("virtiofs", "--socket-path"),
+        ("daemon", "--listen"),
+        ("path-info", "--json"),
+    ] {
+        let help = String::from_utf8(cli_ok(&[cmd, "--help"])).unwrap();
+        let at = |s: &str| {
+            help.find(s)
+                .unwrap_or_else(|| panic!("{cmd}: no {s} in\n{help}"))
+        };
+        assert!(at(own) < at("Store options:"), "{cmd}:\n{help}");
+        assert!(
+            at("Store options:") < at("--store <STORE>"),
+            "{cmd}:\n{help}"
+        );
+        assert!(at("--store <STORE>") < at("--log-level"), "{cmd}:\n{help}");
+    }
+}
+
+/// `--version` names the wire protocols and the build.
+#[test]
+fn version_names_the_wire_and_the_build() {
+    let v = String::from_utf8(cli_ok(&["--version"])).unwrap();
+    for want in ["tvix.castore.v1", "tvix.store.v1", "vhost-user", "build: "] {
+        assert!(v.contains(want), "no {want:?} in\n{v}");
+    }
+}
+
+/// The bash completion script loads in bash and completes subcommands and
+/// flags; the manual pages render with man(1) and hold every flag.
+#[test]
+fn completions_and_man_pages_come_from_the_flags() {
+    common::require_tools(&[("bash", "bash"), ("man", "man-db")]);
+    let script = String::from_utf8(cli_ok(&["completions", "bash"])).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("completion.bash");
+    std::fs::write(&f, script).unwrap();
+    let complete =
+        |line: &str| {
+            let words: Vec<&str> = line.split(' ').collect();
+            let cmd =
+                format!(
+            "source {}; COMP_WORDS=({}); COMP_CWORD={}; COMP_LINE='{line}'; COMP_POINT={}; \
+             _tvix__virtiofsd tvix-virtiofsd '{}' '{}'; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            f.display(),
+            words.iter().map(|w| format!("'{w}'")).collect::<Vec<_>>().join(" "),
+            words.len() - 1,
+            line.len(),
+            words[words.len() - 1],
+            words[words.len() - 2],
+        );
+            let out = Command::new("bash").args(["-c", &cmd]).output().unwrap();
+            assert!(out.status.success(), "{cmd}: {out:?}");
+            String::from_utf8(out.stdout).unwrap()
+        };
+    let subs = complete("tvix-virtiofsd mo");
+    assert!(subs.lines().any(|l| l == "mount"), "{subs}");
+    let flags = complete("tvix-virtiofsd mount --allow");
+    assert!(flags.lines().any(|l| l == "--allow-other"), "{flags}");
+
+    let out =
+        String::from_utf8(cli_ok(&["man", dir.path().join("man").to_str().unwrap()])).unwrap();
+    assert!(out.lines().count() >= 9, "one page per command:\n{out}");
+    let page = dir.path().join("man/tvix-virtiofsd-mount.1");
+    let text = common::sh(&format!("MANWIDTH=200 man -l {} | col -b", page.display()));
+    for flag in [
+        "--allow-other",
+        "--store-timeout",
+        "--max-handles",
+        "--store",
+        "--cache-dir",
+    ] {
+        assert!(
+            text.contains(flag),
+            "{flag} missing from the mount page:\n{text}"
+        );
+    }
+}

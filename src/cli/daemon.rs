@@ -169,6 +169,20 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
     let mut opts = store_args.options(false, cache);
     opts.idle_timeout = std::time::Duration::from_secs(args.store_timeout);
     let (store, cache) = store_args.open_with(&opts)?;
+    // Metrics first: once the store socket answers, so do they.
+    if let Some(listen) = &args.metrics_listen {
+        let c = cache.clone();
+        let render: crate::metrics::Render = std::sync::Arc::new(move || {
+            let mut out = String::from(
+                "# HELP tvix_virtiofsd_up The daemon is serving.\n# TYPE tvix_virtiofsd_up gauge\ntvix_virtiofsd_up 1\n",
+            );
+            if let Some(c) = &c {
+                out.push_str(&c.stats().prometheus());
+            }
+            out
+        });
+        crate::metrics::serve(listen, render).await?;
+    }
     let listener = match systemd_listener()? {
         Some(l) => {
             tracing::info!("serving on the socket passed by systemd");
@@ -186,19 +200,6 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
         min_free,
         ..Default::default()
     });
-    if let Some(listen) = &args.metrics_listen {
-        let c = cache.clone();
-        let render: crate::metrics::Render = std::sync::Arc::new(move || {
-            let mut out = String::from(
-                "# HELP tvix_virtiofsd_up The daemon is serving.\n# TYPE tvix_virtiofsd_up gauge\ntvix_virtiofsd_up 1\n",
-            );
-            if let Some(c) = &c {
-                out.push_str(&c.stats().prometheus());
-            }
-            out
-        });
-        crate::metrics::serve(listen, render).await?;
-    }
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter

@@ -5,15 +5,28 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 pub mod daemon;
+pub mod docs;
 pub mod import;
 pub mod mount;
 pub mod query;
 pub mod virtiofs;
 
+/// `--version`: what this build speaks and serves, for bug reports and
+/// for fleets checking what they deployed.
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\nwire: tvix.castore.v1 (BlobService, DirectoryService), tvix.store.v1 (PathInfoService), tvix_virtiofsd.cache.v1",
+    "\nstores: local://, memory://, grpc+unix://, grpc+http://; host cache directory (--cache-dir)",
+    "\nserves: vhost-user virtio-fs (virtiofs), FUSE (mount), gRPC (daemon)",
+    "\nsandbox: namespaces, chroot, seccomp, capabilities",
+    "\nbuild: ",
+    env!("TVIX_VIRTIOFSD_BUILD"),
+);
+
 /// A tvix-store compatible content-addressed store that serves a read-only
 /// /nix/store to microVMs.
 #[derive(Parser, Debug)]
-#[command(name = "tvix-virtiofsd", version, about)]
+#[command(name = "tvix-virtiofsd", version, long_version = LONG_VERSION, about)]
 pub struct Cli {
     #[command(flatten)]
     pub store: StoreArgs,
@@ -22,6 +35,7 @@ pub struct Cli {
     #[arg(
         long,
         global = true,
+        help_heading = "Common options",
         env = "TVIX_VIRTIOFSD_LOG",
         default_value = "info"
     )]
@@ -49,10 +63,15 @@ pub enum Command {
     PathInfo(query::PathInfoArgs),
     /// Serve the store read-only to a microVM as a vhost-user virtio-fs device.
     Virtiofs(virtiofs::VirtiofsArgs),
+    /// Print a shell completion script for this command.
+    Completions(docs::CompletionsArgs),
+    /// Write manual pages for this command and each subcommand into a directory.
+    Man(docs::ManArgs),
 }
 
 /// Which store the command works on.
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Store options")]
 pub struct StoreArgs {
     /// Store for all three services: local:///PATH, memory://, grpc+unix:///PATH
     /// or grpc+http://HOST:PORT [default: local:// in $TVIX_VIRTIOFSD_STORE,
@@ -232,6 +251,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Nar(a) => query::nar(cli.store.open()?, a).await,
         Command::PathInfo(a) => query::path_info(cli.store.open()?, a).await,
         Command::Virtiofs(_) => anyhow::bail!("virtiofs runs through cli::main"),
+        Command::Completions(a) => docs::completions(a),
+        Command::Man(a) => docs::man(a),
     }
 }
 
