@@ -14,6 +14,7 @@ pub mod memory;
 pub mod metrics;
 pub mod nar;
 pub mod nix;
+pub mod notify;
 pub mod pathinfo;
 pub mod privileges;
 pub mod sandbox;

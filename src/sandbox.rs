@@ -372,19 +372,53 @@ impl Supervisor {
     }
 
     /// Waits for the child; returns the exit status to exit with (128 +
-    /// signal number when it was killed, as a shell reports it).
-    pub fn wait(self) -> u8 {
+    /// signal number when it was killed, as a shell reports it). Calls
+    /// `on_ready` once the child writes a byte to `ready` (the supervisor
+    /// cannot start a thread to wait for it: a process that unshared its
+    /// PID namespace may not).
+    pub fn wait(self, mut ready: Option<(OwnedFd, Box<dyn FnOnce()>)>) -> u8 {
         loop {
             if let Some(code) = self.reap() {
                 return code;
             }
+            if let Some((fd, _)) = &ready {
+                let mut p = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd; signals stay blocked, so they
+                // wait for the sigtimedwait below.
+                if unsafe { libc::poll(&mut p, 1, 100) } > 0 {
+                    let mut b = [0u8; 1];
+                    // SAFETY: reads at most one byte into `b`.
+                    let n = unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
+                    if let Some((_, on_ready)) = ready.take() {
+                        if n == 1 {
+                            on_ready();
+                        }
+                    }
+                }
+                let none = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                // SAFETY: valid set and timeout; a null info is allowed.
+                let sig = unsafe { libc::sigtimedwait(&self.set, std::ptr::null_mut(), &none) };
+                self.forward(sig);
+                continue;
+            }
             // SAFETY: `set` is a valid signal set; a null info is allowed.
             let sig = unsafe { libc::sigwaitinfo(&self.set, std::ptr::null_mut()) };
-            if sig > 0 && FORWARDED.contains(&sig) {
-                tracing::debug!("forwarding signal {sig} to the serving process");
-                // SAFETY: kill has no memory effects.
-                unsafe { libc::kill(self.child, sig) };
-            }
+            self.forward(sig);
+        }
+    }
+
+    fn forward(&self, sig: libc::c_int) {
+        if sig > 0 && FORWARDED.contains(&sig) {
+            tracing::debug!("forwarding signal {sig} to the serving process");
+            // SAFETY: kill has no memory effects.
+            unsafe { libc::kill(self.child, sig) };
         }
     }
 

@@ -700,6 +700,7 @@ impl Container {
         run_dir: &Path,
         tag: &str,
         sockets: &[&str],
+        extra_units: &[(&str, String)],
     ) -> Container {
         // The container's root: mount points, and the os-release file
         // nspawn looks for before anything is mounted.
@@ -732,6 +733,9 @@ impl Container {
         std::fs::create_dir_all(etc.join("tvix-virtiofsd")).unwrap();
         for unit in shipped_units() {
             std::fs::copy(units_dir().join(&unit), units.join(&unit)).unwrap();
+        }
+        for (name, text) in extra_units {
+            std::fs::write(units.join(name), text).unwrap();
         }
         let sockets = sockets.join(" ");
         std::fs::write(
@@ -862,7 +866,7 @@ impl Container {
             "systemctl",
             "show",
             "--no-pager",
-            "--property=ActiveState,SubState,Result,ExecMainCode,ExecMainStatus,InvocationID,MainPID",
+            "--property=ActiveState,SubState,Result,ExecMainCode,ExecMainStatus,InvocationID,MainPID,StatusText,Type",
             unit,
         ])
         .lines()
@@ -980,6 +984,7 @@ fn units_under_systemd_serve_a_microvm_twice() {
         &run_dir,
         "twice",
         &["tvix-virtiofsd@vm1.socket", "tvix-store-daemon.socket"],
+        &[],
     );
 
     let sock = run_dir.join("vm1.sock");
@@ -1042,6 +1047,119 @@ fn units_under_systemd_serve_a_microvm_twice() {
         "the store daemon did not stop cleanly: {stopped:?}{}",
         container.logs()
     );
+}
+
+/// Type=notify units of `virtiofs` and `daemon` (not socket-activated):
+/// systemd counts them started only once they say READY=1, after their
+/// socket listens and the store answered, so a unit ordered after them
+/// finds the VMM socket in place and the store daemon answering; their
+/// status names the store, and they stop cleanly.
+#[test]
+fn notify_units_are_ready_when_they_say_so() {
+    require_tools(&[
+        ("systemd-nspawn", "systemd-container"),
+        ("nsenter", "util-linux"),
+    ]);
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let store_url = format!("local://{}", store.display());
+    let f = tmp.path().join("hello");
+    std::fs::write(&f, "hello\n").unwrap();
+    let path = String::from_utf8(cli_ok(&[
+        "--store",
+        &store_url,
+        "import",
+        f.to_str().unwrap(),
+    ]))
+    .unwrap()
+    .trim()
+    .to_string();
+    let env_dir = tmp.path().join("etc-tvix-virtiofsd");
+    let run_dir = tmp.path().join("run-tvix-virtiofsd");
+    std::fs::create_dir_all(&env_dir).unwrap();
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let store_flag = "--store local:///var/lib/tvix-virtiofsd";
+    let notify = |what: &str, cmd: &str| {
+        format!(
+            "[Unit]\nDescription=tvix-virtiofsd {what}, Type=notify\n\
+             [Service]\nType=notify\nTimeoutStartSec=60\n\
+             ExecStart=/usr/bin/tvix-virtiofsd {store_flag} {cmd}\n"
+        )
+    };
+    let after = format!(
+        "[Unit]\nRequires=tvix-notify-vfs.service tvix-notify-daemon.service\n\
+         After=tvix-notify-vfs.service tvix-notify-daemon.service\n\
+         [Service]\nType=oneshot\nRemainAfterExit=yes\n\
+         ExecStart=/bin/sh -c 'test -S /run/tvix-virtiofsd/vfs.sock && \
+         /usr/bin/tvix-virtiofsd --store grpc+unix:///run/tvix-virtiofsd/d.sock path-info {path} \
+         > /run/tvix-virtiofsd/after-ran'\n"
+    );
+    let container = Container::boot(
+        tmp.path(),
+        &store,
+        &env_dir,
+        &run_dir,
+        "notify",
+        &[],
+        &[
+            (
+                "tvix-notify-vfs.service",
+                notify(
+                    "virtiofs",
+                    "virtiofs --socket-path /run/tvix-virtiofsd/vfs.sock",
+                ),
+            ),
+            (
+                "tvix-notify-daemon.service",
+                notify("daemon", "daemon --listen unix:/run/tvix-virtiofsd/d.sock"),
+            ),
+            ("tvix-after.service", after),
+        ],
+    );
+    // booted (degraded is fine: the container lacks some host services)
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, state, _) = container.try_exec(&["systemctl", "is-system-running", "--wait"]);
+        if ["running", "degraded"].contains(&state.trim()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not booted: {state}{}", container.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (ok, out, err) = container.try_exec(&["systemctl", "start", "tvix-after.service"]);
+    assert!(ok, "{out}{err}{}", container.logs());
+    let ran = std::fs::read_to_string(run_dir.join("after-ran")).unwrap();
+    assert!(ran.contains(&path), "the unit after ours: {ran}");
+    for (unit, status) in [
+        (
+            "tvix-notify-vfs.service",
+            "serving local:///var/lib/tvix-virtiofsd to the VMM on /run/tvix-virtiofsd/vfs.sock, tag nix-store",
+        ),
+        (
+            "tvix-notify-daemon.service",
+            "serving local:///var/lib/tvix-virtiofsd on unix:/run/tvix-virtiofsd/d.sock",
+        ),
+    ] {
+        let props = container.show(unit);
+        assert_eq!(
+            (props["Type"].as_str(), props["ActiveState"].as_str()),
+            ("notify", "active"),
+            "{unit}: {props:?}{}",
+            container.logs()
+        );
+        assert!(
+            props["StatusText"].starts_with(status),
+            "{unit}: {props:?}"
+        );
+        container.exec(&["systemctl", "stop", unit]);
+        let stopped = container.show(unit);
+        assert_eq!(
+            (stopped["Result"].as_str(), stopped["ExecMainStatus"].as_str()),
+            ("success", "0"),
+            "{unit} did not stop cleanly: {stopped:?}{}",
+            container.logs()
+        );
+    }
 }
 
 /// Waits until systemd has created the listening socket `sock`, mode 0600.
@@ -1125,6 +1243,7 @@ fn units_under_systemd_serve_microvms_through_the_host_cache() {
         &run_dir,
         "cache",
         &["tvix-virtiofsd@vm1.socket", "tvix-store-cache.socket"],
+        &[],
     );
     let sock = run_dir.join("vm1.sock");
     wait_for_socket(&container, &sock);

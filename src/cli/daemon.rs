@@ -157,6 +157,7 @@ pub async fn shutdown_signal() {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
+    crate::notify::tell("STOPPING=1");
 }
 
 pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()> {
@@ -183,12 +184,15 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
         });
         crate::metrics::serve(listen, render).await?;
     }
-    let listener = match systemd_listener()? {
+    let (listener, listening_on) = match systemd_listener()? {
         Some(l) => {
             tracing::info!("serving on the socket passed by systemd");
-            l
+            (l, "the socket passed by systemd".to_string())
         }
-        None => bind(&args.listen, args.socket_group.as_deref()).await?,
+        None => (
+            bind(&args.listen, args.socket_group.as_deref()).await?,
+            args.listen.clone(),
+        ),
     };
     let read_only = listener.read_only(&args);
     // An embedded store (blobs are what fill a disk) keeps room free.
@@ -196,6 +200,19 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
         crate::services::Addr::Local(dir) => Some((dir.clone(), args.min_free_space)),
         _ => None,
     };
+    if crate::notify::wanted() {
+        let (store, timeout) = (store.clone(), opts.idle_timeout);
+        let status = format!(
+            "STATUS=serving {} on {}{}",
+            store_args.addrs()?[0],
+            listening_on,
+            if read_only { ", read-only" } else { "" }
+        );
+        tokio::spawn(async move {
+            crate::notify::store_answers(&store, timeout).await;
+            crate::notify::tell(&format!("READY=1\n{status}"));
+        });
+    }
     let server = StoreServer::new(store, read_only).with_limits(crate::grpc_server::Limits {
         min_free,
         ..Default::default()

@@ -119,6 +119,23 @@ fn listener(args: &VirtiofsArgs) -> anyhow::Result<(UnixListener, Option<SocketF
     }
 }
 
+/// A pipe (read, write), both ends close-on-exec.
+fn readiness_pipe() -> anyhow::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [-1 as libc::c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("pipe2");
+    }
+    // SAFETY: pipe2 returned two open descriptors that nothing else owns.
+    Ok(unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    })
+}
+
 /// Runs the command; the exit code is the serving process's.
 pub fn main(store_args: &StoreArgs, args: VirtiofsArgs) -> anyhow::Result<ExitCode> {
     if args.print_capabilities {
@@ -148,6 +165,21 @@ pub fn main(store_args: &StoreArgs, args: VirtiofsArgs) -> anyhow::Result<ExitCo
         addrs,
         cache_dir: store_args.cache_dir.clone(),
     })?;
+    // Under Type=notify the serving process says when the store answered
+    // (through this pipe: it may not reach systemd's socket); the
+    // supervisor, systemd's main process, passes it on.
+    let ready = crate::notify::wanted().then(readiness_pipe).transpose()?;
+    let status = format!(
+        "STATUS=serving {} to the VMM on {}, tag {}",
+        places.addrs[0],
+        socket_file
+            .as_ref()
+            .map_or("the inherited socket".into(), |f| f
+                .path()
+                .display()
+                .to_string()),
+        args.tag
+    );
     let (role, places) = sandbox::enter(args.sandbox, &needs, places)?;
     if let Role::Supervisor(sup) = role {
         // The child serves; we only wait, holding nothing but the socket
@@ -156,11 +188,22 @@ pub fn main(store_args: &StoreArgs, args: VirtiofsArgs) -> anyhow::Result<ExitCo
         if let Err(e) = privileges::drop_all(true) {
             tracing::warn!("supervisor: {e}");
         }
+        let on_ready = ready.map(|(r, w)| {
+            drop(w);
+            let tell: Box<dyn FnOnce()> =
+                Box::new(move || crate::notify::tell(&format!("READY=1\n{status}")));
+            (r, tell)
+        });
         tracing::debug!("serving process {}", sup.child_pid());
-        let code = sup.wait();
+        let code = sup.wait(on_ready);
+        crate::notify::tell("STOPPING=1");
         drop(socket_file);
         return Ok(ExitCode::from(code));
     }
+    let ready = ready.map(|(r, w)| {
+        drop(r);
+        w
+    });
     // The serving process may not see the socket file, nor unlink it under
     // seccomp: its supervisor removes it.
     std::mem::forget(socket_file);
@@ -168,7 +211,9 @@ pub fn main(store_args: &StoreArgs, args: VirtiofsArgs) -> anyhow::Result<ExitCo
     // the serving process (a VMM or unit may leave other descriptors open).
     {
         use std::os::fd::AsRawFd;
-        sandbox::close_inherited(&[listener.as_raw_fd()])?;
+        let mut keep = vec![listener.as_raw_fd()];
+        keep.extend(ready.as_ref().map(|w| w.as_raw_fd()));
+        sandbox::close_inherited(&keep)?;
     }
     privileges::set_rlimit_nofile(args.rlimit_nofile)?;
     privileges::drop_all(args.sandbox == SandboxMode::None)?;
@@ -199,6 +244,16 @@ pub fn main(store_args: &StoreArgs, args: VirtiofsArgs) -> anyhow::Result<ExitCo
         let _rt = rt.enter();
         Store::open_with(&places.addrs, &opts).context("opening the store")?
     };
+    if let Some(w) = ready {
+        let (store, timeout) = (store.clone(), opts.idle_timeout);
+        rt.spawn(async move {
+            crate::notify::store_answers(&store, timeout).await;
+            let mut w = std::fs::File::from(w);
+            if let Err(e) = std::io::Write::write_all(&mut w, b"R") {
+                tracing::warn!("telling the supervisor the store answered: {e}");
+            }
+        });
+    }
     let served = rt.block_on(serve(store, args, listener));
     if let Some(c) = cache {
         rt.block_on(c.report_touches());

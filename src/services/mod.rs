@@ -27,6 +27,18 @@ pub enum Addr {
     GrpcHttp(String),
 }
 
+/// As it is written on the command line.
+impl std::fmt::Display for Addr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Addr::Memory => write!(f, "memory://"),
+            Addr::Local(p) => write!(f, "local://{}", p.display()),
+            Addr::GrpcUnix(p) => write!(f, "grpc+unix://{}", p.display()),
+            Addr::GrpcHttp(h) => write!(f, "grpc+http://{h}"),
+        }
+    }
+}
+
 impl std::str::FromStr for Addr {
     type Err = Error;
 
