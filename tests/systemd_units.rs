@@ -1123,7 +1123,11 @@ fn notify_units_are_ready_when_they_say_so() {
         if ["running", "degraded"].contains(&state.trim()) {
             break;
         }
-        assert!(Instant::now() < deadline, "not booted: {state}{}", container.logs());
+        assert!(
+            Instant::now() < deadline,
+            "not booted: {state}{}",
+            container.logs()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let (ok, out, err) = container.try_exec(&["systemctl", "start", "tvix-after.service"]);

@@ -126,13 +126,26 @@ pub struct ViewArgs {
     /// opening answers ENFILE.
     #[arg(long, default_value_t = crate::fs::DEFAULT_MAX_HANDLES)]
     pub max_handles: usize,
+
+    /// Show only these store paths (absolute or basenames) and what they
+    /// reference, transitively; any other name is absent.
+    #[arg(long, num_args = 1.., value_name = "STORE_PATH")]
+    pub closure: Vec<String>,
+
+    /// As --closure, with the store paths in FILE, one a line (# starts a
+    /// comment); read again on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    pub closure_file: Option<PathBuf>,
 }
 
 impl ViewArgs {
     /// The view over an opened store, on the current tokio runtime.
-    pub fn view(&self, store: Store) -> std::sync::Arc<crate::fs::StoreFs> {
-        std::sync::Arc::new(crate::fs::StoreFs::new(
-            store,
+    /// With `--closure`/`--closure-file`, limited to that closure, and
+    /// (with a file) limited anew on each SIGHUP.
+    pub async fn view(&self, store: Store) -> anyhow::Result<std::sync::Arc<crate::fs::StoreFs>> {
+        let closure = self.closure(&store).await?;
+        let fs = std::sync::Arc::new(crate::fs::StoreFs::new(
+            store.clone(),
             tokio::runtime::Handle::current(),
             crate::fs::FsConfig {
                 list_root: self.list_root,
@@ -141,7 +154,52 @@ impl ViewArgs {
                 verified_blobs: self.verified_blobs,
                 max_handles: self.max_handles,
             },
-        ))
+        ));
+        if let Some(c) = closure {
+            tracing::info!("serving a closure of {} store paths", c.len());
+            fs.set_closure(Some(c));
+        }
+        if self.closure_file.is_some() {
+            let (args, fs) = (self.clone(), fs.clone());
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut hup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    match args.closure(&store).await {
+                        Ok(c) => {
+                            let n = c.as_ref().map_or(0, |c| c.len());
+                            fs.set_closure(c);
+                            tracing::info!("SIGHUP: now serving a closure of {n} store paths");
+                        }
+                        Err(e) => tracing::error!("SIGHUP: keeping the closure served: {e:#}"),
+                    }
+                }
+            });
+        }
+        Ok(fs)
+    }
+
+    /// The closure of `--closure` and `--closure-file` together; `None`
+    /// when neither is given.
+    pub async fn closure(
+        &self,
+        store: &Store,
+    ) -> anyhow::Result<Option<crate::fs::closure::Closure>> {
+        if self.closure.is_empty() && self.closure_file.is_none() {
+            return Ok(None);
+        }
+        let mut roots = self
+            .closure
+            .iter()
+            .map(|s| parse_store_path(s))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if let Some(f) = &self.closure_file {
+            roots.extend(crate::fs::closure::read_roots(f)?);
+        }
+        let c = crate::fs::closure::Closure::resolve(store, &roots)
+            .await
+            .context("resolving the closure")?;
+        Ok(Some(c))
     }
 }
 

@@ -33,7 +33,7 @@ pub async fn run(store_args: &StoreArgs, args: MountArgs) -> anyhow::Result<()> 
     let mut opts = store_args.options(false, None);
     opts.idle_timeout = Duration::from_secs(args.view.store_timeout);
     let (store, cache) = store_args.open_with(&opts)?;
-    let fs = args.view.view(store);
+    let fs = args.view.view(store).await?;
     let mount = FuseMount::mount(fs, &args.mountpoint, args.threads, args.allow_other)
         .with_context(|| format!("mounting {}", args.mountpoint.display()))?;
     tracing::info!("mounted on {}", args.mountpoint.display());

@@ -137,7 +137,7 @@ fn readiness_pipe() -> anyhow::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedF
 }
 
 /// Runs the command; the exit code is the serving process's.
-pub fn main(store_args: &StoreArgs, args: VirtiofsArgs) -> anyhow::Result<ExitCode> {
+pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<ExitCode> {
     if args.print_capabilities {
         println!("{}", vhost_user::CAPABILITIES_JSON);
         return Ok(ExitCode::SUCCESS);
@@ -161,10 +161,22 @@ pub fn main(store_args: &StoreArgs, args: VirtiofsArgs) -> anyhow::Result<ExitCo
         crate::services::cache::create_dir(dir)
             .with_context(|| format!("creating cache directory {}", dir.display()))?;
     }
-    let (needs, places) = Needs::of_store(&Places {
+    let (mut needs, places) = Needs::of_store(&Places {
         addrs,
         cache_dir: store_args.cache_dir.clone(),
     })?;
+    // The closure file is read again on SIGHUP, from inside the sandbox:
+    // its directory is exposed read-only (so a file replaced by rename is
+    // seen), at its canonical path.
+    if let Some(f) = &mut args.view.closure_file {
+        *f = std::fs::canonicalize(&*f).with_context(|| format!("closure file {}", f.display()))?;
+        if let Some(dir) = f.parent() {
+            needs.paths.push(sandbox::Exposed {
+                path: dir.to_path_buf(),
+                is_dir: true,
+            });
+        }
+    }
     // Under Type=notify the serving process says when the store answered
     // (through this pipe: it may not reach systemd's socket); the
     // supervisor, systemd's main process, passes it on.
@@ -268,9 +280,15 @@ async fn serve(store: Store, args: VirtiofsArgs, listener: UnixListener) -> anyh
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    // SIGHUP re-reads --closure-file (the view listens for it); without one
+    // it ends the process, as it always did.
+    let _hup = match &args.view.closure_file {
+        Some(_) => Some(signal(SignalKind::hangup()).context("installing a SIGHUP handler")?),
+        None => None,
+    };
     sandbox::release_signals();
 
-    let fs = args.view.view(store);
+    let fs = args.view.view(store).await?;
     let config = DeviceConfig {
         tag: args.tag,
         request_queues: usize::from(args.request_queues),

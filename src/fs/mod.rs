@@ -5,6 +5,7 @@
 //! every byte served has been checked against its BLAKE3 digest.
 mod attr;
 mod blobs;
+pub mod closure;
 pub mod inline;
 mod inodes;
 
@@ -161,6 +162,8 @@ pub struct StoreFs {
     /// listing, not one per handle.
     root_snapshot: Mutex<Option<(std::time::Instant, Listing)>>,
     next_handle: AtomicU64,
+    /// The store paths the guest may see; `None`: all of them.
+    closure: std::sync::RwLock<Option<Arc<closure::Closure>>>,
     /// Entries of `files` and `dir_handles` together.
     handles: AtomicUsize,
 }
@@ -221,9 +224,25 @@ impl StoreFs {
             dir_handles: Mutex::new(HashMap::new()),
             root_snapshot: Mutex::new(None),
             next_handle: AtomicU64::new(1),
+            closure: Default::default(),
             handles: AtomicUsize::new(0),
             cfg,
         }
+    }
+
+    /// Limits the view to `closure` (`None`: the whole store). Inodes the
+    /// guest already holds stay valid; names outside are absent from the
+    /// next lookup on.
+    pub fn set_closure(&self, closure: Option<closure::Closure>) {
+        *self.closure.write().unwrap_or_else(|e| e.into_inner()) = closure.map(Arc::new);
+        *lock(&self.root_snapshot) = None;
+    }
+
+    fn closure(&self) -> Option<Arc<closure::Closure>> {
+        self.closure
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Live inodes, for tests.
@@ -250,14 +269,20 @@ impl StoreFs {
                 return Ok(l.clone());
             }
         }
-        let mut all = self.block("listing store paths", async {
-            let mut s = self.store.path_info.list();
-            let mut out = Vec::new();
-            while let Some(info) = s.try_next().await? {
-                out.push((Bytes::from(info.store_path.to_basename()), info.node));
-            }
-            Ok(out)
-        })?;
+        let mut all = match self.closure() {
+            Some(c) => c
+                .entries()
+                .map(|(name, node)| (Bytes::from(name), node.clone()))
+                .collect(),
+            None => self.block("listing store paths", async {
+                let mut s = self.store.path_info.list();
+                let mut out = Vec::new();
+                while let Some(info) = s.try_next().await? {
+                    out.push((Bytes::from(info.store_path.to_basename()), info.node));
+                }
+                Ok(out)
+            })?,
+        };
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all.dedup_by(|a, b| a.0 == b.0);
         let mut snap = lock(&self.root_snapshot);
@@ -494,19 +519,29 @@ impl StoreFs {
         else {
             return Ok(Self::negative(TTL));
         };
-        let what = format_args!("path info {sp}");
-        let info = match self.local(what, self.store.path_info.get_blocking(sp.digest())) {
-            Some(r) => r?,
-            None => self.block(what, self.store.path_info.get(sp.digest()))?,
+        let node = match self.closure() {
+            // Outside the closure: absent, told from the set alone.
+            Some(c) => match c.get(&sp) {
+                Some(node) => node.clone(),
+                None => return Ok(Self::negative(NEGATIVE_TTL)),
+            },
+            None => {
+                let what = format_args!("path info {sp}");
+                let info = match self.local(what, self.store.path_info.get_blocking(sp.digest())) {
+                    Some(r) => r?,
+                    None => self.block(what, self.store.path_info.get(sp.digest()))?,
+                };
+                // The name is part of the store path: `<hash>-<othername>` is absent.
+                match info.filter(|i| i.store_path == sp) {
+                    Some(info) => info.node,
+                    None => return Ok(Self::negative(NEGATIVE_TTL)),
+                }
+            }
         };
-        // The name is part of the store path: `<hash>-<othername>` is absent.
-        let Some(info) = info.filter(|i| i.store_path == sp) else {
-            return Ok(Self::negative(NEGATIVE_TTL));
-        };
-        if let Node::Directory { digest, size } = &info.node {
+        if let Node::Directory { digest, size } = &node {
             self.prefetch_tree(digest, *size)?;
         }
-        let e = self.child_entry(ROOT_INO, &Bytes::copy_from_slice(name), &info.node)?;
+        let e = self.child_entry(ROOT_INO, &Bytes::copy_from_slice(name), &node)?;
         inline::took(e.inode);
         Ok(e)
     }
