@@ -134,11 +134,11 @@ impl Needs {
                         is_dir: true,
                     });
                 }
-                Addr::GrpcUnix(p) => {
+                Addr::GrpcUnix(p, _) => {
                     *p = canonical(p, "store socket (start the store daemon first)")?;
                     expose(socket_exposure(p));
                 }
-                Addr::GrpcHttp(hp) => {
+                Addr::GrpcHttp(hp, _) => {
                     needs.network = true;
                     let sa = hp
                         .to_socket_addrs()
@@ -639,7 +639,7 @@ fn chroot_root(
             *p = Path::new("/").join(rel);
         };
         for a in places.addrs.iter_mut() {
-            if let Addr::Local(p) | Addr::GrpcUnix(p) = a {
+            if let Addr::Local(p) | Addr::GrpcUnix(p, _) = a {
                 inside(p);
             }
         }
@@ -753,14 +753,14 @@ mod tests {
         assert!(!needs.network);
         assert_eq!(out.addrs[0], Addr::Local(canon));
 
-        let t = Addr::GrpcHttp("localhost:1".into());
+        let t = Addr::GrpcHttp("localhost:1".into(), Default::default());
         let (needs, out) = Needs::of_store(&places([t.clone(), t.clone(), t])).unwrap();
         assert!(needs.network && needs.paths.is_empty());
         assert!(
-            matches!(&out.addrs[0], Addr::GrpcHttp(h) if h.ends_with(":1") && !h.starts_with("localhost"))
+            matches!(&out.addrs[0], Addr::GrpcHttp(h, _) if h.ends_with(":1") && !h.starts_with("localhost"))
         );
 
-        let missing = Addr::GrpcUnix(tmp.path().join("nope.sock"));
+        let missing = Addr::GrpcUnix(tmp.path().join("nope.sock"), Default::default());
         let err = Needs::of_store(&places([missing.clone(), missing.clone(), missing]))
             .unwrap_err()
             .to_string();
@@ -781,7 +781,7 @@ mod tests {
             }],
             network: false,
         };
-        let a = Addr::GrpcUnix(sock.clone());
+        let a = Addr::GrpcUnix(sock.clone(), Default::default());
         let places = |addrs: [Addr; 3]| Places {
             addrs,
             cache_dir: None,
@@ -789,7 +789,10 @@ mod tests {
         let (root, out) =
             chroot_root(&needs, places([a.clone(), a.clone(), Addr::Memory])).unwrap();
         assert_eq!(root.as_deref(), Some(dir.as_path()));
-        assert_eq!(out.addrs[0], Addr::GrpcUnix("/s.sock".into()));
+        assert_eq!(
+            out.addrs[0],
+            Addr::GrpcUnix("/s.sock".into(), Default::default())
+        );
 
         // a socket among other files (e.g. in /run) is not exposed
         std::fs::write(dir.join("other-vm.sock"), b"").unwrap();

@@ -86,7 +86,14 @@ fn help_lists_a_commands_own_flags_first() {
 #[test]
 fn version_names_the_wire_and_the_build() {
     let v = String::from_utf8(cli_ok(&["--version"])).unwrap();
-    for want in ["tvix.castore.v1", "tvix.store.v1", "vhost-user", "build: "] {
+    for want in [
+        "tvix.castore.v1",
+        "tvix.store.v1",
+        "snix.castore.v1",
+        "snix.store.v1",
+        "vhost-user",
+        "build: ",
+    ] {
         assert!(v.contains(want), "no {want:?} in\n{v}");
     }
 }

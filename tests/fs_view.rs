@@ -204,6 +204,19 @@ fn xattrs_expose_digests() {
         errno(fs.getxattr(&ctx, e.inode, &other, 100)),
         libc::ENODATA
     );
+    // snix's name for the same attribute, and both listed
+    let snix = CString::new("user.snix.castore.blob.digest").unwrap();
+    match fs.getxattr(&ctx, e.inode, &snix, 100).unwrap() {
+        GetxattrReply::Value(v) => assert_eq!(v, want.as_bytes()),
+        _ => panic!("expected the value under snix's name"),
+    }
+    match fs.listxattr(&ctx, e.inode, 1000).unwrap() {
+        fuse_backend_rs::api::filesystem::ListxattrReply::Names(n) => assert_eq!(
+            n,
+            b"user.tvix.castore.blob.digest\0user.snix.castore.blob.digest\0"
+        ),
+        _ => panic!("expected the names"),
+    }
 }
 
 /// A store path's tree larger than the directory cache, from a store over

@@ -20,10 +20,10 @@ use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 use tvix_virtiofsd::castore::{B3Digest, Directory};
 use tvix_virtiofsd::grpc_server::StoreServer;
+use tvix_virtiofsd::services::channel::WireChannel;
 use tvix_virtiofsd::services::{blob::read_to_vec, Addr, Store};
 use tvix_virtiofsd::wire::cache::cache_service_client::CacheServiceClient;
 use tvix_virtiofsd::wire::cache::FillBlobRequest;
@@ -377,10 +377,11 @@ impl Filler {
     }
 
     /// A CacheService client (what readers use), on `rt`.
-    fn cache_client(&self, rt: &tokio::runtime::Runtime) -> CacheServiceClient<Channel> {
+    fn cache_client(&self, rt: &tokio::runtime::Runtime) -> CacheServiceClient<WireChannel> {
         let _g = rt.enter();
         CacheServiceClient::new(
-            tvix_virtiofsd::services::channel::connect_unix(self.sock.clone()).unwrap(),
+            tvix_virtiofsd::services::channel::connect_unix(self.sock.clone(), Default::default())
+                .unwrap(),
         )
     }
 
@@ -1642,7 +1643,7 @@ fn path_infos_are_charged_what_they_take() {
 
 /// Asks the filler to fill `digest` (size unknown, as a mount's reader
 /// asks); answers whether it was stored.
-async fn fill(mut c: CacheServiceClient<Channel>, digest: B3Digest) -> Result<bool, Status> {
+async fn fill(mut c: CacheServiceClient<WireChannel>, digest: B3Digest) -> Result<bool, Status> {
     let req = FillBlobRequest {
         digest: digest.into(),
         size: 0,

@@ -12,6 +12,10 @@ use tonic::transport::Server;
 
 #[derive(Args, Debug)]
 pub struct DaemonArgs {
+    /// Wire families to answer, for tests: tvix, snix or tvix,snix.
+    #[arg(long, hide = true, default_value = "tvix,snix")]
+    pub wire_families: String,
+
     /// Address to serve on: HOST:PORT or unix:PATH. Ignored when systemd
     /// passes a listening socket (LISTEN_FDS).
     #[arg(long, env = "TVIX_VIRTIOFSD_LISTEN", default_value = "[::1]:8000")]
@@ -160,6 +164,23 @@ pub async fn shutdown_signal() {
     crate::notify::tell("STOPPING=1");
 }
 
+impl DaemonArgs {
+    fn families(&self) -> anyhow::Result<crate::grpc_server::Families> {
+        let mut f = crate::grpc_server::Families {
+            tvix: false,
+            snix: false,
+        };
+        for w in self.wire_families.split(',') {
+            match w.trim() {
+                "tvix" => f.tvix = true,
+                "snix" => f.snix = true,
+                other => anyhow::bail!("--wire-families: {other:?} is neither tvix nor snix"),
+            }
+        }
+        Ok(f)
+    }
+}
+
 pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()> {
     use crate::services::cache::{CacheOptions, Role};
     let cache = store_args.cache_dir.as_ref().map(|dir| CacheOptions {
@@ -255,6 +276,9 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
     let router = Server::builder()
         .layer(tower::util::MapRequestLayer::new(
             crate::grpc_server::reset_is_error,
+        ))
+        .layer(tower::util::MapRequestLayer::new(
+            crate::grpc_server::wire_names(args.families()?),
         ))
         .add_service(health)
         .add_service(reflection)

@@ -15,7 +15,7 @@ pub mod virtiofs;
 /// for fleets checking what they deployed.
 const LONG_VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
-    "\nwire: tvix.castore.v1 (BlobService, DirectoryService), tvix.store.v1 (PathInfoService), tvix_virtiofsd.cache.v1",
+    "\nwire: tvix.castore.v1 and snix.castore.v1 (BlobService, DirectoryService), tvix.store.v1 and snix.store.v1 (PathInfoService), tvix_virtiofsd.cache.v1",
     "\nstores: local://, memory://, grpc+unix://, grpc+http://; host cache directory (--cache-dir)",
     "\nserves: vhost-user virtio-fs (virtiofs), FUSE (mount), gRPC (daemon)",
     "\nsandbox: namespaces, chroot, seccomp, capabilities",
@@ -74,7 +74,8 @@ pub enum Command {
 #[command(next_help_heading = "Store options")]
 pub struct StoreArgs {
     /// Store for all three services: local:///PATH, memory://, grpc+unix:///PATH
-    /// or grpc+http://HOST:PORT [default: local:// in $TVIX_VIRTIOFSD_STORE,
+    /// or grpc+http://HOST:PORT (tvix or snix names, found out; ?wire=tvix or
+    /// ?wire=snix pins one) [default: local:// in $TVIX_VIRTIOFSD_STORE,
     /// else /var/lib/tvix-virtiofsd for root, else $XDG_DATA_HOME/tvix-virtiofsd].
     #[arg(long, global = true, env = "TVIX_VIRTIOFSD_STORE_URL")]
     pub store: Option<String>,

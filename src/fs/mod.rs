@@ -33,6 +33,9 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 const XATTR_BLOB: &[u8] = b"user.tvix.castore.blob.digest";
 const XATTR_DIR: &[u8] = b"user.tvix.castore.directory.digest";
+/// The same, as snix names them.
+const XATTR_BLOB_SNIX: &[u8] = b"user.snix.castore.blob.digest";
+const XATTR_DIR_SNIX: &[u8] = b"user.snix.castore.directory.digest";
 
 /// How the view behaves.
 #[derive(Debug, Clone)]
@@ -984,8 +987,8 @@ impl FileSystem for StoreFs {
         size: u32,
     ) -> io::Result<GetxattrReply> {
         let value = match (&self.kind(inode)?, name.to_bytes()) {
-            (InodeKind::Node(Node::File { digest, .. }), XATTR_BLOB)
-            | (InodeKind::Node(Node::Directory { digest, .. }), XATTR_DIR) => {
+            (InodeKind::Node(Node::File { digest, .. }), XATTR_BLOB | XATTR_BLOB_SNIX)
+            | (InodeKind::Node(Node::Directory { digest, .. }), XATTR_DIR | XATTR_DIR_SNIX) => {
                 digest.to_string().into_bytes()
             }
             _ => return Err(err(libc::ENODATA)),
@@ -997,12 +1000,14 @@ impl FileSystem for StoreFs {
     }
 
     fn listxattr(&self, _: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
-        let mut names = match &self.kind(inode)? {
-            InodeKind::Node(Node::File { .. }) => XATTR_BLOB.to_vec(),
-            InodeKind::Node(Node::Directory { .. }) => XATTR_DIR.to_vec(),
-            _ => Vec::new(),
+        let both: &[&[u8]] = match &self.kind(inode)? {
+            InodeKind::Node(Node::File { .. }) => &[XATTR_BLOB, XATTR_BLOB_SNIX],
+            InodeKind::Node(Node::Directory { .. }) => &[XATTR_DIR, XATTR_DIR_SNIX],
+            _ => &[],
         };
-        if !names.is_empty() {
+        let mut names = Vec::new();
+        for n in both {
+            names.extend_from_slice(n);
             names.push(0);
         }
         Ok(match xattr_reply(size, names)? {

@@ -35,7 +35,7 @@ pub enum Error {
     ReadOnly,
     #[error("invalid store address {0:?}: {1}")]
     InvalidAddress(String, String),
-    #[error("remote store: {}: {}", .0.code(), .0.message())]
+    #[error("remote store: {}: {}{}", .0.code(), .0.message(), unimplemented_hint(.0))]
     Remote(Box<tonic::Status>),
     #[error("remote store transport: {0}")]
     Transport(tonic::transport::Error),
@@ -90,6 +90,16 @@ wrap!(
     PathInfo(PathInfoError),
     Transport(tonic::transport::Error)
 );
+
+fn unimplemented_hint(s: &tonic::Status) -> &'static str {
+    match s.code() {
+        tonic::Code::Unimplemented => {
+            " (the store does not offer this service under the names asked: \
+             a ?wire=tvix or ?wire=snix on the address pins the other family)"
+        }
+        _ => "",
+    }
+}
 
 impl From<tonic::Status> for Error {
     fn from(s: tonic::Status) -> Self {

@@ -13,19 +13,22 @@ pub use directory::DirectoryService;
 pub use error::{Error, Result};
 pub use pathinfo::PathInfoService;
 
+use crate::services::channel::WireChannel;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use tonic::transport::Channel;
 
-/// A parsed store address.
+/// A parsed store address. A gRPC one may pin the wire family
+/// (`?wire=tvix` or `?wire=snix`); by default it is found out.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Addr {
     Memory,
     Local(PathBuf),
-    GrpcUnix(PathBuf),
-    GrpcHttp(String),
+    GrpcUnix(PathBuf, Wire),
+    GrpcHttp(String, Wire),
 }
+
+pub use channel::Wire;
 
 /// As it is written on the command line.
 impl std::fmt::Display for Addr {
@@ -33,8 +36,8 @@ impl std::fmt::Display for Addr {
         match self {
             Addr::Memory => write!(f, "memory://"),
             Addr::Local(p) => write!(f, "local://{}", p.display()),
-            Addr::GrpcUnix(p) => write!(f, "grpc+unix://{}", p.display()),
-            Addr::GrpcHttp(h) => write!(f, "grpc+http://{h}"),
+            Addr::GrpcUnix(p, w) => write!(f, "grpc+unix://{}{}", p.display(), w.query()),
+            Addr::GrpcHttp(h, w) => write!(f, "grpc+http://{h}{}", w.query()),
         }
     }
 }
@@ -51,18 +54,27 @@ impl std::str::FromStr for Addr {
                 Err(bad("needs an absolute path, as in local:///var/lib/store"))
             }
         };
+        let (s, wire) = match s.split_once('?') {
+            None => (s, Wire::Detect),
+            Some((rest, q)) if rest.starts_with("grpc+") => match q {
+                "wire=tvix" => (rest, Wire::Tvix),
+                "wire=snix" => (rest, Wire::Snix),
+                _ => return Err(bad("the one parameter is wire=tvix or wire=snix")),
+            },
+            Some(_) => return Err(bad("only grpc+ addresses take parameters")),
+        };
         if s == "memory://" {
             Ok(Addr::Memory)
         } else if let Some(p) = s.strip_prefix("local://") {
             abs(p).map(Addr::Local)
         } else if let Some(p) = s.strip_prefix("grpc+unix://") {
-            abs(p).map(Addr::GrpcUnix)
+            abs(p).map(|p| Addr::GrpcUnix(p, wire))
         } else if let Some(hp) = s.strip_prefix("grpc+http://") {
             let hp = hp.trim_end_matches('/');
             if hp.is_empty() || hp.contains('/') {
                 Err(bad("expected grpc+http://HOST:PORT"))
             } else {
-                Ok(Addr::GrpcHttp(hp.into()))
+                Ok(Addr::GrpcHttp(hp.into(), wire))
             }
         } else {
             Err(bad(
@@ -118,14 +130,14 @@ impl Store {
         opts: &StoreOptions,
     ) -> Result<(Self, Option<Arc<cache::Cache>>)> {
         let ro = opts.sandboxed;
-        let mut channels: HashMap<Addr, Channel> = HashMap::new();
-        let mut channel = |a: &Addr| -> Result<Channel> {
+        let mut channels: HashMap<Addr, WireChannel> = HashMap::new();
+        let mut channel = |a: &Addr| -> Result<WireChannel> {
             if let Some(c) = channels.get(a) {
                 return Ok(c.clone());
             }
             let c = match a {
-                Addr::GrpcUnix(p) => channel::connect_unix(p.clone())?,
-                Addr::GrpcHttp(hp) => channel::connect_tcp(hp)?,
+                Addr::GrpcUnix(p, w) => channel::connect_unix(p.clone(), *w)?,
+                Addr::GrpcHttp(hp, w) => channel::connect_tcp(hp, *w)?,
                 _ => return Err(Error::InvalidAddress(format!("{a:?}"), "not remote".into())),
             };
             channels.insert(a.clone(), c.clone());
@@ -133,7 +145,7 @@ impl Store {
         };
         let [blob, directory, path_info] = addrs;
         let mem = Self::memory();
-        let grpc_blob = |c: Channel| {
+        let grpc_blob = |c: WireChannel| {
             let g = blob::grpc::GrpcBlobService::new(c).with_idle_timeout(opts.idle_timeout);
             if ro {
                 g.with_memfd_spool()
@@ -174,7 +186,7 @@ impl Store {
         // A reader asks the store that serves its blobs to fill them.
         let filler = match (c.role, blob) {
             (cache::Role::Filler, _) => None,
-            (cache::Role::Reader, Addr::GrpcUnix(_) | Addr::GrpcHttp(_)) => Some(channel(blob)?),
+            (cache::Role::Reader, Addr::GrpcUnix(..) | Addr::GrpcHttp(..)) => Some(channel(blob)?),
             (cache::Role::Reader, a) => {
                 return Err(Error::InvalidAddress(
                     format!("{a:?}"),
@@ -224,12 +236,20 @@ mod tests {
         );
         assert_eq!(
             "grpc+unix:///run/s.sock".parse::<Addr>().unwrap(),
-            Addr::GrpcUnix("/run/s.sock".into())
+            Addr::GrpcUnix("/run/s.sock".into(), Wire::Detect)
         );
         assert_eq!(
             "grpc+http://[::1]:8000".parse::<Addr>().unwrap(),
-            Addr::GrpcHttp("[::1]:8000".into())
+            Addr::GrpcHttp("[::1]:8000".into(), Wire::Detect)
         );
+        let pinned = "grpc+unix:///run/s.sock?wire=snix";
+        assert_eq!(
+            pinned.parse::<Addr>().unwrap(),
+            Addr::GrpcUnix("/run/s.sock".into(), Wire::Snix)
+        );
+        assert_eq!(pinned.parse::<Addr>().unwrap().to_string(), pinned);
+        assert!("grpc+http://h:1?wire=other".parse::<Addr>().is_err());
+        assert!("local:///x?wire=snix".parse::<Addr>().is_err());
         for bad in ["local://rel", "http://x", "grpc+http://", "redb:///x", ""] {
             assert!(bad.parse::<Addr>().is_err(), "{bad}");
         }

@@ -4,6 +4,7 @@
 //! hashing, so a lying server yields an error, never wrong bytes.
 use super::{BlobReader, BlobService, BlobWriter};
 use crate::castore::B3Digest;
+use crate::services::channel::WireChannel;
 use crate::services::channel::MAX_MESSAGE_SIZE;
 use crate::services::{Error, Result};
 use crate::wire::castore::blob_service_client::BlobServiceClient;
@@ -14,7 +15,6 @@ use std::io::{Seek, Write};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 use tonic::Code;
 
 /// Blobs up to this size are verified in memory; larger ones in a temporary file.
@@ -32,7 +32,7 @@ fn stalled(digest: &B3Digest, idle: Duration) -> Error {
 
 #[derive(Clone)]
 pub struct GrpcBlobService {
-    client: BlobServiceClient<Channel>,
+    client: BlobServiceClient<WireChannel>,
     /// Spool large blobs into memory files rather than the temp directory
     /// (inside the sandbox there is no writable directory).
     memfd_spool: bool,
@@ -42,7 +42,7 @@ pub struct GrpcBlobService {
 }
 
 impl GrpcBlobService {
-    pub fn new(channel: Channel) -> Self {
+    pub fn new(channel: WireChannel) -> Self {
         Self {
             client: BlobServiceClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_SIZE)

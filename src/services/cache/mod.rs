@@ -28,6 +28,7 @@ mod touches;
 
 use crate::castore::B3Digest;
 use crate::services::blob::local::LocalBlobService;
+use crate::services::channel::WireChannel;
 use crate::services::directory::local::LocalDirectoryService;
 use crate::services::pathinfo::local::LocalPathInfoService;
 use crate::services::{Error, Result, Store};
@@ -41,7 +42,6 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-use tonic::transport::Channel;
 
 /// Default `--cache-size`.
 pub const DEFAULT_MAX_BYTES: u64 = 10 << 30;
@@ -151,7 +151,7 @@ struct Filler {
 }
 
 struct Reader {
-    client: Option<CacheServiceClient<Channel>>,
+    client: Option<CacheServiceClient<WireChannel>>,
     /// The store fills our directory (until it says it cannot).
     fills: AtomicBool,
     touches: touches::Touches,
@@ -181,7 +181,7 @@ impl Cache {
     pub fn open(
         opts: &CacheOptions,
         remote: Store,
-        filler: Option<Channel>,
+        filler: Option<WireChannel>,
         idle: Duration,
     ) -> Result<Arc<Self>> {
         let root = opts.dir.clone();

@@ -4,6 +4,7 @@
 //! used (`CacheService/Touch`), now and then and sooner when many pile up.
 use super::flights::Key;
 use crate::castore::B3Digest;
+use crate::services::channel::WireChannel;
 use crate::wire::cache as pb;
 use crate::wire::cache::cache_service_client::CacheServiceClient;
 use bytes::Bytes;
@@ -11,7 +12,6 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::Notify;
-use tonic::transport::Channel;
 
 /// Most hits held before reporting; more are dropped (an object missed
 /// here is only evicted a little sooner).
@@ -65,7 +65,7 @@ impl Touches {
 
     /// Sends what is held to the filler (each call within `idle`); a
     /// failed report is dropped.
-    pub async fn report(&self, client: &CacheServiceClient<Channel>, idle: Duration) {
+    pub async fn report(&self, client: &CacheServiceClient<WireChannel>, idle: Duration) {
         let h = std::mem::take(&mut *self.lock());
         let blobs: Vec<Bytes> = h.blobs.into_iter().map(Bytes::from).collect();
         let dirs: Vec<Bytes> = h.dirs.into_iter().map(Bytes::from).collect();

@@ -3,22 +3,22 @@
 //! against the order and size rules of `castore::graph`.
 use super::DirectoryService;
 use crate::castore::{B3Digest, Directory, RootFirst, ValidatedGraph};
+use crate::services::channel::WireChannel;
 use crate::services::channel::MAX_MESSAGE_SIZE;
 use crate::services::{Error, Result};
 use crate::wire::castore as pb;
 use crate::wire::castore::directory_service_client::DirectoryServiceClient;
 use async_trait::async_trait;
 use futures::stream::BoxStream;
-use tonic::transport::Channel;
 use tonic::Code;
 
 #[derive(Clone)]
 pub struct GrpcDirectoryService {
-    client: DirectoryServiceClient<Channel>,
+    client: DirectoryServiceClient<WireChannel>,
 }
 
 impl GrpcDirectoryService {
-    pub fn new(channel: Channel) -> Self {
+    pub fn new(channel: WireChannel) -> Self {
         Self {
             client: DirectoryServiceClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_SIZE)

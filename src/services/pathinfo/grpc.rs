@@ -3,22 +3,22 @@
 use super::PathInfoService;
 use crate::castore::Node;
 use crate::pathinfo::PathInfo;
+use crate::services::channel::WireChannel;
 use crate::services::channel::MAX_MESSAGE_SIZE;
 use crate::services::{Error, Result};
 use crate::wire::store as pb;
 use crate::wire::store::path_info_service_client::PathInfoServiceClient;
 use async_trait::async_trait;
 use futures::stream::BoxStream;
-use tonic::transport::Channel;
 use tonic::Code;
 
 #[derive(Clone)]
 pub struct GrpcPathInfoService {
-    client: PathInfoServiceClient<Channel>,
+    client: PathInfoServiceClient<WireChannel>,
 }
 
 impl GrpcPathInfoService {
-    pub fn new(channel: Channel) -> Self {
+    pub fn new(channel: WireChannel) -> Self {
         Self {
             client: PathInfoServiceClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_SIZE)
