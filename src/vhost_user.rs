@@ -190,6 +190,7 @@ const WORKER_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 /// daemon (most of a host's many) keeps few threads.
 struct Pool {
     server: Arc<FsServer>,
+    fs: Arc<StoreFs>,
     rx: Mutex<Receiver<Job>>,
     /// Workers waiting for a job.
     idle: AtomicUsize,
@@ -224,7 +225,7 @@ impl Pool {
             let job = lock(&self.rx).recv_timeout(WORKER_IDLE);
             self.idle.fetch_sub(1, Ordering::AcqRel);
             match job {
-                Ok(job) => serve(&self.server, job),
+                Ok(job) => serve(&self.server, &self.fs, job),
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     let alive = self.alive.load(Ordering::Acquire);
                     if alive > MIN_WORKERS
@@ -278,6 +279,7 @@ impl FsBackend {
         let (jobs, rx) = mpsc::channel::<Job>();
         let pool = Arc::new(Pool {
             server: server.clone(),
+            fs: fs.clone(),
             rx: Mutex::new(rx),
             idle: AtomicUsize::new(0),
             alive: AtomicUsize::new(0),
@@ -344,7 +346,7 @@ impl FsBackend {
                 slots: slots.clone(),
             };
             if queue == 0 {
-                serve_here(&self.server, job);
+                serve_here(&self.server, &self.fs, job);
                 continue;
             }
             if self.pool.idle.load(Ordering::Acquire) > 0 && more_available(vring, &mem) {
@@ -352,13 +354,14 @@ impl FsBackend {
                 continue;
             }
             let head = job.chain.head_index();
-            let (len, deferred) = self
+            let (served, deferred) = self
                 .fs
                 .attempt_inline(|| handle_chain(&self.server, &job.mem, job.chain.clone(), queue));
             if deferred {
                 self.to_pool(job);
             } else {
-                complete(&job.vring, head, len, queue);
+                served.record(&self.fs);
+                complete(&job.vring, head, served.len, queue);
                 slots.in_flight.fetch_sub(1, Ordering::SeqCst);
             }
         }
@@ -367,7 +370,7 @@ impl FsBackend {
     fn to_pool(&self, job: Job) {
         if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
             // Only possible if every worker is gone: still answer.
-            serve_here(&self.server, job);
+            serve_here(&self.server, &self.fs, job);
             return;
         }
         if self.pool.idle.load(Ordering::Acquire) == 0 {
@@ -388,19 +391,21 @@ fn more_available(vring: &VringRwLock, mem: &Mem) -> bool {
 }
 
 /// Serves one chain on a worker, returns it to the guest and frees its slot.
-fn serve(server: &FsServer, job: Job) {
+fn serve(server: &FsServer, fs: &StoreFs, job: Job) {
     let head = job.chain.head_index();
-    let len = handle_chain(server, &job.mem, job.chain, job.queue);
-    complete(&job.vring, head, len, job.queue);
+    let served = handle_chain(server, &job.mem, job.chain, job.queue);
+    served.record(fs);
+    complete(&job.vring, head, served.len, job.queue);
     job.slots.give(&job.vring);
 }
 
 /// Serves one chain on the vring thread itself: its slot (request queues)
 /// is freed without waking the thread that is running it.
-fn serve_here(server: &FsServer, job: Job) {
+fn serve_here(server: &FsServer, fs: &StoreFs, job: Job) {
     let head = job.chain.head_index();
-    let len = handle_chain(server, &job.mem, job.chain, job.queue);
-    complete(&job.vring, head, len, job.queue);
+    let served = handle_chain(server, &job.mem, job.chain, job.queue);
+    served.record(fs);
+    complete(&job.vring, head, served.len, job.queue);
     if job.queue != 0 {
         job.slots.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
@@ -414,20 +419,36 @@ pub(crate) fn handle_chain(
     mem: &Mem,
     chain: DescriptorChain<Arc<Mem>>,
     queue: usize,
-) -> u32 {
+) -> Served {
+    let t0 = std::time::Instant::now();
     let head = chain.head_index();
+    let unusable = Served {
+        len: 0,
+        opcode: 0,
+        errno: 0,
+        took: std::time::Duration::ZERO,
+    };
     let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!("queue {queue}: descriptor chain {head}: unreadable: {e}");
-            return 0;
+            return unusable;
         }
     };
-    let writer = match VirtioFsWriter::new(mem, chain) {
+    let opcode = {
+        // the header's second field, read from a copy of the cursor
+        let mut h = [0u8; 8];
+        let mut peek = reader.clone();
+        match io::Read::read_exact(&mut peek, &mut h) {
+            Ok(()) => u32::from_le_bytes([h[4], h[5], h[6], h[7]]),
+            Err(_) => 0,
+        }
+    };
+    let writer = match VirtioFsWriter::new(mem, chain.clone()) {
         Ok(w) => w,
         Err(e) => {
             tracing::warn!("queue {queue}: descriptor chain {head}: unwritable: {e}");
-            return 0;
+            return unusable;
         }
     };
     // A panic would be a bug in one request; it must not take a worker
@@ -435,7 +456,7 @@ pub(crate) fn handle_chain(
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         server.handle_message(reader, writer.into(), None, None)
     }));
-    match r {
+    let len = match r {
         Ok(Ok(n)) => u32::try_from(n).unwrap_or_else(|_| {
             tracing::warn!("queue {queue}: reply of {n} bytes does not fit a used length");
             0
@@ -448,7 +469,49 @@ pub(crate) fn handle_chain(
             tracing::error!("BUG: a virtio-fs request handler panicked");
             0
         }
+    };
+    Served {
+        len,
+        opcode,
+        errno: if len >= 16 {
+            reply_errno(mem, chain)
+        } else {
+            0
+        },
+        took: t0.elapsed(),
     }
+}
+
+/// One chain served: the used length, and what the metrics count.
+pub(crate) struct Served {
+    pub len: u32,
+    opcode: u32,
+    errno: i32,
+    took: std::time::Duration,
+}
+
+impl Served {
+    fn record(&self, fs: &StoreFs) {
+        if self.opcode != 0 {
+            let data = u64::from(self.len.saturating_sub(16));
+            fs.metrics()
+                .request(self.opcode, self.errno, self.took, data);
+        }
+    }
+}
+
+/// The errno of the reply the server wrote (its header's error field, a
+/// negative errno, at the start of the first writable descriptor).
+fn reply_errno(mem: &Mem, chain: DescriptorChain<Arc<Mem>>) -> i32 {
+    use vm_memory::Bytes;
+    let Some(d) = chain.into_iter().find(|d| d.is_write_only()) else {
+        return 0;
+    };
+    let mut h = [0u8; 8];
+    if d.len() < 8 || mem.read_slice(&mut h, d.addr()).is_err() {
+        return 0;
+    }
+    i32::from_le_bytes([h[4], h[5], h[6], h[7]]).saturating_neg()
 }
 
 /// Puts a served chain on the used ring and notifies the guest if it asked

@@ -192,12 +192,14 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
     opts.idle_timeout = std::time::Duration::from_secs(args.store_timeout);
     let (store, cache) = store_args.open_with(&opts)?;
     // Metrics first: once the store socket answers, so do they.
+    let calls = std::sync::Arc::new(crate::grpc_server::CallMetrics::default());
     if let Some(listen) = &args.metrics_listen {
-        let c = cache.clone();
+        let (c, calls) = (cache.clone(), calls.clone());
         let render: crate::metrics::Render = std::sync::Arc::new(move || {
             let mut out = String::from(
                 "# HELP tvix_virtiofsd_up The daemon is serving.\n# TYPE tvix_virtiofsd_up gauge\ntvix_virtiofsd_up 1\n",
             );
+            calls.render(&mut out);
             if let Some(c) = &c {
                 out.push_str(&c.stats().prometheus());
             }
@@ -280,6 +282,7 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
         .layer(tower::util::MapRequestLayer::new(
             crate::grpc_server::wire_names(args.families()?),
         ))
+        .layer(calls.layer())
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_alpha)

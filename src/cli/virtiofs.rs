@@ -53,6 +53,12 @@ pub struct VirtiofsArgs {
     #[arg(long, requires = "socket_path")]
     pub socket_group: Option<String>,
 
+    /// Serve Prometheus metrics (GET /metrics) on this unix socket, made
+    /// 0600 before the sandbox closes: FUSE requests by opcode with
+    /// latency, errors by errno, bytes read, store calls, the host cache.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_socket: Option<PathBuf>,
+
     /// Print the backend's capabilities as JSON (vhost-user backend
     /// conventions, for libvirt) and exit.
     #[arg(long)]
@@ -143,6 +149,21 @@ pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<Ex
         return Ok(ExitCode::SUCCESS);
     }
     let (listener, socket_file) = listener(&args)?;
+    // Bound now: inside the sandbox no socket file can be made.
+    let metrics = match &args.metrics_socket {
+        Some(p) => {
+            let (l, f) = socket::bind_socket(p, None)
+                .with_context(|| format!("metrics socket {}", p.display()))?;
+            l.set_nonblocking(true)?;
+            tracing::info!("metrics on unix:{}", f.path().display());
+            Some((l, f))
+        }
+        None => None,
+    };
+    let (metrics, metrics_file) = match metrics {
+        Some((l, f)) => (Some(l), Some(f)),
+        None => (None, None),
+    };
     match &socket_file {
         Some(f) => tracing::info!("listening for the VMM on {}", f.path().display()),
         None => tracing::info!("listening for the VMM on the inherited socket"),
@@ -197,6 +218,7 @@ pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<Ex
         // The child serves; we only wait, holding nothing but the socket
         // file to remove at the end.
         drop(listener);
+        drop(metrics);
         if let Err(e) = privileges::drop_all(true) {
             tracing::warn!("supervisor: {e}");
         }
@@ -210,6 +232,7 @@ pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<Ex
         let code = sup.wait(on_ready);
         crate::notify::tell("STOPPING=1");
         drop(socket_file);
+        drop(metrics_file);
         return Ok(ExitCode::from(code));
     }
     let ready = ready.map(|(r, w)| {
@@ -219,12 +242,14 @@ pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<Ex
     // The serving process may not see the socket file, nor unlink it under
     // seccomp: its supervisor removes it.
     std::mem::forget(socket_file);
+    std::mem::forget(metrics_file);
     // Nothing inherited but the listener and the standard streams reaches
     // the serving process (a VMM or unit may leave other descriptors open).
     {
         use std::os::fd::AsRawFd;
         let mut keep = vec![listener.as_raw_fd()];
         keep.extend(ready.as_ref().map(|w| w.as_raw_fd()));
+        keep.extend(metrics.as_ref().map(|l| l.as_raw_fd()));
         sandbox::close_inherited(&keep)?;
     }
     privileges::set_rlimit_nofile(args.rlimit_nofile)?;
@@ -266,7 +291,7 @@ pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<Ex
             }
         });
     }
-    let served = rt.block_on(serve(store, args, listener));
+    let served = rt.block_on(serve(store, cache.clone(), args, listener, metrics));
     if let Some(c) = cache {
         rt.block_on(c.report_touches());
         tracing::info!("cache {}: {}", c.dir().display(), c.stats().summary());
@@ -275,7 +300,13 @@ pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve(store: Store, args: VirtiofsArgs, listener: UnixListener) -> anyhow::Result<()> {
+async fn serve(
+    store: Store,
+    cache: Option<std::sync::Arc<cache::Cache>>,
+    args: VirtiofsArgs,
+    listener: UnixListener,
+    metrics: Option<UnixListener>,
+) -> anyhow::Result<()> {
     // Before anything that takes time: a signal from here on is a clean exit.
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
@@ -289,6 +320,20 @@ async fn serve(store: Store, args: VirtiofsArgs, listener: UnixListener) -> anyh
     sandbox::release_signals();
 
     let fs = args.view.view(store).await?;
+    if let Some(l) = metrics {
+        let fs = fs.clone();
+        let render: crate::metrics::Render = std::sync::Arc::new(move || {
+            let mut out = String::from(
+                "# HELP tvix_virtiofsd_up The daemon is serving.\n# TYPE tvix_virtiofsd_up gauge\ntvix_virtiofsd_up 1\n",
+            );
+            out.push_str(&fs.render_metrics());
+            if let Some(c) = &cache {
+                out.push_str(&c.stats().prometheus());
+            }
+            out
+        });
+        crate::metrics::serve_bound(l, render)?;
+    }
     let config = DeviceConfig {
         tag: args.tag,
         request_queues: usize::from(args.request_queues),

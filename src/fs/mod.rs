@@ -8,6 +8,7 @@ mod blobs;
 pub mod closure;
 pub mod inline;
 mod inodes;
+pub mod metrics;
 
 use crate::castore::{B3Digest, Directory, Node};
 use crate::nix::store_path::StorePath;
@@ -165,6 +166,8 @@ pub struct StoreFs {
     /// listing, not one per handle.
     root_snapshot: Mutex<Option<(std::time::Instant, Listing)>>,
     next_handle: AtomicU64,
+    /// What it served, for Prometheus.
+    metrics: metrics::ViewMetrics,
     /// The store paths the guest may see; `None`: all of them.
     closure: std::sync::RwLock<Option<Arc<closure::Closure>>>,
     /// Entries of `files` and `dir_handles` together.
@@ -228,6 +231,7 @@ impl StoreFs {
             root_snapshot: Mutex::new(None),
             next_handle: AtomicU64::new(1),
             closure: Default::default(),
+            metrics: Default::default(),
             handles: AtomicUsize::new(0),
             cfg,
         }
@@ -246,6 +250,23 @@ impl StoreFs {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// What the view counts; the transport records each request in it.
+    pub fn metrics(&self) -> &metrics::ViewMetrics {
+        &self.metrics
+    }
+
+    /// The view's metrics in Prometheus text.
+    pub fn render_metrics(&self) -> String {
+        let mut out = String::new();
+        self.metrics.render(
+            &mut out,
+            self.inode_count(),
+            self.handle_count(),
+            self.open_blob_count(),
+        );
+        out
     }
 
     /// Live inodes, for tests.
@@ -342,6 +363,7 @@ impl StoreFs {
         if inline::defer() {
             return Err(err(libc::EAGAIN));
         }
+        let t0 = std::time::Instant::now();
         let r = self.rt.block_on(async move {
             match limit {
                 // The timer must be created inside the runtime.
@@ -349,6 +371,8 @@ impl StoreFs {
                 None => Ok(fut.await),
             }
         });
+        self.metrics
+            .store_call(t0.elapsed(), !matches!(r, Ok(Ok(_))));
         match r {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) if e.is_timeout() => {
