@@ -128,6 +128,11 @@ pub struct ViewArgs {
     #[arg(long, default_value_t = crate::fs::DEFAULT_MAX_HANDLES)]
     pub max_handles: usize,
 
+    /// What the guest keeps in its page cache: never (direct I/O, so many
+    /// guests hold no copies of the store's data), metadata, auto, always.
+    #[arg(long, value_enum, default_value_t = crate::fs::CachePolicy::Always)]
+    pub cache: crate::fs::CachePolicy,
+
     /// Show only these store paths (absolute or basenames) and what they
     /// reference, transitively; any other name is absent.
     #[arg(long, num_args = 1.., value_name = "STORE_PATH")]
@@ -154,6 +159,7 @@ impl ViewArgs {
                 dir_cache_bytes: self.directory_cache_size,
                 verified_blobs: self.verified_blobs,
                 max_handles: self.max_handles,
+                cache: self.cache,
             },
         ));
         if let Some(c) = closure {

@@ -54,6 +54,45 @@ pub struct FsConfig {
     /// OPEN and OPENDIR answer ENFILE (a guest kernel that never releases
     /// cannot grow the daemon without bound).
     pub max_handles: usize,
+    /// What the guest may keep in its page cache.
+    pub cache: CachePolicy,
+}
+
+/// virtiofsd's `--cache` modes, for content that never changes: metadata
+/// can never go stale, so only data pages (and directory pages) differ.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum CachePolicy {
+    /// Files with direct I/O (no data pages in the guest), directory
+    /// listings not kept either. For many guests sharing one store.
+    Never,
+    /// Files with direct I/O; directory listings kept.
+    Metadata,
+    /// Data cached while a file is open, dropped when it is opened again.
+    Auto,
+    /// Data kept across opens (nothing can change it).
+    #[default]
+    Always,
+}
+
+impl CachePolicy {
+    fn file(self) -> OpenOptions {
+        match self {
+            // MAP_PRIVATE mappings (programs, shared libraries) still work
+            // with direct I/O; shared ones need the kernel's
+            // FUSE_DIRECT_IO_ALLOW_MMAP, which fuse-backend-rs 0.14 cannot
+            // ask for (it drops INIT flags it does not know).
+            CachePolicy::Never | CachePolicy::Metadata => OpenOptions::DIRECT_IO,
+            CachePolicy::Auto => OpenOptions::empty(),
+            CachePolicy::Always => OpenOptions::KEEP_CACHE,
+        }
+    }
+
+    fn dir(self) -> OpenOptions {
+        match self {
+            CachePolicy::Never => OpenOptions::empty(),
+            _ => OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE,
+        }
+    }
 }
 
 impl Default for FsConfig {
@@ -64,6 +103,7 @@ impl Default for FsConfig {
             dir_cache_bytes: DEFAULT_DIR_CACHE_BYTES,
             verified_blobs: DEFAULT_VERIFIED_BLOBS,
             max_handles: DEFAULT_MAX_HANDLES,
+            cache: CachePolicy::Always,
         }
     }
 }
@@ -907,7 +947,7 @@ impl FileSystem for StoreFs {
                 blob: None,
             })),
         );
-        Ok((Some(h), OpenOptions::KEEP_CACHE, None))
+        Ok((Some(h), self.cfg.cache.file(), None))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1056,7 +1096,7 @@ impl FileSystem for StoreFs {
                 let listing = self.directory(digest, *size)?.entries.clone();
                 let h = self.new_handle()?;
                 lock(&self.dir_handles).insert(h, listing);
-                Ok((Some(h), OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE))
+                Ok((Some(h), self.cfg.cache.dir()))
             }
             InodeKind::Node(_) => Err(err(libc::ENOTDIR)),
         }
