@@ -4,9 +4,9 @@
 # `tvix-virtiofsd virtiofs --cache POLICY` over one embedded store, each
 # reading every file of the same trees. Once all three have read them, the
 # script takes the sum of the three QEMU processes' resident memory (their
-# guest RAM is a shared memfd: a guest's page cache is counted there) and
-# the host page cache's growth since the start of the round (the store's
-# files, read once for all daemons). A guest holds no data pages with
+# guest RAM is a shared memfd: a guest's page cache is counted there, as
+# RssShmem) and the host page cache's growth since the start of the round
+# without shared memory (the store's files, read once for all daemons). A guest holds no data pages with
 # `never`; with `always` each holds its own copy.
 #
 # Usage: bench/vm-density.sh [DIR...]  (default /usr/share/doc
@@ -75,6 +75,7 @@ for policy in $policies; do
   sync
   echo 3 > /proc/sys/vm/drop_caches
   cached0=$(kib Cached)
+  shmem0=$(kib Shmem)
   vm_pids=()
   for i in $(seq 1 "$vms"); do
     sock=$work/$policy.$i.sock
@@ -99,15 +100,19 @@ for policy in $policies; do
   done
   rss=0 shmem=0
   for i in $(seq 1 "$vms"); do
-    qpid=$(pgrep -f "qemu-system.*$work/$policy.$i.sock" | head -1)
+    qpid=''
+    for p in $(pgrep -f "$work/$policy.$i.sock"); do
+      case $(cat "/proc/$p/comm" 2>/dev/null) in qemu-system*) qpid=$p ;; esac
+    done
+    [ -n "$qpid" ] || { echo "no QEMU process for VM $i; see $work" >&2; exit 1; }
     rss=$((rss + $(kib VmRSS "/proc/$qpid/status")))
     shmem=$((shmem + $(kib RssShmem "/proc/$qpid/status")))
   done
-  grown=$(( $(kib Cached) - cached0 ))
+  # page cache growth without shared memory (the guests' RAM is memfd)
+  grown=$(( $(kib Cached) - cached0 - ($(kib Shmem) - shmem0) ))
   # the guests' own Cached (their page cache), averaged
   guest=$(cat "$work/$policy".*.console | awk '/^CACHED-KIB:/ {s += $2; n++} END {printf "%d", s / n}')
-  # host Cached includes the guests' memfd pages (shmem): count them once
-  host=$((grown - shmem))
+  host=$grown
   echo "| $policy | $(mib $rss) | $(mib $shmem) | $(mib "$guest") | $(mib $host) | $(mib $((rss + host))) |"
   for p in "${vm_pids[@]}"; do wait "$p" || true; done
 done

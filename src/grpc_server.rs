@@ -88,7 +88,7 @@ impl StoreServer {
 }
 
 /// Bytes an unprivileged writer may still use on the file system of `dir`.
-fn free_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
+pub(crate) fn free_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
     // SAFETY: statvfs is plain data, filled in by the call.

@@ -2,6 +2,7 @@
 //! pieces that serve it to microVMs as a read-only /nix/store.
 //!
 //! Data flows wire → castore model → store services → NAR/import → CLI.
+pub mod binary_cache;
 pub mod castore;
 pub mod cli;
 pub mod fs;

@@ -52,6 +52,27 @@ pub struct DaemonArgs {
     /// Serve Prometheus metrics (GET /metrics) on HOST:PORT or unix:PATH.
     #[arg(long, env = "TVIX_VIRTIOFSD_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+
+    /// Also serve the store as a Nix HTTP binary cache on HOST:PORT (e.g.
+    /// 127.0.0.1:5000): Nix substitutes from it, and with --writable
+    /// `nix copy --to http://HOST:PORT` uploads into it.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub http_listen: Option<String>,
+
+    /// Sign the binary cache's narinfos with this Nix secret key file
+    /// (`nix-store --generate-binary-cache-key` writes one).
+    #[arg(long, value_name = "FILE", requires = "http_listen")]
+    pub signing_key: Option<std::path::PathBuf>,
+
+    /// Accept binary cache uploads only when signed by one of these keys
+    /// (NAME:BASE64, space-separated, as Nix's trusted-public-keys).
+    #[arg(long, value_name = "KEYS", requires = "http_listen")]
+    pub trusted_public_keys: Option<String>,
+
+    /// The binary cache's Priority (lower is preferred; cache.nixos.org
+    /// says 40).
+    #[arg(long, default_value_t = 30, requires = "http_listen")]
+    pub http_priority: u32,
 }
 
 /// A byte count with an optional binary suffix: 512, 64K, 10G.
@@ -235,6 +256,52 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
             crate::notify::store_answers(&store, timeout).await;
             crate::notify::tell(&format!("READY=1\n{status}"));
         });
+    }
+    if let Some(listen) = &args.http_listen {
+        let signer = args
+            .signing_key
+            .as_ref()
+            .map(|f| -> anyhow::Result<_> {
+                let text = std::fs::read_to_string(f)
+                    .with_context(|| format!("reading {}", f.display()))?;
+                crate::nix::signing::SecretKey::parse(&text)
+                    .with_context(|| format!("signing key {}", f.display()))
+            })
+            .transpose()?;
+        let trusted = args
+            .trusted_public_keys
+            .iter()
+            .flat_map(|k| k.split_whitespace())
+            .map(crate::nix::signing::PublicKey::parse)
+            .collect::<Result<Vec<_>, _>>()
+            .context("--trusted-public-keys")?;
+        if let Some(s) = &signer {
+            tracing::info!("binary cache narinfos signed by {}", s.public());
+        }
+        let l = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding the binary cache on {listen}"))?;
+        let writable = args.writable;
+        tracing::info!(
+            "Nix binary cache on http://{}{}",
+            l.local_addr()?,
+            if writable {
+                ""
+            } else {
+                " (read-only; --writable accepts uploads)"
+            }
+        );
+        let cache = crate::binary_cache::BinaryCache::new(
+            store.clone(),
+            crate::binary_cache::Options {
+                writable,
+                signer,
+                trusted,
+                priority: args.http_priority,
+                min_free: min_free.clone(),
+            },
+        );
+        crate::binary_cache::serve(l, std::sync::Arc::new(cache));
     }
     let server = StoreServer::new(store, read_only).with_limits(crate::grpc_server::Limits {
         min_free,

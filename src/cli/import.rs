@@ -2,7 +2,7 @@
 use crate::nar::Ingested;
 use crate::nix::path_info_json::{parse_path_info_json, NixPathInfo};
 use crate::nix::store_path::{make_source_path, StorePath};
-use crate::pathinfo::{ContentAddress, PathInfo, Signature};
+use crate::pathinfo::{ContentAddress, PathInfo};
 use crate::services::Store;
 use crate::wire::store::nar_info::ca::Hash as CaKind;
 use anyhow::{anyhow, bail, Context};
@@ -140,43 +140,7 @@ fn closure(roots: &[StorePath], infos: Vec<NixPathInfo>) -> anyhow::Result<Vec<N
 }
 
 fn to_path_info(n: &NixPathInfo, ing: Ingested) -> anyhow::Result<PathInfo> {
-    if n.nar_hash.algo() != crate::nix::hash::HashAlgo::Sha256 {
-        bail!("{}: NAR hash is not SHA-256", n.path);
-    }
-    if ing.nar_sha256[..] != *n.nar_hash.digest() || ing.nar_size != n.nar_size {
-        bail!(
-            "{}: NAR mismatch: expected {} ({} bytes), got {} ({} bytes)",
-            n.path,
-            n.nar_hash.to_sri(),
-            n.nar_size,
-            crate::nix::hash::NixHash::new(
-                crate::nix::hash::HashAlgo::Sha256,
-                ing.nar_sha256.to_vec()
-            )
-            .map(|h| h.to_sri())
-            .unwrap_or_default(),
-            ing.nar_size
-        );
-    }
-    let mut references = n.references.clone();
-    references.sort();
-    Ok(PathInfo {
-        store_path: n.path.clone(),
-        node: ing.node,
-        references,
-        nar_size: ing.nar_size,
-        nar_sha256: ing.nar_sha256,
-        signatures: n
-            .signatures
-            .iter()
-            .map(|(name, data)| Signature {
-                name: name.clone(),
-                data: bytes::Bytes::copy_from_slice(data),
-            })
-            .collect(),
-        deriver: n.deriver.clone(),
-        ca: n.ca.as_ref().map(ContentAddress::from_nix),
-    })
+    Ok(PathInfo::from_nix(n, ing)?)
 }
 
 /// Whether the store already holds `n` with the same NAR hash.

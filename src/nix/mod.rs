@@ -11,3 +11,5 @@ pub mod store_path;
 
 /// The only store directory supported; it is part of every store path hash.
 pub const STORE_DIR: &str = "/nix/store";
+pub mod narinfo;
+pub mod signing;

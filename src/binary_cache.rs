@@ -1,0 +1,436 @@
+//! Nix's HTTP binary cache protocol over the store, a transport edge like
+//! the gRPC server: `nix copy --to http://...` fills the store, and Nix
+//! substitutes from it. NARs are rendered from the castore as they are
+//! sent (bounded memory) and ingested as they arrive; a narinfo is accepted
+//! only for a NAR already received whose hash and size it names, whose
+//! references exist, and (with trusted keys) that a trusted key signed.
+use crate::nar::Ingested;
+use crate::nix::narinfo::NarInfo;
+use crate::nix::path_info_json::NixPathInfo;
+use crate::nix::signing::{fingerprint, PublicKey, SecretKey};
+use crate::pathinfo::PathInfo;
+use crate::services::{Error, Store};
+use bytes::Bytes;
+use futures::TryStreamExt;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::{Method, Request, Response, StatusCode};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// NARs received and not yet named by a narinfo: at most this many, for
+/// at most an hour.
+const MAX_PENDING: usize = 1024;
+const PENDING_FOR: Duration = Duration::from_secs(3600);
+/// Largest narinfo accepted.
+const MAX_NARINFO: usize = 1 << 20;
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+/// What the binary cache answers with and accepts.
+pub struct Options {
+    pub writable: bool,
+    /// Signs every narinfo served.
+    pub signer: Option<SecretKey>,
+    /// When not empty, an upload needs a valid signature by one of them.
+    pub trusted: Vec<PublicKey>,
+    /// `Priority:` in nix-cache-info (lower is preferred; cache.nixos.org
+    /// has 40).
+    pub priority: u32,
+    /// Uploads are refused while this directory's disk has less room.
+    pub min_free: Option<(std::path::PathBuf, u64)>,
+}
+
+pub struct BinaryCache {
+    store: Store,
+    opts: Options,
+    pending: Mutex<HashMap<String, (Ingested, Instant)>>,
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(body.into()))
+            .map_err(|e| match e {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r
+}
+
+fn refuse(status: StatusCode, why: impl std::fmt::Display) -> Response<Body> {
+    tracing::info!("binary cache: {status}: {why}");
+    text(status, format!("{why}\n"))
+}
+
+/// The store path hash of `<hash>.narinfo` or `nar/<hash>.nar...`.
+fn hash_part(s: &str) -> Option<[u8; 20]> {
+    if s.len() != 32 {
+        return None;
+    }
+    crate::nix::nixbase32::decode_fixed::<20>(s.as_bytes()).ok()
+}
+
+impl BinaryCache {
+    pub fn new(store: Store, opts: Options) -> Self {
+        Self {
+            store,
+            opts,
+            pending: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub async fn handle(self: Arc<Self>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+        let path = req.uri().path().to_string();
+        let head = req.method() == Method::HEAD;
+        let r = match (req.method().clone(), path.as_str()) {
+            (Method::GET | Method::HEAD, "/nix-cache-info") => Ok(text(
+                StatusCode::OK,
+                format!(
+                    "StoreDir: {}\nWantMassQuery: 1\nPriority: {}\n",
+                    crate::nix::STORE_DIR,
+                    self.opts.priority
+                ),
+            )),
+            (Method::GET | Method::HEAD, p) if p.ends_with(".narinfo") => self.narinfo(p).await,
+            (Method::GET | Method::HEAD, p) if p.starts_with("/nar/") => self.nar(p, head).await,
+            (Method::PUT, _) if !self.opts.writable => Ok(refuse(
+                StatusCode::FORBIDDEN,
+                "read-only binary cache (daemon --writable accepts uploads)",
+            )),
+            (Method::PUT, "/nix-cache-info") => Ok(text(StatusCode::OK, "")),
+            (Method::PUT, p) if p.starts_with("/nar/") => self.put_nar(p, req).await,
+            (Method::PUT, p) if p.ends_with(".narinfo") => self.put_narinfo(p, req).await,
+            (Method::GET | Method::HEAD | Method::PUT, _) => {
+                Ok(text(StatusCode::NOT_FOUND, "not found\n"))
+            }
+            _ => Ok(text(StatusCode::METHOD_NOT_ALLOWED, "")),
+        };
+        let mut r = r.unwrap_or_else(|e| {
+            tracing::error!("binary cache {path}: {e}");
+            text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
+        });
+        if head {
+            *r.body_mut() = Full::new(Bytes::new()).map_err(|e| match e {}).boxed();
+        }
+        r
+    }
+
+    async fn info(&self, hash: &str) -> Result<Option<PathInfo>, Error> {
+        let Some(digest) = hash_part(hash) else {
+            return Ok(None);
+        };
+        self.store.path_info.get(&digest).await
+    }
+
+    async fn narinfo(&self, p: &str) -> Result<Response<Body>, Error> {
+        let hash = p.trim_start_matches('/').trim_end_matches(".narinfo");
+        let Some(info) = self.info(hash).await? else {
+            return Ok(text(StatusCode::NOT_FOUND, "no such store path\n"));
+        };
+        let n = nix_info(&info)?;
+        let mut sigs: Vec<String> = n
+            .signatures
+            .iter()
+            .map(|(k, v)| format!("{k}:{}", data_encoding::BASE64.encode(v)))
+            .collect();
+        if let Some(s) = &self.opts.signer {
+            let fp = fingerprint(&n.path, &info.nar_sha256, n.nar_size, &n.references);
+            sigs.retain(|x| !x.starts_with(&format!("{}:", s.name)));
+            sigs.push(s.sign(&fp));
+        }
+        let body = NarInfo {
+            info: n,
+            url: format!("nar/{hash}.nar"),
+            compression: "none".into(),
+            sigs,
+        }
+        .render();
+        let mut r = text(StatusCode::OK, body);
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("text/x-nix-narinfo"),
+        );
+        Ok(r)
+    }
+
+    async fn nar(&self, p: &str, head: bool) -> Result<Response<Body>, Error> {
+        let name = p.trim_start_matches("/nar/");
+        let (hash, compression) = match name.split_once(".nar") {
+            Some((h, "")) => (h, None),
+            Some((h, ".zst")) => (h, Some("zst")),
+            Some((h, ".xz")) => (h, Some("xz")),
+            _ => return Ok(text(StatusCode::NOT_FOUND, "not found\n")),
+        };
+        let Some(info) = self.info(hash).await? else {
+            return Ok(text(StatusCode::NOT_FOUND, "no such store path\n"));
+        };
+        if head {
+            return Ok(text(StatusCode::OK, ""));
+        }
+        // Rendered into a pipe as the client reads: memory stays at the
+        // pipe's size, whatever the NAR's.
+        let (w, r) = tokio::io::duplex(256 << 10);
+        let store = self.store.clone();
+        let path = info.store_path.clone();
+        tokio::spawn(async move {
+            let done = match compression {
+                None => render(w, &info, &store).await,
+                Some("zst") => {
+                    render(
+                        async_compression::tokio::write::ZstdEncoder::new(w),
+                        &info,
+                        &store,
+                    )
+                    .await
+                }
+                Some(_) => {
+                    render(
+                        async_compression::tokio::write::XzEncoder::new(w),
+                        &info,
+                        &store,
+                    )
+                    .await
+                }
+            };
+            if let Err(e) = done {
+                // the client sees a cut NAR, which fails its hash check
+                tracing::error!("binary cache: NAR of {path}: {e}");
+            }
+        });
+        let stream = tokio_util::io::ReaderStream::with_capacity(r, 64 << 10)
+            .map_ok(hyper::body::Frame::data);
+        let mut resp = Response::new(http_body_util::StreamBody::new(stream).boxed());
+        resp.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/x-nix-nar"),
+        );
+        Ok(resp)
+    }
+
+    fn check_room(&self) -> Option<Response<Body>> {
+        let (dir, min) = self.opts.min_free.as_ref()?;
+        match crate::grpc_server::free_bytes(dir) {
+            Ok(free) if free < *min => Some(refuse(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!(
+                    "the store's disk has {} MiB free, below the {} MiB kept free",
+                    free >> 20,
+                    min >> 20
+                ),
+            )),
+            Ok(_) => None,
+            Err(e) => Some(refuse(StatusCode::INTERNAL_SERVER_ERROR, e)),
+        }
+    }
+
+    /// A NAR, compressed as its name says, ingested as it arrives; kept
+    /// aside until a narinfo names it.
+    async fn put_nar(
+        &self,
+        p: &str,
+        req: Request<hyper::body::Incoming>,
+    ) -> Result<Response<Body>, Error> {
+        if let Some(r) = self.check_room() {
+            return Ok(r);
+        }
+        let url = p.trim_start_matches('/').to_string();
+        let body = http_body_util::BodyStream::new(req.into_body())
+            .try_filter_map(|f| futures::future::ready(Ok(f.into_data().ok())))
+            .map_err(std::io::Error::other);
+        let raw = tokio_util::io::StreamReader::new(body);
+        use async_compression::tokio::bufread::{XzDecoder, ZstdDecoder};
+        let ingested = if url.ends_with(".nar") {
+            crate::nar::ingest_nar(raw, &self.store).await
+        } else if url.ends_with(".nar.xz") {
+            crate::nar::ingest_nar(XzDecoder::new(raw), &self.store).await
+        } else if url.ends_with(".nar.zst") {
+            crate::nar::ingest_nar(ZstdDecoder::new(raw), &self.store).await
+        } else {
+            return Ok(refuse(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("{url}: a NAR is .nar, .nar.xz or .nar.zst"),
+            ));
+        };
+        let ingested = match ingested {
+            Ok(i) => i,
+            Err(e) => return Ok(refuse(StatusCode::BAD_REQUEST, format!("{url}: {e}"))),
+        };
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.retain(|_, (_, at)| at.elapsed() < PENDING_FOR);
+        while pending.len() >= MAX_PENDING {
+            let oldest = pending
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => pending.remove(&k),
+                None => break,
+            };
+        }
+        pending.insert(url, (ingested, Instant::now()));
+        Ok(text(StatusCode::OK, ""))
+    }
+
+    /// A narinfo for a NAR received before: checked against it, its
+    /// references and the trusted keys, then the store path is added.
+    async fn put_narinfo(
+        &self,
+        p: &str,
+        req: Request<hyper::body::Incoming>,
+    ) -> Result<Response<Body>, Error> {
+        let hash = p
+            .trim_start_matches('/')
+            .trim_end_matches(".narinfo")
+            .to_string();
+        let body = match http_body_util::Limited::new(req.into_body(), MAX_NARINFO)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return Ok(refuse(StatusCode::BAD_REQUEST, format!("narinfo: {e}"))),
+        };
+        let Ok(text_body) = std::str::from_utf8(&body) else {
+            return Ok(refuse(StatusCode::BAD_REQUEST, "narinfo: not UTF-8"));
+        };
+        let n = match NarInfo::parse(text_body) {
+            Ok(n) => n,
+            Err(e) => return Ok(refuse(StatusCode::BAD_REQUEST, format!("narinfo: {e}"))),
+        };
+        let path = n.info.path.clone();
+        if path.to_basename().get(..32) != Some(hash.as_str()) {
+            return Ok(refuse(
+                StatusCode::BAD_REQUEST,
+                format!("{hash}.narinfo describes {path}"),
+            ));
+        }
+        if !self.opts.trusted.is_empty() {
+            let fp = match NixHashBytes::of(&n.info) {
+                Some(h) => fingerprint(&path, &h, n.info.nar_size, &n.info.references),
+                None => return Ok(refuse(StatusCode::BAD_REQUEST, "NarHash is not SHA-256")),
+            };
+            let signed = self
+                .opts
+                .trusted
+                .iter()
+                .any(|k| n.sigs.iter().any(|s| k.verifies(&fp, s)));
+            if !signed {
+                return Ok(refuse(
+                    StatusCode::FORBIDDEN,
+                    format!("{path}: no signature by a trusted key (--trusted-public-keys)"),
+                ));
+            }
+        }
+        for r in &n.info.references {
+            if *r == path {
+                continue;
+            }
+            let there = self.store.path_info.get(r.digest()).await?;
+            if there.is_none_or(|i| i.store_path != *r) {
+                return Ok(refuse(
+                    StatusCode::BAD_REQUEST,
+                    format!("{path}: its reference {r} is not in the store (upload it first)"),
+                ));
+            }
+        }
+        let url = n.url.trim_start_matches('/').to_string();
+        let ingested = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&url);
+        let Some((ingested, _)) = ingested else {
+            return Ok(refuse(
+                StatusCode::BAD_REQUEST,
+                format!("{path}: its NAR {url} was not uploaded (PUT it first)"),
+            ));
+        };
+        let info = match PathInfo::from_nix(&n.info, ingested) {
+            Ok(i) => i,
+            Err(e) => return Ok(refuse(StatusCode::BAD_REQUEST, e)),
+        };
+        match self.store.path_info.put(info).await {
+            Ok(_) => {
+                tracing::info!("binary cache: added {path}");
+                Ok(text(StatusCode::OK, ""))
+            }
+            Err(Error::Conflict(m)) => Ok(refuse(StatusCode::CONFLICT, m)),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The SHA-256 digest of a narinfo's NarHash.
+struct NixHashBytes;
+
+impl NixHashBytes {
+    fn of(n: &NixPathInfo) -> Option<[u8; 32]> {
+        (n.nar_hash.algo() == crate::nix::hash::HashAlgo::Sha256)
+            .then(|| n.nar_hash.digest().try_into().ok())
+            .flatten()
+    }
+}
+
+async fn render<W: tokio::io::AsyncWrite + Unpin + Send>(
+    mut w: W,
+    info: &PathInfo,
+    store: &Store,
+) -> Result<(), Error> {
+    use tokio::io::AsyncWriteExt;
+    crate::nar::write_nar(&mut w, &info.node, store).await?;
+    w.shutdown().await?;
+    Ok(())
+}
+
+/// A stored path info as Nix describes it.
+fn nix_info(i: &PathInfo) -> Result<NixPathInfo, Error> {
+    use crate::nix::hash::{ContentAddress, HashAlgo, NixHash};
+    let bad = |e: crate::nix::hash::HashError| Error::Protocol(format!("{}: {e}", i.store_path));
+    Ok(NixPathInfo {
+        path: i.store_path.clone(),
+        nar_hash: NixHash::new(HashAlgo::Sha256, i.nar_sha256.to_vec()).map_err(bad)?,
+        nar_size: i.nar_size,
+        references: i.references.clone(),
+        deriver: i.deriver.clone(),
+        ca: i
+            .ca
+            .as_ref()
+            .map(|c| ContentAddress::parse(&c.to_nix_string()))
+            .transpose()
+            .map_err(bad)?,
+        signatures: i
+            .signatures
+            .iter()
+            .map(|s| (s.name.clone(), s.data.to_vec()))
+            .collect(),
+    })
+}
+
+/// Serves the binary cache on `listener` until the runtime ends.
+pub fn serve(listener: tokio::net::TcpListener, cache: Arc<BinaryCache>) {
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("binary cache: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = s.set_nodelay(true);
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let cache = cache.clone();
+                    async move { Ok::<_, std::convert::Infallible>(cache.handle(req).await) }
+                });
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await
+                {
+                    tracing::debug!("binary cache connection: {e}");
+                }
+            });
+        }
+    });
+}
