@@ -150,6 +150,36 @@ fn nix_copies_to_us_and_substitutes_from_us() {
         assert!(ours == theirs, "{p}: our NAR differs from nix-store --dump");
     }
 
+    // the same NARs compressed where asked
+    let leaf = &closure[0];
+    let hash = &leaf["/nix/store/".len().."/nix/store/".len() + 32];
+    let plain = ok(nix(&up, "nix-store", &["--dump", leaf]), "nix-store --dump");
+    for (ext, tool) in [("zst", "zstd"), ("xz", "xz")] {
+        let mut s = std::net::TcpStream::connect(&c.http).unwrap();
+        write!(
+            s,
+            "GET /nar/{hash}.nar.{ext} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).unwrap();
+        let at = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert!(resp.starts_with(b"HTTP/1.1 200"), "{ext}");
+        // a streamed body comes chunked
+        let body = dechunk(&resp[at..]);
+        let mut child = Command::new(tool)
+            .arg("-dc")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let feeder = std::thread::spawn(move || stdin.write_all(&body));
+        let out = child.wait_with_output().unwrap();
+        feeder.join().unwrap().unwrap();
+        assert!(out.stdout == plain, "{leaf} as .nar.{ext}");
+    }
+
     // 2. Nix substitutes from us into empty stores, checking our signature
     let down = t.join("xdg-download");
     let root = t.join("root");
@@ -251,6 +281,20 @@ fn nix_copies_to_us_and_substitutes_from_us() {
         rows
     };
     assert_eq!(key(&theirs), key(&ours), "nix path-info vs ours");
+}
+
+/// The body of a chunked HTTP/1.1 response.
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let nl = b.windows(2).position(|w| w == b"\r\n").unwrap();
+        let n = usize::from_str_radix(std::str::from_utf8(&b[..nl]).unwrap().trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[nl + 2..nl + 2 + n]);
+        b = &b[nl + 2 + n + 2..];
+    }
 }
 
 /// A NAR and narinfo Nix would upload for the store path `p` (its
