@@ -2,8 +2,10 @@
 # Nix's binary cache protocol, in one run: `nix copy --to` into our daemon
 # (--http-listen, --writable, embedded store) beside `nix copy --to
 # file://` (Nix's own file cache), then `nix copy --from` each into an
-# empty chroot store, on the same closure, with Debian's Nix. Uploads use
-# Nix's default compression for both (xz); our NARs are sent uncompressed.
+# empty chroot store, on the same closure, with Debian's Nix. Uploads run
+# with Nix's default compression (xz, which Nix's own compressing bounds)
+# and with compression=none (what the receiving end costs); our NARs are
+# sent uncompressed.
 # Each step runs RUNS times (fresh destination each time); the table gives
 # the median wall time and the closure's NAR bytes per second.
 #
@@ -52,10 +54,11 @@ row() {  # name seconds...
   echo "| $name | $m | $(awk -v b="$nar_bytes" -v s="$m" 'BEGIN {printf "%.1f", b / s / 1048576}') | $* |"
 }
 
-up_ours=() up_file=() down_ours=() down_file=()
+up_ours=() up_file=() down_ours=() down_file=() raw_ours=() raw_file=()
 for i in $(seq 1 "$runs"); do
   port=$((20000 + RANDOM % 20000))
-  rm -rf "$work/store" "$work/xdg-up" "$work/xdg-down" "$work/filecache" "$work/root"*
+  rm -rf "$work/store" "$work/store2" "$work/xdg-up" "$work/xdg-down" "$work/filecache" \
+    "$work/filecache2" "$work/root"*
   "$work/tvix-virtiofsd" --store "local://$work/store" daemon --listen "unix:$work/d.sock" \
     --http-listen "127.0.0.1:$port" --writable --signing-key "$work/sk" \
     > "$work/daemon.log" 2>&1 &
@@ -67,6 +70,14 @@ for i in $(seq 1 "$runs"); do
     --to "$work/root-ours" --option trusted-public-keys "$pk" "${paths[@]}")")
   down_file+=("$(XDG_CACHE_HOME=$work/xdg-down times nixc copy --from "file://$work/filecache" \
     --to "$work/root-file" --option trusted-public-keys "$pk" "${paths[@]}")")
+  kill "$daemon"; wait "$daemon" 2>/dev/null || true
+  "$work/tvix-virtiofsd" --store "local://$work/store2" daemon --listen "unix:$work/d2.sock" \
+    --http-listen "127.0.0.1:$port" --writable > "$work/daemon2.log" 2>&1 &
+  daemon=$!
+  for _ in $(seq 100); do (exec 3<> "/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
+  raw_ours+=("$(XDG_CACHE_HOME=$work/xdg-raw times nixc copy --to "http://127.0.0.1:$port?compression=none" "${paths[@]}")")
+  raw_file+=("$(XDG_CACHE_HOME=$work/xdg-raw times nixc copy --to "file://$work/filecache2?compression=none" "${paths[@]}")")
+  rm -rf "$work/xdg-raw"
   [ -d "$work/root-ours/nix/store" ] && [ -d "$work/root-file/nix/store" ] || {
     echo "a copy --from failed" >&2; exit 1; }
   kill "$daemon"; wait "$daemon" 2>/dev/null || true; daemon=''
@@ -80,5 +91,7 @@ echo "| step | median s | NAR MiB/s | runs (s) |"
 echo "| --- | --- | --- | --- |"
 row "nix copy --to http:// (ours, xz upload)" "${up_ours[@]}"
 row "nix copy --to file:// (Nix, xz)" "${up_file[@]}"
+row "nix copy --to http://?compression=none (ours)" "${raw_ours[@]}"
+row "nix copy --to file://?compression=none (Nix)" "${raw_file[@]}"
 row "nix copy --from http:// (ours, uncompressed NARs)" "${down_ours[@]}"
 row "nix copy --from file:// (Nix, xz)" "${down_file[@]}"
