@@ -437,6 +437,36 @@ fn bad_uploads_are_refused_and_leave_nothing() {
     assert!(visible(&c, &leaf));
     drop(c);
 
+    // the binary cache alone (no gRPC listener) serves the same store
+    let port = free_port();
+    let mut alone = Command::new(common::bin())
+        .args(["--store", &format!("local://{}", t.join("store").display())])
+        .args([
+            "daemon",
+            "--listen",
+            "none",
+            "--http-listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no binary cache alone"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (s, info) = http(&addr, "GET", &format!("/{}.narinfo", hash_of(&leaf)), b"");
+    assert_eq!(s, 200, "{info}");
+    assert!(info.contains(&format!("StorePath: {leaf}\n")), "{info}");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(alone.id() as i32, libc::SIGTERM) };
+    assert!(alone.wait().unwrap().success());
+
     // a read-only cache refuses every upload
     let t3 = t.join("ro");
     std::fs::create_dir_all(&t3).unwrap();

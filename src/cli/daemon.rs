@@ -16,8 +16,9 @@ pub struct DaemonArgs {
     #[arg(long, hide = true, default_value = "tvix,snix")]
     pub wire_families: String,
 
-    /// Address to serve on: HOST:PORT or unix:PATH. Ignored when systemd
-    /// passes a listening socket (LISTEN_FDS).
+    /// Address to serve on: HOST:PORT or unix:PATH (none: only the
+    /// --http-listen binary cache). Ignored when systemd passes a listening
+    /// socket (LISTEN_FDS).
     #[arg(long, env = "TVIX_VIRTIOFSD_LISTEN", default_value = "[::1]:8000")]
     pub listen: String,
 
@@ -231,14 +232,22 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
     let (listener, listening_on) = match systemd_listener()? {
         Some(l) => {
             tracing::info!("serving on the socket passed by systemd");
-            (l, "the socket passed by systemd".to_string())
+            (Some(l), "the socket passed by systemd".to_string())
+        }
+        // the binary cache alone
+        None if args.listen == "none" => {
+            anyhow::ensure!(
+                args.http_listen.is_some(),
+                "--listen none serves nothing without --http-listen"
+            );
+            (None, args.http_listen.clone().unwrap_or_default())
         }
         None => (
-            bind(&args.listen, args.socket_group.as_deref()).await?,
+            Some(bind(&args.listen, args.socket_group.as_deref()).await?),
             args.listen.clone(),
         ),
     };
-    let read_only = listener.read_only(&args);
+    let read_only = listener.as_ref().is_none_or(|l| l.read_only(&args));
     // An embedded store (blobs are what fill a disk) keeps room free.
     let min_free = match &store_args.addrs()?[0] {
         crate::services::Addr::Local(dir) => Some((dir.clone(), args.min_free_space)),
@@ -303,6 +312,10 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
         );
         crate::binary_cache::serve(l, std::sync::Arc::new(cache));
     }
+    let Some(listener) = listener else {
+        shutdown_signal().await;
+        return Ok(());
+    };
     let server = StoreServer::new(store, read_only).with_limits(crate::grpc_server::Limits {
         min_free,
         ..Default::default()
