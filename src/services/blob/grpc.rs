@@ -222,7 +222,7 @@ impl BlobService for GrpcBlobService {
         });
         Ok(Box::new(GrpcWriter {
             tx: Some(tx),
-            call,
+            call: Some(call),
             hasher: blake3::Hasher::new(),
             buf: BytesMut::new(),
         }))
@@ -231,7 +231,8 @@ impl BlobService for GrpcBlobService {
 
 struct GrpcWriter {
     tx: Option<mpsc::Sender<BlobChunk>>,
-    call: JoinHandle<Result<crate::wire::castore::PutBlobResponse, tonic::Status>>,
+    /// `None` once awaited (closed) or abandoned (dropped).
+    call: Option<JoinHandle<Result<crate::wire::castore::PutBlobResponse, tonic::Status>>>,
     hasher: blake3::Hasher,
     buf: BytesMut,
 }
@@ -244,7 +245,10 @@ impl GrpcWriter {
         if tx.send(BlobChunk { data }).await.is_err() {
             // The call ended early; its status says why.
             self.tx = None;
-            return Err(match (&mut self.call).await {
+            let Some(call) = self.call.take() else {
+                return Err(Error::Protocol("blob upload already failed".into()));
+            };
+            return Err(match call.await {
                 Ok(Err(s)) => s.into(),
                 Ok(Ok(_)) => Error::Protocol("server closed the blob upload early".into()),
                 Err(e) => std::io::Error::other(e).into(),
@@ -272,7 +276,11 @@ impl BlobWriter for GrpcWriter {
             self.send(chunk).await?;
         }
         self.tx = None;
-        let resp = (&mut self.call).await.map_err(std::io::Error::other)??;
+        let call = self
+            .call
+            .take()
+            .ok_or_else(|| Error::Protocol("blob upload already failed".into()))?;
+        let resp = call.await.map_err(std::io::Error::other)??;
         let expected = B3Digest::from(self.hasher.finalize());
         let got = B3Digest::try_from(&resp.digest[..])
             .map_err(|e| Error::Protocol(format!("Put answered a bad digest: {e}")))?;
@@ -289,9 +297,17 @@ impl BlobWriter for GrpcWriter {
 impl Drop for GrpcWriter {
     fn drop(&mut self) {
         // Not closed: reset the call instead of ending the stream, so the
-        // server does not store a truncated blob.
-        if self.tx.is_some() {
-            self.call.abort();
+        // server does not store a truncated blob. The stream must not end
+        // before the aborted call is gone (its request is then reset):
+        // the sender is kept until then.
+        if let (Some(tx), Some(call)) = (self.tx.take(), self.call.take()) {
+            call.abort();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = call.await;
+                    drop(tx);
+                });
+            }
         }
     }
 }
