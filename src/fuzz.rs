@@ -162,7 +162,7 @@ fn serve_image(image: &[u8], server: &FsServer) -> (Vec<u32>, Vec<u8>) {
                 writable.push((start, start.saturating_add(u64::from(d.len()))));
             }
         }
-        let len = handle_chain(server, &mem, chain, 1).len;
+        let len = handle_chain(server, &mem, chain, 1, true).len;
         let _ = q.add_used(&*mem, head, len);
         used.push(len);
     }

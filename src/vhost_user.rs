@@ -354,9 +354,10 @@ impl FsBackend {
                 continue;
             }
             let head = job.chain.head_index();
-            let (served, deferred) = self
-                .fs
-                .attempt_inline(|| handle_chain(&self.server, &job.mem, job.chain.clone(), queue));
+            let (served, deferred) = self.fs.attempt_inline(|| {
+                let mmap = self.fs.direct_io();
+                handle_chain(&self.server, &job.mem, job.chain.clone(), queue, mmap)
+            });
             if deferred {
                 self.to_pool(job);
             } else {
@@ -393,7 +394,7 @@ fn more_available(vring: &VringRwLock, mem: &Mem) -> bool {
 /// Serves one chain on a worker, returns it to the guest and frees its slot.
 fn serve(server: &FsServer, fs: &StoreFs, job: Job) {
     let head = job.chain.head_index();
-    let served = handle_chain(server, &job.mem, job.chain, job.queue);
+    let served = handle_chain(server, &job.mem, job.chain, job.queue, fs.direct_io());
     served.record(fs);
     complete(&job.vring, head, served.len, job.queue);
     job.slots.give(&job.vring);
@@ -403,7 +404,7 @@ fn serve(server: &FsServer, fs: &StoreFs, job: Job) {
 /// is freed without waking the thread that is running it.
 fn serve_here(server: &FsServer, fs: &StoreFs, job: Job) {
     let head = job.chain.head_index();
-    let served = handle_chain(server, &job.mem, job.chain, job.queue);
+    let served = handle_chain(server, &job.mem, job.chain, job.queue, fs.direct_io());
     served.record(fs);
     complete(&job.vring, head, served.len, job.queue);
     if job.queue != 0 {
@@ -419,6 +420,7 @@ pub(crate) fn handle_chain(
     mem: &Mem,
     chain: DescriptorChain<Arc<Mem>>,
     queue: usize,
+    direct_io_mmap: bool,
 ) -> Served {
     let t0 = std::time::Instant::now();
     let head = chain.head_index();
@@ -435,14 +437,20 @@ pub(crate) fn handle_chain(
             return unusable;
         }
     };
-    let opcode = {
-        // the header's second field, read from a copy of the cursor
-        let mut h = [0u8; 8];
+    // The header's opcode and, for INIT, the flags the guest offers, read
+    // from a copy of the cursor.
+    let (opcode, offered) = {
+        let mut h = [0u8; 40 + INIT_IN_FLAGS2 + 4];
         let mut peek = reader.clone();
-        match io::Read::read_exact(&mut peek, &mut h) {
-            Ok(()) => u32::from_le_bytes([h[4], h[5], h[6], h[7]]),
-            Err(_) => 0,
-        }
+        let n = read_up_to(&mut peek, &mut h);
+        let word = |at: usize| {
+            h.get(at..at + 4)
+                .filter(|_| at + 4 <= n)
+                .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        let flags =
+            u64::from(word(40 + INIT_IN_FLAGS)) | (u64::from(word(40 + INIT_IN_FLAGS2)) << 32);
+        (word(4), flags)
     };
     let writer = match VirtioFsWriter::new(mem, chain.clone()) {
         Ok(w) => w,
@@ -470,15 +478,76 @@ pub(crate) fn handle_chain(
             0
         }
     };
+    let errno = if len >= 16 {
+        reply_errno(mem, chain.clone())
+    } else {
+        0
+    };
+    if opcode == FUSE_INIT && errno == 0 && direct_io_mmap && offered & DIRECT_IO_ALLOW_MMAP != 0 {
+        grant_direct_io_mmap(mem, chain, len);
+    }
     Served {
         len,
         opcode,
-        errno: if len >= 16 {
-            reply_errno(mem, chain)
-        } else {
-            0
-        },
+        errno,
         took: t0.elapsed(),
+    }
+}
+
+/// Reads until `buf` is full or the readable part of the chain ends.
+fn read_up_to(r: &mut impl io::Read, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+    }
+    n
+}
+
+const FUSE_INIT: u32 = 26;
+/// Offsets in fuse_init_in of `flags` and `flags2`, and in fuse_init_out
+/// (after the 16-byte reply header) of `flags` and `flags2`.
+const INIT_IN_FLAGS: usize = 12;
+const INIT_IN_FLAGS2: usize = 16;
+const INIT_OUT_FLAGS: u64 = 16 + 12;
+const INIT_OUT_FLAGS2: u64 = 16 + 32;
+const FUSE_INIT_EXT: u64 = 1 << 30;
+/// FUSE 7.39 (Linux 6.6): mmap of files opened with direct I/O.
+const DIRECT_IO_ALLOW_MMAP: u64 = 1 << 36;
+
+/// Adds FUSE_DIRECT_IO_ALLOW_MMAP to an INIT reply written into guest
+/// memory, so shared mappings of direct-I/O files (`--cache never`,
+/// `metadata`) work where the guest kernel offers it. fuse-backend-rs 0.14
+/// drops INIT flags it does not know, so it can neither see the offer nor
+/// grant it; the reply is amended after it is written, before the guest
+/// sees it.
+fn grant_direct_io_mmap(mem: &Mem, chain: DescriptorChain<Arc<Mem>>, len: u32) {
+    use vm_memory::{Bytes, GuestAddress};
+    let Some(d) = chain.into_iter().find(|d| d.is_write_only()) else {
+        return;
+    };
+    // only a reply whole in its first writable descriptor is amended
+    let end = INIT_OUT_FLAGS2 + 4;
+    if u64::from(len) < end || u64::from(d.len()) < end {
+        return;
+    }
+    let at = |off: u64| GuestAddress(d.addr().0 + off);
+    let (Ok(flags), Ok(flags2)) = (
+        mem.read_obj::<u32>(at(INIT_OUT_FLAGS)),
+        mem.read_obj::<u32>(at(INIT_OUT_FLAGS2)),
+    ) else {
+        return;
+    };
+    let flags = u32::from_le(flags) | FUSE_INIT_EXT as u32;
+    let flags2 = u32::from_le(flags2) | (DIRECT_IO_ALLOW_MMAP >> 32) as u32;
+    if mem.write_obj(flags.to_le(), at(INIT_OUT_FLAGS)).is_ok()
+        && mem.write_obj(flags2.to_le(), at(INIT_OUT_FLAGS2)).is_ok()
+    {
+        tracing::info!(
+            "FUSE INIT: granted DIRECT_IO_ALLOW_MMAP (shared mappings of direct-I/O files)"
+        );
     }
 }
 

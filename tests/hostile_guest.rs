@@ -406,3 +406,56 @@ fn a_hostile_guest_gets_errors_and_the_daemon_keeps_serving() {
         .count();
     assert!(refused >= 2, "{text}");
 }
+
+/// An INIT offering `flags` (low half in `flags`, high half in `flags2`).
+fn init_offering(flags: u64) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&7u32.to_le_bytes());
+    body.extend_from_slice(&39u32.to_le_bytes());
+    body.extend_from_slice(&0x20000u32.to_le_bytes());
+    body.extend_from_slice(&(flags as u32).to_le_bytes());
+    body.extend_from_slice(&((flags >> 32) as u32).to_le_bytes());
+    body.resize(64, 0);
+    fuse_msg(26, 1, 0, &body)
+}
+
+/// Under `--cache never` the daemon grants FUSE_DIRECT_IO_ALLOW_MMAP (FUSE
+/// 7.39) to a guest kernel that offers it, so shared mappings of direct-I/O
+/// files work there; not under `--cache always`, nor to a guest that did
+/// not offer it.
+#[test]
+fn direct_io_mmap_is_granted_where_offered() {
+    const INIT_EXT: u64 = 1 << 30;
+    const ALLOW_MMAP: u64 = 1 << 36;
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("local://{}", dir.path().join("store").display());
+    for (policy, offer, granted) in [
+        ("never", INIT_EXT | ALLOW_MMAP, true),
+        ("never", INIT_EXT, false),
+        ("always", INIT_EXT | ALLOW_MMAP, false),
+    ] {
+        let sock = dir.path().join(format!("{policy}-{offer}.sock"));
+        let log = dir.path().join(format!("{policy}-{offer}.log"));
+        let mut daemon = common::spawn_virtiofs(&store, &sock, &log, &["--cache", policy]);
+        wait_socket(&sock);
+        let mem = GuestMem::new(MEM_SIZE).unwrap();
+        let (conn, mut queues) = setup(sock.to_str().unwrap(), &mem).unwrap();
+        let mut q = queues.remove(REQUEST_QUEUE);
+        let (e, reply) = request(&mem, &mut q, &init_offering(offer));
+        assert_eq!(e, 0, "INIT");
+        let word = |at: usize| u32::from_le_bytes(reply[at..at + 4].try_into().unwrap());
+        let (flags, flags2) = (word(16 + 12), word(16 + 32));
+        let got = u64::from(flags) & INIT_EXT != 0 && u64::from(flags2) << 32 & ALLOW_MMAP != 0;
+        assert_eq!(
+            got, granted,
+            "--cache {policy}, offered {offer:#x}: flags {flags:#x} {flags2:#x}"
+        );
+        drop(conn);
+        let st = common::vm::wait_exit(&mut daemon, Duration::from_secs(20));
+        assert!(
+            st.is_some_and(|s| s.success()),
+            "{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+    }
+}

@@ -79,8 +79,8 @@ impl CachePolicy {
         match self {
             // MAP_PRIVATE mappings (programs, shared libraries) still work
             // with direct I/O; shared ones need the kernel's
-            // FUSE_DIRECT_IO_ALLOW_MMAP, which fuse-backend-rs 0.14 cannot
-            // ask for (it drops INIT flags it does not know).
+            // FUSE_DIRECT_IO_ALLOW_MMAP, which the vhost-user transport
+            // grants where offered (`vhost_user::grant_direct_io_mmap`).
             CachePolicy::Never | CachePolicy::Metadata => OpenOptions::DIRECT_IO,
             CachePolicy::Auto => OpenOptions::empty(),
             CachePolicy::Always => OpenOptions::KEEP_CACHE,
@@ -290,6 +290,13 @@ impl StoreFs {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Whether files are opened with direct I/O (`--cache never` or
+    /// `metadata`): the transport then grants shared mappings of them
+    /// where the guest kernel offers it.
+    pub fn direct_io(&self) -> bool {
+        self.cfg.cache.file().contains(OpenOptions::DIRECT_IO)
     }
 
     /// What the view counts; the transport records each request in it.
