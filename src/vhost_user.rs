@@ -483,6 +483,11 @@ pub(crate) fn handle_chain(
     } else {
         0
     };
+    if opcode == FUSE_INIT {
+        tracing::debug!(
+            "FUSE INIT: offered {offered:#x}, reply {len} bytes, errno {errno}, direct I/O {direct_io_mmap}"
+        );
+    }
     if opcode == FUSE_INIT && errno == 0 && direct_io_mmap && offered & DIRECT_IO_ALLOW_MMAP != 0 {
         grant_direct_io_mmap(mem, chain, len);
     }
@@ -525,26 +530,32 @@ const DIRECT_IO_ALLOW_MMAP: u64 = 1 << 36;
 /// sees it.
 fn grant_direct_io_mmap(mem: &Mem, chain: DescriptorChain<Arc<Mem>>, len: u32) {
     use vm_memory::{Bytes, GuestAddress};
-    let Some(d) = chain.into_iter().find(|d| d.is_write_only()) else {
-        return;
-    };
-    // only a reply whole in its first writable descriptor is amended
-    let end = INIT_OUT_FLAGS2 + 4;
-    if u64::from(len) < end || u64::from(d.len()) < end {
+    if u64::from(len) < INIT_OUT_FLAGS2 + 4 {
         return;
     }
-    let at = |off: u64| GuestAddress(d.addr().0 + off);
-    let (Ok(flags), Ok(flags2)) = (
-        mem.read_obj::<u32>(at(INIT_OUT_FLAGS)),
-        mem.read_obj::<u32>(at(INIT_OUT_FLAGS2)),
-    ) else {
+    // The writable part may be split (the kernel gives the reply header
+    // and the reply its own buffers): find where an offset into it lives.
+    let writable: Vec<_> = chain.into_iter().filter(|d| d.is_write_only()).collect();
+    let at = |off: u64| -> Option<GuestAddress> {
+        let mut start = 0u64;
+        for d in &writable {
+            let end = start + u64::from(d.len());
+            if off + 4 <= end && off >= start {
+                return Some(GuestAddress(d.addr().0.checked_add(off - start)?));
+            }
+            start = end;
+        }
+        None
+    };
+    let (Some(fa), Some(f2a)) = (at(INIT_OUT_FLAGS), at(INIT_OUT_FLAGS2)) else {
+        return;
+    };
+    let (Ok(flags), Ok(flags2)) = (mem.read_obj::<u32>(fa), mem.read_obj::<u32>(f2a)) else {
         return;
     };
     let flags = u32::from_le(flags) | FUSE_INIT_EXT as u32;
     let flags2 = u32::from_le(flags2) | (DIRECT_IO_ALLOW_MMAP >> 32) as u32;
-    if mem.write_obj(flags.to_le(), at(INIT_OUT_FLAGS)).is_ok()
-        && mem.write_obj(flags2.to_le(), at(INIT_OUT_FLAGS2)).is_ok()
-    {
+    if mem.write_obj(flags.to_le(), fa).is_ok() && mem.write_obj(flags2.to_le(), f2a).is_ok() {
         tracing::info!(
             "FUSE INIT: granted DIRECT_IO_ALLOW_MMAP (shared mappings of direct-I/O files)"
         );
