@@ -175,13 +175,11 @@ impl cpb::directory_service_server::DirectoryService for StoreServer {
         };
         let root = digest_arg(&d)?;
         let svc = self.store.directory.clone();
+        if req.recursive {
+            return Ok(Response::new(batched(svc, root)));
+        }
         let s = async_stream::try_stream! {
-            if req.recursive {
-                let mut s = svc.get_recursive(root);
-                while let Some(d) = s.next().await {
-                    yield d?.to_proto();
-                }
-            } else if let Some(d) = svc.get(&root).await? {
+            if let Some(d) = svc.get(&root).await? {
                 yield d.to_proto();
             }
         };
@@ -478,6 +476,56 @@ where
             r
         })
     }
+}
+
+/// Directories of a large recursive Get go out many to an HTTP/2 DATA
+/// frame. tonic fills a frame while its source is ready and sends it when
+/// the source is pending; a store yielding one directory per read would
+/// send thousands of tiny frames, and a client that reads them slower than
+/// they come (hyper's h2 counts the small frames it buffers) gives up with
+/// GOAWAY ENHANCE_YOUR_CALM ("too many small DATA frames"), as a
+/// 100,000-deep chain showed. So past the first directories, a reader task
+/// runs ahead into a bounded queue and each batch waits a millisecond for
+/// the queue to fill; small trees are sent as they come.
+fn batched(
+    svc: std::sync::Arc<dyn crate::services::DirectoryService>,
+    root: B3Digest,
+) -> BoxStream<'static, Result<cpb::Directory, Status>> {
+    const EAGER: usize = 64;
+    const BATCH: usize = 512;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(BATCH);
+    tokio::spawn(async move {
+        let mut dirs = svc.get_recursive(root);
+        while let Some(d) = dirs.next().await {
+            let failed = d.is_err();
+            if tx.send(d).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    Box::pin(async_stream::stream! {
+        let mut sent = 0usize;
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            if sent >= EAGER {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(d) => batch.push(d),
+                    Err(_) => break,
+                }
+            }
+            sent += batch.len();
+            for d in batch {
+                let failed = d.is_err();
+                yield d.map(|d| d.to_proto()).map_err(Status::from);
+                if failed {
+                    return;
+                }
+            }
+        }
+    })
 }
 
 /// The host cache's own service (`tvix_virtiofsd.cache.v1`), served by a
