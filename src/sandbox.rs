@@ -349,6 +349,17 @@ fn fork() -> Result<Option<Supervisor>, SandboxError> {
     }))
 }
 
+/// From the start, before the socket is bound: SIGTERM, SIGINT and SIGHUP
+/// wait (blocked) instead of killing a daemon that is still setting up;
+/// the supervisor then forwards them and the serving process handles them
+/// once its handlers are in (`release_signals`). A VMM or test that sends
+/// SIGTERM as soon as the socket appears gets a clean exit.
+pub fn hold_signals() {
+    let set = signal_set(&FORWARDED);
+    // SAFETY: `set` is a valid signal set.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
 /// In the serving process, once its signal handlers are installed: lets
 /// the forwarded signals in, on the calling thread (threads started before
 /// keep them blocked, so the handlers run on this one).

@@ -148,6 +148,7 @@ pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<Ex
         println!("{}", vhost_user::CAPABILITIES_JSON);
         return Ok(ExitCode::SUCCESS);
     }
+    sandbox::hold_signals();
     let (listener, socket_file) = listener(&args)?;
     // Bound now: inside the sandbox no socket file can be made.
     let metrics = match &args.metrics_socket {
