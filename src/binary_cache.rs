@@ -304,7 +304,7 @@ impl BinaryCache {
             ));
         }
         if !self.opts.trusted.is_empty() {
-            let fp = match NixHashBytes::of(&n.info) {
+            let fp = match nar_sha256(&n.info) {
                 Some(h) => fingerprint(&path, &h, n.info.nar_size, &n.info.references),
                 None => return Ok(refuse(StatusCode::BAD_REQUEST, "NarHash is not SHA-256")),
             };
@@ -360,14 +360,10 @@ impl BinaryCache {
 }
 
 /// The SHA-256 digest of a narinfo's NarHash.
-struct NixHashBytes;
-
-impl NixHashBytes {
-    fn of(n: &NixPathInfo) -> Option<[u8; 32]> {
-        (n.nar_hash.algo() == crate::nix::hash::HashAlgo::Sha256)
-            .then(|| n.nar_hash.digest().try_into().ok())
-            .flatten()
-    }
+fn nar_sha256(n: &NixPathInfo) -> Option<[u8; 32]> {
+    (n.nar_hash.algo() == crate::nix::hash::HashAlgo::Sha256)
+        .then(|| n.nar_hash.digest().try_into().ok())
+        .flatten()
 }
 
 async fn render<W: tokio::io::AsyncWrite + Unpin + Send>(

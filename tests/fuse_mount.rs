@@ -9,27 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Whether real FUSE mounts can run here; says so loudly when not.
-fn fuse_available() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("!!! SKIPPING FUSE TEST: cannot open /dev/fuse: {e} !!!");
-            false
-        }
-    }
-}
-
-fn is_mounted(mnt: &Path) -> bool {
-    let m = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let want = mnt.to_str().unwrap();
-    m.lines().any(|l| l.split(' ').nth(4) == Some(want))
-}
-
 /// `tvix-virtiofsd mount` as a process; unmounted with SIGTERM on drop.
 struct Mount {
     child: Child,
@@ -50,7 +29,7 @@ impl Mount {
             path: mnt.canonicalize().unwrap(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !is_mounted(&m.path) {
+        while !common::is_mounted(&m.path) {
             assert!(Instant::now() < deadline, "mount did not appear");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -61,7 +40,10 @@ impl Mount {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let st = self.child.wait().unwrap();
-        assert!(!is_mounted(&self.path), "still mounted after SIGTERM");
+        assert!(
+            !common::is_mounted(&self.path),
+            "still mounted after SIGTERM"
+        );
         std::mem::forget(self);
         st
     }
@@ -133,7 +115,7 @@ fn compare_closure(mnt: &Path, closure: &[String]) {
 
 #[test]
 fn mount_matches_nix_store() {
-    if !fuse_available() {
+    if !common::fuse_available("FUSE TEST") {
         return;
     }
     require_nix();
@@ -218,7 +200,7 @@ fn mount_matches_nix_store() {
 #[test]
 fn large_file_and_directory() {
     use std::os::unix::fs::FileExt;
-    if !fuse_available() {
+    if !common::fuse_available("FUSE TEST") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -324,7 +306,7 @@ fn root_listing_of_20000_paths() {
     use tvix_virtiofsd::castore::Node;
     use tvix_virtiofsd::nix::store_path::StorePath;
     use tvix_virtiofsd::services::Store;
-    if !fuse_available() {
+    if !common::fuse_available("FUSE TEST") {
         return;
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -371,7 +353,7 @@ fn root_listing_of_20000_paths() {
 /// blob in the embedded store is EIO, never its bytes.
 #[test]
 fn outage_and_corruption() {
-    if !fuse_available() {
+    if !common::fuse_available("FUSE TEST") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

@@ -455,12 +455,6 @@ fn parse_metrics(resp: &str) -> Metrics {
     Metrics(m)
 }
 
-fn is_mounted(mnt: &Path) -> bool {
-    let m = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let want = mnt.to_str().unwrap();
-    m.lines().any(|l| l.split(' ').nth(4) == Some(want))
-}
-
 /// `tvix-virtiofsd --store STORE [--cache-dir DIR] mount MNT`; unmounted on
 /// drop.
 struct Mount {
@@ -487,7 +481,7 @@ impl Mount {
             .unwrap();
         let path = mnt.canonicalize().unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !is_mounted(&path) {
+        while !common::is_mounted(&path) {
             if let Some(st) = child.try_wait().unwrap() {
                 panic!("mount exited ({st}): {}", read_log(&log));
             }
@@ -508,7 +502,10 @@ impl Mount {
         let st = self.child.wait().unwrap();
         let log = read_log(&self.log);
         assert!(st.success(), "mount exited with {st}: {log}");
-        assert!(!is_mounted(&self.path), "still mounted after SIGTERM");
+        assert!(
+            !common::is_mounted(&self.path),
+            "still mounted after SIGTERM"
+        );
         std::mem::forget(self);
         log
     }
@@ -623,20 +620,6 @@ fn atime(p: &Path) -> (i64, i64) {
     (m.atime(), m.atime_nsec())
 }
 
-fn fuse_available() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("!!! SKIPPING HOST CACHE FUSE TEST: cannot open /dev/fuse: {e} !!!");
-            false
-        }
-    }
-}
-
 /// Polls `cond` until it holds, failing after `secs` with `what`.
 fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -670,7 +653,7 @@ fn b3_of_file(p: &Path) -> std::io::Result<B3Digest> {
 /// the filler's own gRPC is a hit there.
 #[test]
 fn miss_then_hit() {
-    if !fuse_available() {
+    if !common::fuse_available("HOST CACHE FUSE TEST") {
         return;
     }
     let rt = runtime();
@@ -782,7 +765,7 @@ async fn b3_over_grpc(store: Store, digest: B3Digest) -> B3Digest {
 /// counts the others as joining it, and every reader gets the right bytes.
 #[test]
 fn concurrent_misses_fetch_once() {
-    if !fuse_available() {
+    if !common::fuse_available("HOST CACHE FUSE TEST") {
         return;
     }
     let rt = runtime();
@@ -860,7 +843,7 @@ fn concurrent_misses_fetch_once() {
 /// whose blob is evicted while it is open reads to its end.
 #[test]
 fn eviction_keeps_the_bound_lru() {
-    if !fuse_available() {
+    if !common::fuse_available("HOST CACHE FUSE TEST") {
         return;
     }
     const MAX: u64 = 4 << 20;
@@ -1000,7 +983,7 @@ fn eviction_keeps_the_bound_lru() {
 /// completes and a reader reads the right bytes.
 #[test]
 fn filler_killed_mid_fill() {
-    if !fuse_available() {
+    if !common::fuse_available("HOST CACHE FUSE TEST") {
         return;
     }
     let rt = runtime();
@@ -1080,7 +1063,7 @@ fn filler_killed_mid_fill() {
 /// reads succeed.
 #[test]
 fn lying_remote_is_refused() {
-    if !fuse_available() {
+    if !common::fuse_available("HOST CACHE FUSE TEST") {
         return;
     }
     use tvix_virtiofsd::castore::Node;
@@ -1250,7 +1233,7 @@ fn same_tree(src: &Path, mounted: &Path) {
 /// by the filler from DIR.
 #[test]
 fn two_readers_share_one_cache() {
-    if !fuse_available() {
+    if !common::fuse_available("HOST CACHE FUSE TEST") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -1301,7 +1284,7 @@ fn two_readers_share_one_cache() {
 /// within the store timeouts, never hangs; with the remote back on the same
 /// address the same reads succeed.
 fn remote_down_and_back(tcp: bool) {
-    if !fuse_available() {
+    if !common::fuse_available("HOST CACHE FUSE TEST") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -1398,7 +1381,7 @@ fn remote_down_and_back_tcp() {
 /// client does, and says so once; it writes nothing into DIR.
 #[test]
 fn reader_of_a_plain_daemon_falls_back() {
-    if !fuse_available() {
+    if !common::fuse_available("HOST CACHE FUSE TEST") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -1550,7 +1533,7 @@ fn bad_sizes_and_second_filler_refused() {
         mnt.to_str().unwrap(),
     ]);
     assert!(e.contains(missing.to_str().unwrap()), "{e}");
-    assert!(!is_mounted(&mnt));
+    assert!(!common::is_mounted(&mnt));
     drop(third);
 }
 

@@ -167,25 +167,6 @@ impl DupFd for tokio::net::UnixStream {
     }
 }
 
-fn fuse_available() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("!!! SKIPPING STORE FAULT TEST: cannot open /dev/fuse: {e} !!!");
-            false
-        }
-    }
-}
-
-fn is_mounted(mnt: &Path) -> bool {
-    let m = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    m.lines().any(|l| l.split(' ').nth(4) == mnt.to_str())
-}
-
 /// `tvix-virtiofsd mount`, unmounted on drop.
 struct Mount {
     child: Child,
@@ -206,7 +187,7 @@ impl Mount {
             path: mnt.canonicalize().unwrap(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !is_mounted(&m.path) {
+        while !common::is_mounted(&m.path) {
             assert!(Instant::now() < deadline, "mount did not appear");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -286,7 +267,7 @@ fn errno_of(r: std::io::Result<Vec<u8>>) -> i32 {
 
 #[test]
 fn a_faulty_store_gives_clear_errors_and_the_mount_keeps_serving() {
-    if !fuse_available() {
+    if !common::fuse_available("STORE FAULT TEST") {
         return;
     }
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -8,7 +8,7 @@ mod common;
 use common::cli_ok;
 use common::vm::{line_after, require_vm_tools, run_vm, wait_exit, VmOpts};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A store path holding Debian's sha256sum with its loader and libc, as
 /// bin/ and lib/ (run as `lib/ld-linux-x86-64.so.2 --library-path lib
@@ -66,11 +66,7 @@ fn never_keeps_no_data_pages_and_programs_still_run() {
         let sock = t.join(format!("{policy}.sock"));
         let log = t.join(format!("{policy}.log"));
         let mut d = common::spawn_virtiofs(&store, &sock, &log, &["--cache", policy]);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "no socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::wait_for_socket_file(&sock);
         let (status, console) = run_vm(Some("qemu"), &sock, &guest, t, VmOpts::default());
         assert_eq!(
             status,

@@ -8,7 +8,7 @@ mod common;
 
 use common::vm::{line_after, require_vm_tools, run_vm, wait_exit, VmOpts};
 use common::{cli_ok, require_tools, sh};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const MMAP_C: &str = r#"
 #include <stdio.h>
@@ -80,11 +80,7 @@ fn a_shared_mapping_of_a_direct_io_file_works_where_the_kernel_offers_it() {
         let sock = t.join(format!("{policy}.sock"));
         let log = t.join(format!("{policy}.log"));
         let mut d = common::spawn_virtiofs(&store, &sock, &log, &["--cache", policy]);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "no socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::wait_for_socket_file(&sock);
         let (status, console) = run_vm(Some("qemu"), &sock, &guest, t, VmOpts::default());
         let text = std::fs::read_to_string(&log).unwrap();
         assert_eq!(status, 7, "{policy}: {text}");

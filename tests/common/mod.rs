@@ -273,3 +273,37 @@ pub fn spawn_virtiofs(store: &str, sock: &Path, log: &Path, extra: &[&str]) -> s
         .spawn()
         .expect("spawn virtiofs daemon")
 }
+
+/// Whether real FUSE mounts can run here; says so loudly (naming `what`)
+/// when not.
+#[allow(dead_code)]
+pub fn fuse_available(what: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("!!! SKIPPING {what}: cannot open /dev/fuse: {e} !!!");
+            false
+        }
+    }
+}
+
+/// Whether `mnt` is a mount point of this process's namespace.
+#[allow(dead_code)]
+pub fn is_mounted(mnt: &Path) -> bool {
+    let m = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    m.lines().any(|l| l.split(' ').nth(4) == mnt.to_str())
+}
+
+/// Waits up to 20 s for the socket file `sock` to appear.
+#[allow(dead_code)]
+pub fn wait_for_socket_file(sock: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "no socket {}", sock.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
