@@ -58,27 +58,6 @@ impl Drop for Mount {
     }
 }
 
-/// Waits until every thread of `pid` is stopped (state T).
-fn wait_stopped(pid: u32) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let all = std::fs::read_dir(format!("/proc/{pid}/task"))
-            .unwrap()
-            .flatten()
-            .all(|t| {
-                std::fs::read_to_string(t.path().join("stat"))
-                    .ok()
-                    .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with('T')))
-                    .unwrap_or(true)
-            });
-        if all {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the daemon did not stop");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 fn require_nix() {
     assert!(
         Command::new("nix-store").arg("--version").output().is_ok(),
@@ -389,7 +368,7 @@ fn outage_and_corruption() {
     // run one for a moment)
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(d.child.id() as i32, libc::SIGSTOP) };
-    wait_stopped(d.child.id());
+    common::wait_stopped(d.child.id());
     let t0 = Instant::now();
     let e = std::fs::read_to_string(m.path.join(&paths[1])).unwrap_err();
     assert!(

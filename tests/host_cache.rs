@@ -1330,6 +1330,9 @@ fn remote_down_and_back(tcp: bool) {
     // hung remote
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(remote.child.id() as i32, libc::SIGSTOP) };
+    // kill returns before the threads stop: a loaded machine can still
+    // run one for a moment
+    common::wait_stopped(remote.child.id());
     let t0 = Instant::now();
     bounded("b, remote hung", std::fs::read(file("b")), t0);
     // SAFETY: as above.

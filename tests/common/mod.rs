@@ -307,3 +307,25 @@ pub fn wait_for_socket_file(sock: &Path) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Waits until every thread of `pid` is stopped (state T).
+#[allow(dead_code)]
+pub fn wait_stopped(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let all = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .all(|t| {
+                std::fs::read_to_string(t.path().join("stat"))
+                    .ok()
+                    .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with('T')))
+                    .unwrap_or(true)
+            });
+        if all {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the daemon did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
