@@ -45,6 +45,9 @@ impl Default for Limits {
 
 /// Room is checked again after this many bytes of one blob.
 const FREE_CHECK_EVERY: u64 = 16 << 20;
+/// Most time between a cache fill's progress messages while its bytes
+/// move: well under any reader's idle limit (whole seconds).
+const FILL_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Serves the three services of `store`; `read_only` refuses every Put.
 #[derive(Clone)]
@@ -557,10 +560,19 @@ impl crate::wire::cache::cache_service_server::CacheService for CacheServer {
         let size = (req.size > 0).then_some(req.size);
         let mut rx = self.cache.fill_blob(digest, size)?;
         let s = async_stream::try_stream! {
+            // Progress only proves a long fill alive to the reader's idle
+            // limit: a fill that ends within FILL_PROGRESS_EVERY sends one
+            // message, its end (each message woke a waiting reader thread).
+            let mut said = std::time::Instant::now();
             loop {
                 let p = rx.borrow_and_update().clone();
                 match p.outcome {
-                    None => yield FillProgress { bytes: p.bytes, done: false },
+                    None => {
+                        if said.elapsed() >= FILL_PROGRESS_EVERY {
+                            said = std::time::Instant::now();
+                            yield FillProgress { bytes: p.bytes, done: false };
+                        }
+                    }
                     Some(Outcome::Stored) => {
                         yield FillProgress { bytes: p.bytes, done: true };
                         return;

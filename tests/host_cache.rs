@@ -1842,3 +1842,74 @@ fn metrics_over_tcp() {
     assert!(http(conn(), "POST", "/metrics").starts_with("HTTP/1.1 405"));
     drop(filler);
 }
+
+/// A fill that takes longer than the reader's idle limit, but keeps moving
+/// (the remote trickles 2 MiB over about 3 s): the filler's progress
+/// messages keep the reader waiting, and it reads the right bytes; a fill
+/// that ends quickly sends only its end.
+#[test]
+fn a_long_fill_keeps_its_reader_waiting() {
+    if !common::fuse_available("HOST CACHE FUSE TEST") {
+        return;
+    }
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let src = t.join("pkg");
+    std::fs::create_dir_all(&src).unwrap();
+    let data = pseudo_random(2 * MIB, 77);
+    std::fs::write(src.join("slow"), &data).unwrap();
+    let base = import(&t.join("remote"), &[&src]).remove(0);
+    let digest = B3Digest::of(&data);
+    let (remote, ctl) = counting_remote(&rt, &t.join("remote"), &t.join("remote.sock"));
+    ctl.set(
+        digest,
+        Behaviour::Trickle {
+            chunk: 64 << 10,
+            delay: Duration::from_millis(100),
+        },
+    );
+    let dir = t.join("cache");
+    let filler = Filler::start(&remote, &dir, t, "filler", &[]);
+    let m = Mount::start(
+        &filler.addr(),
+        Some(&dir),
+        &t.join("mnt"),
+        &["--store-timeout", "1"],
+    );
+    let t0 = Instant::now();
+    let got = std::fs::read(m.file(&format!("{base}/slow")));
+    let took = t0.elapsed();
+    assert!(took > Duration::from_secs(2), "was it trickled? {took:?}");
+    assert!(
+        got.as_ref().is_ok_and(|g| *g == data),
+        "after {took:?}: {:?}",
+        got.map(|g| g.len())
+    );
+    assert_eq!(ctl.reads(&digest), 1);
+    m.stop();
+
+    // the quick fill's stream carries one message, its end
+    let q = t.join("q");
+    std::fs::create_dir_all(&q).unwrap();
+    std::fs::write(q.join("quick"), b"quick\n").unwrap();
+    import(&t.join("remote"), &[&q]);
+    let quick = B3Digest::of(b"quick\n");
+    let msgs = rt.block_on(async {
+        let mut s = filler
+            .cache_client(&rt)
+            .fill_blob(FillBlobRequest {
+                digest: quick.into(),
+                size: 6,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut msgs = Vec::new();
+        while let Some(p) = s.message().await.unwrap() {
+            msgs.push((p.bytes, p.done));
+        }
+        msgs
+    });
+    assert_eq!(msgs, vec![(6, true)], "one message for a quick fill");
+}

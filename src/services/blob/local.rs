@@ -49,6 +49,17 @@ impl LocalBlobService {
         Ok(Self { root: root.into() })
     }
 
+    /// The blob's file, opened on the calling thread (no copy of its
+    /// bytes: read it at offsets).
+    pub(crate) fn open_file_here(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
+        let opened = match std::fs::File::open(self.path_of(digest)) {
+            Ok(f) => super::FileReader::new(f).map(|r| Some(Box::new(r) as Box<dyn BlobReader>)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        };
+        Ok(opened?)
+    }
+
     pub(crate) fn path_of(&self, digest: &B3Digest) -> PathBuf {
         let hex = digest.to_hex();
         self.root.join("blobs").join(&hex[..2]).join(hex)
@@ -71,12 +82,7 @@ impl BlobService for LocalBlobService {
     }
 
     fn open_read_blocking(&self, digest: &B3Digest) -> Option<Result<Option<Box<dyn BlobReader>>>> {
-        let opened = match std::fs::File::open(self.path_of(digest)) {
-            Ok(f) => super::FileReader::new(f).map(|r| Some(Box::new(r) as Box<dyn BlobReader>)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        };
-        Some(opened.map_err(Into::into))
+        Some(self.open_file_here(digest))
     }
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {

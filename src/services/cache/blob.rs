@@ -80,7 +80,10 @@ impl Cache {
                     match self.ask_fill(digest, size).await {
                         Ok(false) => return Ok(None),
                         Ok(true) => {
-                            if let Some(r) = self.local.blobs.open_read(digest).await? {
+                            // Just written, so in memory: opened on this
+                            // thread, not through the blocking pool (the hop
+                            // cost more than the open).
+                            if let Some(r) = self.local.blobs.open_file_here(digest)? {
                                 return Ok(Some(r));
                             }
                             if attempt == 0 {
