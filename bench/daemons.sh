@@ -116,7 +116,9 @@ start_remote() {
   # The previous cache is moved aside, not deleted: ext4 skips inodes
   # deleted within the last minutes when it allocates new ones, and tens of
   # thousands deleted just before would slow the next fill down (the work
-  # directory, trash included, goes at the end of the run).
+  # directory, trash included, goes at the end of the run: on ext4 without
+  # a journal, wait a few minutes before the next run, whose first VM
+  # would pay for that deletion; see BENCHMARKS.md).
   [ -e "$dir/cache" ] && mv "$dir/cache" "$(mktemp -u "$dir/trash.XXXXXX")"
   rm -rf "$dir/remote" "$dir/host"
   mkdir -p "$dir/remote" "$dir/host"
