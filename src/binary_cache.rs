@@ -15,6 +15,7 @@ use futures::TryStreamExt;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::{Method, Request, Response, StatusCode};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -239,12 +240,16 @@ impl BinaryCache {
             .map_err(std::io::Error::other);
         let raw = tokio_util::io::StreamReader::new(body);
         use async_compression::tokio::bufread::{XzDecoder, ZstdDecoder};
+        let full = Arc::new(AtomicBool::new(false));
+        let room = |r: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>| {
+            RoomCheck::new(r, self.opts.min_free.clone(), full.clone())
+        };
         let ingested = if url.ends_with(".nar") {
-            crate::nar::ingest_nar(raw, &self.store).await
+            crate::nar::ingest_nar(room(Box::pin(raw)), &self.store).await
         } else if url.ends_with(".nar.xz") {
-            crate::nar::ingest_nar(XzDecoder::new(raw), &self.store).await
+            crate::nar::ingest_nar(room(Box::pin(XzDecoder::new(raw))), &self.store).await
         } else if url.ends_with(".nar.zst") {
-            crate::nar::ingest_nar(ZstdDecoder::new(raw), &self.store).await
+            crate::nar::ingest_nar(room(Box::pin(ZstdDecoder::new(raw))), &self.store).await
         } else {
             return Ok(refuse(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -253,6 +258,12 @@ impl BinaryCache {
         };
         let ingested = match ingested {
             Ok(i) => i,
+            Err(e) if full.load(Ordering::Relaxed) => {
+                return Ok(refuse(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    format!("{url}: {e}"),
+                ))
+            }
             Err(e) => return Ok(refuse(StatusCode::BAD_REQUEST, format!("{url}: {e}"))),
         };
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -429,4 +440,61 @@ pub fn serve(listener: tokio::net::TcpListener, cache: Arc<BinaryCache>) {
             });
         }
     });
+}
+
+/// A NAR upload as it unpacks, stopped once the store's disk is down to
+/// the room kept free (checked every [`FREE_CHECK_EVERY`] bytes): the check
+/// at the start alone let one endless upload fill the disk.
+///
+/// [`FREE_CHECK_EVERY`]: crate::grpc_server::FREE_CHECK_EVERY
+struct RoomCheck {
+    inner: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>,
+    min_free: Option<(std::path::PathBuf, u64)>,
+    since_check: u64,
+    /// Set when the upload was stopped for room.
+    full: Arc<AtomicBool>,
+}
+
+impl RoomCheck {
+    fn new(
+        inner: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>,
+        min_free: Option<(std::path::PathBuf, u64)>,
+        full: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            inner,
+            min_free,
+            since_check: 0,
+            full,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for RoomCheck {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = self.inner.as_mut().poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &r {
+            self.since_check += (buf.filled().len() - before) as u64;
+            if self.since_check >= crate::grpc_server::FREE_CHECK_EVERY {
+                self.since_check = 0;
+                if let Some((dir, min)) = &self.min_free {
+                    let free = crate::grpc_server::free_bytes(dir)?;
+                    if free < *min {
+                        self.full.store(true, Ordering::Relaxed);
+                        return std::task::Poll::Ready(Err(std::io::Error::other(format!(
+                            "the store's disk has {} MiB free, below the {} MiB kept free",
+                            free >> 20,
+                            min >> 20
+                        ))));
+                    }
+                }
+            }
+        }
+        r
+    }
 }

@@ -44,7 +44,7 @@ impl Default for Limits {
 }
 
 /// Room is checked again after this many bytes of one blob.
-const FREE_CHECK_EVERY: u64 = 16 << 20;
+pub(crate) const FREE_CHECK_EVERY: u64 = 16 << 20;
 /// Most time between a cache fill's progress messages while its bytes
 /// move: well under any reader's idle limit (whole seconds).
 const FILL_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);

@@ -6,7 +6,7 @@
 mod common;
 
 use common::vm::{closure_of, fixture_app, NIX};
-use common::{cli_ok, free_port, require_tools, Daemon};
+use common::{cli_ok, free_port, pseudo_random, require_tools, Daemon};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Output};
@@ -473,4 +473,80 @@ fn bad_uploads_are_refused_and_leave_nothing() {
     let c = start(&t3, &[]);
     let (s, _) = http(&c.http, "PUT", "/nar/x.nar", &nar);
     assert_eq!(s, 403);
+}
+
+/// A NAR in Nix's archive format holding one regular file.
+fn nar_of_file(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 128);
+    let mut put = |s: &[u8]| {
+        out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        out.extend_from_slice(s);
+        out.resize(out.len().next_multiple_of(8), 0);
+    };
+    for s in [
+        &b"nix-archive-1"[..],
+        b"(",
+        b"type",
+        b"regular",
+        b"contents",
+    ] {
+        put(s);
+    }
+    put(data);
+    put(b")");
+    out
+}
+
+/// An upload that would take the store's disk below `--min-free-space` is
+/// stopped while it streams (507), not only refused when it starts: the
+/// store lives on a 128 MiB tmpfs, keeps 64 MiB free, and is sent a
+/// 100 MiB NAR, which fits the disk but not the room.
+#[test]
+fn an_upload_stops_at_the_room_kept_free() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path().join("small");
+    std::fs::create_dir_all(&t).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=128m", "tmpfs"])
+        .arg(&t)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("\n!!! UPLOAD ROOM TEST NOT RUN: cannot mount a tmpfs (needs root) !!!\n");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(t.clone());
+    let c = start(&t, &["--writable", "--min-free-space", "64M"]);
+    let nar = nar_of_file(&pseudo_random(100 << 20, 11));
+    let (status, why) = http(&c.http, "PUT", "/nar/big.nar", &nar);
+    assert_eq!(status, 507, "{why}");
+    assert!(why.contains("kept free"), "{why}");
+    let free = {
+        let st = free_bytes(&t);
+        st >> 20
+    };
+    assert!(free >= 32, "the disk kept {free} MiB free");
+    // a small one still goes in
+    let (status, why) = http(&c.http, "PUT", "/nar/small.nar", &nar_of_file(b"small\n"));
+    assert_eq!(status, 200, "{why}");
+    drop(c);
+}
+
+fn free_bytes(dir: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+    // SAFETY: statvfs fills the plain struct it is given.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and out-pointer.
+    assert_eq!(unsafe { libc::statvfs(p.as_ptr(), &mut st) }, 0);
+    st.f_bavail * st.f_frsize
 }
