@@ -242,7 +242,7 @@ impl BinaryCache {
         use async_compression::tokio::bufread::{XzDecoder, ZstdDecoder};
         let full = Arc::new(AtomicBool::new(false));
         let room = |r: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>| {
-            RoomCheck::new(r, self.opts.min_free.clone(), full.clone())
+            crate::nar::Metered::new(r, room_check(self.opts.min_free.clone(), full.clone()))
         };
         let ingested = if url.ends_with(".nar") {
             crate::nar::ingest_nar(room(Box::pin(raw)), &self.store).await
@@ -442,59 +442,35 @@ pub fn serve(listener: tokio::net::TcpListener, cache: Arc<BinaryCache>) {
     });
 }
 
-/// A NAR upload as it unpacks, stopped once the store's disk is down to
-/// the room kept free (checked every [`FREE_CHECK_EVERY`] bytes): the check
-/// at the start alone let one endless upload fill the disk.
+/// The check on a NAR upload as it unpacks: stopped once the store's disk
+/// is down to the room kept free (looked at every [`FREE_CHECK_EVERY`]
+/// bytes), `full` set; the check at the start alone let one endless upload
+/// fill the disk.
 ///
 /// [`FREE_CHECK_EVERY`]: crate::grpc_server::FREE_CHECK_EVERY
-struct RoomCheck {
-    inner: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>,
+fn room_check(
     min_free: Option<(std::path::PathBuf, u64)>,
-    since_check: u64,
-    /// Set when the upload was stopped for room.
     full: Arc<AtomicBool>,
-}
-
-impl RoomCheck {
-    fn new(
-        inner: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>,
-        min_free: Option<(std::path::PathBuf, u64)>,
-        full: Arc<AtomicBool>,
-    ) -> Self {
-        Self {
-            inner,
-            min_free,
-            since_check: 0,
-            full,
+) -> impl FnMut(u64) -> std::io::Result<()> + Unpin {
+    let mut since_check = 0u64;
+    move |n| {
+        since_check += n;
+        if since_check < crate::grpc_server::FREE_CHECK_EVERY {
+            return Ok(());
         }
-    }
-}
-
-impl tokio::io::AsyncRead for RoomCheck {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = self.inner.as_mut().poll_read(cx, buf);
-        if let std::task::Poll::Ready(Ok(())) = &r {
-            self.since_check += (buf.filled().len() - before) as u64;
-            if self.since_check >= crate::grpc_server::FREE_CHECK_EVERY {
-                self.since_check = 0;
-                if let Some((dir, min)) = &self.min_free {
-                    let free = crate::grpc_server::free_bytes(dir)?;
-                    if free < *min {
-                        self.full.store(true, Ordering::Relaxed);
-                        return std::task::Poll::Ready(Err(std::io::Error::other(format!(
-                            "the store's disk has {} MiB free, below the {} MiB kept free",
-                            free >> 20,
-                            min >> 20
-                        ))));
-                    }
-                }
-            }
+        since_check = 0;
+        let Some((dir, min)) = &min_free else {
+            return Ok(());
+        };
+        let free = crate::grpc_server::free_bytes(dir)?;
+        if free < *min {
+            full.store(true, Ordering::Relaxed);
+            return Err(std::io::Error::other(format!(
+                "the store's disk has {} MiB free, below the {} MiB kept free",
+                free >> 20,
+                min >> 20
+            )));
         }
-        r
+        Ok(())
     }
 }

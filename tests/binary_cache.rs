@@ -475,26 +475,18 @@ fn bad_uploads_are_refused_and_leave_nothing() {
     assert_eq!(s, 403);
 }
 
-/// A NAR in Nix's archive format holding one regular file.
+/// A NAR holding one regular file, written by our NAR writer.
 fn nar_of_file(data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len() + 128);
-    let mut put = |s: &[u8]| {
-        out.extend_from_slice(&(s.len() as u64).to_le_bytes());
-        out.extend_from_slice(s);
-        out.resize(out.len().next_multiple_of(8), 0);
-    };
-    for s in [
-        &b"nix-archive-1"[..],
-        b"(",
-        b"type",
-        b"regular",
-        b"contents",
-    ] {
-        put(s);
-    }
-    put(data);
-    put(b")");
-    out
+    use tvix_virtiofsd::nar::NarWriter;
+    let len = data.len() as u64;
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut out = Vec::new();
+        let mut w = NarWriter::new(&mut out).await.unwrap();
+        w.file_start(false, len).await.unwrap();
+        w.file_data(data).await.unwrap();
+        w.file_end(len).await.unwrap();
+        out
+    })
 }
 
 /// An upload that would take the store's disk below `--min-free-space` is

@@ -283,11 +283,15 @@ pub async fn import_nar(store: Store, args: ImportNarArgs) -> anyhow::Result<()>
         // Stopped once past its declared size: a compressed NAR that
         // expands without end (or a wrong description) is refused before
         // it fills the store.
-        let input = AtMost {
-            inner: input,
-            left: n.nar_size,
-            declared: n.nar_size,
-        };
+        let (mut left, declared) = (n.nar_size, n.nar_size);
+        let input = crate::nar::Metered::new(input, move |got| {
+            left = left.checked_sub(got).ok_or_else(|| {
+                std::io::Error::other(format!(
+                    "the NAR is longer than its narSize ({declared} bytes)"
+                ))
+            })?;
+            Ok(())
+        });
         let ing = crate::nar::ingest_nar(input, &store)
             .await
             .with_context(|| format!("{sp}: reading NAR {file}"))?;
@@ -296,35 +300,4 @@ pub async fn import_nar(store: Store, args: ImportNarArgs) -> anyhow::Result<()>
         writeln!(std::io::stdout(), "{sp}")?;
     }
     Ok(())
-}
-
-/// A reader that fails once more than `declared` bytes come through it.
-struct AtMost<R> {
-    inner: R,
-    left: u64,
-    declared: u64,
-}
-
-impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for AtMost<R> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let std::task::Poll::Ready(Ok(())) = &r {
-            let n = (buf.filled().len() - before) as u64;
-            match self.left.checked_sub(n) {
-                Some(left) => self.left = left,
-                None => {
-                    return std::task::Poll::Ready(Err(std::io::Error::other(format!(
-                        "the NAR is longer than its narSize ({} bytes)",
-                        self.declared
-                    ))))
-                }
-            }
-        }
-        r
-    }
 }

@@ -1,8 +1,10 @@
 //! Nix archives: rendering castore trees as NARs and reading NARs in.
 pub mod ingest;
+pub mod metered;
 pub mod render;
 pub mod writer;
 
 pub use ingest::{ingest_nar, Ingested};
+pub use metered::Metered;
 pub use render::{calculate_nar, write_nar};
 pub use writer::{NarHasher, NarWriter};
