@@ -451,10 +451,10 @@ pub fn serve(listener: tokio::net::TcpListener, cache: Arc<BinaryCache>) {
 fn room_check(
     min_free: Option<(std::path::PathBuf, u64)>,
     full: Arc<AtomicBool>,
-) -> impl FnMut(u64) -> std::io::Result<()> + Unpin {
+) -> impl FnMut(&[u8]) -> std::io::Result<()> + Unpin {
     let mut since_check = 0u64;
-    move |n| {
-        since_check += n;
+    move |got: &[u8]| {
+        since_check += got.len() as u64;
         if since_check < crate::grpc_server::FREE_CHECK_EVERY {
             return Ok(());
         }

@@ -284,8 +284,8 @@ pub async fn import_nar(store: Store, args: ImportNarArgs) -> anyhow::Result<()>
         // expands without end (or a wrong description) is refused before
         // it fills the store.
         let (mut left, declared) = (n.nar_size, n.nar_size);
-        let input = crate::nar::Metered::new(input, move |got| {
-            left = left.checked_sub(got).ok_or_else(|| {
+        let input = crate::nar::Metered::new(input, move |got: &[u8]| {
+            left = left.checked_sub(got.len() as u64).ok_or_else(|| {
                 std::io::Error::other(format!(
                     "the NAR is longer than its narSize ({declared} bytes)"
                 ))

@@ -3,14 +3,13 @@
 //! computed on the way. Anything Nix would not have produced (unsorted or
 //! duplicate entries, `..`, `/` in names, bad padding, trailing bytes) is
 //! refused before any directory or path info becomes visible.
+use super::metered::{Check, Metered};
 use super::writer::{padding, MAGIC};
 use crate::castore::node::{validate_name, validate_target};
 use crate::castore::{Directory, LeavesFirst, Node};
 use crate::services::{Error, Result, Store};
 use bytes::Bytes;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncReadExt, BufReader, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
 
 /// Deepest directory nesting accepted (Linux paths cannot be deeper anyway).
 pub(crate) const MAX_DEPTH: usize = 2048;
@@ -37,33 +36,24 @@ fn read_err(e: std::io::Error) -> Error {
     }
 }
 
-/// Hashes and counts every byte read through it.
-struct HashingReader<R> {
-    inner: R,
+/// The NAR's SHA-256 and size, taken as it is read.
+#[derive(Default)]
+struct NarHash {
     sha: sha2::Sha256,
     len: u64,
 }
 
-impl<R: AsyncRead + Unpin> AsyncRead for HashingReader<R> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
+impl Check for NarHash {
+    fn saw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         use sha2::Digest;
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = &r {
-            let new = &buf.filled()[before..];
-            self.len += new.len() as u64;
-            self.sha.update(new);
-        }
-        r
+        self.len += bytes.len() as u64;
+        self.sha.update(bytes);
+        Ok(())
     }
 }
 
 struct Parser<'a, R> {
-    r: BufReader<HashingReader<R>>,
+    r: BufReader<Metered<R, NarHash>>,
     store: &'a Store,
     graph: LeavesFirst,
 }
@@ -71,14 +61,7 @@ struct Parser<'a, R> {
 /// Reads one NAR from `r` into `store`.
 pub async fn ingest_nar<R: AsyncRead + Unpin + Send>(r: R, store: &Store) -> Result<Ingested> {
     let mut p = Parser {
-        r: BufReader::with_capacity(
-            1 << 17,
-            HashingReader {
-                inner: r,
-                sha: Default::default(),
-                len: 0,
-            },
-        ),
+        r: BufReader::with_capacity(1 << 17, Metered::new(r, NarHash::default())),
         store,
         graph: LeavesFirst::new(),
     };
@@ -93,7 +76,7 @@ pub async fn ingest_nar<R: AsyncRead + Unpin + Send>(r: R, store: &Store) -> Res
     if matches!(node, Node::Directory { .. }) {
         p.store.directory.put_graph(p.graph.finish()?).await?;
     }
-    let inner = p.r.into_inner();
+    let inner = p.r.into_inner().into_check();
     use sha2::Digest;
     Ok(Ingested {
         node,
