@@ -18,6 +18,7 @@ pub mod nix;
 pub mod notify;
 pub mod pathinfo;
 pub mod privileges;
+pub mod queue_poll;
 pub mod sandbox;
 pub mod seccomp;
 pub mod services;

@@ -13,6 +13,7 @@
 //! requests are waiting and a worker is idle, it hands them out too, so a
 //! deep queue uses every core.
 use crate::fs::StoreFs;
+use crate::queue_poll::PollWindow;
 use crate::socket::SocketError;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
@@ -22,6 +23,7 @@ use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Error as ProtocolError, Listener};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
@@ -79,6 +81,9 @@ pub struct DeviceConfig {
     pub request_queues: usize,
     /// Worker threads serving the request queues.
     pub threads: usize,
+    /// Longest a request queue's thread looks for the next request before
+    /// it sleeps (adaptive, see [`crate::queue_poll`]; zero: never).
+    pub poll_max: Duration,
 }
 
 impl DeviceConfig {
@@ -261,6 +266,8 @@ pub struct FsBackend {
     jobs: Sender<Job>,
     /// Per queue (index = queue number).
     slots: Vec<Arc<Slots>>,
+    /// Per queue (index = queue number; the high-priority queue never polls).
+    polls: Vec<Mutex<PollWindow>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -291,6 +298,16 @@ impl FsBackend {
         let slots = (0..=config.request_queues)
             .map(|_| Arc::new(Slots::default()))
             .collect();
+        let polls = (0..=config.request_queues)
+            .map(|q| {
+                let max = if q == 0 {
+                    Duration::ZERO
+                } else {
+                    config.poll_max
+                };
+                Mutex::new(PollWindow::new(max))
+            })
+            .collect();
         Ok(Self {
             server,
             fs,
@@ -302,6 +319,7 @@ impl FsBackend {
             no_exit_event: AtomicBool::new(false),
             jobs,
             slots,
+            polls,
         })
     }
 
@@ -712,20 +730,30 @@ impl VhostUserBackend for FsBackend {
         } else {
             index + 1
         };
+        let Some(poll) = self.polls.get(queue) else {
+            tracing::warn!("queue {queue}: no such queue");
+            return Ok(());
+        };
+        let mut poll = lock(poll);
+        poll.woke();
+        let more = || more_available(vring, &self.memory());
         if !self.event_idx.load(Ordering::Acquire) {
-            self.drain(vring, queue);
+            while self.drain(vring, queue) && poll.spin(more) {}
             return Ok(());
         }
         // (A drain that stopped for want of slots is resumed by the worker
         // that frees one, through the kick eventfd.)
-        // EVENT_IDX: no kicks while draining; re-arm, and drain again if
-        // the guest added chains in between.
+        // EVENT_IDX: no kicks while draining or polling; re-arm, and drain
+        // again if the guest added chains in between.
         loop {
             if let Err(e) = vring.disable_notification() {
                 tracing::warn!("queue {queue}: disabling notifications: {e}");
             }
             if !self.drain(vring, queue) {
                 break;
+            }
+            if poll.spin(more) {
+                continue;
             }
             match vring.enable_notification() {
                 Ok(true) => continue,
@@ -811,6 +839,7 @@ mod tests {
             tag: tag.into(),
             request_queues: queues,
             threads: 1,
+            poll_max: Duration::from_micros(50),
         }
     }
 

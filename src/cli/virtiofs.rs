@@ -43,6 +43,12 @@ pub struct VirtiofsArgs {
     #[arg(long, default_value_t = default_pool_size(), value_parser = clap::value_parser!(u16).range(1..))]
     pub thread_pool_size: u16,
 
+    /// Longest a request queue's thread looks for the guest's next request
+    /// before sleeping, in microseconds (adaptive: only while requests
+    /// follow each other closely; 0: never poll).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub poll_max_us: u32,
+
     /// Request queues offered besides the high-priority queue (the VMM
     /// may use fewer).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=MAX_REQUEST_QUEUES as i64))]
@@ -339,6 +345,7 @@ async fn serve(
         tag: args.tag,
         request_queues: usize::from(args.request_queues),
         threads: usize::from(args.thread_pool_size),
+        poll_max: std::time::Duration::from_micros(u64::from(args.poll_max_us)),
     };
     // The vhost-user daemon blocks: it runs on its own thread (not the
     // blocking pool, which would hold up the runtime's shutdown), and this

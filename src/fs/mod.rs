@@ -716,6 +716,18 @@ impl StoreFs {
         }
     }
 
+    /// The guest is listing a directory: the files in it not yet checked
+    /// (their blobs not yet opened) are likely read next.
+    fn read_soon(&self, listing: &Listing) {
+        let mut files = listing.iter().filter_map(|(_, node)| match node {
+            Node::File { digest, size, .. } if !self.verified.contains_key(&(*digest, *size)) => {
+                Some(*digest)
+            }
+            _ => None,
+        });
+        self.store.blob.read_soon(&mut files);
+    }
+
     /// The listing of a directory inode: (name, node) in order; the open
     /// handle's snapshot when there is one.
     fn listing(&self, ino: u64, handle: u64) -> io::Result<Listing> {
@@ -1101,6 +1113,7 @@ impl FileSystem for StoreFs {
             }
             InodeKind::Node(Node::Directory { digest, size }) => {
                 let listing = self.directory(digest, *size)?.entries.clone();
+                self.read_soon(&listing);
                 let h = self.new_handle()?;
                 lock(&self.dir_handles).insert(h, listing);
                 Ok((Some(h), self.cfg.cache.dir()))

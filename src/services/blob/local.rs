@@ -32,6 +32,7 @@ fn open_file(path: &Path) -> std::io::Result<Option<Box<dyn BlobReader>>> {
 #[derive(Clone)]
 pub struct LocalBlobService {
     root: PathBuf,
+    lookahead: std::sync::Arc<super::warm::Warmer>,
 }
 
 impl LocalBlobService {
@@ -39,14 +40,21 @@ impl LocalBlobService {
     /// Opens an existing store for reading only: nothing is created.
     pub fn open_existing(root: &Path) -> Result<Self> {
         super::super::local_tmp::check_exists(root)?;
-        Ok(Self { root: root.into() })
+        Ok(Self::at(root))
     }
 
     pub fn open(root: &Path) -> Result<Self> {
         let blobs = root.join("blobs");
         std::fs::create_dir_all(&blobs)?;
         super::super::local_tmp::prepare(root)?;
-        Ok(Self { root: root.into() })
+        Ok(Self::at(root))
+    }
+
+    fn at(root: &Path) -> Self {
+        Self {
+            root: root.into(),
+            lookahead: super::warm::Warmer::new(root.join("blobs")),
+        }
     }
 
     /// The blob's file, opened on the calling thread (no copy of its
@@ -83,6 +91,10 @@ impl BlobService for LocalBlobService {
 
     fn open_read_blocking(&self, digest: &B3Digest) -> Option<Result<Option<Box<dyn BlobReader>>>> {
         Some(self.open_file_here(digest))
+    }
+
+    fn read_soon(&self, digests: &mut dyn Iterator<Item = B3Digest>) {
+        self.lookahead.hint(digests);
     }
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {

@@ -7,6 +7,7 @@ use tokio::io::{AsyncRead, AsyncSeek};
 pub mod grpc;
 pub mod local;
 pub mod memory;
+pub mod warm;
 
 /// A seekable reader over one blob's bytes.
 pub trait BlobReader: AsyncRead + AsyncSeek + Send + Unpin {
@@ -167,6 +168,11 @@ pub trait BlobService: Send + Sync + 'static {
     ) -> Option<Result<Option<Box<dyn BlobReader>>>> {
         None
     }
+
+    /// A hint that these blobs are likely to be read soon (the guest
+    /// listed their directory): a backend on a local disk may look them
+    /// up in the background. Must not block.
+    fn read_soon(&self, _digests: &mut dyn Iterator<Item = B3Digest>) {}
 }
 
 /// A blob's bytes in chunks, as a remote sends them.

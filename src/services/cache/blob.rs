@@ -274,6 +274,11 @@ impl BlobService for CachedBlobService {
     }
 
     /// Hits only: a miss goes the async way, which fetches.
+    fn read_soon(&self, digests: &mut dyn Iterator<Item = B3Digest>) {
+        // Hits are looked up ahead; a miss's lookup finds nothing, cheaply.
+        self.0.local.blobs.read_soon(digests);
+    }
+
     fn open_read_blocking(&self, digest: &B3Digest) -> Option<Result<Option<Box<dyn BlobReader>>>> {
         match self.0.local.blobs.open_read_blocking(digest)? {
             Ok(Some(mut r)) => {
