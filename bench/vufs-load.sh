@@ -25,7 +25,8 @@
 # Prometheus /metrics) is read before and after each VM: the second VM must
 # fetch 0 bytes. RssAnon (/proc/PID/status) of the per-VM serving process
 # (the sandbox supervisor's child) and of the host daemon is read by the
-# generator after each pass, while the VM is still connected.
+# generator after each pass, while the VM is still connected, and the CPU
+# time the serving process used during the pass (/proc/PID/stat).
 # The page cache is dropped (DROP_CACHES) before each daemon start that
 # begins a cold pass: embedded, virtiofsd, the remote's start (first VM)
 # and the second VM.
@@ -230,8 +231,8 @@ echo "tree: ${dirs[*]}: $entries entries, $files files, $((bytes / 1048576)) MiB
   "$(nproc) CPUs; host load at the end: $(cut -d' ' -f1-3 /proc/loadavg); commit $commit;" \
   "per-op tables above: repetition 1; below: median of $runs"
 echo
-echo "| store | read size | depth | pass | ops/s | MiB/s | / virtiofsd | / embedded | READ p50/p99 µs |"
-echo "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"
+echo "| store | read size | depth | pass | ops/s | MiB/s | / virtiofsd | / embedded | READ p50/p99 µs | CPU s, serving process |"
+echo "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
 for rs in $read_sizes; do
   for depth in $depths; do
     for pass in cold warm; do
@@ -242,10 +243,12 @@ for rs in $read_sizes; do
         IFS=: read -r store label pname <<< "$row"
         ops=$(m ops_per_s "$label")
         [ -n "$ops" ] || continue
-        printf '| %s | %d KiB | %s | %s | %s | %s | %s | %s | %s / %s |\n' \
+        cpu=$(m cpu_vm_ms "$label")
+        case $cpu in '' | -*) ;; *) cpu=$(printf '%.2f' "$(bc -l <<< "$cpu / 1000")") ;; esac
+        printf '| %s | %d KiB | %s | %s | %s | %s | %s | %s | %s / %s | %s |\n' \
           "$store" $((rs / 1024)) "$depth" "$pname$pass" "$ops" "$(m mib_per_s "$label")" \
           "$(ratio "$ops" "$ref_ops")" "$(ratio "$ops" "$emb_ops")" \
-          "$(m read_p50_us "$label")" "$(m read_p99_us "$label")"
+          "$(m read_p50_us "$label")" "$(m read_p99_us "$label")" "$cpu"
       done
     done
   done

@@ -25,7 +25,8 @@
 //! `--rss NAME=PID` (repeatable) reads `RssAnon` from `/proc/PID/status`
 //! after each pass, while the connection is still up (a vhost-user daemon
 //! exits when its frontend goes), and reports it as `rss_NAME_kb=` in the
-//! pass's `SUMMARY` (-1 when the process is gone). `--linger SECS` stays
+//! pass's `SUMMARY` (-1 when the process is gone), and the CPU time it
+//! used during the pass (user + system, all threads) as `cpu_NAME_ms=`. `--linger SECS` stays
 //! connected and idle that long after the last pass and reads it again
 //! (`LINGER` line): what the daemon holds at rest after the walk.
 //!
@@ -621,6 +622,21 @@ fn rss_anon_kb(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// CPU time (user + system, all threads) a process has used, in ms, or
+/// None when it is gone.
+fn cpu_ms(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is the
+    // first, utime the 12th, stime the 13th.
+    let mut f = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let ticks: u64 = f.next()?.parse::<u64>().ok()? + f.next()?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .ok()?
+        .max(1);
+    Some(ticks * 1000 / hz)
+}
+
 fn main() -> Result<()> {
     let args = parse_args()?;
     let names: Vec<Vec<u8>> = std::fs::read_to_string(&args.paths)
@@ -681,6 +697,7 @@ fn main() -> Result<()> {
             )
         };
         let mut st = Stats::default();
+        let cpu0: Vec<Option<u64>> = args.rss.iter().map(|(_, pid)| cpu_ms(*pid)).collect();
         let jobs = names.iter().cloned().map(Job::Lookup).collect();
         r.run(jobs, args.depth, &mut st)?;
         let secs = st.wall.as_secs_f64().max(1e-9);
@@ -720,8 +737,15 @@ fn main() -> Result<()> {
             }
             rss.push_str(&format!(" rss_{name}_kb={}", kb.map_or(-1, |k| k as i64)));
         }
+        for ((name, pid), before) in args.rss.iter().zip(&cpu0) {
+            let used = before.zip(cpu_ms(*pid)).map(|(a, b)| b.saturating_sub(a));
+            rss.push_str(&format!(
+                " cpu_{name}_ms={}",
+                used.map_or(-1, |ms| ms as i64)
+            ));
+        }
         if !rss.is_empty() {
-            println!("| {pname} | RssAnon kB after the pass:{rss} | | | | |");
+            println!("| {pname} | RssAnon kB after the pass, CPU ms during it:{rss} | | | | |");
         }
         let read = st.lat.get(&Op::Read).map(Vec::as_slice).unwrap_or(&[]);
         summaries.push(format!(
