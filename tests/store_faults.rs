@@ -178,10 +178,11 @@ impl Mount {
         std::fs::create_dir_all(mnt).unwrap();
         let child = Command::new(common::bin())
             .args(["--store", store, "mount", mnt.to_str().unwrap()])
-            // Short, so a stall fails quickly, but not shorter than a
-            // loaded 2-core CI machine needs to fetch and decode the
-            // million-entry directory in one call (2 s timed out there).
-            .args(["--store-timeout", "6"])
+            // Short, so a stall fails quickly. The million-entry
+            // directory gets more (a second per 100,000 entries, up to 4
+            // limits): one call of 2 s timed out on a loaded 2-core CI
+            // machine before directories got it.
+            .args(["--store-timeout", "2"])
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
@@ -356,7 +357,7 @@ fn a_faulty_store_gives_clear_errors_and_the_mount_keeps_serving() {
     assert!(read(&paths["killed"]).unwrap() == data(1), "read again");
 
     // a trickle keeps moving: it is slow, not stalled (64 chunks, 110 ms
-    // apart: longer in all than the 6 s limit, which is on silence)
+    // apart: longer in all than the 2 s limit, which is on silence)
     let t0 = Instant::now();
     assert!(
         read(&paths["trickle"]).unwrap() == data(2),

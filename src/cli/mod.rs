@@ -109,7 +109,8 @@ pub struct ViewArgs {
     pub list_root: bool,
 
     /// Seconds one store request may take (a blob fetch: without
-    /// progress) before the reader gets ETIMEDOUT.
+    /// progress; a directory: one more per 100,000 entries below it, up to
+    /// 4 times this more) before the reader gets ETIMEDOUT.
     #[arg(long, default_value_t = 30)]
     pub store_timeout: u64,
 

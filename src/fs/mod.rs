@@ -43,8 +43,9 @@ const XATTR_DIR_SNIX: &[u8] = b"user.snix.castore.directory.digest";
 pub struct FsConfig {
     /// Let `readdir` of the root list every store path.
     pub list_root: bool,
-    /// Upper bound for one store request (for a blob: without progress);
-    /// past it the reader gets ETIMEDOUT.
+    /// Upper bound for one store request (for a blob: without progress;
+    /// for a directory: more for a larger one); past it the reader gets
+    /// ETIMEDOUT.
     pub store_timeout: Duration,
     /// Bytes of decoded directories kept in memory.
     pub dir_cache_bytes: u64,
@@ -113,6 +114,16 @@ pub const DEFAULT_DIR_CACHE_BYTES: u64 = 2 << 20;
 /// Entries (recursively) from which a directory is fetched one at a time:
 /// its own entries may then take megabytes decoded.
 const LARGE_DIRECTORY: u64 = 1 << 16;
+/// Directory entries a store must send per second, at the least: a
+/// directory may take the store timeout plus its declared size (entries
+/// below it) at this rate, up to [`DIRECTORY_EXTRA_MAX`] store timeouts
+/// more. One Get of a directory of a million entries (some 55 MB) is a
+/// single message, whose progress cannot be watched as a blob's chunks
+/// are; a loaded host took more than 2 s for it.
+const DIRECTORY_ENTRIES_PER_SEC: u64 = 100_000;
+/// See [`DIRECTORY_ENTRIES_PER_SEC`]: a hostile store declaring a huge size
+/// holds a stalled request at most this many store timeouts longer.
+const DIRECTORY_EXTRA_MAX: u32 = 4;
 /// How long the one large directory is kept unused.
 const LARGE_DIRECTORY_IDLE: Duration = if cfg!(test) {
     Duration::from_millis(300)
@@ -431,13 +442,19 @@ impl StoreFs {
                 Err(err(libc::EIO))
             }
             Err(_) => {
-                tracing::error!(
-                    "{what}: store did not answer within {:?}",
-                    self.cfg.store_timeout
-                );
+                let limit = limit.unwrap_or(self.cfg.store_timeout);
+                tracing::error!("{what}: store did not answer within {limit:?}");
                 Err(err(libc::ETIMEDOUT))
             }
         }
+    }
+
+    /// The time a fetch of a directory declaring `size` entries below it
+    /// may take (see [`DIRECTORY_ENTRIES_PER_SEC`]).
+    fn directory_limit(&self, size: u64) -> Duration {
+        let base = self.cfg.store_timeout;
+        let extra = Duration::from_secs(size / DIRECTORY_ENTRIES_PER_SEC);
+        base + extra.min(base * DIRECTORY_EXTRA_MAX)
     }
 
     /// A service's answer from a local disk, where it has one (`None`:
@@ -472,7 +489,10 @@ impl StoreFs {
         let what = format_args!("directory {digest}");
         let got = match self.local(what, self.store.directory.get_blocking(digest)) {
             Some(r) => r?,
-            None => self.block(what, self.store.directory.get(digest))?,
+            None => {
+                let limit = Some(self.directory_limit(size));
+                self.block_within(limit, what, self.store.directory.get(digest))?
+            }
         };
         let d = Arc::new(DirView::new(got.ok_or_else(|| {
             tracing::error!("directory {digest} is missing from the store");
@@ -531,7 +551,8 @@ impl StoreFs {
         // million directories is not buffered whole; the rest is fetched a
         // directory at a time if the guest walks that far.
         let cap = self.cfg.dir_cache_bytes;
-        let tree = self.block(what, async {
+        let limit = Some(self.directory_limit(size));
+        let tree = self.block_within(limit, what, async {
             let mut s = self.store.directory.get_recursive(*root);
             let (mut out, mut bytes) = (Vec::new(), 0u64);
             while let Some(d) = s.try_next().await? {
@@ -1250,6 +1271,26 @@ impl FileSystem for StoreFs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_larger_directory_may_take_longer_within_a_bound() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let cfg = FsConfig {
+            store_timeout: Duration::from_secs(2),
+            ..Default::default()
+        };
+        let fs = StoreFs::new(Store::memory(), rt.handle().clone(), cfg);
+        let s = Duration::from_secs;
+        assert_eq!(fs.directory_limit(0), s(2));
+        assert_eq!(fs.directory_limit(99_999), s(2));
+        assert_eq!(fs.directory_limit(500_000), s(7));
+        assert_eq!(
+            fs.directory_limit(1_000_000),
+            s(10),
+            "at most 4 limits more"
+        );
+        assert_eq!(fs.directory_limit(u64::MAX), s(10), "whatever it declares");
+    }
 
     /// Open root handles share one listing (unchanged store): a guest that
     /// opens the root many times does not multiply it.
