@@ -893,11 +893,15 @@ fn check_direct(
                 let mut off = 0u64;
                 loop {
                     let n = f.read_at(buf, off)?;
-                    if n == 0 {
-                        return Ok(off);
-                    }
                     h.update(&buf[..n]);
                     off += n as u64;
+                    // A blob file reads short only at its end: most blobs
+                    // are smaller than a chunk and take one read, not two.
+                    // (Were a read short elsewhere, the digest would not
+                    // match and nothing would be served.)
+                    if n < buf.len() {
+                        return Ok(off);
+                    }
                 }
             })?
         }
@@ -1279,6 +1283,28 @@ impl FileSystem for StoreFs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_blob_file_is_checked_whole_at_any_size() {
+        let dir = tempfile::tempdir().unwrap();
+        for len in [0, 100, CHECK_CHUNK, CHECK_CHUNK + 1, 3 * CHECK_CHUNK] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let path = dir.path().join(format!("b{len}"));
+            std::fs::write(&path, &data).unwrap();
+            let digest = B3Digest::from(blake3::hash(&data));
+            let open = || {
+                crate::services::blob::FileReader::new(std::fs::File::open(&path).unwrap()).unwrap()
+            };
+            let ok = check_direct(&mut open(), &digest, len as u64);
+            assert!(matches!(ok, Ok(true)), "{len} bytes: {ok:?}");
+            // a file longer than what its digest and size name
+            let mut longer = data.clone();
+            longer.push(1);
+            std::fs::write(&path, &longer).unwrap();
+            let bad = check_direct(&mut open(), &digest, len as u64);
+            assert!(bad.is_err(), "{len} bytes and one more passed");
+        }
+    }
 
     #[test]
     fn a_larger_directory_may_take_longer_within_a_bound() {
