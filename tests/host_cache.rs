@@ -266,6 +266,19 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// Adds `paths` to the embedded store at `store_dir` with the CLI; answers
 /// their store path basenames.
+/// Makes the directory `T/name` holding `files` (paths relative to it),
+/// adds it to the remote store at `T/remote`, and answers its store path's
+/// name.
+fn remote_tree(t: &Path, name: &str, files: &[(&str, &[u8])]) -> String {
+    let src = t.join(name);
+    for (rel, data) in files {
+        let path = src.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, data).unwrap();
+    }
+    import(&t.join("remote"), &[&src]).remove(0)
+}
+
 fn import(store_dir: &Path, paths: &[&Path]) -> Vec<String> {
     let store = format!("local://{}", store_dir.display());
     let mut args = vec!["--store", store.as_str(), "import"];
@@ -659,12 +672,12 @@ fn miss_then_hit() {
     let rt = runtime();
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let src = t.join("pkg");
-    std::fs::create_dir_all(src.join("share")).unwrap();
     let data = pseudo_random(3 * MIB + 17, 1);
-    std::fs::write(src.join("share/data"), &data).unwrap();
-    std::fs::write(src.join("small"), b"small file\n").unwrap();
-    let base = import(&t.join("remote"), &[&src]).remove(0);
+    let base = remote_tree(
+        t,
+        "pkg",
+        &[("share/data", &data), ("small", b"small file\n")],
+    );
     let digest = B3Digest::of(&data);
     let (remote, ctl) = counting_remote(&rt, &t.join("remote"), &t.join("remote.sock"));
     let dir = t.join("cache");
@@ -771,13 +784,10 @@ fn concurrent_misses_fetch_once() {
     let rt = runtime();
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let src = t.join("big");
-    std::fs::create_dir_all(&src).unwrap();
     let data = pseudo_random(64 * MIB + 5, 2);
     let digest = B3Digest::of(&data);
-    std::fs::write(src.join("blob"), &data).unwrap();
+    let base = remote_tree(t, "big", &[("blob", &data)]);
     drop(data);
-    let base = import(&t.join("remote"), &[&src]).remove(0);
     let (remote, ctl) = counting_remote(&rt, &t.join("remote"), &t.join("remote.sock"));
     let (gate, gated) = watch::channel(false);
     ctl.set(digest, Behaviour::Gated(gated));
@@ -1855,11 +1865,8 @@ fn a_long_fill_keeps_its_reader_waiting() {
     let rt = runtime();
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let src = t.join("pkg");
-    std::fs::create_dir_all(&src).unwrap();
     let data = pseudo_random(2 * MIB, 77);
-    std::fs::write(src.join("slow"), &data).unwrap();
-    let base = import(&t.join("remote"), &[&src]).remove(0);
+    let base = remote_tree(t, "pkg", &[("slow", &data)]);
     let digest = B3Digest::of(&data);
     let (remote, ctl) = counting_remote(&rt, &t.join("remote"), &t.join("remote.sock"));
     ctl.set(
@@ -1890,10 +1897,7 @@ fn a_long_fill_keeps_its_reader_waiting() {
     m.stop();
 
     // the quick fill's stream carries one message, its end
-    let q = t.join("q");
-    std::fs::create_dir_all(&q).unwrap();
-    std::fs::write(q.join("quick"), b"quick\n").unwrap();
-    import(&t.join("remote"), &[&q]);
+    remote_tree(t, "q", &[("quick", b"quick\n")]);
     let quick = B3Digest::of(b"quick\n");
     let msgs = rt.block_on(async {
         let mut s = filler

@@ -50,9 +50,13 @@ impl Warmer {
 
     /// Queues `digests` to be looked up soon; starts the thread if none runs.
     pub fn hint(self: &Arc<Self>, digests: &mut dyn Iterator<Item = B3Digest>) {
+        // The caller's iterator runs outside the lock: the thread keeps
+        // taking hints meanwhile.
+        let room = QUEUE_BOUND.saturating_sub(self.lock().digests.len());
+        let new: Vec<B3Digest> = digests.take(room).collect();
         let mut q = self.lock();
         let room = QUEUE_BOUND.saturating_sub(q.digests.len());
-        q.digests.extend(digests.take(room));
+        q.digests.extend(new.into_iter().take(room));
         if q.digests.is_empty() {
             return;
         }
