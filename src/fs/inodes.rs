@@ -149,6 +149,11 @@ impl Inodes {
             .map(|s| InodeKind::Node(s.node.clone()))
     }
 
+    /// The directory inode `ino` was looked up in, and its name there.
+    pub fn place(&self, ino: u64) -> Option<(u64, Vec<u8>)> {
+        self.lock().slot(ino).map(|s| (s.parent, s.name.to_vec()))
+    }
+
     /// The generation of a live inode (0 for the root).
     pub fn generation(&self, ino: u64) -> u64 {
         let t = self.lock();

@@ -9,6 +9,7 @@ pub mod closure;
 pub mod inline;
 mod inodes;
 pub mod metrics;
+mod sequential;
 
 use crate::castore::{B3Digest, Directory, Node};
 use crate::nix::store_path::StorePath;
@@ -164,11 +165,14 @@ impl DirView {
     }
 
     fn get(&self, name: &[u8]) -> Option<&Node> {
-        let i = self
-            .entries
+        self.entries.get(self.position(name)?).map(|(_, node)| node)
+    }
+
+    /// Where `name` is in the listing (names are sorted).
+    fn position(&self, name: &[u8]) -> Option<usize> {
+        self.entries
             .binary_search_by(|(n, _)| n.as_ref().cmp(name))
-            .ok()?;
-        self.entries.get(i).map(|(_, node)| node)
+            .ok()
     }
 }
 
@@ -202,6 +206,8 @@ pub struct StoreFs {
     large: Arc<LargeSlot>,
     /// Held while a directory declared [`LARGE_DIRECTORY`] or more is fetched.
     large_fetch: Mutex<()>,
+    /// Which directories the guest reads in order, to read ahead.
+    sequential: sequential::Sequential,
     /// Blobs checked against (digest, size), bounded by count.
     verified: quick_cache::sync::Cache<(B3Digest, u64), ()>,
     files: Mutex<HashMap<u64, Arc<Mutex<OpenFile>>>>,
@@ -275,6 +281,7 @@ impl StoreFs {
                 Default::default(),
             ),
             large_fetch: Mutex::new(()),
+            sequential: Default::default(),
             verified: quick_cache::sync::Cache::new(cfg.verified_blobs.max(1)),
             files: Mutex::new(HashMap::new()),
             blobs: OpenBlobs::default(),
@@ -757,6 +764,38 @@ impl StoreFs {
         self.store.blob.read_soon(&mut files);
     }
 
+    /// The guest opens file `inode` not yet read: when it reads its
+    /// directory's files in order, the next ones are read ahead. Only from
+    /// what the view holds in memory: no store call, no wait.
+    fn opening_unread(&self, inode: u64) {
+        let Some((parent, name)) = self.inodes.place(inode) else {
+            return;
+        };
+        let Some(InodeKind::Node(Node::Directory { digest, .. })) = self.inodes.get(parent) else {
+            return;
+        };
+        let Some(dir) = self.remembered(&digest) else {
+            return;
+        };
+        let Some(pos) = dir.position(&name) else {
+            return;
+        };
+        let ahead = self.sequential.opened(parent, pos);
+        let Some(next) = dir
+            .entries
+            .get(ahead.start..ahead.end.min(dir.entries.len()))
+        else {
+            return;
+        };
+        let mut files = next.iter().filter_map(|(_, node)| match node {
+            Node::File { digest, size, .. } if !self.verified.contains_key(&(*digest, *size)) => {
+                Some(*digest)
+            }
+            _ => None,
+        });
+        self.store.blob.read_ahead(&mut files);
+    }
+
     /// The listing of a directory inode: (name, node) in order; the open
     /// handle's snapshot when there is one.
     fn listing(&self, ino: u64, handle: u64) -> io::Result<Listing> {
@@ -991,6 +1030,9 @@ impl FileSystem for StoreFs {
             _ => return Err(err(libc::EISDIR)),
         };
         let h = self.new_handle()?;
+        if !self.verified.contains_key(&(digest, size)) {
+            self.opening_unread(inode);
+        }
         lock(&self.files).insert(
             h,
             Arc::new(Mutex::new(OpenFile {
@@ -1369,6 +1411,129 @@ mod tests {
         let first = dh[&handles[0]].clone();
         assert_eq!(first.len(), 100);
         assert!(handles.iter().all(|h| Arc::ptr_eq(&dh[h], &first)));
+    }
+
+    /// Whether every page of the file at `path` is in the page cache.
+    fn resident(path: &std::path::Path) -> bool {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(path).unwrap();
+        let len = f.metadata().unwrap().len() as usize;
+        // SAFETY: a read-only shared map of a file this test owns, never
+        // touched (mincore does not fault pages in), unmapped below.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(map, libc::MAP_FAILED);
+        let mut pages = vec![0u8; len.div_ceil(4096)];
+        // SAFETY: `pages` has one byte per page of the mapping.
+        let rc = unsafe { libc::mincore(map, len, pages.as_mut_ptr()) };
+        // SAFETY: the mapping made above, of `len` bytes.
+        unsafe { libc::munmap(map, len) };
+        assert_eq!(rc, 0);
+        pages.iter().all(|p| p & 1 == 1)
+    }
+
+    /// The guest opening a directory's files in order has the next ones'
+    /// data read ahead (on a local disk); a file opened alone, or far out
+    /// of order, does not.
+    #[test]
+    fn files_opened_in_order_have_the_next_read_ahead() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        // On the disk: a tmpfs never lets go of a page.
+        let tmp = tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/target")).unwrap();
+        let blob = crate::services::blob::local::LocalBlobService::open(tmp.path()).unwrap();
+        let store = Store {
+            blob: Arc::new(blob.clone()),
+            ..Store::memory()
+        };
+        let sp = crate::nix::store_path::StorePath::new([9; 20], "files".to_string()).unwrap();
+        let paths = rt.block_on(async {
+            let mut d = Directory::new();
+            let mut paths = Vec::new();
+            for i in 0..12u8 {
+                let data = vec![i; 64 << 10];
+                let mut w = store.blob.open_write().await.unwrap();
+                w.write(&data).await.unwrap();
+                let digest = w.close().await.unwrap();
+                let node = Node::File {
+                    digest,
+                    size: data.len() as u64,
+                    executable: false,
+                };
+                d.add(format!("f{i:02}").into(), node).unwrap();
+                paths.push(blob.path_of(&digest));
+            }
+            let node = Node::Directory {
+                digest: d.digest(),
+                size: d.size(),
+            };
+            let mut g = crate::castore::LeavesFirst::new();
+            g.add(d).unwrap();
+            store
+                .directory
+                .put_graph(g.finish().unwrap())
+                .await
+                .unwrap();
+            let info = crate::pathinfo::PathInfo::bare(sp.clone(), node);
+            store.path_info.put(info).await.unwrap();
+            paths
+        });
+        for p in &paths {
+            use std::os::fd::AsRawFd;
+            let f = std::fs::File::open(p).unwrap();
+            f.sync_all().unwrap();
+            // SAFETY: advice on a descriptor owned here, no memory passed.
+            let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            assert_eq!(rc, 0);
+            assert!(
+                !resident(p),
+                "{}: could not drop it from the page cache",
+                p.display()
+            );
+        }
+        let fs = StoreFs::new(store, rt.handle().clone(), FsConfig::default());
+        let ctx = Context::default();
+        let name = std::ffi::CString::new(sp.to_basename()).unwrap();
+        let top = fs.lookup(&ctx, ROOT_INO, &name).unwrap().inode;
+        let open = |i: usize| {
+            let name = std::ffi::CString::new(format!("f{i:02}")).unwrap();
+            let e = fs.lookup(&ctx, top, &name).unwrap();
+            fs.open(&ctx, e.inode, libc::O_RDONLY as u32, 0).unwrap();
+        };
+        let settle = || std::thread::sleep(Duration::from_millis(300));
+        open(2);
+        open(11);
+        settle();
+        assert!(
+            paths.iter().all(|p| !resident(p)),
+            "opened out of order: nothing read ahead"
+        );
+        open(3);
+        open(4);
+        let start = std::time::Instant::now();
+        while !(resident(&paths[5]) && resident(&paths[6])) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "5 and 6 never read ahead"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        settle();
+        for (i, p) in paths
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| ![5, 6].contains(i))
+        {
+            // Opening reads nothing either: the first READ does.
+            assert!(!resident(p), "f{i:02} read ahead, outside the window");
+        }
     }
 
     /// A directory heavier than the whole cache is kept on its own while

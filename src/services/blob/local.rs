@@ -97,6 +97,10 @@ impl BlobService for LocalBlobService {
         self.lookahead.hint(digests);
     }
 
+    fn read_ahead(&self, digests: &mut dyn Iterator<Item = B3Digest>) {
+        self.lookahead.read_ahead(digests);
+    }
+
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
         let tmp_dir = self.root.join("tmp");
         let file = tokio::task::spawn_blocking(move || tempfile::NamedTempFile::new_in(tmp_dir))

@@ -279,6 +279,11 @@ impl BlobService for CachedBlobService {
         self.0.local.blobs.read_soon(digests);
     }
 
+    /// Hits only, as `read_soon`: a miss is fetched when the guest reads it.
+    fn read_ahead(&self, digests: &mut dyn Iterator<Item = B3Digest>) {
+        self.0.local.blobs.read_ahead(digests);
+    }
+
     fn open_read_blocking(&self, digest: &B3Digest) -> Option<Result<Option<Box<dyn BlobReader>>>> {
         match self.0.local.blobs.open_read_blocking(digest)? {
             Ok(Some(mut r)) => {
