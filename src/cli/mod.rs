@@ -134,6 +134,11 @@ pub struct ViewArgs {
     #[arg(long, value_enum, default_value_t = crate::fs::CachePolicy::Always)]
     pub cache: crate::fs::CachePolicy,
 
+    /// Files whose data is read ahead, at most, while the guest reads a
+    /// directory's files in their listed order (local blobs only; 0: off).
+    #[arg(long, default_value_t = crate::fs::DEFAULT_READ_AHEAD_FILES, value_parser = clap::value_parser!(u16).range(0..=256))]
+    pub read_ahead_files: u16,
+
     /// Show only these store paths (absolute or basenames) and what they
     /// reference, transitively; any other name is absent.
     #[arg(long, num_args = 1.., value_name = "STORE_PATH")]
@@ -161,6 +166,7 @@ impl ViewArgs {
                 verified_blobs: self.verified_blobs,
                 max_handles: self.max_handles,
                 cache: self.cache,
+                read_ahead_files: usize::from(self.read_ahead_files),
             },
         ));
         if let Some(c) = closure {

@@ -58,6 +58,9 @@ pub struct FsConfig {
     pub max_handles: usize,
     /// What the guest may keep in its page cache.
     pub cache: CachePolicy,
+    /// Files read ahead at most when the guest reads a directory's files
+    /// in order (0: none).
+    pub read_ahead_files: usize,
 }
 
 /// virtiofsd's `--cache` modes, for content that never changes: metadata
@@ -106,6 +109,7 @@ impl Default for FsConfig {
             verified_blobs: DEFAULT_VERIFIED_BLOBS,
             max_handles: DEFAULT_MAX_HANDLES,
             cache: CachePolicy::Always,
+            read_ahead_files: usize::from(DEFAULT_READ_AHEAD_FILES),
         }
     }
 }
@@ -131,6 +135,9 @@ const LARGE_DIRECTORY_IDLE: Duration = if cfg!(test) {
 } else {
     Duration::from_secs(30)
 };
+/// Default [`FsConfig::read_ahead_files`]: 16 files of 256 KiB at most
+/// in flight, far more than a disk needs to stay busy.
+pub const DEFAULT_READ_AHEAD_FILES: u16 = 16;
 /// Default [`FsConfig::verified_blobs`].
 pub const DEFAULT_VERIFIED_BLOBS: usize = 8192;
 /// Default [`FsConfig::max_handles`]: far above what a guest's programs
@@ -281,7 +288,7 @@ impl StoreFs {
                 Default::default(),
             ),
             large_fetch: Mutex::new(()),
-            sequential: Default::default(),
+            sequential: sequential::Sequential::new(cfg.read_ahead_files),
             verified: quick_cache::sync::Cache::new(cfg.verified_blobs.max(1)),
             files: Mutex::new(HashMap::new()),
             blobs: OpenBlobs::default(),

@@ -14,9 +14,8 @@ const TRACKED: usize = 16;
 /// the listing's subdirectories and symlinks are skipped, and concurrent
 /// reads arrive a little out of order.
 const GAP: usize = 8;
-/// Files read ahead when the order is first seen, and at most.
+/// Files read ahead when the order is first seen.
 const FIRST_WINDOW: usize = 2;
-const MAX_WINDOW: usize = 16;
 
 #[derive(Clone, Copy)]
 struct Run {
@@ -29,9 +28,10 @@ struct Run {
     ahead_to: usize,
 }
 
-#[derive(Default)]
 pub struct Sequential {
     runs: Mutex<Runs>,
+    /// The window's bound, in files (0: never read ahead).
+    max: usize,
 }
 
 #[derive(Default)]
@@ -42,6 +42,13 @@ struct Runs {
 }
 
 impl Sequential {
+    pub fn new(max: usize) -> Self {
+        Self {
+            runs: Mutex::default(),
+            max,
+        }
+    }
+
     /// The guest opened the file at `pos` in the listing of `dir` for the
     /// first time: answers the positions to read ahead (often none).
     pub fn opened(&self, dir: u64, pos: usize) -> Range<usize> {
@@ -73,11 +80,11 @@ impl Sequential {
             };
             return 0..0;
         }
-        if run.streak == 0 {
+        if run.streak == 0 || self.max == 0 {
             return 0..0;
         }
         let shift = (run.streak - 1).min(usize::BITS - 1);
-        let window = FIRST_WINDOW.saturating_mul(1 << shift).min(MAX_WINDOW);
+        let window = FIRST_WINDOW.saturating_mul(1 << shift).min(self.max);
         let end = run.last.saturating_add(1).saturating_add(window);
         let start = run.ahead_to.max(run.last.saturating_add(1));
         run.ahead_to = run.ahead_to.max(end);
@@ -89,16 +96,18 @@ impl Sequential {
 mod tests {
     use super::*;
 
+    const MAX_WINDOW: usize = 16;
+
     #[test]
     fn one_file_reads_nothing_ahead_two_in_order_do() {
-        let s = Sequential::default();
+        let s = Sequential::new(MAX_WINDOW);
         assert!(s.opened(7, 10).is_empty());
         assert_eq!(s.opened(7, 11), 12..14);
     }
 
     #[test]
     fn the_window_grows_to_its_bound_and_asks_each_file_once() {
-        let s = Sequential::default();
+        let s = Sequential::new(MAX_WINDOW);
         s.opened(1, 0);
         let mut asked = vec![];
         for pos in 1..200 {
@@ -117,7 +126,7 @@ mod tests {
 
     #[test]
     fn a_jump_or_a_step_back_closes_the_window() {
-        let s = Sequential::default();
+        let s = Sequential::new(MAX_WINDOW);
         s.opened(1, 0);
         assert!(!s.opened(1, 1).is_empty());
         assert!(s.opened(1, 100).is_empty(), "a jump is not in order");
@@ -127,7 +136,7 @@ mod tests {
 
     #[test]
     fn skipped_entries_and_interleaved_directories_keep_the_order() {
-        let s = Sequential::default();
+        let s = Sequential::new(MAX_WINDOW);
         s.opened(1, 0);
         s.opened(2, 0); // a subdirectory's files in between
         assert_eq!(s.opened(2, 1), 2..4);
@@ -138,8 +147,14 @@ mod tests {
     }
 
     #[test]
+    fn a_bound_of_zero_reads_nothing_ahead() {
+        let s = Sequential::new(0);
+        assert!((0..100).all(|pos| s.opened(1, pos).is_empty()));
+    }
+
+    #[test]
     fn only_a_bounded_number_of_directories_are_followed() {
-        let s = Sequential::default();
+        let s = Sequential::new(MAX_WINDOW);
         for dir in 0..(TRACKED as u64 * 3) {
             s.opened(dir, 0);
         }
