@@ -751,6 +751,68 @@ fn miss_then_hit() {
     );
 }
 
+/// A reader whose guest reads a directory's files in their listed order
+/// asks the filler for the next ones before they are read: they land in
+/// DIR, fetched from the remote once each; files past the read-ahead
+/// window, and a guest that reads one file, cause no fetch.
+#[test]
+fn files_read_in_order_are_filled_ahead() {
+    if !common::fuse_available("HOST CACHE FUSE TEST") {
+        return;
+    }
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let datas: Vec<Vec<u8>> = (0..12)
+        .map(|i| pseudo_random(20_000 + i, i as u64))
+        .collect();
+    let names: Vec<String> = (0..12).map(|i| format!("f{i:02}")).collect();
+    let files: Vec<(&str, &[u8])> = names
+        .iter()
+        .zip(&datas)
+        .map(|(n, d)| (n.as_str(), d.as_slice()))
+        .collect();
+    let base = remote_tree(t, "pkg", &files);
+    let digests: Vec<B3Digest> = datas.iter().map(|d| B3Digest::of(d)).collect();
+    let (remote, ctl) = counting_remote(&rt, &t.join("remote"), &t.join("remote.sock"));
+    let dir = t.join("cache");
+    let filler = Filler::start(&remote, &dir, t, "filler", &[]);
+    let m = Mount::start(&filler.addr(), Some(&dir), &t.join("mnt"), &[]);
+    let read = |i: usize| {
+        let got = std::fs::read(m.file(&format!("{base}/{}", names[i]))).unwrap();
+        assert!(got == datas[i], "f{i:02}");
+    };
+    let cached = |i: usize| blob_file(&dir, &digests[i]).exists();
+    let settle = || std::thread::sleep(Duration::from_millis(500));
+
+    read(5);
+    settle();
+    assert_eq!(ctl.all_reads(), 1, "one file read alone: nothing ahead");
+    read(6);
+    wait_until(10, "f07 and f08 filled ahead", || cached(7) && cached(8));
+    settle();
+    for i in (0..12).filter(|i| ![5, 6, 7, 8].contains(i)) {
+        assert!(!cached(i), "f{i:02} filled, outside the window");
+    }
+    // The guest's own reads of f07 and f08 find them in DIR.
+    read(7);
+    read(8);
+    for (i, d) in digests.iter().enumerate().take(9).skip(5) {
+        assert_eq!(ctl.reads(d), 1, "f{i:02} fetched once");
+    }
+    let log = m.stop();
+    let line = log
+        .lines()
+        .rfind(|l| l.contains(": hits: "))
+        .unwrap_or_else(|| panic!("no cache summary: {log}"));
+    assert!(
+        line.contains("ahead)") && !line.contains("(0 ahead)"),
+        "the reader counts its fills ahead: {line}"
+    );
+    let mf = filler.metrics();
+    assert_eq!(mf.get("fill_errors_total"), 0);
+}
+
 /// Hashes a blob read through a gRPC store client, chunk by chunk.
 async fn b3_over_grpc(store: Store, digest: B3Digest) -> B3Digest {
     use tokio::io::AsyncReadExt;

@@ -796,7 +796,7 @@ impl StoreFs {
         };
         let mut files = next.iter().filter_map(|(_, node)| match node {
             Node::File { digest, size, .. } if !self.verified.contains_key(&(*digest, *size)) => {
-                Some(*digest)
+                Some((*digest, *size))
             }
             _ => None,
         });

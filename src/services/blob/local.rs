@@ -97,8 +97,8 @@ impl BlobService for LocalBlobService {
         self.lookahead.hint(digests);
     }
 
-    fn read_ahead(&self, digests: &mut dyn Iterator<Item = B3Digest>) {
-        self.lookahead.read_ahead(digests);
+    fn read_ahead(&self, blobs: &mut dyn Iterator<Item = (B3Digest, u64)>) {
+        self.lookahead.read_ahead(&mut blobs.map(|(d, _)| d));
     }
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {

@@ -174,10 +174,11 @@ pub trait BlobService: Send + Sync + 'static {
     /// up in the background. Must not block.
     fn read_soon(&self, _digests: &mut dyn Iterator<Item = B3Digest>) {}
 
-    /// A hint that the guest reads these blobs' directory in order and
-    /// will read them next: a backend on a local disk may start reading
-    /// their data in the background. Must not block, never fetches.
-    fn read_ahead(&self, _digests: &mut dyn Iterator<Item = B3Digest>) {}
+    /// A hint that the guest reads these blobs' (digest, size) directory
+    /// in order and will read them next: a backend on a local disk may
+    /// start reading their data in the background, a cache may fetch the
+    /// ones it lacks. Must not block.
+    fn read_ahead(&self, _blobs: &mut dyn Iterator<Item = (B3Digest, u64)>) {}
 }
 
 /// A blob's bytes in chunks, as a remote sends them.

@@ -24,7 +24,42 @@ fn stalled(digest: &B3Digest, idle: std::time::Duration) -> Error {
     ))
 }
 
+/// Blobs one read-ahead hint may name (the view asks for at most its
+/// window, 256 at the most).
+const FILLS_AHEAD_BATCH: usize = 256;
+
 impl Cache {
+    /// A reader asks the filler for the blobs the guest is about to read
+    /// (it reads their directory in order) that the directory lacks, at
+    /// most [`FILLS_AHEAD`](super::FILLS_AHEAD) at a time; beyond that the
+    /// guest's own reads ask. In the background: errors only logged (the
+    /// guest's read of the blob reports its own).
+    fn fill_ahead(self: &Arc<Self>, blobs: Vec<(B3Digest, u64)>) {
+        let (RoleState::Reader(r), Some(rt)) = (&self.role, &self.rt) else {
+            return;
+        };
+        if !r.fills.load(Relaxed) {
+            return;
+        }
+        for (digest, size) in blobs {
+            let Ok(permit) = r.ahead.clone().try_acquire_owned() else {
+                return;
+            };
+            let me = self.clone();
+            rt.spawn(async move {
+                let _permit = permit;
+                let path = me.local.blobs.path_of(&digest);
+                if tokio::fs::try_exists(&path).await.unwrap_or(true) {
+                    return;
+                }
+                me.stats.fills_ahead.fetch_add(1, Relaxed);
+                if let Err(e) = me.ask_fill(&digest, Some(size)).await {
+                    tracing::debug!("blob {digest}: asked ahead: {e}");
+                }
+            });
+        }
+    }
+
     /// A blob served from the cache directory; `reader` is its open file.
     fn blob_hit(&self, digest: &B3Digest, reader: &mut dyn BlobReader) {
         let meta = match reader.direct() {
@@ -279,9 +314,12 @@ impl BlobService for CachedBlobService {
         self.0.local.blobs.read_soon(digests);
     }
 
-    /// Hits only, as `read_soon`: a miss is fetched when the guest reads it.
-    fn read_ahead(&self, digests: &mut dyn Iterator<Item = B3Digest>) {
-        self.0.local.blobs.read_ahead(digests);
+    /// Hits are read ahead from the directory; a reader also asks the
+    /// filler for the misses, a few at a time.
+    fn read_ahead(&self, blobs: &mut dyn Iterator<Item = (B3Digest, u64)>) {
+        let blobs: Vec<(B3Digest, u64)> = blobs.take(FILLS_AHEAD_BATCH).collect();
+        self.0.local.blobs.read_ahead(&mut blobs.iter().copied());
+        self.0.fill_ahead(blobs);
     }
 
     fn open_read_blocking(&self, digest: &B3Digest) -> Option<Result<Option<Box<dyn BlobReader>>>> {

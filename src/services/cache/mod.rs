@@ -155,7 +155,14 @@ struct Reader {
     /// The store fills our directory (until it says it cannot).
     fills: AtomicBool,
     touches: touches::Touches,
+    /// Fills asked ahead of the guest and not yet answered.
+    ahead: Arc<tokio::sync::Semaphore>,
 }
+
+/// Fills a reader asks ahead of the guest at once: enough to keep a
+/// remote busy while the guest reads, few enough that a guest's in-order
+/// walk cannot crowd out other VMs' misses at the filler.
+const FILLS_AHEAD: usize = 8;
 
 enum RoleState {
     Filler(Filler),
@@ -172,6 +179,8 @@ pub struct Cache {
     /// How long a fetch may make no progress.
     idle: Duration,
     role: RoleState,
+    /// The runtime the cache was opened in: background fills run there.
+    rt: Option<tokio::runtime::Handle>,
 }
 
 impl Cache {
@@ -226,6 +235,7 @@ impl Cache {
                             .max_decoding_message_size(crate::services::channel::MAX_MESSAGE_SIZE)
                     }),
                     touches: touches::Touches::default(),
+                    ahead: Arc::new(tokio::sync::Semaphore::new(FILLS_AHEAD)),
                 }));
                 (local, role)
             }
@@ -237,6 +247,7 @@ impl Cache {
             stats,
             idle,
             role,
+            rt: tokio::runtime::Handle::try_current().ok(),
         });
         if let RoleState::Reader(r) = &cache.role {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {

@@ -47,6 +47,9 @@ pub struct CacheStats {
     pub max_bytes: AtomicU64,
     /// Readers: misses the filler was asked to fill.
     pub fill_requests: AtomicU64,
+    /// Readers: of those, asked ahead of the guest's reads (it read their
+    /// directory's files in order).
+    pub fills_ahead: AtomicU64,
 }
 
 impl CacheStats {
@@ -160,6 +163,12 @@ impl CacheStats {
             "Misses a reader asked the filling daemon to fill.",
             &one(&self.fill_requests),
         );
+        family(
+            "fills_ahead_total",
+            "counter",
+            "Fills a reader asked ahead of the guest's reads (files read in listed order).",
+            &one(&self.fills_ahead),
+        );
         out
     }
 
@@ -173,11 +182,12 @@ impl CacheStats {
                 .join(", ")
         };
         format!(
-            "hits: {}; misses: {}; fill requests {}; fetches {} ({} failed, {} waits joined one \
+            "hits: {}; misses: {}; fill requests {} ({} ahead); fetches {} ({} failed, {} waits joined one \
              under way); {} bytes fetched; {} evictions ({} bytes)",
             kinds(&self.hits),
             kinds(&self.misses),
             self.fill_requests.load(Relaxed),
+            self.fills_ahead.load(Relaxed),
             self.fills.load(Relaxed),
             self.fill_errors.load(Relaxed),
             self.dedup_waits.load(Relaxed),
