@@ -68,6 +68,12 @@ impl LocalBlobService {
         Ok(opened?)
     }
 
+    /// What the read-ahead does with a blob the directory lacks (see
+    /// [`super::warm::Warmer::on_missing`]).
+    pub(crate) fn on_missing(&self, f: super::warm::Missing) {
+        self.lookahead.on_missing(f);
+    }
+
     pub(crate) fn path_of(&self, digest: &B3Digest) -> PathBuf {
         let hex = digest.to_hex();
         self.root.join("blobs").join(&hex[..2]).join(hex)
@@ -98,7 +104,7 @@ impl BlobService for LocalBlobService {
     }
 
     fn read_ahead(&self, blobs: &mut dyn Iterator<Item = (B3Digest, u64)>) {
-        self.lookahead.read_ahead(&mut blobs.map(|(d, _)| d));
+        self.lookahead.read_ahead(blobs);
     }
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {

@@ -40,8 +40,8 @@ const IDLE_EXIT: Duration = Duration::from_secs(5);
 struct Queue {
     /// Files to look up.
     digests: VecDeque<B3Digest>,
-    /// Files to read ahead, served first.
-    data: VecDeque<B3Digest>,
+    /// Files to read ahead (digest, size), served first.
+    data: VecDeque<(B3Digest, u64)>,
     /// A thread is serving the queue.
     running: bool,
 }
@@ -51,7 +51,13 @@ pub struct Warmer {
     blobs: PathBuf,
     queue: Mutex<Queue>,
     wake: Condvar,
+    /// Told of a blob to read ahead that the directory lacks (a cache
+    /// asks for it to be fetched).
+    missing: std::sync::OnceLock<Missing>,
 }
+
+/// See [`Warmer::on_missing`].
+pub type Missing = Box<dyn Fn(B3Digest, u64) + Send + Sync>;
 
 impl Warmer {
     pub fn new(blobs: PathBuf) -> Arc<Self> {
@@ -59,6 +65,7 @@ impl Warmer {
             blobs,
             queue: Mutex::default(),
             wake: Condvar::new(),
+            missing: std::sync::OnceLock::new(),
         })
     }
 
@@ -78,10 +85,17 @@ impl Warmer {
         self.start(q);
     }
 
-    /// Queues `digests` to have the start of their data read ahead, before
-    /// any lookup waiting; starts the thread if none runs.
-    pub fn read_ahead(self: &Arc<Self>, digests: &mut dyn Iterator<Item = B3Digest>) {
-        let new: Vec<B3Digest> = digests.take(DATA_BOUND).collect();
+    /// Calls `f` with each blob to read ahead that is not in the directory
+    /// (on the look-ahead thread, which found it missing: it must not
+    /// block). Set once; later calls are ignored.
+    pub fn on_missing(&self, f: Missing) {
+        let _ = self.missing.set(f);
+    }
+
+    /// Queues blobs (digest, size) to have the start of their data read
+    /// ahead, before any lookup waiting; starts the thread if none runs.
+    pub fn read_ahead(self: &Arc<Self>, blobs: &mut dyn Iterator<Item = (B3Digest, u64)>) {
+        let new: Vec<(B3Digest, u64)> = blobs.take(DATA_BOUND).collect();
         let mut q = self.lock();
         // The oldest requests are the ones the guest has most likely
         // passed: they make room.
@@ -120,8 +134,8 @@ impl Warmer {
     fn next(&self) -> Option<Work> {
         let mut q = self.lock();
         loop {
-            if let Some(d) = q.data.pop_front() {
-                return Some(Work::Data(d));
+            if let Some((d, size)) = q.data.pop_front() {
+                return Some(Work::Data(d, size));
             }
             if let Some(d) = q.digests.pop_front() {
                 return Some(Work::Lookup(d));
@@ -150,11 +164,18 @@ impl Warmer {
         let _ = std::fs::symlink_metadata(self.path_of(digest));
     }
 
-    fn read_data(&self, digest: &B3Digest) {
+    fn read_data(&self, digest: &B3Digest, size: u64) {
         use std::os::fd::AsRawFd;
-        // A missing blob is fetched when read; nothing to start here.
-        let Ok(f) = std::fs::File::open(self.path_of(digest)) else {
-            return;
+        let f = match std::fs::File::open(self.path_of(digest)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(missing) = self.missing.get() {
+                    missing(*digest, size);
+                }
+                return;
+            }
+            // Fails again when read, and is reported then.
+            Err(_) => return,
         };
         // SAFETY: an advice call on a descriptor this function owns; no
         // memory is passed. WILLNEED starts the reads and returns.
@@ -193,7 +214,7 @@ fn background() {
 
 enum Work {
     Lookup(B3Digest),
-    Data(B3Digest),
+    Data(B3Digest, u64),
 }
 
 fn run(warmer: Weak<Warmer>) {
@@ -202,7 +223,7 @@ fn run(warmer: Weak<Warmer>) {
     while let Some(w) = warmer.upgrade() {
         match w.next() {
             Some(Work::Lookup(d)) => w.look_up(&d),
-            Some(Work::Data(d)) => w.read_data(&d),
+            Some(Work::Data(d, size)) => w.read_data(&d, size),
             None => return,
         }
     }

@@ -24,40 +24,31 @@ fn stalled(digest: &B3Digest, idle: std::time::Duration) -> Error {
     ))
 }
 
-/// Blobs one read-ahead hint may name (the view asks for at most its
-/// window, 256 at the most).
-const FILLS_AHEAD_BATCH: usize = 256;
-
 impl Cache {
-    /// A reader asks the filler for the blobs the guest is about to read
-    /// (it reads their directory in order) that the directory lacks, at
-    /// most [`FILLS_AHEAD`](super::FILLS_AHEAD) at a time; beyond that the
-    /// guest's own reads ask. In the background: errors only logged (the
-    /// guest's read of the blob reports its own).
-    fn fill_ahead(self: &Arc<Self>, blobs: Vec<(B3Digest, u64)>) {
+    /// A reader asks the filler for a blob the guest is about to read (it
+    /// reads its directory in order) that the directory lacks, at most
+    /// [`FILLS_AHEAD`](super::FILLS_AHEAD) at a time; beyond that the
+    /// guest's own read asks. Called by the look-ahead thread, which found
+    /// it missing; the fill runs on the runtime, its errors only logged
+    /// (the guest's read of the blob reports its own).
+    pub(super) fn fill_ahead(self: &Arc<Self>, digest: B3Digest, size: u64) {
         let (RoleState::Reader(r), Some(rt)) = (&self.role, &self.rt) else {
             return;
         };
         if !r.fills.load(Relaxed) {
             return;
         }
-        for (digest, size) in blobs {
-            let Ok(permit) = r.ahead.clone().try_acquire_owned() else {
-                return;
-            };
-            let me = self.clone();
-            rt.spawn(async move {
-                let _permit = permit;
-                let path = me.local.blobs.path_of(&digest);
-                if tokio::fs::try_exists(&path).await.unwrap_or(true) {
-                    return;
-                }
-                me.stats.fills_ahead.fetch_add(1, Relaxed);
-                if let Err(e) = me.ask_fill(&digest, Some(size)).await {
-                    tracing::debug!("blob {digest}: asked ahead: {e}");
-                }
-            });
-        }
+        let Ok(permit) = r.ahead.clone().try_acquire_owned() else {
+            return;
+        };
+        self.stats.fills_ahead.fetch_add(1, Relaxed);
+        let me = self.clone();
+        rt.spawn(async move {
+            let _permit = permit;
+            if let Err(e) = me.ask_fill(&digest, Some(size)).await {
+                tracing::debug!("blob {digest}: asked ahead: {e}");
+            }
+        });
     }
 
     /// A blob served from the cache directory; `reader` is its open file.
@@ -315,11 +306,9 @@ impl BlobService for CachedBlobService {
     }
 
     /// Hits are read ahead from the directory; a reader also asks the
-    /// filler for the misses, a few at a time.
+    /// filler for the misses (the read-ahead tells, `Cache::fill_ahead`).
     fn read_ahead(&self, blobs: &mut dyn Iterator<Item = (B3Digest, u64)>) {
-        let blobs: Vec<(B3Digest, u64)> = blobs.take(FILLS_AHEAD_BATCH).collect();
-        self.0.local.blobs.read_ahead(&mut blobs.iter().copied());
-        self.0.fill_ahead(blobs);
+        self.0.local.blobs.read_ahead(blobs);
     }
 
     fn open_read_blocking(&self, digest: &B3Digest) -> Option<Result<Option<Box<dyn BlobReader>>>> {

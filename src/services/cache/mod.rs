@@ -250,6 +250,12 @@ impl Cache {
             rt: tokio::runtime::Handle::try_current().ok(),
         });
         if let RoleState::Reader(r) = &cache.role {
+            let weak = Arc::downgrade(&cache);
+            cache.local.blobs.on_missing(Box::new(move |digest, size| {
+                if let Some(c) = weak.upgrade() {
+                    c.fill_ahead(digest, size);
+                }
+            }));
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(touch_reporter(
                     Arc::downgrade(&cache),
