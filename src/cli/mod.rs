@@ -134,8 +134,9 @@ pub struct ViewArgs {
     #[arg(long, value_enum, default_value_t = crate::fs::CachePolicy::Always)]
     pub cache: crate::fs::CachePolicy,
 
-    /// Files whose data is read ahead, at most, while the guest reads a
-    /// directory's files in their listed order (local blobs only; 0: off).
+    /// Files read ahead, at most, while the guest reads a directory's files
+    /// in their listed order: from the disk, or a per-VM daemon asks its
+    /// host daemon to fill the ones its cache lacks (0: off).
     #[arg(long, default_value_t = crate::fs::DEFAULT_READ_AHEAD_FILES, value_parser = clap::value_parser!(u16).range(0..=256))]
     pub read_ahead_files: u16,
 

@@ -1037,7 +1037,7 @@ impl FileSystem for StoreFs {
             _ => return Err(err(libc::EISDIR)),
         };
         let h = self.new_handle()?;
-        if !self.verified.contains_key(&(digest, size)) {
+        if self.cfg.read_ahead_files > 0 && !self.verified.contains_key(&(digest, size)) {
             self.opening_unread(inode);
         }
         lock(&self.files).insert(
@@ -1420,6 +1420,29 @@ mod tests {
         assert!(handles.iter().all(|h| Arc::ptr_eq(&dh[h], &first)));
     }
 
+    /// Puts `d` (no subdirectories) into `store` as the store path `sp`;
+    /// answers its node.
+    async fn put_store_path(
+        store: &Store,
+        sp: &crate::nix::store_path::StorePath,
+        d: Directory,
+    ) -> Node {
+        let node = Node::Directory {
+            digest: d.digest(),
+            size: d.size(),
+        };
+        let mut g = crate::castore::LeavesFirst::new();
+        g.add(d).unwrap();
+        store
+            .directory
+            .put_graph(g.finish().unwrap())
+            .await
+            .unwrap();
+        let info = crate::pathinfo::PathInfo::bare(sp.clone(), node.clone());
+        store.path_info.put(info).await.unwrap();
+        node
+    }
+
     /// Whether every page of the file at `path` is in the page cache.
     fn resident(path: &std::path::Path) -> bool {
         use std::os::fd::AsRawFd;
@@ -1477,19 +1500,7 @@ mod tests {
                 d.add(format!("f{i:02}").into(), node).unwrap();
                 paths.push(blob.path_of(&digest));
             }
-            let node = Node::Directory {
-                digest: d.digest(),
-                size: d.size(),
-            };
-            let mut g = crate::castore::LeavesFirst::new();
-            g.add(d).unwrap();
-            store
-                .directory
-                .put_graph(g.finish().unwrap())
-                .await
-                .unwrap();
-            let info = crate::pathinfo::PathInfo::bare(sp.clone(), node);
-            store.path_info.put(info).await.unwrap();
+            put_store_path(&store, &sp, d).await;
             paths
         });
         for p in &paths {
@@ -1559,23 +1570,7 @@ mod tests {
                 )
                 .unwrap();
             }
-            let mut g = crate::castore::LeavesFirst::new();
-            let node = Node::Directory {
-                digest: d.digest(),
-                size: d.size(),
-            };
-            g.add(d).unwrap();
-            store
-                .directory
-                .put_graph(g.finish().unwrap())
-                .await
-                .unwrap();
-            store
-                .path_info
-                .put(crate::pathinfo::PathInfo::bare(sp.clone(), node.clone()))
-                .await
-                .unwrap();
-            node
+            put_store_path(&store, &sp, d).await
         });
         let Node::Directory { digest, .. } = dir else {
             unreachable!()
