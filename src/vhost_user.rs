@@ -367,14 +367,17 @@ impl FsBackend {
                 serve_here(&self.server, &self.fs, job);
                 continue;
             }
-            if self.pool.idle.load(Ordering::Acquire) > 0 && more_available(vring, &mem) {
+            let more = more_available(vring, &mem);
+            if more && self.pool.idle.load(Ordering::Acquire) > 0 {
                 self.to_pool(job);
                 continue;
             }
             let head = job.chain.head_index();
-            let (served, deferred) = self.fs.attempt_inline(|| {
-                let mmap = self.fs.direct_io();
-                handle_chain(&self.server, &job.mem, job.chain.clone(), queue, mmap)
+            let (served, deferred) = crate::fs::inline::with_others_waiting(more, || {
+                self.fs.attempt_inline(|| {
+                    let mmap = self.fs.direct_io();
+                    handle_chain(&self.server, &job.mem, job.chain.clone(), queue, mmap)
+                })
             });
             if deferred {
                 self.to_pool(job);

@@ -12,6 +12,23 @@ thread_local! {
     static DEFERRED: Cell<bool> = const { Cell::new(false) };
     /// Inode references taken during the inline attempt.
     static LOOKUPS: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+    /// The guest had more requests queued behind this one.
+    static OTHERS_WAITING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with [`others_waiting`] answering `waiting`: the transport
+/// tells the view whether the guest queued more requests behind this one.
+pub fn with_others_waiting<T>(waiting: bool, f: impl FnOnce() -> T) -> T {
+    OTHERS_WAITING.set(waiting);
+    let out = f();
+    OTHERS_WAITING.set(false);
+    out
+}
+
+/// Whether the guest had more requests queued behind the one being served
+/// (it keeps several in flight, so the disk is already kept busy by them).
+pub fn others_waiting() -> bool {
+    OTHERS_WAITING.get()
 }
 
 /// Runs `f` as an inline attempt; answers its result and whether it was
