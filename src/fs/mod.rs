@@ -1531,20 +1531,16 @@ mod tests {
             fs.open(&ctx, e.inode, libc::O_RDONLY as u32, 0).unwrap();
         };
         let settle = || std::thread::sleep(Duration::from_millis(300));
+        let nothing_ahead = |why: &str| {
+            settle();
+            assert!(paths.iter().all(|p| !resident(p)), "{why}: read ahead");
+        };
         // A guest with more requests queued keeps the disk busy itself.
         inline::with_others_waiting(true, || (0..4).for_each(open));
-        settle();
-        assert!(
-            paths.iter().all(|p| !resident(p)),
-            "others waiting: nothing read ahead"
-        );
+        nothing_ahead("others waiting");
         open(2);
         open(11);
-        settle();
-        assert!(
-            paths.iter().all(|p| !resident(p)),
-            "opened out of order: nothing read ahead"
-        );
+        nothing_ahead("opened out of order");
         open(3);
         open(4);
         let start = std::time::Instant::now();
