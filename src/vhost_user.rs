@@ -129,6 +129,9 @@ struct Job {
     chain: DescriptorChain<Arc<Mem>>,
     /// The queue's count of chains handed to the pool, released when served.
     slots: Arc<Slots>,
+    /// The guest had more chains queued behind this one when it was
+    /// popped (see [`crate::fs::inline::others_waiting`]).
+    others_waiting: bool,
 }
 
 /// Chains of one request queue waiting for or held by a worker. A guest
@@ -356,18 +359,19 @@ impl FsBackend {
                 }
                 return true;
             };
+            let more = queue != 0 && more_available(vring, &mem);
             let job = Job {
                 queue,
                 vring: vring.clone(),
                 mem: mem.clone(),
                 chain,
                 slots: slots.clone(),
+                others_waiting: more,
             };
             if queue == 0 {
                 serve_here(&self.server, &self.fs, job);
                 continue;
             }
-            let more = more_available(vring, &mem);
             if more && self.pool.idle.load(Ordering::Acquire) > 0 {
                 self.to_pool(job);
                 continue;
@@ -415,7 +419,9 @@ fn more_available(vring: &VringRwLock, mem: &Mem) -> bool {
 /// Serves one chain on a worker, returns it to the guest and frees its slot.
 fn serve(server: &FsServer, fs: &StoreFs, job: Job) {
     let head = job.chain.head_index();
-    let served = handle_chain(server, &job.mem, job.chain, job.queue, fs.direct_io());
+    let served = crate::fs::inline::with_others_waiting(job.others_waiting, || {
+        handle_chain(server, &job.mem, job.chain, job.queue, fs.direct_io())
+    });
     served.record(fs);
     complete(&job.vring, head, served.len, job.queue);
     job.slots.give(&job.vring);
