@@ -53,15 +53,14 @@ impl Cache {
 
     /// A blob served from the cache directory; `reader` is its open file.
     fn blob_hit(&self, digest: &B3Digest, reader: &mut dyn BlobReader) {
-        let meta = match reader.direct() {
-            Some(crate::services::blob::Direct::File(f)) => f.metadata().ok(),
-            _ => None,
-        };
         self.hit_stale(
             Kind::Blob,
             || self.local.blobs.path_of(digest),
             Key::Blob(*digest),
-            meta,
+            || match reader.direct() {
+                Some(crate::services::blob::Direct::File(f)) => f.metadata().ok(),
+                _ => None,
+            },
         );
     }
 

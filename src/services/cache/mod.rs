@@ -302,23 +302,27 @@ impl Cache {
     /// Counts a hit and marks the object as used (when it was not
     /// recently: see [`space::FRESH`]).
     fn hit(&self, kind: Kind, path: impl FnOnce() -> PathBuf, key: Key) {
-        self.hit_stale(kind, path, key, None)
+        self.hit_stale(kind, path, key, || None)
     }
 
     /// As `hit`, with the object's metadata when the caller has it at hand
-    /// (an open file's `fstat` spares a lookup by path).
+    /// (an open file's `fstat` spares a lookup by path); asked for only
+    /// when the object is due to be looked at.
     fn hit_stale(
         &self,
         kind: Kind,
         path: impl FnOnce() -> PathBuf,
         key: Key,
-        meta: Option<std::fs::Metadata>,
+        meta: impl FnOnce() -> Option<std::fs::Metadata>,
     ) {
         self.stats.hit(kind);
         match &self.role {
             RoleState::Filler(_) => space::touch(&path()),
             RoleState::Reader(r) => {
-                let stale = match meta {
+                if !r.touches.due(&key) {
+                    return;
+                }
+                let stale = match meta() {
                     Some(m) => space::is_stale(&m),
                     None => std::fs::symlink_metadata(path()).is_ok_and(|m| space::is_stale(&m)),
                 };

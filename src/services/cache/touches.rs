@@ -2,6 +2,10 @@
 //! from the cache directory (read-only, so the access times the eviction
 //! goes by do not move), and tell the filler in batches which objects they
 //! used (`CacheService/Touch`), now and then and sooner when many pile up.
+//! Only objects whose access time is old are reported, and a reader looks
+//! at an object's access time once per [`RECHECK`], not on every hit: an
+//! `fstat` per opened file was the reader's one cost per request that the
+//! embedded store does not pay.
 use super::flights::Key;
 use crate::castore::B3Digest;
 use crate::services::channel::WireChannel;
@@ -10,7 +14,7 @@ use crate::wire::cache::cache_service_client::CacheServiceClient;
 use bytes::Bytes;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 /// Most hits held before reporting; more are dropped (an object missed
@@ -22,6 +26,13 @@ const REPORT_SOON: usize = 4096;
 pub const PERIOD: Duration = Duration::from_secs(10);
 /// Most digests in one Touch call.
 const BATCH: usize = 8192;
+/// How often an object in use has its access time looked at: well within
+/// [`super::space::FRESH`], so an object used all along is reported
+/// before it goes stale for long.
+const RECHECK: Duration = Duration::from_secs(300);
+/// Most objects remembered as looked at (8 bytes each, and the table's
+/// own; forgotten all at once when full or after [`RECHECK`]).
+const MAX_SEEN: usize = 65_536;
 
 #[derive(Default)]
 struct Held {
@@ -36,17 +47,59 @@ impl Held {
     }
 }
 
+/// Objects whose access time was looked at since `since`, by a prefix of
+/// their digest (a collision only delays one object's report).
+struct Seen {
+    keys: HashSet<u64>,
+    since: Instant,
+}
+
 /// Hits not reported yet.
-#[derive(Default)]
 pub struct Touches {
     held: Mutex<Held>,
+    seen: Mutex<Seen>,
     /// Wakes the reporter early.
     pub wake: Arc<Notify>,
+}
+
+impl Default for Touches {
+    fn default() -> Self {
+        Self {
+            held: Mutex::default(),
+            seen: Mutex::new(Seen {
+                keys: HashSet::new(),
+                since: Instant::now(),
+            }),
+            wake: Arc::default(),
+        }
+    }
+}
+
+fn prefix(key: &Key) -> u64 {
+    let (bytes, kind): (&[u8], u64) = match key {
+        Key::Blob(d) => (d.as_bytes(), 0),
+        Key::Directory(d) | Key::Tree(d) => (d.as_bytes(), 1),
+        Key::PathInfo(p) => (p, 2),
+    };
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&bytes[..8]);
+    u64::from_le_bytes(b) ^ kind
 }
 
 impl Touches {
     fn lock(&self) -> MutexGuard<'_, Held> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `key`'s access time is due to be looked at: the first hit
+    /// on it since it was last looked at, [`RECHECK`] ago at most.
+    pub fn due(&self, key: &Key) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.since.elapsed() > RECHECK || seen.keys.len() >= MAX_SEEN {
+            seen.keys = HashSet::new();
+            seen.since = Instant::now();
+        }
+        seen.keys.insert(prefix(key))
     }
 
     pub fn record(&self, key: Key) {
@@ -90,5 +143,33 @@ impl Touches {
                 Err(_) => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob(i: u32) -> Key {
+        Key::Blob(B3Digest::from(blake3::hash(&i.to_le_bytes())))
+    }
+
+    #[test]
+    fn an_object_is_looked_at_once_until_forgotten() {
+        let t = Touches::default();
+        assert!(t.due(&blob(0)), "first hit");
+        assert!(!t.due(&blob(0)), "second hit");
+        assert!(t.due(&blob(1)), "another blob");
+        let Key::Blob(d) = blob(0) else {
+            unreachable!()
+        };
+        assert!(t.due(&Key::Directory(d)), "a directory of the same digest");
+        // The table is bounded: once full it is forgotten, and the first
+        // object is looked at again.
+        for i in 2..MAX_SEEN as u32 + 1 {
+            t.due(&blob(i));
+        }
+        assert!(t.seen.lock().unwrap().keys.len() <= MAX_SEEN);
+        assert!(t.due(&blob(0)), "looked at again after the table was full");
     }
 }
