@@ -35,7 +35,8 @@
 # Environment:
 #   STORES      contenders, in this order in the table ("embedded remote-unix
 #               remote-tcp virtiofsd"); ratios to a missing one stay empty
-#   RUNS        repetitions (3; medians reported, contenders interleaved)
+#   RUNS        repetitions (3; medians reported; contenders interleaved,
+#               in reverse order every other repetition)
 #   DEPTHS      queue depths ("1 64")
 #   READ_SIZES  READ sizes in bytes ("131072 1048576")
 #   MAX_FILES   read at most this many files per pass (all)
@@ -190,11 +191,17 @@ run_remote() { # remote-unix|remote-tcp
 : > "$work/cache-lines"
 : > "$work/host-metrics"
 # Repetitions interleave the contenders, so drift in the host's load
-# (other builds) hits all alike.
+# (other builds) hits all alike, and every other repetition takes them in
+# reverse order: a contender's place in the sequence (right after another
+# one's first VM has written a whole cache, say) must not count for or
+# against it.
+reversed=$(printf '%s\n' $stores | tac | xargs)
 for rep in $(seq "$runs"); do
+  order=$stores
+  [ $((rep % 2)) = 0 ] && order=$reversed
   for rs in $read_sizes; do
     for depth in $depths; do
-      for which in $stores; do
+      for which in $order; do
         case $which in
           embedded | virtiofsd) run_plain "$which" ;;
           *) run_remote "$which" ;;
