@@ -224,7 +224,7 @@ pub(super) async fn fetch(
         Err(e) if is_not_found(&e) => return Ok(false),
         Err(e) => return Err(e),
     };
-    let tmp = super::temp_beside(&dest)?;
+    let tmp = super::staged_temp(&cache.root)?;
     // Chunks go straight to the file: they come in tens or hundreds of KiB,
     // and a buffer per fill cost a mapping (and its unmapping) per blob.
     let mut out = tmp;

@@ -82,11 +82,37 @@ pub fn create_dir(dir: &Path) -> std::io::Result<()> {
         .create(dir)
 }
 
-/// A temporary file for a fill, beside its destination: renamed within one
-/// directory, fills of different objects do not contend for one staging
-/// directory's lock (they did: a single `tmp/` serialised every fill). Its
-/// name starts with [`space::TEMP_PREFIX`], which the scans skip and a new
-/// filler removes.
+/// A temporary file for a blob's fill, in the store's staging directory
+/// (`ROOT/tmp`, where the embedded store writes its blobs too). Not beside
+/// its destination: ext4 places a file's inode in its directory's block
+/// group, and 256 shard directories made a fresh filler's blobs land in as
+/// many groups, so files read one after another in a guest's walk had
+/// their inodes far apart (median jump 598,014 inode numbers against 12
+/// for the embedded store's) and a cold walk over the cache ran at 0.82-
+/// 0.89x of the same walk over the embedded store. Staged together they
+/// are allocated together, in the order they were filled. Leftovers are
+/// removed by the next filler ([`space::Space::open`]).
+fn staged_temp(root: &Path) -> std::io::Result<tempfile::NamedTempFile> {
+    let tmp = root.join("tmp");
+    let make = || {
+        tempfile::Builder::new()
+            .prefix(space::TEMP_PREFIX)
+            .tempfile_in(&tmp)
+    };
+    match make() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(&tmp)?;
+            make()
+        }
+        r => r,
+    }
+}
+
+/// A temporary file for a directory or a path info, beside its
+/// destination: renamed within one directory, the many small objects of a
+/// tree written at once do not contend for one staging directory's lock.
+/// Its name starts with [`space::TEMP_PREFIX`], which the scans skip and a
+/// new filler removes.
 pub(crate) fn temp_beside(dest: &Path) -> std::io::Result<tempfile::NamedTempFile> {
     let dir = dest
         .parent()
