@@ -31,8 +31,11 @@ const BATCH: usize = 8192;
 /// before it goes stale for long.
 const RECHECK: Duration = Duration::from_secs(300);
 /// Most objects remembered as looked at (8 bytes each, and the table's
-/// own; forgotten all at once when full or after [`RECHECK`]).
+/// own; a shard is forgotten all at once when full or after [`RECHECK`]).
 const MAX_SEEN: usize = 65_536;
+/// Shards of that table, by digest prefix: every hit of every worker
+/// thread passes through it, so no single lock.
+const SEEN_SHARDS: usize = 16;
 
 #[derive(Default)]
 struct Held {
@@ -57,7 +60,7 @@ struct Seen {
 /// Hits not reported yet.
 pub struct Touches {
     held: Mutex<Held>,
-    seen: Mutex<Seen>,
+    seen: [Mutex<Seen>; SEEN_SHARDS],
     /// Wakes the reporter early.
     pub wake: Arc<Notify>,
 }
@@ -66,9 +69,11 @@ impl Default for Touches {
     fn default() -> Self {
         Self {
             held: Mutex::default(),
-            seen: Mutex::new(Seen {
-                keys: HashSet::new(),
-                since: Instant::now(),
+            seen: std::array::from_fn(|_| {
+                Mutex::new(Seen {
+                    keys: HashSet::new(),
+                    since: Instant::now(),
+                })
             }),
             wake: Arc::default(),
         }
@@ -94,12 +99,14 @@ impl Touches {
     /// Whether `key`'s access time is due to be looked at: the first hit
     /// on it since it was last looked at, [`RECHECK`] ago at most.
     pub fn due(&self, key: &Key) -> bool {
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.since.elapsed() > RECHECK || seen.keys.len() >= MAX_SEEN {
+        let p = prefix(key);
+        let shard = &self.seen[(p >> 56) as usize % SEEN_SHARDS];
+        let mut seen = shard.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.since.elapsed() > RECHECK || seen.keys.len() >= MAX_SEEN / SEEN_SHARDS {
             seen.keys = HashSet::new();
             seen.since = Instant::now();
         }
-        seen.keys.insert(prefix(key))
+        seen.keys.insert(p)
     }
 
     pub fn record(&self, key: Key) {
@@ -166,10 +173,11 @@ mod tests {
         assert!(t.due(&Key::Directory(d)), "a directory of the same digest");
         // The table is bounded: once full it is forgotten, and the first
         // object is looked at again.
-        for i in 2..MAX_SEEN as u32 + 1 {
+        for i in 2..2 * MAX_SEEN as u32 {
             t.due(&blob(i));
         }
-        assert!(t.seen.lock().unwrap().keys.len() <= MAX_SEEN);
+        let held: usize = t.seen.iter().map(|s| s.lock().unwrap().keys.len()).sum();
+        assert!(held <= MAX_SEEN);
         assert!(t.due(&blob(0)), "looked at again after the table was full");
     }
 }
