@@ -1436,11 +1436,7 @@ mod tests {
             digest: d.digest(),
             size: d.size(),
         };
-        let mut g = crate::castore::LeavesFirst::new();
-        g.add(d).unwrap();
-        store
-            .directory
-            .put_graph(g.finish().unwrap())
+        crate::services::directory::put_one(&*store.directory, d)
             .await
             .unwrap();
         let info = crate::pathinfo::PathInfo::bare(sp.clone(), node.clone());

@@ -93,19 +93,7 @@ pub fn create_dir(dir: &Path) -> std::io::Result<()> {
 /// are allocated together, in the order they were filled. Leftovers are
 /// removed by the next filler ([`space::Space::open`]).
 fn staged_temp(root: &Path) -> std::io::Result<tempfile::NamedTempFile> {
-    let tmp = root.join("tmp");
-    let make = || {
-        tempfile::Builder::new()
-            .prefix(space::TEMP_PREFIX)
-            .tempfile_in(&tmp)
-    };
-    match make() {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(&tmp)?;
-            make()
-        }
-        r => r,
-    }
+    temp_in(&root.join("tmp"))
 }
 
 /// A temporary file for a directory or a path info, beside its
@@ -117,13 +105,18 @@ pub(crate) fn temp_beside(dest: &Path) -> std::io::Result<tempfile::NamedTempFil
     let dir = dest
         .parent()
         .ok_or_else(|| std::io::Error::other(format!("{} has no parent", dest.display())))?;
+    temp_in(dir)
+}
+
+/// A temporary file named [`space::TEMP_PREFIX`]... in `dir`. The
+/// directory exists (the filler makes it when it opens): no lookup per
+/// fill unless it went missing.
+fn temp_in(dir: &Path) -> std::io::Result<tempfile::NamedTempFile> {
     let make = || {
         tempfile::Builder::new()
             .prefix(space::TEMP_PREFIX)
             .tempfile_in(dir)
     };
-    // The shard directories exist (the filler makes them when it opens):
-    // no lookup per fill unless one went missing.
     match make() {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(dir)?;
@@ -282,7 +275,7 @@ impl Cache {
                     c.fill_ahead(digest, size);
                 }
             }));
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            if let Some(rt) = &cache.rt {
                 rt.spawn(touch_reporter(
                     Arc::downgrade(&cache),
                     r.touches.wake.clone(),
