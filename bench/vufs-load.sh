@@ -223,6 +223,25 @@ maximum() {
     sed -n "s/.* $1=\([^ ]*\).*/\1/p" | sort -g | tail -n1
 }
 ratio() { if [ -n "$1" ] && [ -n "$2" ]; then printf '%.2f' "$(bc -l <<< "$1 / $2")"; fi; }
+# paired LABEL REFERENCE DEPTH PASS READ_SIZE: the median over the
+# repetitions of LABEL's ops/s over REFERENCE's in the same repetition. The
+# two ran back to back, so a slow spell of the host (other tenants, disk)
+# that hits both cancels out, where a ratio of two medians keeps it.
+paired() {
+  { grep "depth=$3 pass=$4 .* read_size=$5 " "$summaries" || true; } |
+    sed -n 's/.*label=\([^ ]*\) .* ops_per_s=\([^ ]*\) .* rep=\([0-9]*\).*/\3 \1 \2/p' |
+    awk -v l="$1" -v r="$2" '$2 == l {a[$1] = $3} $2 == r {b[$1] = $3}
+      END {for (k in a) if ((k in b) && b[k] > 0) print a[k] / b[k]}' | sort -g |
+    awk '{a[NR] = $1} END {if (NR) printf "%.2f", (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'
+}
+# both OPS REF_OPS LABEL REFERENCE DEPTH PASS READ_SIZE: "ratio of the
+# medians (median of the paired ratios)"
+both() {
+  local r
+  r=$(ratio "$1" "$2")
+  [ -n "$r" ] || return 0
+  printf '%s (%s)' "$r" "$(paired "$3" "$4" "$5" "$6" "$7")"
+}
 # The table's rows: label and pass name per contender.
 rows=()
 for s in $stores; do
@@ -236,7 +255,8 @@ echo
 echo "tree: ${dirs[*]}: $entries entries, $files files, $((bytes / 1048576)) MiB;" \
   "page cache dropped before each cold start: $([ "$drop_caches" = 1 ] && echo yes || echo no);" \
   "$(nproc) CPUs; host load at the end: $(cut -d' ' -f1-3 /proc/loadavg); commit $commit;" \
-  "per-op tables above: repetition 1; below: median of $runs"
+  "per-op tables above: repetition 1; below: median of $runs;" \
+  "ratios: of the medians (in brackets: the median of the per-repetition ratios)"
 echo
 echo "| store | read size | depth | pass | ops/s | MiB/s | / virtiofsd | / embedded | READ p50/p99 µs | CPU s, serving process |"
 echo "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
@@ -254,7 +274,8 @@ for rs in $read_sizes; do
         case $cpu in '' | -*) ;; *) cpu=$(printf '%.2f' "$(bc -l <<< "$cpu / 1000")") ;; esac
         printf '| %s | %d KiB | %s | %s | %s | %s | %s | %s | %s / %s | %s |\n' \
           "$store" $((rs / 1024)) "$depth" "$pname$pass" "$ops" "$(m mib_per_s "$label")" \
-          "$(ratio "$ops" "$ref_ops")" "$(ratio "$ops" "$emb_ops")" \
+          "$(both "$ops" "$ref_ops" "$label" virtiofsd "$depth" "$pass" "$rs")" \
+          "$(both "$ops" "$emb_ops" "$label" embedded "$depth" "$pass" "$rs")" \
           "$(m read_p50_us "$label")" "$(m read_p99_us "$label")" "$cpu"
       done
     done
