@@ -3,6 +3,7 @@
 //!
 //! Data flows wire → castore model → store services → NAR/import → CLI.
 pub mod binary_cache;
+pub mod bounded_set;
 pub mod castore;
 pub mod cli;
 pub mod fs;

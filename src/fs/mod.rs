@@ -10,6 +10,7 @@ pub mod inline;
 mod inodes;
 pub mod metrics;
 mod sequential;
+mod verified;
 
 use crate::castore::{B3Digest, Directory, Node};
 use crate::nix::store_path::StorePath;
@@ -138,8 +139,10 @@ const LARGE_DIRECTORY_IDLE: Duration = if cfg!(test) {
 /// Default [`FsConfig::read_ahead_files`]: 16 files of 256 KiB at most
 /// in flight, far more than a disk needs to stay busy.
 pub const DEFAULT_READ_AHEAD_FILES: u16 = 16;
-/// Default [`FsConfig::verified_blobs`].
-pub const DEFAULT_VERIFIED_BLOBS: usize = 8192;
+/// Default [`FsConfig::verified_blobs`]: a large closure's files, each
+/// checked once per daemon, in at most about 2 MiB (8,192 before: a warm
+/// walk of a 26,000-file tree read and hashed every file again).
+pub const DEFAULT_VERIFIED_BLOBS: usize = 65_536;
 /// Default [`FsConfig::max_handles`]: far above what a guest's programs
 /// keep open, far below what would strain the host (a descriptor and a
 /// few hundred bytes each).
@@ -216,7 +219,7 @@ pub struct StoreFs {
     /// Which directories the guest reads in order, to read ahead.
     sequential: sequential::Sequential,
     /// Blobs checked against (digest, size), bounded by count.
-    verified: quick_cache::sync::Cache<(B3Digest, u64), ()>,
+    verified: verified::Verified,
     files: Mutex<HashMap<u64, Arc<Mutex<OpenFile>>>>,
     /// What the open files read from: one per blob.
     blobs: OpenBlobs,
@@ -289,7 +292,7 @@ impl StoreFs {
             ),
             large_fetch: Mutex::new(()),
             sequential: sequential::Sequential::new(cfg.read_ahead_files),
-            verified: quick_cache::sync::Cache::new(cfg.verified_blobs.max(1)),
+            verified: verified::Verified::new(cfg.verified_blobs),
             files: Mutex::new(HashMap::new()),
             blobs: OpenBlobs::default(),
             dir_handles: Mutex::new(HashMap::new()),
@@ -658,8 +661,7 @@ impl StoreFs {
     /// Opens a blob and checks it against its digest and size (once, while
     /// it is remembered as checked), so no unverified byte is ever served.
     fn open_blob(&self, digest: &B3Digest, size: u64) -> io::Result<Box<dyn BlobReader>> {
-        let key = (*digest, size);
-        let verified = self.verified.contains_key(&key);
+        let verified = self.verified.contains(digest, size);
         if !verified && size > INLINE_CHECK_MAX && inline::defer() {
             return Err(err(libc::EAGAIN));
         }
@@ -673,7 +675,7 @@ impl StoreFs {
                 });
             match checked {
                 Ok(Some(r)) => {
-                    self.verified.insert(key, ());
+                    self.verified.insert(digest, size);
                     return Ok(r);
                 }
                 Ok(None) => {} // no direct access: check it the async way
@@ -709,7 +711,7 @@ impl StoreFs {
             }
             Ok(r)
         })?;
-        self.verified.insert(key, ());
+        self.verified.insert(digest, size);
         Ok(r)
     }
 
@@ -761,9 +763,7 @@ impl StoreFs {
             .iter()
             .take(SCAN)
             .filter_map(|(_, node)| match node {
-                Node::File { digest, size, .. }
-                    if !self.verified.contains_key(&(*digest, *size)) =>
-                {
+                Node::File { digest, size, .. } if !self.verified.contains(digest, *size) => {
                     Some(*digest)
                 }
                 _ => None,
@@ -795,7 +795,7 @@ impl StoreFs {
             return;
         };
         let mut files = next.iter().filter_map(|(_, node)| match node {
-            Node::File { digest, size, .. } if !self.verified.contains_key(&(*digest, *size)) => {
+            Node::File { digest, size, .. } if !self.verified.contains(digest, *size) => {
                 Some((*digest, *size))
             }
             _ => None,
@@ -1041,7 +1041,7 @@ impl FileSystem for StoreFs {
         // reading ahead for it only costs CPU (measured at depth 64).
         if self.cfg.read_ahead_files > 0
             && !inline::others_waiting()
-            && !self.verified.contains_key(&(digest, size))
+            && !self.verified.contains(&digest, size)
         {
             self.opening_unread(inode);
         }

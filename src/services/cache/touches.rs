@@ -7,6 +7,7 @@
 //! `fstat` per opened file was the reader's one cost per request that the
 //! embedded store does not pay.
 use super::flights::Key;
+use crate::bounded_set::BoundedSet;
 use crate::castore::B3Digest;
 use crate::services::channel::WireChannel;
 use crate::wire::cache as pb;
@@ -14,7 +15,7 @@ use crate::wire::cache::cache_service_client::CacheServiceClient;
 use bytes::Bytes;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::Notify;
 
 /// Most hits held before reporting; more are dropped (an object missed
@@ -31,11 +32,9 @@ const BATCH: usize = 8192;
 /// before it goes stale for long.
 const RECHECK: Duration = Duration::from_secs(300);
 /// Most objects remembered as looked at (8 bytes each, and the table's
-/// own; a shard is forgotten all at once when full or after [`RECHECK`]).
+/// own; a shard of it is forgotten all at once when full or after
+/// [`RECHECK`]). Every hit of every worker passes through it.
 const MAX_SEEN: usize = 65_536;
-/// Shards of that table, by digest prefix: every hit of every worker
-/// thread passes through it, so no single lock.
-const SEEN_SHARDS: usize = 16;
 
 #[derive(Default)]
 struct Held {
@@ -50,17 +49,12 @@ impl Held {
     }
 }
 
-/// Objects whose access time was looked at since `since`, by a prefix of
-/// their digest (a collision only delays one object's report).
-struct Seen {
-    keys: HashSet<u64>,
-    since: Instant,
-}
-
 /// Hits not reported yet.
 pub struct Touches {
     held: Mutex<Held>,
-    seen: [Mutex<Seen>; SEEN_SHARDS],
+    /// Objects whose access time was looked at lately, by a prefix of
+    /// their digest (a collision only delays one object's report).
+    seen: BoundedSet<u64>,
     /// Wakes the reporter early.
     pub wake: Arc<Notify>,
 }
@@ -69,12 +63,7 @@ impl Default for Touches {
     fn default() -> Self {
         Self {
             held: Mutex::default(),
-            seen: std::array::from_fn(|_| {
-                Mutex::new(Seen {
-                    keys: HashSet::new(),
-                    since: Instant::now(),
-                })
-            }),
+            seen: BoundedSet::new(MAX_SEEN, Some(RECHECK)),
             wake: Arc::default(),
         }
     }
@@ -99,14 +88,7 @@ impl Touches {
     /// Whether `key`'s access time is due to be looked at: the first hit
     /// on it since it was last looked at, [`RECHECK`] ago at most.
     pub fn due(&self, key: &Key) -> bool {
-        let p = prefix(key);
-        let shard = &self.seen[(p >> 56) as usize % SEEN_SHARDS];
-        let mut seen = shard.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.since.elapsed() > RECHECK || seen.keys.len() >= MAX_SEEN / SEEN_SHARDS {
-            seen.keys = HashSet::new();
-            seen.since = Instant::now();
-        }
-        seen.keys.insert(p)
+        self.seen.insert(prefix(key))
     }
 
     pub fn record(&self, key: Key) {
@@ -176,8 +158,7 @@ mod tests {
         for i in 2..2 * MAX_SEEN as u32 {
             t.due(&blob(i));
         }
-        let held: usize = t.seen.iter().map(|s| s.lock().unwrap().keys.len()).sum();
-        assert!(held <= MAX_SEEN);
+        assert!(t.seen.len() <= MAX_SEEN);
         assert!(t.due(&blob(0)), "looked at again after the table was full");
     }
 }
