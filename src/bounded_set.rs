@@ -40,8 +40,8 @@ pub struct BoundedSet<K> {
 }
 
 impl<K: ShardKey> BoundedSet<K> {
-    /// Holds at most `capacity` keys (at least one per shard); with
-    /// `max_age`, a shard is also forgotten once that old.
+    /// Holds at most `capacity` keys, rounded up to a multiple of the
+    /// shards; with `max_age`, a shard is also forgotten once that old.
     pub fn new(capacity: usize, max_age: Option<Duration>) -> Self {
         Self {
             shards: std::array::from_fn(|_| {
@@ -135,10 +135,10 @@ mod tests {
 
     #[test]
     fn an_old_shard_is_forgotten() {
-        let s = BoundedSet::new(1024, Some(Duration::from_millis(20)));
+        let s = BoundedSet::new(1024, Some(Duration::from_millis(300)));
         s.insert(7u64 << 60);
         assert!(s.contains(&(7u64 << 60)));
-        std::thread::sleep(Duration::from_millis(40));
+        std::thread::sleep(Duration::from_millis(600));
         assert!(!s.contains(&(7u64 << 60)), "older than its age limit");
         assert!(s.insert(7u64 << 60), "remembered anew");
     }

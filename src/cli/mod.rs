@@ -119,8 +119,9 @@ pub struct ViewArgs {
     #[arg(long, default_value = "2M", value_parser = daemon::parse_size)]
     pub directory_cache_size: u64,
 
-    /// How many blobs are remembered as checked against their digest (16
-    /// bytes each); a forgotten one is checked again when next opened.
+    /// How many blobs are remembered as checked against their digest (at
+    /// most 34 bytes each); a forgotten one is checked again when next
+    /// opened.
     #[arg(long, default_value_t = crate::fs::DEFAULT_VERIFIED_BLOBS)]
     pub verified_blobs: usize,
 

@@ -1,8 +1,11 @@
 //! The read-only /nix/store view of a store, as a fuse-backend-rs
 //! `FileSystem`: served to the host kernel over /dev/fuse (`crate::fuse`)
 //! and, later, to guests over virtio-fs. Store paths appear as
-//! `<hash>-<name>` below the root; trees are fetched on first access and
-//! every byte served has been checked against its BLAKE3 digest.
+//! `<hash>-<name>` below the root; trees are fetched on first access and a
+//! blob is checked against its BLAKE3 digest before its first byte is
+//! served (and again once the view has forgotten checking it: between the
+//! two, the view trusts the store not to rewrite a blob it holds, which
+//! our stores never do: they write each object once and rename it in).
 mod attr;
 mod blobs;
 pub mod closure;
@@ -140,8 +143,8 @@ const LARGE_DIRECTORY_IDLE: Duration = if cfg!(test) {
 /// in flight, far more than a disk needs to stay busy.
 pub const DEFAULT_READ_AHEAD_FILES: u16 = 16;
 /// Default [`FsConfig::verified_blobs`]: a large closure's files, each
-/// checked once per daemon, in at most about 2 MiB (8,192 before: a warm
-/// walk of a 26,000-file tree read and hashed every file again).
+/// checked once per daemon, in at most about 2.2 MiB (8,192 before: a
+/// warm walk of a 26,000-file tree read and hashed every file again).
 pub const DEFAULT_VERIFIED_BLOBS: usize = 65_536;
 /// Default [`FsConfig::max_handles`]: far above what a guest's programs
 /// keep open, far below what would strain the host (a descriptor and a
@@ -659,7 +662,8 @@ impl StoreFs {
     }
 
     /// Opens a blob and checks it against its digest and size (once, while
-    /// it is remembered as checked), so no unverified byte is ever served.
+    /// it is remembered as checked), so no byte of a blob is served before
+    /// the blob was checked.
     fn open_blob(&self, digest: &B3Digest, size: u64) -> io::Result<Box<dyn BlobReader>> {
         let verified = self.verified.contains(digest, size);
         if !verified && size > INLINE_CHECK_MAX && inline::defer() {
@@ -675,7 +679,9 @@ impl StoreFs {
                 });
             match checked {
                 Ok(Some(r)) => {
-                    self.verified.insert(digest, size);
+                    if !verified {
+                        self.verified.insert(digest, size);
+                    }
                     return Ok(r);
                 }
                 Ok(None) => {} // no direct access: check it the async way
@@ -711,7 +717,9 @@ impl StoreFs {
             }
             Ok(r)
         })?;
-        self.verified.insert(digest, size);
+        if !verified {
+            self.verified.insert(digest, size);
+        }
         Ok(r)
     }
 
@@ -759,15 +767,27 @@ impl StoreFs {
     /// costs no scan of it each time.
     fn read_soon(&self, listing: &Listing) {
         const SCAN: usize = 32_768;
+        // A directory walked before has its files checked: after this many
+        // in a row, stop looking (a warm walk's OPENDIRs would otherwise
+        // look up every file of every large directory).
+        const CHECKED_RUN: usize = 512;
+        let mut run = 0;
         let mut files = listing
             .iter()
             .take(SCAN)
             .filter_map(|(_, node)| match node {
-                Node::File { digest, size, .. } if !self.verified.contains(digest, *size) => {
-                    Some(*digest)
-                }
+                Node::File { digest, size, .. } => Some((digest, *size)),
                 _ => None,
-            });
+            })
+            .map_while(|(digest, size)| {
+                if !self.verified.contains(digest, size) {
+                    run = 0;
+                    return Some(Some(*digest));
+                }
+                run += 1;
+                (run < CHECKED_RUN).then_some(None)
+            })
+            .flatten();
         self.store.blob.read_soon(&mut files);
     }
 

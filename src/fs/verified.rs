@@ -1,11 +1,11 @@
 //! Which blobs have been checked against their digest and size, so that a
 //! warm walk neither reads and hashes every file again nor sends its opens
 //! to the worker pool to do so. Remembered by a keyed 128-bit fingerprint
-//! of (digest, size): 16 bytes where the pair is 40, so a walk of a whole
-//! closure fits the default bound in about 2 MiB. The key is secret and
-//! drawn per set (from the OS, by the standard library's hash tables'
-//! seeding), so no store or guest can aim a blob at a fingerprint already
-//! checked; by chance, two collide once in 2^128.
+//! of (digest, size): 16 bytes where the pair is 40 (34 with the table's
+//! slack), so the default bound of a large closure's files costs at most
+//! about 2.2 MiB. The key is secret, drawn from the OS for each view, so no
+//! store or guest can aim a blob at a fingerprint already checked; by
+//! chance, two collide once in 2^128.
 use crate::bounded_set::BoundedSet;
 use crate::castore::B3Digest;
 use std::hash::{BuildHasher, RandomState};
@@ -16,7 +16,7 @@ pub struct Verified {
 }
 
 impl Verified {
-    /// Remembers at most `capacity` blobs.
+    /// Remembers at most `capacity` blobs (rounded up to a multiple of 16).
     pub fn new(capacity: usize) -> Self {
         Self {
             key: secret(),
@@ -42,14 +42,17 @@ impl Verified {
     }
 }
 
-/// 32 bytes under a fresh secret 128-bit key: the standard library's, which
-/// seeds every hash table from the OS, so a failure to get randomness
-/// already stops the process at its first table, not here.
+/// 32 bytes from the OS. Should it fail (it does not on Linux 3.17 and
+/// later), the key falls back to the standard library's hash-table seed:
+/// 128 bits from the OS too, drawn at the thread's first table.
 fn secret() -> [u8; 32] {
-    let s = RandomState::new();
     let mut key = [0u8; 32];
-    for (i, part) in key.chunks_exact_mut(8).enumerate() {
-        part.copy_from_slice(&s.hash_one(i).to_le_bytes());
+    if let Err(e) = getrandom::fill(&mut key) {
+        tracing::warn!("no random key from the OS ({e}): using the hash tables' seed");
+        let s = RandomState::new();
+        for (i, part) in key.chunks_exact_mut(8).enumerate() {
+            part.copy_from_slice(&s.hash_one(i).to_le_bytes());
+        }
     }
     key
 }
@@ -75,5 +78,17 @@ mod tests {
             other.fingerprint(&digest(1), 10),
             "each set draws its own key"
         );
+    }
+
+    #[test]
+    fn fingerprints_spread_over_the_shards() {
+        // Half the bound: were the fingerprints to crowd some shards, those
+        // would fill and forget before the others.
+        let v = Verified::new(32_768);
+        for i in 0..16_384 {
+            v.insert(&digest(i), u64::from(i));
+        }
+        assert_eq!(v.set.len(), 16_384);
+        assert!((0..16_384).all(|i| v.contains(&digest(i), u64::from(i))));
     }
 }
