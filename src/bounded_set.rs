@@ -73,10 +73,8 @@ impl<K: ShardKey> BoundedSet<K> {
     /// Adds `key`; whether it was absent.
     pub fn insert(&self, key: K) -> bool {
         let mut s = self.shard(&key);
-        if s.keys.contains(&key) {
-            return false;
-        }
-        if s.keys.len() >= self.per_shard {
+        // One lookup while the shard has room (every cache hit comes here).
+        if s.keys.len() >= self.per_shard && !s.keys.contains(&key) {
             s.keys = HashSet::new();
             s.since = Instant::now();
         }
