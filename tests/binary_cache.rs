@@ -447,6 +447,8 @@ fn bad_uploads_are_refused_and_leave_nothing() {
             "none",
             "--http-listen",
             &format!("127.0.0.1:{port}"),
+            "--min-free-space",
+            "16M",
         ])
         .stdin(std::process::Stdio::null())
         .spawn()

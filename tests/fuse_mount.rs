@@ -174,7 +174,7 @@ fn mount_matches_nix_store() {
     assert!(d.stop().success());
 }
 
-/// Random-offset preads of a 256 MiB file, a 10,000-entry directory read
+/// Random-offset preads of a 96 MiB file, a 10,000-entry directory read
 /// whole and resumed with telldir/seekdir.
 #[test]
 fn large_file_and_directory() {
@@ -185,7 +185,7 @@ fn large_file_and_directory() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("big");
     std::fs::create_dir_all(src.join("many")).unwrap();
-    let data = pseudo_random(256 << 20, 3);
+    let data = pseudo_random(96 << 20, 3);
     std::fs::write(src.join("blob"), &data).unwrap();
     for i in 0..10_000 {
         std::fs::write(src.join("many").join(format!("e{i:05}")), i.to_string()).unwrap();

@@ -90,11 +90,17 @@ impl Daemon {
         Self::start_with(store_url, listen, &args)
     }
 
-    /// Starts the daemon with exactly the flags in `extra`.
+    /// Starts the daemon with the flags in `extra`, and `--min-free-space
+    /// 16M` unless they set it: CI disks may have under the default 1 GiB
+    /// free, and the floor has tests of its own.
     pub fn start_with(store_url: &str, listen: &str, extra: &[&str]) -> Daemon {
+        let mut args = extra.to_vec();
+        if !extra.iter().any(|a| a.starts_with("--min-free-space")) {
+            args.extend(["--min-free-space", "16M"]);
+        }
         let child = Command::new(bin())
             .args(["--store", store_url, "daemon", "--listen", listen])
-            .args(extra)
+            .args(&args)
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn daemon");
