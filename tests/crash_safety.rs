@@ -63,7 +63,7 @@ fn killed_import_leaves_only_complete_objects() {
     let big = src.join("zz-big");
     std::fs::create_dir_all(&big).unwrap();
     for i in 0..8 {
-        let data: Vec<u8> = (0..(32u32 << 20))
+        let data: Vec<u8> = (0..(16u32 << 20))
             .map(|x| (x.wrapping_mul(2654435761) >> 13) as u8 ^ i)
             .collect();
         std::fs::write(big.join(format!("blob{i}")), data).unwrap();
