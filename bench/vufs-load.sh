@@ -53,6 +53,7 @@
 #   HOST_ARGS   extra flags for the host daemon (after `daemon`), e.g.
 #               "--cache-size 1G"
 #   KEEP        1: keep the work directory (logs, store, cache) at the end
+#               (after a failure it is kept without its caches)
 set -euo pipefail
 shopt -s inherit_errexit
 dirs=("$@")
@@ -98,8 +99,12 @@ cleanup() {
   local rc=$?
   trap - EXIT INT TERM
   stop_all
-  if [ "${KEEP:-0}" = 1 ] || [ "$rc" != 0 ]; then
+  if [ "${KEEP:-0}" = 1 ]; then
     echo "work directory kept: $work" >&2
+  elif [ "$rc" != 0 ]; then
+    # The logs tell what failed; the caches set aside (gigabytes) do not.
+    rm -rf "$work"/trash.* "$work/cache"
+    echo "work directory kept (without its caches): $work" >&2
   else
     rm -rf "$work"
   fi
@@ -122,6 +127,22 @@ store="local://$work/store"
 $B --store "$store" import "$work"/src/* > "$work/store-paths"
 xargs -n1 basename < "$work/store-paths" > "$work/names-ours"
 (cd "$work/src" && ls -1) > "$work/names-ref"
+# Every first VM fills a new cache, and the caches stay until the end (see
+# start_remote in bench/daemons.sh): a run that cannot hold them all would
+# fail late, so it is refused now.
+fills=0
+for s in $stores; do case $s in remote-*) fills=$((fills + 1)) ;; esac; done
+fills=$((fills * runs * $(wc -w <<< "$depths") * $(wc -w <<< "$read_sizes")))
+store_kib=$(du -sk "$work/store" | cut -f1)
+need_kib=$((fills * store_kib + (1 << 20)))
+free_kib=$(df -Pk "$work" | awk 'NR == 2 {print $4}')
+if [ "$free_kib" -lt "$need_kib" ]; then
+  echo "$fills cache fills of $((store_kib >> 10)) MiB each (and 1 GiB to spare) need $((need_kib >> 20)) GiB" \
+    "free in /var/tmp; it has $((free_kib >> 20)) GiB: lower RUNS, DEPTHS or READ_SIZES, or make room" >&2
+  rm -rf "$work"
+  trap - EXIT
+  exit 1
+fi
 entries=$(find "$work/src" -mindepth 1 | wc -l)
 files=$(find "$work/src" -type f | wc -l)
 bytes=$(find "$work/src" -type f -printf '%s\n' | awk '{s+=$1} END {printf "%d", s}')
