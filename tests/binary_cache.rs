@@ -14,6 +14,7 @@ use std::process::{Command, Output};
 /// Nix, with its own disk cache of narinfos (a client that uploaded
 /// remembers its own narinfos; the others here must ask us).
 fn nix(xdg: &Path, prog: &str, args: &[&str]) -> Output {
+    common::nix_db_ready();
     Command::new(prog)
         .env("NIX_REMOTE", "")
         .env("XDG_CACHE_HOME", xdg)

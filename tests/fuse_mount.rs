@@ -67,6 +67,7 @@ fn require_nix() {
 
 /// Builds the Nix fixture closure and returns its paths.
 fn fixture_closure() -> Vec<String> {
+    common::nix_db_ready();
     let app = sh("NIX_REMOTE= bash tests/fixtures/nix-closure.sh");
     let app = app.trim();
     sh(&format!("NIX_REMOTE= nix-store -qR {app}"))

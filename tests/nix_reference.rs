@@ -39,6 +39,7 @@ fn require_nix() {
 
 /// A Nix command talking to the local single-user store.
 fn nix_cmd(prog: &str) -> Command {
+    common::nix_db_ready();
     let mut c = Command::new(prog);
     c.env("NIX_REMOTE", "");
     c

@@ -29,6 +29,7 @@ fn big_store_path(tmp: &Path) -> String {
             std::os::unix::fs::symlink(format!("f{i:04}"), d.join(format!("l{i:04}"))).unwrap();
         }
     }
+    common::nix_db_ready();
     sh(&format!("NIX_REMOTE= nix-store --add {}", src.display()))
         .trim()
         .to_string()

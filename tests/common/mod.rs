@@ -192,6 +192,21 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// Creates the local Nix store's database before a test binary's first
+/// Nix command. Nix 2.8 creates it on first use, and of several Nix
+/// processes doing so at once one may fail with "SQLite database ... is
+/// busy": a fresh CI machine's first tests to run Nix, in parallel, did.
+pub fn nix_db_ready() {
+    static READY: std::sync::Once = std::sync::Once::new();
+    READY.call_once(|| {
+        // A missing nix-store is reported by the test's own Nix command.
+        let _ = Command::new("nix-store")
+            .env("NIX_REMOTE", "")
+            .arg("--init")
+            .status();
+    });
+}
+
 /// Runs a shell command, asserting success; returns stdout.
 pub fn sh(cmd: &str) -> String {
     let out = Command::new("sh")

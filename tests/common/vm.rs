@@ -153,6 +153,7 @@ pub fn line_after<'a>(console: &'a str, key: &str) -> &'a str {
 /// path. Its app prints `20000 {data}/share/numbers`, `data` being the
 /// closure's `-fixture-data` path ([`fixture_data`]).
 pub fn fixture_app() -> String {
+    super::nix_db_ready();
     sh("NIX_REMOTE= bash tests/fixtures/nix-closure.sh")
         .trim()
         .to_string()
@@ -160,6 +161,7 @@ pub fn fixture_app() -> String {
 
 /// Every store path in the closure of `paths` (`nix-store -qR`).
 pub fn closure_of<S: AsRef<str>>(paths: &[S]) -> Vec<String> {
+    super::nix_db_ready();
     let paths: Vec<&str> = paths.iter().map(AsRef::as_ref).collect();
     sh(&format!("NIX_REMOTE= nix-store -qR {}", paths.join(" ")))
         .lines()
