@@ -7,7 +7,7 @@
 //! `fstat` per opened file was the reader's one cost per request that the
 //! embedded store does not pay.
 use super::flights::Key;
-use crate::bounded_set::BoundedSet;
+use super::looked_at::LookedAt;
 use crate::castore::B3Digest;
 use crate::services::channel::WireChannel;
 use crate::wire::cache as pb;
@@ -31,9 +31,8 @@ const BATCH: usize = 8192;
 /// [`super::space::FRESH`], so an object used all along is reported
 /// before it goes stale for long.
 const RECHECK: Duration = Duration::from_secs(300);
-/// Most objects remembered as looked at (8 bytes each, 18 with the
-/// table's slack; a shard of it is forgotten all at once when full or
-/// after [`RECHECK`]). Every hit of every worker passes through it.
+/// Objects remembered as looked at: 8 bytes each, a fixed 512 KiB (its
+/// pages are allocated as they are first used).
 const MAX_SEEN: usize = 65_536;
 
 #[derive(Default)]
@@ -54,7 +53,7 @@ pub struct Touches {
     held: Mutex<Held>,
     /// Objects whose access time was looked at lately, by a prefix of
     /// their digest (a collision only delays one object's report).
-    seen: BoundedSet<u64>,
+    seen: LookedAt,
     /// Wakes the reporter early.
     pub wake: Arc<Notify>,
 }
@@ -63,7 +62,7 @@ impl Default for Touches {
     fn default() -> Self {
         Self {
             held: Mutex::default(),
-            seen: BoundedSet::new(MAX_SEEN, Some(RECHECK)),
+            seen: LookedAt::new(MAX_SEEN, RECHECK),
             wake: Arc::default(),
         }
     }
@@ -88,7 +87,7 @@ impl Touches {
     /// Whether `key`'s access time is due to be looked at: the first hit
     /// on it since it was last looked at, [`RECHECK`] ago at most.
     pub fn due(&self, key: &Key) -> bool {
-        self.seen.insert(prefix(key))
+        self.seen.due(prefix(key))
     }
 
     pub fn record(&self, key: Key) {
@@ -144,7 +143,7 @@ mod tests {
     }
 
     #[test]
-    fn an_object_is_looked_at_once_until_forgotten() {
+    fn an_object_is_looked_at_once() {
         let t = Touches::default();
         assert!(t.due(&blob(0)), "first hit");
         assert!(!t.due(&blob(0)), "second hit");
@@ -153,18 +152,5 @@ mod tests {
             unreachable!()
         };
         assert!(t.due(&Key::Directory(d)), "a directory of the same digest");
-        // Half the bound fits: the prefixes spread over the table's shards
-        // (crowded ones would be forgotten early).
-        for i in 2..(MAX_SEEN / 2) as u32 {
-            t.due(&blob(i));
-        }
-        assert_eq!(t.seen.len(), MAX_SEEN / 2 + 1);
-        assert!(!t.due(&blob(0)), "still remembered");
-        // Past the bound it is forgotten, and the first object is looked
-        // at again.
-        for i in (MAX_SEEN / 2) as u32..2 * MAX_SEEN as u32 {
-            t.due(&blob(i));
-        }
-        assert!(t.due(&blob(0)), "looked at again after the table was full");
     }
 }
