@@ -301,6 +301,7 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
 /// A NAR and narinfo Nix would upload for the store path `p` (its
 /// metadata from the host's Nix), with `edit` applied to the narinfo.
 fn upload(c: &Cache, p: &str, nar: &[u8], edit: impl Fn(String) -> String) -> (u16, String) {
+    common::nix_db_ready();
     let info: serde_json::Value = serde_json::from_slice(
         &std::process::Command::new("nix")
             .env("NIX_REMOTE", "")
@@ -361,6 +362,7 @@ fn bad_uploads_are_refused_and_leave_nothing() {
         .unwrap()
         .clone();
     let dump = |p: &str| {
+        common::nix_db_ready();
         std::process::Command::new("nix-store")
             .env("NIX_REMOTE", "")
             .args(["--dump", p])

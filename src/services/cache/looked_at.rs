@@ -7,9 +7,8 @@
 //! the key lost is only looked at once more, as is one pushed out early.
 //!
 //! Keys are digest prefixes, mixed with a secret drawn per table before a
-//! bucket is picked, so a store cannot grind digests into one bucket; were
-//! it to, its keys would only be looked at more often.
-use std::alloc::{alloc_zeroed, handle_alloc_error, Layout};
+//! bucket is picked, so a store cannot cheaply grind digests into one
+//! bucket; were it to, its keys would only be looked at more often.
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -27,6 +26,7 @@ const TAG_MASK: u64 = !0xffff;
 /// it carries every bit of the key into the top ones that pick a bucket.
 const MIX: u64 = 0x9e37_79b9_7f4a_7c15;
 
+#[derive(Default)]
 #[repr(align(64))]
 struct Bucket([AtomicU64; WAYS]);
 
@@ -34,7 +34,8 @@ pub struct LookedAt {
     buckets: Box<[Bucket]>,
     /// log2 of the bucket count, for picking by the mixed key's top bits.
     bits: u32,
-    /// Steps an entry stays recent.
+    /// Steps an entry stays recent (at least one, less than half the
+    /// step count's range).
     fresh: u64,
     seed: u64,
     start: Instant,
@@ -42,13 +43,16 @@ pub struct LookedAt {
 
 impl LookedAt {
     /// Remembers about `capacity` keys (rounded up to a power of two, at
-    /// least one bucket), each for `recheck` at most.
+    /// least one bucket), each for `recheck` rounded down to whole steps
+    /// (one step at least, three days at most).
     pub fn new(capacity: usize, recheck: Duration) -> Self {
         let buckets = capacity.div_ceil(WAYS).max(1).next_power_of_two();
         Self {
-            buckets: zeroed(buckets),
+            buckets: std::iter::repeat_with(Bucket::default)
+                .take(buckets)
+                .collect(),
             bits: buckets.trailing_zeros(),
-            fresh: (recheck.as_secs() / STEP.as_secs()).max(1),
+            fresh: (recheck.as_secs() / STEP.as_secs()).clamp(1, STEP_MASK / 2),
             seed: RandomState::new().hash_one(0u64),
             start: Instant::now(),
         }
@@ -61,26 +65,29 @@ impl LookedAt {
         self.due_at(key, step)
     }
 
-    fn due_at(&self, key: u64, step: u64) -> bool {
+    /// The key's bucket and tag.
+    fn place(&self, key: u64) -> (Option<&Bucket>, u64, usize) {
         let mixed = (key ^ self.seed).wrapping_mul(MIX);
         let index = mixed.checked_shr(64 - self.bits).unwrap_or(0) as usize;
-        let tag = mixed & TAG_MASK;
-        let now = step & STEP_MASK;
-        let Some(bucket) = self.buckets.get(index) else {
+        (
+            self.buckets.get(index),
+            mixed & TAG_MASK,
+            mixed as usize % WAYS,
+        )
+    }
+
+    fn due_at(&self, key: u64, step: u64) -> bool {
+        let (Some(bucket), tag, first) = self.place(key) else {
             return true;
         };
+        let now = step & STEP_MASK;
         // Scanned from a slot the key picks, so that among slots of equal
         // age (all written within one step) the one pushed out varies.
-        let first = mixed as usize % WAYS;
         let mut victim = first;
         let mut victim_age = 0;
         for i in (first..WAYS).chain(0..first) {
             let v = bucket.0[i].load(Relaxed);
-            let age = if v & USED == 0 {
-                u64::MAX
-            } else {
-                now.wrapping_sub(v) & STEP_MASK
-            };
+            let age = age(v, now);
             if v & USED != 0 && v & TAG_MASK == tag {
                 if age < self.fresh {
                     return false;
@@ -96,35 +103,21 @@ impl LookedAt {
         bucket.0[victim].store(tag | USED | now, Relaxed);
         true
     }
-
-    /// Keys remembered as recent at `step` (tests).
-    #[cfg(test)]
-    fn recent_at(&self, step: u64) -> usize {
-        let now = step & STEP_MASK;
-        self.buckets
-            .iter()
-            .flat_map(|b| b.0.iter())
-            .map(|s| s.load(Relaxed))
-            .filter(|v| v & USED != 0 && (now.wrapping_sub(*v) & STEP_MASK) < self.fresh)
-            .count()
-    }
 }
 
-/// `n` empty buckets (n > 0), from zeroed memory: pages the table never
-/// uses are never touched, so they cost a reader no memory.
-fn zeroed(n: usize) -> Box<[Bucket]> {
-    let Ok(layout) = Layout::array::<Bucket>(n) else {
-        handle_alloc_error(Layout::new::<Bucket>())
-    };
-    // SAFETY: the layout is not zero-sized (a Bucket is 64 bytes, n > 0).
-    let ptr = unsafe { alloc_zeroed(layout) }.cast::<Bucket>();
-    if ptr.is_null() {
-        handle_alloc_error(layout)
+/// Steps since slot `v` was written, as of step `now`; an empty slot is
+/// oldest of all. A slot written a step ahead (by a worker that read the
+/// clock a moment later) counts as just written.
+fn age(v: u64, now: u64) -> u64 {
+    if v & USED == 0 {
+        return u64::MAX;
     }
-    // SAFETY: the global allocator gave `ptr` with the layout of `n`
-    // Buckets, which a Box<[Bucket]> of `n` frees with; a Bucket is eight
-    // AtomicU64s, which have u64's layout, so zero bytes are valid Buckets.
-    unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, n)) }
+    let steps = now.wrapping_sub(v) & STEP_MASK;
+    if steps > STEP_MASK / 2 {
+        0
+    } else {
+        steps
+    }
 }
 
 #[cfg(test)]
@@ -152,29 +145,71 @@ mod tests {
         assert!(t.due_at(key(2), STEP_MASK + 20));
     }
 
+    /// Whether the table holds `key` as recent at `step`, without
+    /// writing.
+    fn holds(t: &LookedAt, key: u64, step: u64) -> bool {
+        let (Some(bucket), tag, _) = t.place(key) else {
+            return false;
+        };
+        bucket
+            .0
+            .iter()
+            .map(|s| s.load(Relaxed))
+            .any(|v| v & USED != 0 && v & TAG_MASK == tag && age(v, step & STEP_MASK) < t.fresh)
+    }
+
+    /// Slots written at `step`.
+    fn written_at(t: &LookedAt, step: u64) -> usize {
+        t.buckets
+            .iter()
+            .flat_map(|b| b.0.iter())
+            .filter(|s| {
+                let v = s.load(Relaxed);
+                v & USED != 0 && v & STEP_MASK == step
+            })
+            .count()
+    }
+
     #[test]
     fn the_table_holds_its_bound_and_forgets_the_oldest() {
         let t = LookedAt::new(65_536, Duration::from_secs(300));
-        // Half the bound fits, all but the few that land in a crowded
-        // bucket (about 1% with eight slots a bucket).
+        // Half the bound fits, all but the keys of crowded buckets (about
+        // 0.8% with eight slots a bucket; the count writes nothing).
         let n = 32_768;
         for i in 0..n {
             t.due_at(key(i), 1);
         }
-        let kept = (0..n).filter(|&i| !t.due_at(key(i), 1)).count() as u64;
+        let kept = (0..n).filter(|&i| holds(&t, key(i), 1)).count() as u64;
         assert!(kept > n * 98 / 100, "kept {kept} of {n}");
-        // Four times the bound, later: the newest are held, the first
-        // ones are pushed out, and the table never holds more than its size.
+        // Four times the bound, a step later: every slot of the first
+        // step is pushed out before any of the second, and the newest keys
+        // are held.
         for i in n..n + 4 * 65_536 {
             t.due_at(key(i), 2);
         }
-        assert!(t.recent_at(2) <= 65_536);
+        assert_eq!(written_at(&t, 1), 0, "slots of the first step left");
         assert!(t.due_at(key(0), 2), "pushed out by newer keys");
         let last = n + 4 * 65_536;
         let newest = (last - 1000..last)
-            .filter(|&i| !t.due_at(key(i), 2))
+            .filter(|&i| holds(&t, key(i), 2))
             .count();
         assert!(newest > 900, "of the newest 1000, {newest} are held");
+    }
+
+    #[test]
+    fn a_slot_written_a_step_ahead_counts_as_recent() {
+        // One bucket of eight. A worker that read the clock a moment later
+        // wrote key 0 at step 8; the others write at step 1, then 7.
+        let t = LookedAt::new(8, Duration::from_secs(300));
+        assert!(t.due_at(key(0), 8));
+        for i in 1..8 {
+            assert!(t.due_at(key(i), 1), "key {i}");
+        }
+        assert!(!t.due_at(key(0), 7), "recent, not stale");
+        // A ninth key pushes out one of the step-1 keys, not key 0.
+        assert!(t.due_at(key(100), 7));
+        assert!(holds(&t, key(0), 7));
+        assert_eq!((1..8).filter(|&i| holds(&t, key(i), 7)).count(), 6);
     }
 
     #[test]

@@ -31,8 +31,7 @@ const BATCH: usize = 8192;
 /// [`super::space::FRESH`], so an object used all along is reported
 /// before it goes stale for long.
 const RECHECK: Duration = Duration::from_secs(300);
-/// Objects remembered as looked at: 8 bytes each, a fixed 512 KiB (its
-/// pages are allocated as they are first used).
+/// Objects remembered as looked at: 8 bytes each, a fixed 512 KiB.
 const MAX_SEEN: usize = 65_536;
 
 #[derive(Default)]
