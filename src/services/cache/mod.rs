@@ -21,7 +21,7 @@
 mod blob;
 mod directory;
 pub mod flights;
-mod looked_at;
+pub mod looked_at;
 mod pathinfo;
 pub mod space;
 pub mod stats;
