@@ -4,7 +4,7 @@
 # show: this machine has slow spells lasting minutes (see BENCHMARKS.md),
 # and contenders run seconds apart share them. Each repetition runs every
 # contender once, in an order rotated per repetition, with the page cache
-# dropped before each start: one cold pass and three warm ones (depth 64),
+# dropped before each start: one cold pass and three warm ones (at DEPTH),
 # the warm figure being their median. At the end, per PAIRS, the geometric
 # mean of the per-repetition ratios with a 90% bootstrap interval.
 #
@@ -17,13 +17,15 @@
 #                poll0:target/release/tvix-virtiofsd:embedded:--poll-max-us,0"
 #               (default: this tree's build, embedded and reader)
 #   PAIRS       "A/B ..." ratios to report (default: every contender to the first)
-#   REPS        repetitions (24); READ_SIZES ("131072 1048576", alternating)
+#   REPS        repetitions (24); READ_SIZES ("131072 1048576", alternating);
+#   DEPTH       requests in flight (64)
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 dirs=("$@")
 [ ${#dirs[@]} -gt 0 ] || dirs=(/usr/share/doc /usr/share/man)
 reps=${REPS:-24}
+depth=${DEPTH:-64}
 read -r -a sizes <<< "${READ_SIZES:-131072 1048576}"
 cargo build --release --quiet
 gen=$(cargo bench --bench vufs_load --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\))$/\1/p' | tail -1)
@@ -72,7 +74,7 @@ one() { # LABEL MODE FLAGS
   echo 3 > /proc/sys/vm/drop_caches
   start_virtiofs "$work/bin/$label" "$work/vm.sock" "$work/logs/$label.log" "${args[@]}" \
     --log-level warn virtiofs "${extra[@]}"
-  "$gen" --socket "$work/vm.sock" --paths "$work/names" --depth 64 --read-size "$rs" --label "$label" \
+  "$gen" --socket "$work/vm.sock" --paths "$work/names" --depth "$depth" --read-size "$rs" --label "$label" \
     --passes 4 --rss "vm=$vm_srv" 2> "$work/err" > /dev/null || fail "load generator failed ($label)" "$work/err"
   grep '^SUMMARY ' "$work/err" | sed "s/\$/ rep=$rep/" >> "$sums"
   finish "$vm_sup" "$vm_srv" "$label" "$work/logs/$label.log"
@@ -88,7 +90,7 @@ for rep in $(seq "$reps"); do
 done
 stop_remote
 
-echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown); tree ${dirs[*]}; depth 64;" \
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown); tree ${dirs[*]}; depth $depth;" \
   "$reps repetitions; contenders: ${contenders[*]}"
 echo
 echo "| pair | pass | repetitions | median of paired ratios | geometric mean (90%) | CPU per pass, geometric mean |"

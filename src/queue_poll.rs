@@ -5,7 +5,9 @@
 //! EVENT_IDX (notifications off while we look) the guest's kick too. The
 //! window grows while requests follow each other closely and drops to zero
 //! as soon as one does not, so an idle or slow guest costs no spinning and
-//! a busy one at most the window per request.
+//! a busy one at most the window per request. The queue thread polls only
+//! after finding a single request: a guest with many in flight is not
+//! waiting on each reply.
 use std::time::{Duration, Instant};
 
 /// Where a growing window starts.

@@ -334,18 +334,20 @@ impl FsBackend {
     /// Pops every available chain of `vring` and serves it: inline for the
     /// high-priority queue; for request queues inline unless it would wait
     /// for the store, or others are waiting and a worker is idle. Answers
-    /// false when it stopped because the pool holds a queue's worth of
-    /// this queue's chains (a worker wakes the queue when one is served).
-    fn drain(&self, vring: &VringRwLock, queue: usize) -> bool {
+    /// how many chains it popped, or None when it stopped because the pool
+    /// holds a queue's worth of this queue's chains (a worker wakes the
+    /// queue when one is served).
+    fn drain(&self, vring: &VringRwLock, queue: usize) -> Option<usize> {
         let mem = self.memory();
         let Some(slots) = self.slots.get(queue).cloned() else {
             tracing::warn!("queue {queue}: no such queue");
-            return false;
+            return None;
         };
         let limit = usize::from(vring.get_ref().get_queue().size()).max(1);
+        let mut popped = 0;
         loop {
             if queue != 0 && !slots.take(limit) {
-                return false;
+                return None;
             }
             // The write guard is a temporary of this statement: it must be
             // released before the chain is served, which locks the vring again.
@@ -357,8 +359,9 @@ impl FsBackend {
                 if queue != 0 {
                     slots.in_flight.fetch_sub(1, Ordering::SeqCst);
                 }
-                return true;
+                return Some(popped);
             };
+            popped += 1;
             let more = queue != 0 && more_available(vring, &mem);
             let job = Job {
                 queue,
@@ -746,8 +749,15 @@ impl VhostUserBackend for FsBackend {
         let mut poll = lock(poll);
         poll.woke();
         let more = || more_available(vring, &self.memory());
+        // Polling is for a guest that waits for each reply: a drain of
+        // one chain. One that keeps many in flight sends more as replies
+        // reach it, and a thread spinning meanwhile takes a core from it.
+        let lone = |popped: usize| popped <= 1;
         if !self.event_idx.load(Ordering::Acquire) {
-            while self.drain(vring, queue) && poll.spin(more) {}
+            while self
+                .drain(vring, queue)
+                .is_some_and(|n| lone(n) && poll.spin(more))
+            {}
             return Ok(());
         }
         // (A drain that stopped for want of slots is resumed by the worker
@@ -758,10 +768,10 @@ impl VhostUserBackend for FsBackend {
             if let Err(e) = vring.disable_notification() {
                 tracing::warn!("queue {queue}: disabling notifications: {e}");
             }
-            if !self.drain(vring, queue) {
+            let Some(popped) = self.drain(vring, queue) else {
                 break;
-            }
-            if poll.spin(more) {
+            };
+            if lone(popped) && poll.spin(more) {
                 continue;
             }
             match vring.enable_notification() {

@@ -44,8 +44,8 @@ pub struct VirtiofsArgs {
     pub thread_pool_size: u16,
 
     /// Longest a request queue's thread looks for the guest's next request
-    /// before sleeping, in microseconds (adaptive: only while requests
-    /// follow each other closely; 0: never poll).
+    /// before sleeping, in microseconds (adaptive: only while requests come
+    /// one at a time and follow each other closely; 0: never poll).
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub poll_max_us: u32,
 
