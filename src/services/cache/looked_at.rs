@@ -65,7 +65,7 @@ impl LookedAt {
         self.due_at(key, step)
     }
 
-    /// The key's bucket and tag.
+    /// The key's bucket, its tag, and the slot its scan starts at.
     fn place(&self, key: u64) -> (Option<&Bucket>, u64, usize) {
         let mixed = (key ^ self.seed).wrapping_mul(MIX);
         let index = mixed.checked_shr(64 - self.bits).unwrap_or(0) as usize;
