@@ -749,15 +749,8 @@ impl VhostUserBackend for FsBackend {
         let mut poll = lock(poll);
         poll.woke();
         let more = || more_available(vring, &self.memory());
-        // Polling is for a guest that waits for each reply: a drain of
-        // one chain. One that keeps many in flight sends more as replies
-        // reach it, and a thread spinning meanwhile takes a core from it.
-        let lone = |popped: usize| popped <= 1;
         if !self.event_idx.load(Ordering::Acquire) {
-            while self
-                .drain(vring, queue)
-                .is_some_and(|n| lone(n) && poll.spin(more))
-            {}
+            while self.drain(vring, queue).is_some_and(|n| poll.spin(n, more)) {}
             return Ok(());
         }
         // (A drain that stopped for want of slots is resumed by the worker
@@ -771,7 +764,7 @@ impl VhostUserBackend for FsBackend {
             let Some(popped) = self.drain(vring, queue) else {
                 break;
             };
-            if lone(popped) && poll.spin(more) {
+            if poll.spin(popped, more) {
                 continue;
             }
             match vring.enable_notification() {
