@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Nix's binary cache protocol, in one run: `nix copy --to` into our daemon
-# (--http-listen, --writable, embedded store) beside `nix copy --to
+# (--http-listen, --http-writable, embedded store) beside `nix copy --to
 # file://` (Nix's own file cache), then `nix copy --from` each into an
 # empty chroot store, on the same closure, with Debian's Nix. Uploads run
 # with Nix's default compression (xz, which Nix's own compressing bounds)
@@ -60,7 +60,7 @@ for i in $(seq 1 "$runs"); do
   rm -rf "$work/store" "$work/store2" "$work/xdg-up" "$work/xdg-down" "$work/filecache" \
     "$work/filecache2" "$work/root"*
   "$work/tvix-virtiofsd" --store "local://$work/store" daemon --listen "unix:$work/d.sock" \
-    --http-listen "127.0.0.1:$port" --writable --signing-key "$work/sk" \
+    --http-listen "127.0.0.1:$port" --http-writable --sign-unverified-uploads --signing-key "$work/sk" \
     > "$work/daemon.log" 2>&1 &
   daemon=$!
   for _ in $(seq 100); do (exec 3<> "/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
@@ -72,7 +72,7 @@ for i in $(seq 1 "$runs"); do
     --to "$work/root-file" --option trusted-public-keys "$pk" "${paths[@]}")")
   kill "$daemon"; wait "$daemon" 2>/dev/null || true
   "$work/tvix-virtiofsd" --store "local://$work/store2" daemon --listen "unix:$work/d2.sock" \
-    --http-listen "127.0.0.1:$port" --writable > "$work/daemon2.log" 2>&1 &
+    --http-listen "127.0.0.1:$port" --http-writable > "$work/daemon2.log" 2>&1 &
   daemon=$!
   for _ in $(seq 100); do (exec 3<> "/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
   raw_ours+=("$(XDG_CACHE_HOME=$work/xdg-raw times nixc copy --to "http://127.0.0.1:$port?compression=none" "${paths[@]}")")

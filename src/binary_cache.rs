@@ -7,7 +7,7 @@
 use crate::nar::Ingested;
 use crate::nix::narinfo::NarInfo;
 use crate::nix::path_info_json::NixPathInfo;
-use crate::nix::signing::{fingerprint, PublicKey, SecretKey};
+use crate::nix::signing::{fingerprint, SecretKey};
 use crate::pathinfo::PathInfo;
 use crate::services::{Error, Store};
 use bytes::Bytes;
@@ -33,8 +33,9 @@ pub struct Options {
     pub writable: bool,
     /// Signs every narinfo served.
     pub signer: Option<SecretKey>,
-    /// When not empty, an upload needs a valid signature by one of them.
-    pub trusted: Vec<PublicKey>,
+    /// The store's write policy (the store given is already behind it):
+    /// told of the NARs an upload hashed, so it need not render them again.
+    pub policy: Arc<crate::write_policy::WritePolicy>,
     /// `Priority:` in nix-cache-info (lower is preferred; cache.nixos.org
     /// has 40).
     pub priority: u32,
@@ -96,7 +97,7 @@ impl BinaryCache {
             (Method::GET | Method::HEAD, p) if p.starts_with("/nar/") => self.nar(p, head).await,
             (Method::PUT, _) if !self.opts.writable => Ok(refuse(
                 StatusCode::FORBIDDEN,
-                "read-only binary cache (daemon --writable accepts uploads)",
+                "read-only binary cache (daemon --http-writable accepts uploads)",
             )),
             (Method::PUT, "/nix-cache-info") => Ok(text(StatusCode::OK, "")),
             (Method::PUT, p) if p.starts_with("/nar/") => self.put_nar(p, req).await,
@@ -314,17 +315,20 @@ impl BinaryCache {
                 format!("{hash}.narinfo describes {path}"),
             ));
         }
-        if !self.opts.trusted.is_empty() {
-            let fp = match nar_sha256(&n.info) {
-                Some(h) => fingerprint(&path, &h, n.info.nar_size, &n.info.references),
-                None => return Ok(refuse(StatusCode::BAD_REQUEST, "NarHash is not SHA-256")),
+        // Refused before its NAR is taken: the write policy checks again
+        // (and alone decides) when the path info is put.
+        if !self.opts.policy.is_open() {
+            let Some(h) = nar_sha256(&n.info) else {
+                return Ok(refuse(StatusCode::BAD_REQUEST, "NarHash is not SHA-256"));
             };
-            let signed = self
-                .opts
-                .trusted
+            let sigs = &mut n
+                .info
+                .signatures
                 .iter()
-                .any(|k| n.sigs.iter().any(|s| k.verifies(&fp, s)));
-            if !signed {
+                .map(|(k, v)| (k.as_str(), v.as_slice()));
+            let signer =
+                (self.opts.policy).signer_of(&path, &h, n.info.nar_size, &n.info.references, sigs);
+            if signer.is_none() {
                 return Ok(refuse(
                     StatusCode::FORBIDDEN,
                     format!("{path}: no signature by a trusted key (--trusted-public-keys)"),
@@ -359,12 +363,17 @@ impl BinaryCache {
             Ok(i) => i,
             Err(e) => return Ok(refuse(StatusCode::BAD_REQUEST, e)),
         };
+        // Hashed here as it was ingested and checked against the narinfo.
+        self.opts
+            .policy
+            .vouch(&info.node, info.nar_size, info.nar_sha256);
         match self.store.path_info.put(info).await {
             Ok(_) => {
                 tracing::info!("binary cache: added {path}");
                 Ok(text(StatusCode::OK, ""))
             }
             Err(Error::Conflict(m)) => Ok(refuse(StatusCode::CONFLICT, m)),
+            Err(Error::Untrusted(m)) => Ok(refuse(StatusCode::FORBIDDEN, m)),
             Err(e) => Err(e),
         }
     }

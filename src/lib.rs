@@ -26,3 +26,4 @@ pub mod services;
 pub mod socket;
 pub mod vhost_user;
 pub mod wire;
+pub mod write_policy;

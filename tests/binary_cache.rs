@@ -126,7 +126,7 @@ fn nix_copies_to_us_and_substitutes_from_us() {
     require_tools(&[NIX]);
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let c = start(t, &["--writable"]);
+    let c = start(t, &["--http-writable", "--sign-unverified-uploads"]);
     let url = format!("http://{}", c.http);
     let app = fixture_app();
     let closure = closure_of(&[&app]);
@@ -375,7 +375,7 @@ fn bad_uploads_are_refused_and_leave_nothing() {
         http(&c.http, "GET", &format!("/{}.narinfo", hash_of(p)), b"").0 == 200
     };
 
-    let c = start(t, &["--writable"]);
+    let c = start(t, &["--http-writable", "--sign-unverified-uploads"]);
     let nar = dump(&leaf);
     // a NAR whose hash differs from its narinfo
     let (s, why) = upload(&c, &leaf, &nar, |n| {
@@ -421,7 +421,7 @@ fn bad_uploads_are_refused_and_leave_nothing() {
     let t2 = t.join("signed");
     std::fs::create_dir_all(&t2).unwrap();
     let (trusted_sk, trusted) = keypair(&t2, "someone-1");
-    let c = start(&t2, &["--writable", "--trusted-public-keys", &trusted]);
+    let c = start(&t2, &["--http-writable", "--trusted-public-keys", &trusted]);
     let (s, why) = upload(&c, &leaf, &nar, |n| {
         n + "Sig: someone-1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA==\n"
     });
@@ -522,7 +522,15 @@ fn an_upload_stops_at_the_room_kept_free() {
         }
     }
     let _unmount = Unmount(t.clone());
-    let c = start(&t, &["--writable", "--min-free-space", "64M"]);
+    let c = start(
+        &t,
+        &[
+            "--http-writable",
+            "--sign-unverified-uploads",
+            "--min-free-space",
+            "64M",
+        ],
+    );
     let nar = nar_of_file(&pseudo_random(100 << 20, 11));
     let (status, why) = http(&c.http, "PUT", "/nar/big.nar", &nar);
     assert_eq!(status, 507, "{why}");

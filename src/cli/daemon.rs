@@ -26,8 +26,10 @@ pub struct DaemonArgs {
     #[arg(long, conflicts_with = "writable")]
     pub read_only: bool,
 
-    /// Accept Puts on a TCP listener too. Anyone who can connect can then
-    /// add store paths: put it behind a firewall or on loopback only.
+    /// Accept gRPC Puts on a TCP listener too (not binary cache uploads:
+    /// see --http-writable). Anyone who can connect can then add store
+    /// paths (with --trusted-public-keys, only signed ones): put it behind
+    /// a firewall or on loopback only.
     #[arg(long)]
     pub writable: bool,
 
@@ -60,15 +62,28 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub http_listen: Option<String>,
 
+    /// Accept uploads on the binary cache (`nix copy --to http://...`);
+    /// not gRPC Puts (see --writable).
+    #[arg(long, requires = "http_listen")]
+    pub http_writable: bool,
+
     /// Sign the binary cache's narinfos with this Nix secret key file
     /// (`nix-store --generate-binary-cache-key` writes one).
     #[arg(long, value_name = "FILE", requires = "http_listen")]
     pub signing_key: Option<std::path::PathBuf>,
 
-    /// Accept binary cache uploads only when signed by one of these keys
-    /// (NAME:BASE64, space-separated, as Nix's trusted-public-keys).
-    #[arg(long, value_name = "KEYS", requires = "http_listen")]
+    /// Add a store path, whatever way it comes in (gRPC Put, binary cache
+    /// upload), only when one of these keys (NAME:BASE64, space-separated,
+    /// as Nix's trusted-public-keys) signed it and its tree hashes to the
+    /// NAR it signed.
+    #[arg(long, value_name = "KEYS")]
     pub trusted_public_keys: Option<String>,
+
+    /// With --signing-key and no --trusted-public-keys, sign what others
+    /// upload unchecked (through --writable TCP, --http-writable or a
+    /// --socket-group socket); refused without this flag.
+    #[arg(long, requires = "signing_key")]
+    pub sign_unverified_uploads: bool,
 
     /// The binary cache's Priority (lower is preferred; cache.nixos.org
     /// says 40).
@@ -248,6 +263,39 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
         ),
     };
     let read_only = listener.as_ref().is_none_or(|l| l.read_only(&args));
+    // One write policy for every way in; see `write_policy`.
+    let trusted = args
+        .trusted_public_keys
+        .iter()
+        .flat_map(|k| k.split_whitespace())
+        .map(crate::nix::signing::PublicKey::parse)
+        .collect::<Result<Vec<_>, _>>()
+        .context("--trusted-public-keys")?;
+    let policy = crate::write_policy::WritePolicy::new(trusted);
+    let store = policy.guard(store);
+    // Who else can add paths: a writable TCP or binary cache listener, or a
+    // writable socket shared with a group (or passed by systemd, whose
+    // unit says who may connect). A 0600 socket is the operator's own.
+    let others_upload = args.http_writable
+        || match &listener {
+            Some(Listener::Tcp(_)) => !read_only,
+            Some(Listener::Unix(_, file)) => {
+                !read_only && (file.is_none() || args.socket_group.is_some())
+            }
+            None => false,
+        };
+    if args.signing_key.is_some()
+        && policy.is_open()
+        && others_upload
+        && !args.sign_unverified_uploads
+    {
+        bail!(
+            "--signing-key would sign whatever anyone who can upload adds (a writable TCP or \
+             binary cache listener, or a shared socket): give --trusted-public-keys (uploads \
+             must then carry one of their signatures), make the listeners read-only, or pass \
+             --sign-unverified-uploads to accept that"
+        );
+    }
     // An embedded store (blobs are what fill a disk) keeps room free.
     let min_free = match &store_args.addrs()?[0] {
         crate::services::Addr::Local(dir) => Some((dir.clone(), args.min_free_space)),
@@ -277,27 +325,20 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
                     .with_context(|| format!("signing key {}", f.display()))
             })
             .transpose()?;
-        let trusted = args
-            .trusted_public_keys
-            .iter()
-            .flat_map(|k| k.split_whitespace())
-            .map(crate::nix::signing::PublicKey::parse)
-            .collect::<Result<Vec<_>, _>>()
-            .context("--trusted-public-keys")?;
         if let Some(s) = &signer {
             tracing::info!("binary cache narinfos signed by {}", s.public());
         }
         let l = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding the binary cache on {listen}"))?;
-        let writable = args.writable;
+        let writable = args.http_writable;
         tracing::info!(
             "Nix binary cache on http://{}{}",
             l.local_addr()?,
-            if writable {
-                ""
-            } else {
-                " (read-only; --writable accepts uploads)"
+            match (writable, policy.is_open()) {
+                (true, true) => "",
+                (true, false) => " (uploads signed by a trusted key)",
+                (false, _) => " (read-only; --http-writable accepts uploads)",
             }
         );
         let cache = crate::binary_cache::BinaryCache::new(
@@ -305,7 +346,7 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
             crate::binary_cache::Options {
                 writable,
                 signer,
-                trusted,
+                policy: policy.clone(),
                 priority: args.http_priority,
                 min_free: min_free.clone(),
             },

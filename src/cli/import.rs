@@ -18,6 +18,32 @@ pub struct ImportArgs {
     /// Files or directories to add; each becomes /nix/store/<hash>-<basename>.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
+
+    #[command(flatten)]
+    pub sign: SignArgs,
+}
+
+/// How the commands that add store paths sign them.
+#[derive(Args, Debug, Default)]
+pub struct SignArgs {
+    /// Sign the store paths added with this Nix secret key file (for a
+    /// daemon that admits only signed ones: `daemon --trusted-public-keys`).
+    #[arg(long, value_name = "FILE")]
+    pub signing_key: Option<PathBuf>,
+}
+
+impl SignArgs {
+    /// `store`, its path info Puts signed when a key was given.
+    pub fn wrap(&self, store: Store) -> anyhow::Result<Store> {
+        let Some(f) = &self.signing_key else {
+            return Ok(store);
+        };
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        let key = crate::nix::signing::SecretKey::parse(&text)
+            .with_context(|| format!("signing key {}", f.display()))?;
+        Ok(crate::write_policy::signing(store, key))
+    }
 }
 
 #[derive(Args, Debug)]
@@ -34,6 +60,9 @@ pub struct CopyArgs {
     /// Store paths imported in parallel.
     #[arg(long, default_value_t = 4)]
     pub jobs: usize,
+
+    #[command(flatten)]
+    pub sign: SignArgs,
 }
 
 #[derive(Args, Debug)]
@@ -47,6 +76,9 @@ pub struct ImportNarArgs {
     /// `.zst` files are decompressed.
     #[arg(required = true)]
     pub nars: Vec<String>,
+
+    #[command(flatten)]
+    pub sign: SignArgs,
 }
 
 fn progress(msg: &str) -> ProgressBar {

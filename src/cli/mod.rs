@@ -318,9 +318,9 @@ pub fn main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Daemon(a) => daemon::run(&cli.store, a).await,
-        Command::Import(a) => import::import(cli.store.open()?, a).await,
-        Command::Copy(a) => import::copy(cli.store.open()?, a).await,
-        Command::ImportNar(a) => import::import_nar(cli.store.open()?, a).await,
+        Command::Import(a) => import::import(a.sign.wrap(cli.store.open()?)?, a).await,
+        Command::Copy(a) => import::copy(a.sign.wrap(cli.store.open()?)?, a).await,
+        Command::ImportNar(a) => import::import_nar(a.sign.wrap(cli.store.open()?)?, a).await,
         Command::Mount(a) => mount::run(&cli.store, a).await,
         Command::Nar(a) => query::nar(cli.store.open()?, a).await,
         Command::PathInfo(a) => query::path_info(cli.store.open()?, a).await,

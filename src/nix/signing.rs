@@ -65,8 +65,16 @@ impl SecretKey {
 
     /// The signature of `fingerprint`, as a narinfo's `Sig:` holds it.
     pub fn sign(&self, fingerprint: &str) -> String {
-        let sig = self.key.sign(fingerprint.as_bytes());
-        format!("{}:{}", self.name, BASE64.encode(&sig.to_bytes()))
+        format!(
+            "{}:{}",
+            self.name,
+            BASE64.encode(&self.signature(fingerprint))
+        )
+    }
+
+    /// The signature's bytes, as a path info holds them.
+    pub fn signature(&self, fingerprint: &str) -> [u8; 64] {
+        self.key.sign(fingerprint.as_bytes()).to_bytes()
     }
 }
 
@@ -96,7 +104,13 @@ impl PublicKey {
         let Ok(bytes) = BASE64.decode(b64.as_bytes()) else {
             return false;
         };
-        let Ok(sig) = ed25519_dalek::Signature::from_slice(&bytes) else {
+        self.verifies_raw(fingerprint, name, &bytes)
+    }
+
+    /// As `verifies`, for a signature already split into its key name and
+    /// bytes (as a path info holds it).
+    pub fn verifies_raw(&self, fingerprint: &str, name: &str, sig: &[u8]) -> bool {
+        let Ok(sig) = ed25519_dalek::Signature::from_slice(sig) else {
             return false;
         };
         name == self.name && self.key.verify(fingerprint.as_bytes(), &sig).is_ok()

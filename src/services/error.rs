@@ -49,6 +49,9 @@ pub enum Error {
     ResourceExhausted(String),
     #[error("refused: {0}")]
     Conflict(String),
+    /// The write policy refused a path info (see `write_policy`).
+    #[error("not trusted: {0}")]
+    Untrusted(String),
 }
 
 impl Error {
@@ -114,8 +117,12 @@ impl From<Error> for tonic::Status {
             Error::NotFound(m) => Status::not_found(m),
             Error::ReadOnly => Status::permission_denied(e.to_string()),
             Error::Conflict(m) => Status::already_exists(m),
+            Error::Untrusted(m) => Status::permission_denied(m),
             Error::Remote(s) if s.code() == tonic::Code::AlreadyExists => {
                 Status::already_exists(format!("upstream: {}", s.message()))
+            }
+            Error::Remote(s) if s.code() == tonic::Code::PermissionDenied => {
+                Status::permission_denied(format!("upstream: {}", s.message()))
             }
             Error::Remote(s) if s.code() == tonic::Code::NotFound => {
                 Status::not_found(format!("upstream: {}", s.message()))
