@@ -10,6 +10,7 @@ pub mod fs;
 pub mod fuse;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod grpc_bounds;
 pub mod grpc_server;
 pub mod import;
 pub mod memory;

@@ -8,7 +8,6 @@ use anyhow::{bail, Context};
 use clap::Args;
 use std::path::Path;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
-use tonic::transport::Server;
 
 #[derive(Args, Debug)]
 pub struct DaemonArgs {
@@ -51,6 +50,11 @@ pub struct DaemonArgs {
     /// this (K, M, G, T).
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     pub min_free_space: u64,
+
+    /// gRPC clients connected at once; past it new connections are closed
+    /// as soon as they are accepted.
+    #[arg(long, default_value_t = crate::grpc_bounds::DEFAULT_CONNECTIONS)]
+    pub max_connections: usize,
 
     /// Serve Prometheus metrics (GET /metrics) on HOST:PORT or unix:PATH.
     #[arg(long, env = "TVIX_VIRTIOFSD_METRICS_LISTEN")]
@@ -396,13 +400,17 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
             args.cache_size >> 20
         );
     }
-    let router = Server::builder()
+    let bounds = crate::grpc_bounds::GrpcBounds::new(args.max_connections);
+    let router = bounds
+        .builder()
         .layer(tower::util::MapRequestLayer::new(
             crate::grpc_server::reset_is_error,
         ))
         .layer(tower::util::MapRequestLayer::new(
             crate::grpc_server::wire_names(args.families()?),
         ))
+        .layer(tower::util::MapRequestLayer::new(bounds.cap_bodies()))
+        .layer(bounds.put_layer())
         .layer(calls.layer())
         .add_service(health)
         .add_service(reflection)
@@ -430,7 +438,10 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
         Listener::Tcp(l) => {
             tracing::info!("listening on {}{ro}", l.local_addr()?);
             router
-                .serve_with_incoming_shutdown(nodelay(TcpListenerStream::new(l)), shutdown_signal())
+                .serve_with_incoming_shutdown(
+                    bounds.limit(nodelay(TcpListenerStream::new(l)), "gRPC listener".into()),
+                    shutdown_signal(),
+                )
                 .await?;
         }
         Listener::Unix(l, file) => {
@@ -438,7 +449,10 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
                 tracing::info!("listening on unix:{}{ro}", f.path().display());
             }
             let r = router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown_signal())
+                .serve_with_incoming_shutdown(
+                    bounds.limit(UnixListenerStream::new(l), "gRPC socket".into()),
+                    shutdown_signal(),
+                )
                 .await;
             // the socket file goes now, before the cache's closing report
             drop(file);

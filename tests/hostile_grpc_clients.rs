@@ -1,0 +1,220 @@
+//! A hostile client of the gRPC daemon (any local user on a TCP port, or a
+//! taken-over per-VM daemon on the host cache's socket) speaks raw HTTP/2
+//! to grow the daemon: unfinished messages on many streams and
+//! connections, uploads that never end, connections that never say a
+//! word. Each stays within a stated bound, and honest clients are still
+//! served.
+mod common;
+
+use common::{free_port, grpc_store, Daemon};
+use std::time::{Duration, Instant};
+use tonic::codegen::http;
+
+/// The daemon's private memory (its heap, not mapped files), in MiB.
+fn rss_anon_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb >> 10
+}
+
+fn daemon(t: &std::path::Path, extra: &[&str]) -> (Daemon, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let store = format!("local://{}", t.join("store").display());
+    (Daemon::start_with(&store, &addr, extra), addr)
+}
+
+/// Opens `streams` requests to `path` on one new connection, each sending
+/// a gRPC message header that declares `declared` bytes and then `sent`
+/// bytes of it, and never the rest. Answers the gRPC status each stream
+/// got within `wait` (None: no answer).
+async fn unfinished(
+    addr: &str,
+    path: &'static str,
+    streams: usize,
+    declared: u32,
+    sent: usize,
+    wait: Duration,
+) -> (Vec<Option<String>>, tokio::task::JoinHandle<()>) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut answers = Vec::new();
+    for _ in 0..streams {
+        let mut client = client.clone().ready().await.unwrap();
+        let req = http::Request::post(format!("http://{addr}{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (resp, mut body) = client.send_request(req, false).unwrap();
+        let mut msg = vec![0u8];
+        msg.extend_from_slice(&declared.to_be_bytes());
+        msg.resize(5 + sent, 0x55);
+        // queued by h2, sent as the server's flow control allows
+        let _ = body.send_data(msg.into(), false);
+        answers.push(tokio::spawn(async move {
+            let _keep = body;
+            let r = tokio::time::timeout(wait, resp).await.ok()?.ok()?;
+            let status = r.headers().get("grpc-status").cloned();
+            let status = match status {
+                Some(s) => Some(s),
+                None => {
+                    let mut b = r.into_body();
+                    tokio::time::timeout(wait, b.trailers())
+                        .await
+                        .ok()?
+                        .ok()??
+                        .get("grpc-status")
+                        .cloned()
+                }
+            };
+            status.map(|s| s.to_str().unwrap_or("?").to_string())
+        }));
+    }
+    let mut out = Vec::new();
+    for a in answers {
+        out.push(a.await.unwrap());
+    }
+    (out, driver)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_requests_are_cut_and_do_not_grow_the_daemon() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (d, addr) = daemon(tmp.path(), &["--read-only"]);
+    let pid = d.child.id();
+    let before = rss_anon_mib(pid);
+
+    // 4 connections x 32 streams x 4 MiB of an 8 MiB Stat request: 512
+    // MiB held by a daemon that buffers unfinished messages
+    let mut drivers = Vec::new();
+    let mut statuses = Vec::new();
+    let conns = (0..4).map(|_| {
+        unfinished(
+            &addr,
+            "/tvix.castore.v1.BlobService/Stat",
+            32,
+            8 << 20,
+            4 << 20,
+            Duration::from_secs(8),
+        )
+    });
+    for (s, drv) in futures::future::join_all(conns).await {
+        statuses.extend(s);
+        drivers.push(drv);
+    }
+    let after = rss_anon_mib(pid);
+    assert!(
+        after < before + 48,
+        "the daemon grew from {before} to {after} MiB holding unfinished requests"
+    );
+    // each was cut, with the reason, not left hanging
+    let exhausted = statuses
+        .iter()
+        .filter(|s| s.as_deref() == Some("8"))
+        .count();
+    assert_eq!(exhausted, statuses.len(), "statuses: {statuses:?}");
+
+    // honest clients are still served
+    let store = grpc_store(&format!("grpc+http://{addr}"));
+    let digest = tvix_virtiofsd::castore::B3Digest::of(b"absent");
+    assert!(!store.blob.has(&digest).await.unwrap());
+    for drv in drivers {
+        drv.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_that_never_end_run_a_few_at_a_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (d, addr) = daemon(tmp.path(), &["--writable"]);
+    let pid = d.child.id();
+    let before = rss_anon_mib(pid);
+
+    // 48 blob uploads, each 12 MiB into a 16 MiB chunk, never finished:
+    // 576 MiB held if every one is read at once
+    let mut drivers = Vec::new();
+    let conns = (0..3).map(|_| {
+        unfinished(
+            &addr,
+            "/tvix.castore.v1.BlobService/Put",
+            16,
+            16 << 20,
+            12 << 20,
+            Duration::from_secs(6),
+        )
+    });
+    for (_, drv) in futures::future::join_all(conns).await {
+        drivers.push(drv);
+    }
+    let after = rss_anon_mib(pid);
+    assert!(
+        after < before + 256,
+        "the daemon grew from {before} to {after} MiB holding unfinished uploads"
+    );
+    // reads are not queued behind the uploads
+    let store = grpc_store(&format!("grpc+http://{addr}"));
+    let digest = tvix_virtiofsd::castore::B3Digest::of(b"absent");
+    assert!(!store.blob.has(&digest).await.unwrap());
+    for drv in drivers {
+        drv.abort();
+    }
+}
+
+/// Whether the daemon closed `s` (reading ends or fails) within `within`.
+fn closed_within(s: &mut std::net::TcpStream, within: Duration) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut b = [0u8; 64];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            // the server's HTTP/2 settings: keep reading
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn connections_past_the_bound_are_closed_and_silent_ones_let_go() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (d, addr) = daemon(tmp.path(), &["--read-only", "--max-connections", "4"]);
+    let mut silent: Vec<_> = (0..4)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+
+    // the fifth is closed at once
+    let mut fifth = std::net::TcpStream::connect(&addr).unwrap();
+    assert!(
+        closed_within(&mut fifth, Duration::from_secs(3)),
+        "a connection past --max-connections was kept open"
+    );
+
+    // the silent ones are let go after the first-byte limit (10 s)
+    let t0 = Instant::now();
+    for s in &mut silent {
+        assert!(
+            closed_within(s, Duration::from_secs(20)),
+            "a connection that sent nothing was kept for {:?}",
+            t0.elapsed()
+        );
+    }
+    // and an honest client is served again
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = grpc_store(&format!("grpc+http://{addr}"));
+        let digest = tvix_virtiofsd::castore::B3Digest::of(b"absent");
+        assert!(!store.blob.has(&digest).await.unwrap());
+    });
+    drop(d);
+}
