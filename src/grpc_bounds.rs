@@ -13,9 +13,10 @@
 //!   [`UNARY_BYTES_IN_FLIGHT`]; without that, tonic buffers an unfinished
 //!   message of up to the 64 MiB message limit per stream, and a client
 //!   with many streams and connections held gigabytes.
-//! - **Uploads**: streaming Puts (blobs, directories: messages up to the
-//!   message limit) run at most [`PUTS_AT_ONCE`] at a time in the whole
-//!   daemon; the others wait, unread, behind HTTP/2 flow control.
+//! - **Unread bytes**: HTTP/2 flow control stops a client once it has sent
+//!   [`WINDOW`] bytes on a connection that the daemon has not consumed, so
+//!   what connections can park in the daemon is at most their number
+//!   times that window (set here, not left to library defaults).
 use crate::services::channel::tvix_path;
 use std::future::Future;
 use std::pin::Pin;
@@ -38,13 +39,13 @@ pub const STREAMS_PER_CONNECTION: u32 = 128;
 /// Bytes of unfinished unary request bodies the daemon holds at once,
 /// across all connections.
 pub const UNARY_BYTES_IN_FLIGHT: usize = 64 << 20;
-/// Streaming Puts at once in the whole daemon: each may buffer one message
-/// of up to the message limit.
-pub const PUTS_AT_ONCE: usize = 8;
+/// HTTP/2 receive windows, per stream and per connection: what a client
+/// can have sent that the daemon has not consumed yet.
+pub const WINDOW: u32 = 1 << 20;
 
 /// The largest body a unary request to `path` (a tvix method path) may
-/// have; `None` for the streaming uploads, which are bounded by
-/// [`PUTS_AT_ONCE`] and the per-message limit instead.
+/// have; `None` for the streaming uploads, which the daemon reads as they
+/// come (one message at a time, within the message limit).
 pub fn unary_cap(path: &str) -> Option<u64> {
     match path {
         "/tvix.castore.v1.BlobService/Put" | "/tvix.castore.v1.DirectoryService/Put" => None,
@@ -57,16 +58,11 @@ pub fn unary_cap(path: &str) -> Option<u64> {
     }
 }
 
-fn is_streaming_put(path: &str) -> bool {
-    unary_cap(path).is_none()
-}
-
 /// The bounds of one daemon's gRPC listeners.
 #[derive(Clone)]
 pub struct GrpcBounds {
     pub connections: usize,
     unary_bytes: Arc<Semaphore>,
-    puts: Arc<Semaphore>,
 }
 
 impl GrpcBounds {
@@ -74,7 +70,6 @@ impl GrpcBounds {
         Self {
             connections: connections.max(1),
             unary_bytes: Arc::new(Semaphore::new(UNARY_BYTES_IN_FLIGHT)),
-            puts: Arc::new(Semaphore::new(PUTS_AT_ONCE)),
         }
     }
 
@@ -82,6 +77,8 @@ impl GrpcBounds {
     pub fn builder(&self) -> tonic::transport::Server {
         tonic::transport::Server::builder()
             .max_concurrent_streams(STREAMS_PER_CONNECTION)
+            .initial_stream_window_size(WINDOW)
+            .initial_connection_window_size(WINDOW)
             .http2_max_header_list_size(16 << 10)
             // a peer that stopped answering is let go
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -111,11 +108,6 @@ impl GrpcBounds {
                 })
             })
         }
-    }
-
-    /// A layer that runs the streaming Puts [`PUTS_AT_ONCE`] at a time.
-    pub fn put_layer(&self) -> PutLayer {
-        PutLayer(self.puts.clone())
     }
 
     /// `incoming` with at most `connections` open at once, each closed if
@@ -217,59 +209,6 @@ impl http_body::Body for Capped {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
-    }
-}
-
-/// See [`GrpcBounds::put_layer`].
-#[derive(Clone)]
-pub struct PutLayer(Arc<Semaphore>);
-
-impl<S> tower::Layer<S> for PutLayer {
-    type Service = PutLimited<S>;
-    fn layer(&self, inner: S) -> PutLimited<S> {
-        PutLimited {
-            inner,
-            puts: self.0.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct PutLimited<S> {
-    inner: S,
-    puts: Arc<Semaphore>,
-}
-
-impl<S, B> tower::Service<http::Request<B>> for PutLimited<S>
-where
-    S: tower::Service<http::Request<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let path = req.uri().path();
-        let path = tvix_path(path).unwrap_or_else(|| path.to_string());
-        if !is_streaming_put(&path) {
-            return Box::pin(self.inner.call(req));
-        }
-        // The service that was made ready is the one that is called; a
-        // clone takes its place for the next request.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let puts = self.puts.clone();
-        Box::pin(async move {
-            // held until the answer: a Put answers after its last message
-            let _permit = puts.acquire_owned().await;
-            inner.call(req).await
-        })
     }
 }
 

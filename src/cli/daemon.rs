@@ -410,7 +410,6 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
             crate::grpc_server::wire_names(args.families()?),
         ))
         .layer(tower::util::MapRequestLayer::new(bounds.cap_bodies()))
-        .layer(bounds.put_layer())
         .layer(calls.layer())
         .add_service(health)
         .add_service(reflection)
