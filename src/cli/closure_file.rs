@@ -44,9 +44,9 @@ pub struct Receiver {
 
 /// A connected pair for the closure file at `path` (as given: it is opened
 /// by that path each time). Neither end blocks: a supervisor whose serving
-/// process has not taken the previous descriptors yet (the socket's queue
-/// is the kernel's, a few hundred messages) reports an error instead of
-/// waiting, and the serving process takes what is there.
+/// process has not taken the previous descriptors yet (the queue is the
+/// kernel's, bounded by `net.unix.max_dgram_qlen` messages) reports an
+/// error instead of waiting, and the serving process takes what is there.
 pub fn channel(path: &Path) -> io::Result<(Sender, Receiver)> {
     let (tx, rx) = UnixDatagram::pair()?;
     tx.set_nonblocking(true)?;
