@@ -70,7 +70,13 @@ impl<K: ShardKey> BoundedSet<K> {
         self.shard(key).keys.contains(key)
     }
 
-    /// Adds `key`; whether it was absent.
+    /// The key held that equals `key` (for keys that carry more than what
+    /// they are compared by).
+    pub fn get(&self, key: &K) -> Option<K> {
+        self.shard(key).keys.get(key).copied()
+    }
+
+    /// Adds `key` (replacing an equal one); whether none was there.
     pub fn insert(&self, key: K) -> bool {
         let mut s = self.shard(&key);
         // One lookup while the shard has room (every cache hit comes here).
@@ -78,7 +84,7 @@ impl<K: ShardKey> BoundedSet<K> {
             s.keys = HashSet::new();
             s.since = Instant::now();
         }
-        s.keys.insert(key)
+        s.keys.replace(key).is_none()
     }
 
     /// Keys held now, over all shards.

@@ -346,6 +346,7 @@ fn fork() -> Result<Option<Supervisor>, SandboxError> {
         child: pid,
         set,
         _alive: alive_w,
+        on_hangup: None,
     }))
 }
 
@@ -375,6 +376,8 @@ pub struct Supervisor {
     set: libc::sigset_t,
     /// Closed only when the supervisor ends (see `fork`).
     _alive: OwnedFd,
+    /// Runs on SIGHUP before it is forwarded; `false` keeps it back.
+    on_hangup: Option<Box<dyn FnMut() -> bool>>,
 }
 
 impl Supervisor {
@@ -382,12 +385,18 @@ impl Supervisor {
         self.child
     }
 
+    /// Work the supervisor does on SIGHUP, outside the sandbox, before it
+    /// forwards the signal (not forwarded when `f` answers false).
+    pub fn on_hangup(&mut self, f: Box<dyn FnMut() -> bool>) {
+        self.on_hangup = Some(f);
+    }
+
     /// Waits for the child; returns the exit status to exit with (128 +
     /// signal number when it was killed, as a shell reports it). Calls
     /// `on_ready` once the child writes a byte to `ready` (the supervisor
     /// cannot start a thread to wait for it: a process that unshared its
     /// PID namespace may not).
-    pub fn wait(self, mut ready: Option<(OwnedFd, Box<dyn FnOnce()>)>) -> u8 {
+    pub fn wait(mut self, mut ready: Option<(OwnedFd, Box<dyn FnOnce()>)>) -> u8 {
         loop {
             if let Some(code) = self.reap() {
                 return code;
@@ -425,7 +434,10 @@ impl Supervisor {
         }
     }
 
-    fn forward(&self, sig: libc::c_int) {
+    fn forward(&mut self, sig: libc::c_int) {
+        if sig == libc::SIGHUP && self.on_hangup.as_mut().is_some_and(|f| !f()) {
+            return;
+        }
         if sig > 0 && FORWARDED.contains(&sig) {
             tracing::debug!("forwarding signal {sig} to the serving process");
             // SAFETY: kill has no memory effects.

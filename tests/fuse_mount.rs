@@ -424,3 +424,78 @@ fn outage_and_corruption() {
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
     assert!(m.stop().success());
 }
+
+/// A blob remembered as checked is not trusted once its file changed: a
+/// blob file replaced (by rename: another inode) or written in place after
+/// its first check is checked again when next opened, and damage is EIO,
+/// never the wrong bytes. (`--cache never`: every open reaches the daemon.)
+#[test]
+fn a_blob_file_changed_after_its_check_is_checked_again() {
+    if !common::fuse_available("FUSE TEST") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store_dir = tmp.path().join("store");
+    let store = format!("local://{}", store_dir.display());
+    let f = tmp.path().join("file");
+    std::fs::write(&f, "the checked bytes\n").unwrap();
+    let out = cli_ok(&["--store", &store, "import", f.to_str().unwrap()]);
+    let name = String::from_utf8(out)
+        .unwrap()
+        .trim()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let blob = std::fs::read_dir(store_dir.join("blobs"))
+        .unwrap()
+        .flatten()
+        .flat_map(|shard| std::fs::read_dir(shard.path()).unwrap().flatten())
+        .map(|e| e.path())
+        .next()
+        .unwrap();
+    let m = Mount::start(&store, &tmp.path().join("mnt"), &["--cache", "never"]);
+    let file = m.path.join(&name);
+    // Reads until the daemon has let go of the previous open (the kernel
+    // releases a closed file asynchronously): the result of a fresh open.
+    let read_fresh = |expect_err: bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = std::fs::read(&file);
+            if r.is_err() == expect_err || Instant::now() > deadline {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert_eq!(std::fs::read(&file).unwrap(), b"the checked bytes\n");
+
+    // replaced by rename, same length
+    let swap = blob.with_extension("swap");
+    std::fs::write(&swap, "the swapped bytes\n").unwrap();
+    std::fs::rename(&swap, &blob).unwrap();
+    let r = read_fresh(true);
+    assert_eq!(
+        r.as_ref().map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EIO)),
+        "a replaced blob file was served unchecked: {:?}",
+        r.as_ref().map(|b| String::from_utf8_lossy(b).into_owned())
+    );
+
+    // put back: checked again, served again
+    std::fs::write(&swap, "the checked bytes\n").unwrap();
+    std::fs::rename(&swap, &blob).unwrap();
+    assert_eq!(read_fresh(false).unwrap(), b"the checked bytes\n");
+
+    // written in place, same length
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&blob, "the altered bytes\n").unwrap();
+    let r = read_fresh(true);
+    assert_eq!(
+        r.as_ref().map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EIO)),
+        "a blob file written in place was served unchecked: {:?}",
+        r.as_ref().map(|b| String::from_utf8_lossy(b).into_owned())
+    );
+    assert!(m.stop().success());
+}

@@ -96,6 +96,15 @@ fn stderr_of(child: &mut Child) -> String {
     s
 }
 
+/// A test that fails part-way leaves no daemon behind (the serving
+/// process dies with its supervisor).
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Running {
     /// SIGTERM to the daemon: it exits 0 and removes its socket.
     fn stop(mut self) {
@@ -454,4 +463,111 @@ fn an_early_sigterm_is_not_lost() {
         assert!(st.success(), "round {i}: {st}");
         assert!(!sock.exists());
     }
+}
+
+/// Lines of the daemon's stderr, read as they come.
+fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits for a line containing `what`; answers the lines seen.
+fn wait_for_line(rx: &std::sync::mpsc::Receiver<String>, what: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+            let found = l.contains(what);
+            seen.push(l);
+            if found {
+                return seen;
+            }
+        }
+    }
+    panic!("no line with {what:?} in: {seen:#?}");
+}
+
+/// `--closure-file /etc/x.closure` must not put `/etc` (and `/etc/shadow`
+/// with it) in reach of the serving process, which runs as root: it gets
+/// the opened file, from its supervisor, and nothing beside it. The file
+/// is still followed when replaced by rename and read again on SIGHUP.
+#[test]
+fn a_closure_file_is_handed_in_without_its_directory() {
+    let (tmp, store) = store_dir();
+    let url = format!("local://{}", store.display());
+    let g = tmp.path().join("g");
+    std::fs::write(&g, "in the closure\n").unwrap();
+    let out = cli_ok(&["--store", &url, "import", g.to_str().unwrap()]);
+    let path = String::from_utf8(out).unwrap().trim().to_string();
+    Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(&store)
+        .status()
+        .unwrap();
+    let etc = std::fs::canonicalize(tmp.path()).unwrap().join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    std::fs::write(etc.join("shadow"), "root:secret\n").unwrap();
+    let closure = etc.join("x.closure");
+    std::fs::write(&closure, format!("# the VM's closure\n{path}\n")).unwrap();
+
+    let mut d = start(
+        &url,
+        &tmp.path().join("c.sock"),
+        &["--closure-file", closure.to_str().unwrap()],
+        None,
+    );
+    let lines = stderr_lines(&mut d.child);
+    let root = PathBuf::from(format!("/proc/{}/root", d.serving));
+    let inside = root.join(etc.strip_prefix("/").unwrap());
+    assert!(
+        !inside.join("shadow").exists(),
+        "the closure file's directory is exposed: {} is readable inside",
+        etc.join("shadow").display()
+    );
+    assert!(!inside.exists(), "{} is inside the sandbox", etc.display());
+    assert_eq!(
+        root_listing(d.serving, &store),
+        with_ancestors(&store),
+        "the root holds the store alone"
+    );
+
+    // replaced by rename, then SIGHUP: the new file is read
+    let new = etc.join("x.new");
+    std::fs::write(&new, "# nothing any more\n").unwrap();
+    std::fs::rename(&new, &closure).unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGHUP) };
+    wait_for_line(&lines, "now serving a closure of 0 store paths");
+    // gone, then SIGHUP: the closure served stays, with an error
+    std::fs::remove_file(&closure).unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGHUP) };
+    wait_for_line(&lines, "keeping the closure served");
+    assert!(d.child.try_wait().unwrap().is_none(), "the daemon ended");
+    d.stop();
+
+    // chroot mode serves a closure file too (it could expose one
+    // directory only: the store's)
+    std::fs::write(&closure, format!("{path}\n")).unwrap();
+    let d = start(
+        &url,
+        &tmp.path().join("r.sock"),
+        &[
+            "--sandbox",
+            "chroot",
+            "--closure-file",
+            closure.to_str().unwrap(),
+        ],
+        None,
+    );
+    d.stop();
 }

@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
+pub mod closure_file;
 pub mod daemon;
 pub mod docs;
 pub mod import;
@@ -150,6 +151,11 @@ pub struct ViewArgs {
     /// comment); read again on SIGHUP.
     #[arg(long, value_name = "FILE")]
     pub closure_file: Option<PathBuf>,
+
+    /// Where `virtiofs`'s serving process gets the closure file from: its
+    /// supervisor hands it the opened file (it sees no host path).
+    #[arg(skip)]
+    pub closure_source: Option<std::sync::Arc<closure_file::Receiver>>,
 }
 
 impl ViewArgs {
@@ -210,7 +216,10 @@ impl ViewArgs {
             .map(|s| parse_store_path(s))
             .collect::<anyhow::Result<Vec<_>>>()?;
         if let Some(f) = &self.closure_file {
-            roots.extend(crate::fs::closure::read_roots(f)?);
+            roots.extend(match &self.closure_source {
+                Some(src) => src.read_roots()?,
+                None => crate::fs::closure::read_roots(f)?,
+            });
         }
         let c = crate::fs::closure::Closure::resolve(store, &roots)
             .await

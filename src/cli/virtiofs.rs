@@ -189,22 +189,22 @@ pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<Ex
         crate::services::cache::create_dir(dir)
             .with_context(|| format!("creating cache directory {}", dir.display()))?;
     }
-    let (mut needs, places) = Needs::of_store(&Places {
+    let (needs, places) = Needs::of_store(&Places {
         addrs,
         cache_dir: store_args.cache_dir.clone(),
     })?;
-    // The closure file is read again on SIGHUP, from inside the sandbox:
-    // its directory is exposed read-only (so a file replaced by rename is
-    // seen), at its canonical path.
-    if let Some(f) = &mut args.view.closure_file {
-        *f = std::fs::canonicalize(&*f).with_context(|| format!("closure file {}", f.display()))?;
-        if let Some(dir) = f.parent() {
-            needs.paths.push(sandbox::Exposed {
-                path: dir.to_path_buf(),
-                is_dir: true,
-            });
+    // The closure file is not exposed (its directory would show all of
+    // it): the supervisor opens it, now and on each SIGHUP, and hands the
+    // serving process the descriptor.
+    let closure_sender = match &args.view.closure_file {
+        Some(f) => {
+            let (tx, rx) = super::closure_file::channel(f).context("closure file channel")?;
+            tx.send()?;
+            args.view.closure_source = Some(std::sync::Arc::new(rx));
+            Some(tx)
         }
-    }
+        None => None,
+    };
     // Under Type=notify the serving process says when the store answered
     // (through this pipe: it may not reach systemd's socket); the
     // supervisor, systemd's main process, passes it on.
@@ -221,11 +221,21 @@ pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<Ex
         args.tag
     );
     let (role, places) = sandbox::enter(args.sandbox, &needs, places)?;
-    if let Role::Supervisor(sup) = role {
+    if let Role::Supervisor(mut sup) = role {
         // The child serves; we only wait, holding nothing but the socket
-        // file to remove at the end.
+        // file to remove at the end (and the closure file's path).
         drop(listener);
         drop(metrics);
+        args.view.closure_source = None;
+        if let Some(tx) = closure_sender {
+            sup.on_hangup(Box::new(move || match tx.send() {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!("SIGHUP: keeping the closure served: {e}");
+                    false
+                }
+            }));
+        }
         if let Err(e) = privileges::drop_all(true) {
             tracing::warn!("supervisor: {e}");
         }
@@ -246,6 +256,7 @@ pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<Ex
         drop(r);
         w
     });
+    drop(closure_sender);
     // The serving process may not see the socket file, nor unlink it under
     // seccomp: its supervisor removes it.
     std::mem::forget(socket_file);
@@ -257,6 +268,7 @@ pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<Ex
         let mut keep = vec![listener.as_raw_fd()];
         keep.extend(ready.as_ref().map(|w| w.as_raw_fd()));
         keep.extend(metrics.as_ref().map(|l| l.as_raw_fd()));
+        keep.extend(args.view.closure_source.as_ref().map(|r| r.as_raw_fd()));
         sandbox::close_inherited(&keep)?;
     }
     privileges::set_rlimit_nofile(args.rlimit_nofile)?;

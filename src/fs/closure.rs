@@ -96,12 +96,37 @@ impl Closure {
 /// blank lines and `#` comments are skipped.
 pub fn read_roots(path: &Path) -> Result<Vec<StorePath>, ClosureError> {
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ClosureError::File {
+    let file = std::fs::File::open(path).map_err(|source| ClosureError::File {
         path: shown.clone(),
         source,
     })?;
+    read_roots_from(file, &shown)
+}
+
+/// Most bytes a closure file may hold: about 100,000 store paths at their
+/// longest (an absolute path of a 211-byte name), far more than a
+/// system's closure; the file is read whole into memory.
+pub const MAX_CLOSURE_FILE: u64 = 24 << 20;
+
+/// As [`read_roots`], from an opened file (`shown` names it in errors).
+pub fn read_roots_from(
+    reader: impl std::io::Read,
+    shown: &str,
+) -> Result<Vec<StorePath>, ClosureError> {
+    let file_err = |source| ClosureError::File {
+        path: shown.to_string(),
+        source,
+    };
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut reader.take(MAX_CLOSURE_FILE + 1), &mut text)
+        .map_err(file_err)?;
+    if text.len() as u64 > MAX_CLOSURE_FILE {
+        return Err(file_err(std::io::Error::other(format!(
+            "larger than {MAX_CLOSURE_FILE} bytes"
+        ))));
+    }
     parse_roots(&text).map_err(|(line, text)| ClosureError::BadLine {
-        path: shown,
+        path: shown.to_string(),
         line,
         text,
     })

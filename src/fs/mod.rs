@@ -662,29 +662,38 @@ impl StoreFs {
     }
 
     /// Opens a blob and checks it against its digest and size (once, while
-    /// it is remembered as checked), so no byte of a blob is served before
-    /// the blob was checked.
+    /// it is remembered as checked and, for a file, while it is the file
+    /// that was checked), so no byte of a blob is served before the blob
+    /// was checked.
     fn open_blob(&self, digest: &B3Digest, size: u64) -> io::Result<Box<dyn BlobReader>> {
-        let verified = self.verified.contains(digest, size);
-        if !verified && size > INLINE_CHECK_MAX && inline::defer() {
+        let known = self.verified.contains(digest, size);
+        if !known && size > INLINE_CHECK_MAX && inline::defer() {
             return Err(err(libc::EAGAIN));
         }
         // A local blob opens, and is checked, right here: no runtime hop.
         if let Some(opened) = self.store.blob.open_read_blocking(digest) {
-            let checked = opened
-                .and_then(|r| r.ok_or_else(|| not_found(digest)))
-                .and_then(|mut r| match verified {
-                    true => Ok(Some(r)),
-                    false => check_direct(&mut *r, digest, size).map(|ok| ok.then_some(r)),
-                });
-            match checked {
-                Ok(Some(r)) => {
-                    if !verified {
-                        self.verified.insert(digest, size);
-                    }
+            let mut r = match opened.and_then(|r| r.ok_or_else(|| not_found(digest))) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!("blob {digest}: {e}");
+                    return Err(err(libc::EIO));
+                }
+            };
+            let (trusted, stamp) = self.already_checked(&mut *r, digest, size, known);
+            if trusted {
+                return Ok(r);
+            }
+            // Remembered, but its file changed since: a large one is
+            // checked again off the queue thread.
+            if known && size > INLINE_CHECK_MAX && inline::defer() {
+                return Err(err(libc::EAGAIN));
+            }
+            match check_direct(&mut *r, digest, size) {
+                Ok(true) => {
+                    self.verified.insert(digest, size, stamp);
                     return Ok(r);
                 }
-                Ok(None) => {} // no direct access: check it the async way
+                Ok(false) => {} // no direct access: check it the async way
                 Err(e) => {
                     tracing::error!("blob {digest}: {e}");
                     return Err(err(libc::EIO));
@@ -693,34 +702,60 @@ impl StoreFs {
         }
         // Fetches take as long as they keep moving: the services time out
         // a stalled transfer, not a long one.
-        let r = self.block_within(None, format_args!("blob {digest}"), async {
-            let mut r = self
-                .store
-                .blob
-                .open_read_sized(digest, size)
-                .await?
-                .ok_or_else(|| not_found(digest))?;
-            if !verified && !check_direct(&mut *r, digest, size)? {
-                let mut h = blake3::Hasher::new();
-                let mut buf = vec![0u8; 1 << 17];
-                let mut n_total = 0u64;
-                loop {
-                    let n = r.read(&mut buf).await?;
-                    if n == 0 {
-                        break;
+        let (r, trusted, stamp) =
+            self.block_within(None, format_args!("blob {digest}"), async {
+                let mut r = self
+                    .store
+                    .blob
+                    .open_read_sized(digest, size)
+                    .await?
+                    .ok_or_else(|| not_found(digest))?;
+                let (trusted, stamp) = self.already_checked(&mut *r, digest, size, known);
+                if !trusted && !check_direct(&mut *r, digest, size)? {
+                    let mut h = blake3::Hasher::new();
+                    let mut buf = vec![0u8; 1 << 17];
+                    let mut n_total = 0u64;
+                    loop {
+                        let n = r.read(&mut buf).await?;
+                        if n == 0 {
+                            break;
+                        }
+                        h.update(&buf[..n]);
+                        n_total += n as u64;
                     }
-                    h.update(&buf[..n]);
-                    n_total += n as u64;
+                    check(digest, size, h, n_total)?;
+                    r.rewind().await?;
                 }
-                check(digest, size, h, n_total)?;
-                r.rewind().await?;
-            }
-            Ok(r)
-        })?;
-        if !verified {
-            self.verified.insert(digest, size);
+                Ok((r, trusted, stamp))
+            })?;
+        if !trusted {
+            self.verified.insert(digest, size, stamp);
         }
         Ok(r)
+    }
+
+    /// Whether an opened blob was checked already, and the stamp of its
+    /// file to remember once it is: a file is trusted only while it is the
+    /// file that was checked, bytes in memory are hashed again (cheaply:
+    /// they are at hand), and a stream (a remote's, which checks what it
+    /// sends) is trusted once checked.
+    fn already_checked(
+        &self,
+        r: &mut dyn BlobReader,
+        digest: &B3Digest,
+        size: u64,
+        known: bool,
+    ) -> (bool, Option<u64>) {
+        match r.direct() {
+            Some(Direct::File(f)) => {
+                let stamp = self.verified.stamp(f);
+                let trusted =
+                    known && stamp.is_some_and(|s| self.verified.contains_file(digest, size, s));
+                (trusted, stamp)
+            }
+            Some(Direct::Bytes(_)) => (false, None),
+            None => (known, None),
+        }
     }
 
     /// The blob an open file reads from: its own, another handle's on the

@@ -7,6 +7,7 @@ pub mod directory;
 mod error;
 mod local_tmp;
 pub mod pathinfo;
+pub mod store_dir;
 
 pub use blob::BlobService;
 pub use directory::DirectoryService;

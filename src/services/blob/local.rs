@@ -44,8 +44,6 @@ impl LocalBlobService {
     }
 
     pub fn open(root: &Path) -> Result<Self> {
-        let blobs = root.join("blobs");
-        std::fs::create_dir_all(&blobs)?;
         super::super::local_tmp::prepare(root)?;
         Ok(Self::at(root))
     }

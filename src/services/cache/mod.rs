@@ -32,6 +32,7 @@ use crate::services::blob::local::LocalBlobService;
 use crate::services::channel::WireChannel;
 use crate::services::directory::local::LocalDirectoryService;
 use crate::services::pathinfo::local::LocalPathInfoService;
+use crate::services::store_dir::{Access, StoreDir};
 use crate::services::{Error, Result, Store};
 use crate::wire::cache::cache_service_client::CacheServiceClient;
 use flights::{Flights, Key, Outcome, Progress};
@@ -92,7 +93,7 @@ pub fn create_dir(dir: &Path) -> std::io::Result<()> {
 /// for the embedded store's) and a cold walk over the cache ran at 0.82-
 /// 0.89x of the same walk over the embedded store. Staged together they
 /// are allocated together, in the order they were filled. Leftovers are
-/// removed by the next filler ([`space::Space::open`]).
+/// removed by the next filler ([`Cache::open`]).
 fn staged_temp(root: &Path) -> std::io::Result<tempfile::NamedTempFile> {
     temp_in(&root.join("tmp"))
 }
@@ -218,17 +219,26 @@ impl Cache {
         let (local, role) = match opts.role {
             Role::Filler => {
                 create_dir(&root)?;
+                let dir =
+                    StoreDir::open(&root, Access::Write, None).map_err(std::io::Error::from)?;
                 let lock = take_lock(&root)?;
                 let local = Local {
                     blobs: LocalBlobService::open(&root)?,
                     dirs: LocalDirectoryService::open(&root)?,
                     infos: LocalPathInfoService::open(&root)?,
                 };
+                // Every shard is checked too: eviction deletes in them.
                 for area in ["blobs", "directories"] {
+                    let a = dir.area(area, 0o755).map_err(std::io::Error::from)?;
                     for shard in 0..=255u8 {
-                        std::fs::create_dir_all(root.join(area).join(format!("{shard:02x}")))?;
+                        a.area(&format!("{shard:02x}"), 0o755)
+                            .map_err(std::io::Error::from)?;
                     }
                 }
+                // What a killed filler was writing (we hold the lock).
+                dir.area("tmp", 0o755)
+                    .map_err(std::io::Error::from)?
+                    .remove_files(|_| true);
                 let space = Space::open(&root, opts.max_bytes, stats.clone())?;
                 let role = RoleState::Filler(Filler {
                     space,
@@ -500,11 +510,13 @@ async fn touch_reporter(cache: Weak<Cache>, wake: Arc<tokio::sync::Notify>) {
 /// One filler per cache directory: the lock is held for the process's life.
 fn take_lock(root: &Path) -> Result<std::fs::File> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
     let path = root.join("lock");
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&path)?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {

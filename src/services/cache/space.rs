@@ -176,14 +176,9 @@ struct Candidate {
 
 impl Space {
     /// Takes stock of the cache at `root` (its temporary files are
-    /// leftovers of a killed filler: the caller holds the cache's lock) and
-    /// starts the evictor thread.
+    /// leftovers of a killed filler: the caller holds the cache's lock and
+    /// emptied `tmp`, its areas checked) and starts the evictor thread.
     pub fn open(root: &Path, max: u64, stats: Arc<CacheStats>) -> Result<Arc<Self>> {
-        if let Ok(rd) = std::fs::read_dir(root.join("tmp")) {
-            for e in rd.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
         let mut used = 0u64;
         for_each_object(
             root,

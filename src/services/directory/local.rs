@@ -22,7 +22,6 @@ impl LocalDirectoryService {
     }
 
     pub fn open(root: &Path) -> Result<Self> {
-        std::fs::create_dir_all(root.join("directories"))?;
         super::super::local_tmp::prepare(root)?;
         Ok(Self { root: root.into() })
     }

@@ -27,7 +27,6 @@ impl LocalPathInfoService {
     }
 
     pub fn open(root: &Path) -> Result<Self> {
-        std::fs::create_dir_all(root.join("pathinfo"))?;
         super::super::local_tmp::prepare(root)?;
         Ok(Self { root: root.into() })
     }
