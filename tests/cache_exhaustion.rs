@@ -582,3 +582,82 @@ fn a_filler_out_of_descriptors_keeps_its_objects() {
         "served from the cache, not fetched again"
     );
 }
+
+// ---------------------------------------------------------------------------
+// A slow, honest remote
+
+/// A unix-socket proxy at `listen` to `upstream` that passes the store's
+/// answers on at most `chunk` bytes per `every` (requests go at full
+/// speed): a slow link, but an honest one.
+fn slow_proxy(listen: &Path, upstream: PathBuf, chunk: usize, every: Duration) {
+    use std::io::{Read, Write};
+    let l = std::os::unix::net::UnixListener::bind(listen).unwrap();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(client) = conn else { return };
+            let Ok(server) = std::os::unix::net::UnixStream::connect(&upstream) else {
+                continue;
+            };
+            let (mut from_client, mut to_server) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from_client, &mut to_server);
+            });
+            let (mut from_server, mut to_client) = (server, client);
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; chunk];
+                loop {
+                    let n = match from_server.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if to_client.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(every);
+                }
+            });
+        }
+    });
+}
+
+/// A remote that sends a 2 MiB directory (one gRPC message) over a link
+/// of some 640 KiB/s, to a filler whose store timeout is one second: the
+/// Get takes about three seconds but never stalls, so the filler waits for
+/// it (and keeps the client that asked waiting) and serves the directory.
+/// The unfixed filler limited the whole Get to the store timeout and
+/// failed it.
+#[test]
+fn a_slow_but_steady_directory_is_waited_for() {
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let (_, _, _) = tree_remote(&rt, &t.join("remote.sock"));
+    let proxy = t.join("proxy.sock");
+    slow_proxy(
+        &proxy,
+        t.join("remote.sock"),
+        32 << 10,
+        Duration::from_millis(50),
+    );
+    let dir = t.join("cache");
+    let filler = Filler::start(
+        &format!("grpc+unix://{}", proxy.display()),
+        &dir,
+        t,
+        &["--store-timeout", "1"],
+    );
+    let want = tree_dir(0);
+    let store = filler.store(&rt);
+    let t0 = Instant::now();
+    let got = rt.block_on(store.directory.get(&want.digest()));
+    let took = t0.elapsed();
+    eprintln!("a 2 MiB directory over the slow link: {took:?}");
+    let got = got.unwrap_or_else(|e| panic!("after {took:?}: {e}: {}", filler.log()));
+    assert_eq!(got.map(|d| d.digest()), Some(want.digest()));
+    assert!(
+        took > Duration::from_secs(2),
+        "the link was not slow ({took:?}): the test proves nothing"
+    );
+    assert!(dir_file(&dir, &want.digest()).exists());
+}

@@ -157,10 +157,16 @@ impl Cache {
         Ok(len)
     }
 
-    async fn fetch_dir(&self, digest: B3Digest) -> Result<bool> {
-        let got = tokio::time::timeout(self.idle, self.remote.directory.get(&digest))
-            .await
-            .map_err(|_| stalled(&digest, self.idle))??;
+    /// Fetches one directory; waits for as long as its bytes keep coming
+    /// (a directory of a million entries is one message of some 55 MB),
+    /// and tells those waiting for it (`rep`) that they do.
+    async fn fetch_dir(&self, digest: B3Digest, rep: &Reporter) -> Result<bool> {
+        let progress = |n: u64| rep.send_modify(|p| p.bytes = n);
+        let got = self
+            .remote
+            .directory
+            .get_watched(&digest, self.idle, &progress)
+            .await?;
         let Some(dir) = got else { return Ok(false) };
         self.store_dir(&dir).await?;
         Ok(true)
@@ -267,8 +273,8 @@ impl Cache {
             RoleState::Filler(f) => f,
         };
         let this = self.clone();
-        let rx = f.flights.join(Key::Directory(d), move |_| async move {
-            match this.fetch_dir(d).await {
+        let rx = f.flights.join(Key::Directory(d), move |rep| async move {
+            match this.fetch_dir(d, &rep).await {
                 Ok(true) => Outcome::Stored,
                 Ok(false) => Outcome::Absent,
                 Err(e) => Outcome::failed(&e),
