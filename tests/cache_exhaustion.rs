@@ -661,3 +661,105 @@ fn a_slow_but_steady_directory_is_waited_for() {
     );
     assert!(dir_file(&dir, &want.digest()).exists());
 }
+
+// ---------------------------------------------------------------------------
+// Blobs larger than the cache
+
+/// The files `pid` has open whose path starts with `prefix`.
+fn open_files_under(pid: u32, prefix: &str) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|p| p.display().to_string())
+        .filter(|p| p.starts_with(prefix))
+        .collect()
+}
+
+/// A 6 MiB blob read three times at once through a filler whose cache is
+/// 1 MiB (over a slow link, so that the reads overlap): each read gets the
+/// right bytes, spooled into unnamed files in the cache directory's
+/// staging area (not the temporary directory, which may be memory), at
+/// most two at once, none left after. The unfixed filler spooled every
+/// such read into the temporary directory, as many as were asked.
+#[test]
+fn blobs_larger_than_the_cache_are_spooled_beside_it_two_at_a_time() {
+    use tvix_virtiofsd::services::blob::read_to_vec;
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let data = pseudo_random(6 << 20, 4242);
+    let src = t.join("big");
+    std::fs::write(&src, &data).unwrap();
+    import(&t.join("remote"), &[&src]);
+    let remote = remote_daemon(t);
+    let proxy = t.join("proxy.sock");
+    slow_proxy(
+        &proxy,
+        t.join("remote.sock"),
+        64 << 10,
+        Duration::from_millis(20),
+    );
+    let dir = t.join("cache");
+    let filler = Filler::start(
+        &format!("grpc+unix://{}", proxy.display()),
+        &dir,
+        t,
+        &["--cache-size", "1M"],
+    );
+    let pid = filler.pid();
+    let staging = format!("{}/", dir.join("tmp").display());
+    let done = Arc::new(AtomicBool::new(false));
+    let (most, elsewhere) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let sampler = {
+        let (done, most, elsewhere) = (done.clone(), most.clone(), elsewhere.clone());
+        let staging = staging.clone();
+        std::thread::spawn(move || {
+            while !done.load(SeqCst) {
+                // By name: a spooled file may be open twice (a reader
+                // duplicates its descriptor for async reads).
+                let spooled = open_files_under(pid, &staging)
+                    .into_iter()
+                    .filter(|p| p.ends_with("(deleted)"))
+                    .collect::<std::collections::HashSet<_>>()
+                    .len() as u64;
+                most.fetch_max(spooled, SeqCst);
+                let deleted = open_files_under(pid, "/")
+                    .into_iter()
+                    .filter(|p| p.ends_with("(deleted)") && !p.starts_with(&staging))
+                    .count() as u64;
+                elsewhere.fetch_max(deleted, SeqCst);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let digest = B3Digest::of(&data);
+    let store = filler.store(&rt);
+    let reads: Vec<_> = (0..3)
+        .map(|_| {
+            let s = store.clone();
+            rt.spawn(async move { read_to_vec(s.blob.as_ref(), &digest).await })
+        })
+        .collect();
+    for r in reads {
+        let got = rt.block_on(r).unwrap().unwrap().expect("the blob");
+        assert!(got == data, "the large blob read back differently");
+    }
+    done.store(true, SeqCst);
+    sampler.join().unwrap();
+    let (most, elsewhere) = (most.load(SeqCst), elsewhere.load(SeqCst));
+    eprintln!("spooled in the staging area at once: {most}; unnamed files elsewhere: {elsewhere}");
+    assert_eq!(elsewhere, 0, "spooled outside the cache directory");
+    assert!(
+        (1..=2).contains(&most),
+        "{most} blobs spooled at once in {staging}"
+    );
+    assert!(!blob_file(&dir, &digest).exists(), "kept in the cache");
+    assert!(filler.metric("used_bytes") <= 1 << 20);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        open_files_under(pid, &staging).is_empty(),
+        "spool files left open"
+    );
+}
