@@ -647,7 +647,7 @@ pub fn cache_service(data: &[u8]) {
         let msg = &body[..take];
         rest = &body[take..];
         sent += 1;
-        if kind % 2 == 0 {
+        if kind.is_multiple_of(2) {
             if let Ok(req) = FillBlobRequest::decode(msg) {
                 let _ = f.rt.block_on(cache_fuzz_fill(&fx.server, req));
             }

@@ -693,7 +693,7 @@ fn blobs_larger_than_the_cache_are_spooled_beside_it_two_at_a_time() {
     let src = t.join("big");
     std::fs::write(&src, &data).unwrap();
     import(&t.join("remote"), &[&src]);
-    let remote = remote_daemon(t);
+    let _remote = remote_daemon(t);
     let proxy = t.join("proxy.sock");
     slow_proxy(
         &proxy,

@@ -181,7 +181,14 @@ impl Cache {
             Err(e) if is_not_found(&e) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let file = tempfile::tempfile_in(self.root.join("tmp"))?;
+        let staging = self.root.join("tmp");
+        let file = match tempfile::tempfile_in(&staging) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(&staging)?;
+                tempfile::tempfile_in(&staging)?
+            }
+            r => r?,
+        };
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
         let mut hasher = blake3::Hasher::new();
         let mut n = 0u64;

@@ -36,9 +36,10 @@ const LOCAL_TREE_BATCH_BYTES: u64 = 4 << 20;
 /// they are. A single directory larger than this (up to the largest
 /// message accepted from a remote) waits until it can go alone.
 pub(super) const TREE_BYTES_IN_FLIGHT: u32 = 32 << 20;
-/// What a queued directory costs besides its bytes (its digest and the
-/// queue's bookkeeping), so that many empty ones are bounded too.
-const TREE_ENTRY_OVERHEAD: u32 = 64;
+/// What a queued directory costs besides its bytes, in bytes: its digest
+/// (32), its buffer's and permit's headers (40) and the queue's node
+/// (some 48), so that many tiny ones are bounded too.
+const TREE_ENTRY_OVERHEAD: u32 = 128;
 
 /// A cached tree as the first look found it.
 enum LocalTree {
