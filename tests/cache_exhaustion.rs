@@ -287,6 +287,7 @@ fn tree_root(children: &[(B3Digest, u64)]) -> Directory {
 struct TreeRemote {
     inner: StoreServer,
     root: Directory,
+    /// The directories below the root, by index: digest and size.
     children: Arc<Vec<(B3Digest, u64)>>,
     /// Directories sent.
     sent: Arc<AtomicU64>,
@@ -312,6 +313,7 @@ impl cpb::directory_service_server::DirectoryService for TreeRemote {
             Some(i.ok_or_else(|| Status::not_found("no such directory"))?)
         };
         let (root, sent) = (self.root.clone(), self.sent.clone());
+        let children = self.children.len();
         let s = async_stream::stream! {
             match which {
                 Some(i) => {
@@ -322,7 +324,7 @@ impl cpb::directory_service_server::DirectoryService for TreeRemote {
                     sent.fetch_add(1, SeqCst);
                     yield Ok(root.to_proto());
                     if req.recursive {
-                        for i in 0..TREE_DIRS {
+                        for i in 0..children {
                             let d = tokio::task::spawn_blocking(move || tree_dir(i).to_proto())
                                 .await
                                 .unwrap();
@@ -344,10 +346,15 @@ impl cpb::directory_service_server::DirectoryService for TreeRemote {
     }
 }
 
-/// Serves a [`TreeRemote`] on a unix socket at `sock`; answers its address,
-/// the tree's root and the directory counter.
-fn tree_remote(rt: &tokio::runtime::Runtime, sock: &Path) -> (String, B3Digest, Arc<AtomicU64>) {
-    let children: Vec<(B3Digest, u64)> = (0..TREE_DIRS)
+/// Serves a [`TreeRemote`] of `dirs` directories below its root on a unix
+/// socket at `sock`; answers its address, the tree's root and the
+/// directory counter.
+fn tree_remote(
+    rt: &tokio::runtime::Runtime,
+    sock: &Path,
+    dirs: usize,
+) -> (String, B3Digest, Arc<AtomicU64>) {
+    let children: Vec<(B3Digest, u64)> = (0..dirs)
         .map(|i| {
             let d = tree_dir(i);
             (d.digest(), d.size())
@@ -412,7 +419,7 @@ fn a_tree_of_huge_directories_is_fetched_and_served_within_a_memory_bound() {
     let rt = runtime();
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let (remote, root, sent) = tree_remote(&rt, &t.join("remote.sock"));
+    let (remote, root, sent) = tree_remote(&rt, &t.join("remote.sock"), TREE_DIRS);
     let dir = t.join("cache");
     let filler = Filler::start(&remote, &dir, t, &["--cache-size", "1G"]);
     let pid = filler.pid();
@@ -624,15 +631,16 @@ fn slow_proxy(listen: &Path, upstream: PathBuf, chunk: usize, every: Duration) {
 /// A remote that sends a 2 MiB directory (one gRPC message) over a link
 /// of some 640 KiB/s, to a filler whose store timeout is one second: the
 /// Get takes about three seconds but never stalls, so the filler waits for
-/// it (and keeps the client that asked waiting) and serves the directory.
-/// The unfixed filler limited the whole Get to the store timeout and
-/// failed it.
+/// it (and keeps the client that asked waiting) and serves the directory;
+/// so too for the tree of a root and that directory, fetched recursively.
+/// The unfixed filler limited the whole Get, and each message of the
+/// recursive one, to the store timeout and failed them.
 #[test]
 fn a_slow_but_steady_directory_is_waited_for() {
     let rt = runtime();
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let (_, _, _) = tree_remote(&rt, &t.join("remote.sock"));
+    let (_, root, _) = tree_remote(&rt, &t.join("remote.sock"), 1);
     let proxy = t.join("proxy.sock");
     slow_proxy(
         &proxy,
@@ -660,6 +668,19 @@ fn a_slow_but_steady_directory_is_waited_for() {
         "the link was not slow ({took:?}): the test proves nothing"
     );
     assert!(dir_file(&dir, &want.digest()).exists());
+
+    let t0 = Instant::now();
+    let tree: Result<Vec<Directory>, _> =
+        rt.block_on(store.directory.get_recursive(root).try_collect());
+    let took = t0.elapsed();
+    eprintln!("a tree of a 2 MiB directory over the slow link: {took:?}");
+    let tree = tree.unwrap_or_else(|e| panic!("after {took:?}: {e}: {}", filler.log()));
+    let digests: Vec<B3Digest> = tree.iter().map(Directory::digest).collect();
+    assert_eq!(digests, [root, want.digest()]);
+    assert!(
+        took > Duration::from_secs(2),
+        "the link was not slow ({took:?})"
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -13,9 +13,11 @@ use crate::services::directory::DirectoryService;
 use crate::services::{Error, Result};
 use async_trait::async_trait;
 use futures::stream::BoxStream;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Duration;
 
 pub struct CachedDirectoryService(pub(super) Arc<Cache>);
 
@@ -204,13 +206,18 @@ impl Cache {
         let mut room = f.space.reserve(0, self.idle).await?;
         let mut reserved = 0u64;
         let read: Result<usize> = async {
-            let mut s = self.remote.directory.get_recursive(root);
+            let received = Arc::new(AtomicU64::new(0));
+            let mut s = self
+                .remote
+                .directory
+                .get_recursive_watched(root, received.clone());
             let mut count = 0usize;
             let mut bytes = 0u64;
             loop {
-                let next = tokio::time::timeout(self.idle, s.try_next())
+                let next = next_progressing(&mut s, &received, self.idle, rep)
                     .await
-                    .map_err(|_| stalled(&root, self.idle))??;
+                    .map_err(|_| stalled(&root, self.idle))?
+                    .transpose()?;
                 let Some(dir) = next else { break };
                 let encoded = dir.encode();
                 drop(dir);
@@ -301,6 +308,40 @@ impl Cache {
             .map_err(|e| Error::Io(std::io::Error::other(e)))
     }
 }
+
+/// The next item of a remote stream, waited for as long as `received`
+/// (the bytes of the answer so far) keeps growing, each growth told to
+/// `rep`'s waiters; `Err` after `idle` without a byte. A tree's directory
+/// is one message however large, so the time to the next one says
+/// nothing of whether the remote is stalled.
+async fn next_progressing<S: futures::Stream + Unpin>(
+    s: &mut S,
+    received: &AtomicU64,
+    idle: Duration,
+    rep: &Reporter,
+) -> std::result::Result<Option<S::Item>, ()> {
+    let tick = idle / PROGRESS_TICKS;
+    let mut seen = received.load(Relaxed);
+    let mut since = tokio::time::Instant::now();
+    loop {
+        if let Ok(item) = tokio::time::timeout(tick, s.next()).await {
+            return Ok(item);
+        }
+        let now = received.load(Relaxed);
+        if now != seen {
+            seen = now;
+            since = tokio::time::Instant::now();
+            rep.send_modify(|_| {});
+        } else if since.elapsed() >= idle {
+            return Err(());
+        }
+    }
+}
+
+/// How often a fetch looks whether bytes arrived, as a share of its idle
+/// limit: often enough that those waiting on it (with the same limit)
+/// hear of the progress in time.
+const PROGRESS_TICKS: u32 = 4;
 
 fn stalled(digest: &B3Digest, idle: std::time::Duration) -> Error {
     Error::Timeout(format!(

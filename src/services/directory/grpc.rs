@@ -39,12 +39,27 @@ impl GrpcDirectoryService {
         }
     }
 
+    /// A Get; with `received`, the answer's bytes are counted into it as
+    /// they arrive.
     async fn call(
         &self,
         digest: &B3Digest,
         recursive: bool,
+        received: Option<Arc<AtomicU64>>,
     ) -> Result<Option<tonic::Streaming<pb::Directory>>> {
-        match self.client.clone().get(request(digest, recursive)).await {
+        let answer = match received {
+            None => self.client.clone().get(request(digest, recursive)).await,
+            Some(received) => {
+                DirectoryServiceClient::new(Watched {
+                    inner: self.channel.clone(),
+                    received,
+                })
+                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                .get(request(digest, recursive))
+                .await
+            }
+        };
+        match answer {
             Ok(r) => Ok(Some(r.into_inner())),
             Err(s) if s.code() == Code::NotFound => Ok(None),
             Err(s) => Err(s.into()),
@@ -58,17 +73,40 @@ impl GrpcDirectoryService {
         digest: &B3Digest,
         received: Arc<AtomicU64>,
     ) -> Result<Option<Directory>> {
-        let mut client = DirectoryServiceClient::new(Watched {
-            inner: self.channel.clone(),
-            received,
-        })
-        .max_decoding_message_size(MAX_MESSAGE_SIZE);
-        let stream = match client.get(request(digest, false)).await {
-            Ok(r) => r.into_inner(),
-            Err(s) if s.code() == Code::NotFound => return Ok(None),
-            Err(s) => return Err(s.into()),
+        let Some(stream) = self.call(digest, false, Some(received)).await? else {
+            return Ok(None);
         };
         one_directory(stream, digest).await
+    }
+
+    /// The tree below `root`, checked as it arrives; see `get_recursive`.
+    fn recursive(
+        &self,
+        root: B3Digest,
+        received: Option<Arc<AtomicU64>>,
+    ) -> BoxStream<'_, Result<Directory>> {
+        Box::pin(async_stream::try_stream! {
+            let Some(mut stream) = self.call(&root, true, received).await? else {
+                return;
+            };
+            let mut order = RootFirst::new(root);
+            loop {
+                let msg = if order.is_empty() {
+                    stream.message().await.or_else(not_found_is_none)?
+                } else {
+                    stream.message().await?
+                };
+                let Some(msg) = msg else { break };
+                let dir = Directory::try_from(msg)?;
+                order.add(&dir).inspect_err(|e| {
+                    tracing::error!(%root, "remote store sent a bad directory tree: {e}")
+                })?;
+                yield dir;
+            }
+            if !order.is_empty() {
+                order.finish()?;
+            }
+        })
     }
 }
 
@@ -186,7 +224,7 @@ fn not_found_is_none(s: tonic::Status) -> Result<Option<pb::Directory>> {
 #[async_trait]
 impl DirectoryService for GrpcDirectoryService {
     async fn get(&self, digest: &B3Digest) -> Result<Option<Directory>> {
-        let Some(stream) = self.call(digest, false).await? else {
+        let Some(stream) = self.call(digest, false, None).await? else {
             return Ok(None);
         };
         one_directory(stream, digest).await
@@ -226,28 +264,15 @@ impl DirectoryService for GrpcDirectoryService {
     }
 
     fn get_recursive(&self, root: B3Digest) -> BoxStream<'_, Result<Directory>> {
-        Box::pin(async_stream::try_stream! {
-            let Some(mut stream) = self.call(&root, true).await? else {
-                return;
-            };
-            let mut order = RootFirst::new(root);
-            loop {
-                let msg = if order.is_empty() {
-                    stream.message().await.or_else(not_found_is_none)?
-                } else {
-                    stream.message().await?
-                };
-                let Some(msg) = msg else { break };
-                let dir = Directory::try_from(msg)?;
-                order.add(&dir).inspect_err(|e| {
-                    tracing::error!(%root, "remote store sent a bad directory tree: {e}")
-                })?;
-                yield dir;
-            }
-            if !order.is_empty() {
-                order.finish()?;
-            }
-        })
+        self.recursive(root, None)
+    }
+
+    fn get_recursive_watched(
+        &self,
+        root: B3Digest,
+        received: Arc<AtomicU64>,
+    ) -> BoxStream<'_, Result<Directory>> {
+        self.recursive(root, Some(received))
     }
 
     async fn put_graph(&self, graph: ValidatedGraph) -> Result<B3Digest> {

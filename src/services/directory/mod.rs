@@ -44,6 +44,19 @@ pub trait DirectoryService: Send + Sync + 'static {
         })
     }
 
+    /// As `get_recursive`, counting the bytes of the answer into
+    /// `received` as they arrive, where the backend can (a remote one): a
+    /// caller can then wait for a large directory as long as it keeps
+    /// coming. Others leave the count alone.
+    fn get_recursive_watched(
+        &self,
+        root: B3Digest,
+        received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> BoxStream<'_, Result<Directory>> {
+        let _ = received;
+        self.get_recursive(root)
+    }
+
     /// Stores a validated graph (leaves first) and answers its root digest.
     async fn put_graph(&self, graph: ValidatedGraph) -> Result<B3Digest>;
 
