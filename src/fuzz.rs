@@ -28,6 +28,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("path_info", path_info),
     ("nar", nar),
     ("path_info_json", path_info_json),
+    ("cache_service", cache_service),
 ];
 
 /// A runtime and a store with a few paths (a file, a directory with a file,
@@ -517,5 +518,206 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         "path_info_json",
         br#"{"/nix/store/11111111111111111111111111111111-tree":{"narHash":"sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s","narSize":8,"references":["/nix/store/00000000000000000000000000000000-file"]}}"#.to_vec(),
     ));
+    out.extend(cache_service_seeds());
     out
+}
+
+/// The host cache's filler for [`cache_service`]: a cache directory of
+/// [`CACHE_FUZZ_MAX`] bytes in front of a memory remote holding two
+/// resident blobs (filled at start) and one more that may be filled;
+/// together they take well under the bound, so nothing may ever be evicted.
+struct CacheFixture {
+    server: crate::grpc_server::CacheServer,
+    cache: Arc<crate::services::cache::Cache>,
+    resident: [crate::castore::B3Digest; 2],
+    fillable: (crate::castore::B3Digest, u64),
+}
+
+/// The fuzzed filler's size bound, in bytes.
+const CACHE_FUZZ_MAX: u64 = 256 << 10;
+/// Most messages one input sends: each is a round trip to the filler.
+const CACHE_FUZZ_MESSAGES: usize = 16;
+
+/// The blobs the fuzzed filler's remote holds: two of 64 KiB, one of 4 KiB.
+fn cache_fuzz_blobs() -> [Vec<u8>; 3] {
+    [vec![1u8; 64 << 10], vec![2u8; 64 << 10], vec![3u8; 4 << 10]]
+}
+
+/// The cache directory of this process's fixture, under the temporary
+/// directory and named by pid; directories of processes gone are removed
+/// (a fuzzing run starts many).
+fn cache_fuzz_dir() -> std::path::PathBuf {
+    const PREFIX: &str = "tvix-virtiofsd-fuzz-cache-";
+    let tmp = std::env::temp_dir();
+    if let Ok(rd) = std::fs::read_dir(&tmp) {
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(PREFIX)) else {
+                continue;
+            };
+            if !std::path::Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    tmp.join(format!("{PREFIX}{}", std::process::id()))
+}
+
+fn cache_fixture() -> &'static CacheFixture {
+    static F: OnceLock<CacheFixture> = OnceLock::new();
+    F.get_or_init(|| {
+        use crate::services::cache::{Cache, CacheOptions, Role};
+        let f = fixture();
+        let remote = Store::memory();
+        let blobs = cache_fuzz_blobs();
+        let made = f.rt.block_on(async {
+            let mut digests = Vec::new();
+            for b in &blobs {
+                digests.push(crate::services::blob::put_bytes(remote.blob.as_ref(), b).await?);
+            }
+            let opts = CacheOptions {
+                dir: cache_fuzz_dir(),
+                max_bytes: CACHE_FUZZ_MAX,
+                role: Role::Filler,
+            };
+            let cache = Cache::open(&opts, remote, None, std::time::Duration::from_secs(2))?;
+            Ok::<_, crate::services::Error>((digests, cache))
+        });
+        let (digests, cache) = match made {
+            Ok(m) => m,
+            Err(e) => panic!("cache fuzz fixture: {e}"),
+        };
+        let server = crate::grpc_server::CacheServer::new(cache.clone());
+        let fx = CacheFixture {
+            server,
+            cache,
+            resident: [digests[0], digests[1]],
+            fillable: (digests[2], blobs[2].len() as u64),
+        };
+        for (d, b) in fx.resident.iter().zip(&blobs) {
+            let req = crate::wire::cache::FillBlobRequest {
+                digest: (*d).into(),
+                size: b.len() as u64,
+            };
+            if let Err(e) = f.rt.block_on(cache_fuzz_fill(&fx.server, req)) {
+                panic!("cache fuzz fixture: filling a resident blob: {e}");
+            }
+        }
+        fx
+    })
+}
+
+/// One FillBlob through the service, its progress stream read to the end.
+async fn cache_fuzz_fill(
+    server: &crate::grpc_server::CacheServer,
+    req: crate::wire::cache::FillBlobRequest,
+) -> Result<(), tonic::Status> {
+    use crate::wire::cache::cache_service_server::CacheService;
+    use futures::StreamExt;
+    let mut s = server
+        .fill_blob(tonic::Request::new(req))
+        .await?
+        .into_inner();
+    while let Some(p) = s.next().await {
+        p?;
+    }
+    Ok(())
+}
+
+/// The host cache's own service as a compromised per-VM daemon would call
+/// it: frames of a kind byte (even: FillBlob, odd: Touch), a u16 length
+/// and the message, decoded and sent to a filler. Whatever they say (sizes
+/// that lie, digests of missing blobs, garbage keys), nothing panics, no
+/// object is evicted (what the remote holds fits the cache many times
+/// over) and the space in use stays within the bound.
+pub fn cache_service(data: &[u8]) {
+    use crate::services::cache::space::cost;
+    use crate::wire::cache::cache_service_server::CacheService;
+    use crate::wire::cache::{FillBlobRequest, TouchRequest};
+    use std::sync::atomic::Ordering::Relaxed;
+    let f = fixture();
+    let fx = cache_fixture();
+    let mut rest = data;
+    let mut sent = 0;
+    while rest.len() >= 3 && sent < CACHE_FUZZ_MESSAGES {
+        let kind = rest[0];
+        let n = usize::from(u16::from_le_bytes([rest[1], rest[2]]));
+        let body = &rest[3..];
+        let take = n.min(body.len());
+        let msg = &body[..take];
+        rest = &body[take..];
+        sent += 1;
+        if kind.is_multiple_of(2) {
+            if let Ok(req) = FillBlobRequest::decode(msg) {
+                let _ = f.rt.block_on(cache_fuzz_fill(&fx.server, req));
+            }
+        } else if let Ok(req) = TouchRequest::decode(msg) {
+            let _ = f.rt.block_on(fx.server.touch(tonic::Request::new(req)));
+        }
+    }
+    let stats = fx.cache.stats();
+    assert_eq!(stats.evictions.load(Relaxed), 0, "a fill evicted objects");
+    let used = stats.used_bytes.load(Relaxed);
+    assert!(
+        used <= CACHE_FUZZ_MAX,
+        "{used} bytes used of {CACHE_FUZZ_MAX}"
+    );
+    let most: u64 = cache_fuzz_blobs()
+        .iter()
+        .map(|b| cost(b.len() as u64))
+        .sum();
+    assert!(
+        used <= most,
+        "{used} bytes used, more than the remote holds"
+    );
+    for d in &fx.resident {
+        let hex = d.to_hex();
+        let path = fx.cache.dir().join("blobs").join(&hex[..2]).join(&hex);
+        assert!(path.exists(), "resident blob {d} is gone");
+    }
+}
+
+/// Seeds for [`cache_service`]: the fillable blob with its size, a missing
+/// blob declaring most of the cache, a missing one declaring more than
+/// the cache, and Touches of the residents and of garbage.
+fn cache_service_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use crate::wire::cache::{FillBlobRequest, TouchRequest};
+    let fx = cache_fixture();
+    let frame = |kind: u8, m: Vec<u8>| {
+        let mut out = vec![kind];
+        out.extend_from_slice(&framed(&[m]));
+        out
+    };
+    let fill = |digest: &[u8], size: u64| {
+        frame(
+            0,
+            FillBlobRequest {
+                digest: bytes::Bytes::copy_from_slice(digest),
+                size,
+            }
+            .encode_to_vec(),
+        )
+    };
+    let (c, c_size) = fx.fillable;
+    let touch = frame(
+        1,
+        TouchRequest {
+            blobs: fx.resident.iter().map(|d| (*d).into()).collect(),
+            directories: vec![vec![0xaa; 32].into(), vec![1, 2, 3].into()],
+            path_infos: vec![vec![0x55; 20].into()],
+        }
+        .encode_to_vec(),
+    );
+    let mut missing = vec![0x77u8; 32];
+    missing[0] = 0;
+    let mut all = fill(c.as_bytes(), c_size);
+    all.extend(fill(&missing, CACHE_FUZZ_MAX - 4096));
+    all.extend(touch.clone());
+    vec![
+        ("cache_service", fill(c.as_bytes(), c_size)),
+        ("cache_service", fill(&missing, CACHE_FUZZ_MAX - 4096)),
+        ("cache_service", fill(&missing, CACHE_FUZZ_MAX * 4)),
+        ("cache_service", touch),
+        ("cache_service", all),
+    ]
 }

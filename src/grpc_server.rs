@@ -489,19 +489,31 @@ where
 /// GOAWAY ENHANCE_YOUR_CALM ("too many small DATA frames"), as a
 /// 100,000-deep chain showed. So past the first directories, a reader task
 /// runs ahead into a bounded queue and each batch waits a millisecond for
-/// the queue to fill; small trees are sent as they come.
+/// the queue to fill; small trees are sent as they come. The queue is
+/// bounded in bytes too (`AHEAD_BYTES`): a client that reads a tree of
+/// large directories slowly would otherwise have 512 of them held here.
 fn batched(
     svc: std::sync::Arc<dyn crate::services::DirectoryService>,
     root: B3Digest,
 ) -> BoxStream<'static, Result<cpb::Directory, Status>> {
     const EAGER: usize = 64;
     const BATCH: usize = 512;
+    /// Bytes of directories (as `heap_size` counts them) the reader task
+    /// runs ahead by; one larger directory goes alone.
+    const AHEAD_BYTES: u32 = 8 << 20;
     let (tx, mut rx) = tokio::sync::mpsc::channel(BATCH);
+    let ahead = std::sync::Arc::new(tokio::sync::Semaphore::new(AHEAD_BYTES as usize));
     tokio::spawn(async move {
         let mut dirs = svc.get_recursive(root);
         while let Some(d) = dirs.next().await {
             let failed = d.is_err();
-            if tx.send(d).await.is_err() || failed {
+            let weight = d.as_ref().map_or(1, |d| {
+                u32::try_from(d.heap_size()).map_or(AHEAD_BYTES, |n| n.clamp(1, AHEAD_BYTES))
+            });
+            let Ok(permit) = ahead.clone().acquire_many_owned(weight).await else {
+                break;
+            };
+            if tx.send((d, permit)).await.is_err() || failed {
                 break;
             }
         }
@@ -520,7 +532,7 @@ fn batched(
                 }
             }
             sent += batch.len();
-            for d in batch {
+            for (d, _permit) in batch {
                 let failed = d.is_err();
                 yield d.map(|d| d.to_proto()).map_err(Status::from);
                 if failed {

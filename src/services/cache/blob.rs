@@ -7,14 +7,16 @@ use super::space::cost;
 use super::stats::Kind;
 use super::{is_not_found, is_unimplemented, Cache, RoleState};
 use crate::castore::B3Digest;
-use crate::services::blob::{BlobReader, BlobService, BlobWriter};
+use crate::services::blob::{BlobReader, BlobService, BlobWriter, Direct, FileReader, Shared};
 use crate::services::{Error, Result};
 use crate::wire::cache as pb;
 use async_trait::async_trait;
 use futures::StreamExt;
 use std::io::Write;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncSeek};
 
 pub struct CachedBlobService(pub(super) Arc<Cache>);
 
@@ -83,7 +85,7 @@ impl Cache {
                         // Larger than the cache (or no room now): served
                         // from the remote, checked, but not kept.
                         tracing::warn!("blob {digest}: {m}; serving it without caching");
-                        return self.remote_blob(digest, size).await;
+                        return self.pass_through(digest, size).await;
                     }
                     Err(e) => return Err(e),
                 }
@@ -144,6 +146,95 @@ impl Cache {
                 Ok(r)
             }
         }
+    }
+
+    /// The filler's read of a blob it cannot keep (larger than the whole
+    /// cache, or no room now): fetched for this read into an unnamed file
+    /// in the cache directory's staging area (the disk the operator gave
+    /// the cache, not the temporary directory, which may be memory),
+    /// checked against digest and size before its first byte is served,
+    /// and gone when the reader is. At most [`MAX_PASS_THROUGH`] at once,
+    /// so what they take beside `--cache-size` is bounded by that many of
+    /// the largest blobs; more wait for one to end, and fail with
+    /// RESOURCE_EXHAUSTED after the store timeout.
+    async fn pass_through(
+        &self,
+        digest: &B3Digest,
+        size: Option<u64>,
+    ) -> Result<Option<Box<dyn BlobReader>>> {
+        let f = self.filler()?;
+        let place = tokio::time::timeout(self.idle, f.pass_through.clone().acquire_owned())
+            .await
+            .map_err(|_| {
+                Error::ResourceExhausted(format!(
+                    "blob {digest}: {MAX_PASS_THROUGH} blobs too large for the cache are being \
+                     read already"
+                ))
+            })?
+            .map_err(|_| Error::Fetch("cache is shutting down".into()))?;
+        let opened = tokio::time::timeout(self.idle, self.remote.blob.read_stream(digest))
+            .await
+            .map_err(|_| stalled(digest, self.idle))?;
+        let mut stream = match opened {
+            Ok(Some(s)) => s,
+            Ok(None) => return Ok(None),
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let staging = self.root.join("tmp");
+        let file = match tempfile::tempfile_in(&staging) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(&staging)?;
+                tempfile::tempfile_in(&staging)?
+            }
+            r => r?,
+        };
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        let mut hasher = blake3::Hasher::new();
+        let mut n = 0u64;
+        loop {
+            let next = tokio::time::timeout(self.idle, stream.next())
+                .await
+                .map_err(|_| stalled(digest, self.idle))?;
+            let chunk = match next {
+                None => break,
+                Some(Ok(c)) => c,
+                Some(Err(e)) if n == 0 && is_not_found(&e) => return Ok(None),
+                Some(Err(e)) => return Err(e),
+            };
+            n += chunk.len() as u64;
+            if let Some(expected) = size.filter(|&s| n > s) {
+                return Err(Error::SizeMismatch {
+                    digest: *digest,
+                    expected,
+                    actual: n,
+                });
+            }
+            hasher.update(&chunk);
+            out.write_all(&chunk)?;
+        }
+        let actual = B3Digest::from(hasher.finalize());
+        if actual != *digest {
+            tracing::error!(expected = %digest, %actual, "remote store sent a corrupt blob");
+            return Err(Error::DigestMismatch {
+                expected: *digest,
+                actual,
+            });
+        }
+        if let Some(expected) = size.filter(|&s| s != n) {
+            return Err(Error::SizeMismatch {
+                digest: *digest,
+                expected,
+                actual: n,
+            });
+        }
+        let mut file = out.into_inner().map_err(|e| e.into_error())?;
+        std::io::Seek::rewind(&mut file)?;
+        self.stats.fetched_bytes.fetch_add(n, Relaxed);
+        Ok(Some(Box::new(PassedThrough {
+            file: FileReader::new(file)?,
+            _place: place,
+        })))
     }
 
     async fn remote_blob(
@@ -214,7 +305,11 @@ pub(super) async fn fetch(
     if dest.exists() {
         return Ok(true);
     }
-    let mut room = f.space.reserve(cost(size.unwrap_or(0)), cache.idle).await?;
+    // No room is taken before the remote has answered, and then only for
+    // the bytes it sent: a size declared by a directory entry or a reader
+    // is a claim, and reserving it up front let one fill of a missing blob
+    // evict the whole cache.
+    let mut room = f.space.reserve(0, cache.idle).await?;
     let opened = tokio::time::timeout(cache.idle, cache.remote.blob.read_stream(&digest))
         .await
         .map_err(|_| stalled(&digest, cache.idle))?;
@@ -275,6 +370,52 @@ pub(super) async fn fetch(
     room.commit(cost(n));
     cache.stats.fetched_bytes.fetch_add(n, Relaxed);
     Ok(true)
+}
+
+/// Blobs too large for the cache that the filler serves at once (see
+/// [`Cache::pass_through`]).
+pub(super) const MAX_PASS_THROUGH: usize = 2;
+
+/// A blob passed through: its unnamed spool file, and its place among
+/// the [`MAX_PASS_THROUGH`], given back when the reader is dropped.
+struct PassedThrough {
+    file: FileReader,
+    _place: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl AsyncRead for PassedThrough {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.file).poll_read(cx, buf)
+    }
+}
+
+impl AsyncSeek for PassedThrough {
+    fn start_seek(mut self: Pin<&mut Self>, pos: std::io::SeekFrom) -> std::io::Result<()> {
+        Pin::new(&mut self.file).start_seek(pos)
+    }
+
+    fn poll_complete(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<u64>> {
+        Pin::new(&mut self.file).poll_complete(cx)
+    }
+}
+
+impl BlobReader for PassedThrough {
+    fn direct(&mut self) -> Option<Direct<'_>> {
+        self.file.direct()
+    }
+
+    /// Shared as a stream, so that the place is held for as long as the
+    /// file is.
+    fn into_shared(self: Box<Self>) -> Shared {
+        Shared::Stream(self)
+    }
 }
 
 #[async_trait]

@@ -145,12 +145,24 @@ fn is_unimplemented(e: &Error) -> bool {
 }
 
 /// A local object that fails its check: readers skip it, the filler
-/// removes it; both fetch it again.
+/// removes it; both fetch it again. Only what the bytes themselves show
+/// counts (wrong digest or size, undecodable or cut short): an I/O error
+/// such as EMFILE, ENFILE or ENOMEM says nothing about the object, and
+/// counting it as damage made a filler short of descriptors discard good
+/// objects.
 fn is_corrupt(e: &Error) -> bool {
-    matches!(
-        e,
-        Error::DigestMismatch { .. } | Error::Directory(_) | Error::PathInfo(_) | Error::Io(_)
-    )
+    match e {
+        Error::DigestMismatch { .. }
+        | Error::SizeMismatch { .. }
+        | Error::Directory(_)
+        | Error::Node(_)
+        | Error::PathInfo(_) => true,
+        Error::Io(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+        ),
+        _ => false,
+    }
 }
 
 /// The local side of the cache: the embedded store's three services.
@@ -167,6 +179,12 @@ struct Filler {
     /// Blobs found larger than the whole cache: not fetched into it again
     /// (each attempt would transfer the bound's worth first).
     too_big: Mutex<HashSet<B3Digest>>,
+    /// Bytes of fetched directories not yet written, shared by all tree
+    /// fetches ([`directory::TREE_BYTES_IN_FLIGHT`]).
+    tree_bytes: Arc<tokio::sync::Semaphore>,
+    /// Places for blobs too large for the cache, served without being
+    /// kept ([`blob::MAX_PASS_THROUGH`]).
+    pass_through: Arc<tokio::sync::Semaphore>,
     /// flock'd for as long as we fill: one filler per directory.
     _lock: std::fs::File,
 }
@@ -245,6 +263,10 @@ impl Cache {
                     flights: Flights::new(stats.clone()),
                     absent: Mutex::new(HashMap::new()),
                     too_big: Mutex::new(HashSet::new()),
+                    tree_bytes: Arc::new(tokio::sync::Semaphore::new(
+                        directory::TREE_BYTES_IN_FLIGHT as usize,
+                    )),
+                    pass_through: Arc::new(tokio::sync::Semaphore::new(blob::MAX_PASS_THROUGH)),
                     _lock: lock,
                 });
                 (local, role)
@@ -364,7 +386,9 @@ impl Cache {
     }
 
     /// What a local lookup found: the object (counted as a hit when `hit`)
-    /// or nothing; a damaged object counts as absent and is discarded.
+    /// or nothing; a damaged object counts as absent and is discarded. Any
+    /// other error (out of descriptors or memory, a failing disk) is the
+    /// caller's: the object may well be sound.
     fn found<T>(
         &self,
         got: Option<Result<Option<T>>>,
@@ -372,22 +396,23 @@ impl Cache {
         key: Key,
         path: impl Fn() -> PathBuf,
         hit: bool,
-    ) -> Option<T> {
-        match got? {
+    ) -> Result<Option<T>> {
+        let Some(got) = got else { return Ok(None) };
+        match got {
             Ok(Some(v)) => {
                 if hit {
                     self.hit(kind, &path, key);
                 }
-                Some(v)
+                Ok(Some(v))
             }
-            Ok(None) => None,
+            Ok(None) => Ok(None),
+            Err(e) if is_corrupt(&e) => {
+                self.discard(&path(), &e);
+                Ok(None)
+            }
             Err(e) => {
-                if is_corrupt(&e) {
-                    self.discard(&path(), &e);
-                } else {
-                    tracing::warn!("cache {key:?}: {e}");
-                }
-                None
+                tracing::warn!("cache {key:?}: cannot read {}: {e}", path().display());
+                Err(e)
             }
         }
     }

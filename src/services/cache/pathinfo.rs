@@ -19,8 +19,8 @@ pub struct CachedPathInfoService(pub(super) Arc<Cache>);
 
 impl Cache {
     /// A cached path info, counted as a hit when `hit`; damaged ones
-    /// count as absent.
-    fn local_info(&self, hash: &[u8; 20], hit: bool) -> Option<PathInfo> {
+    /// count as absent, other errors are the caller's.
+    fn local_info(&self, hash: &[u8; 20], hit: bool) -> Result<Option<PathInfo>> {
         self.found(
             self.local.infos.get_blocking(hash),
             Kind::PathInfo,
@@ -66,7 +66,7 @@ impl Cache {
 
     async fn get_info(self: &Arc<Self>, hash: &[u8; 20]) -> Result<Option<PathInfo>> {
         let h = *hash;
-        let local = self.clone().blocking_info(h, true).await?;
+        let local = self.clone().blocking_info(h, true).await??;
         if local.is_some() {
             return Ok(local);
         }
@@ -100,7 +100,7 @@ impl Cache {
             absent.insert(h, Instant::now());
             return Ok(None);
         }
-        let again = self.clone().blocking_info(h, false).await?;
+        let again = self.clone().blocking_info(h, false).await??;
         again.map(Some).ok_or_else(|| {
             Error::Fetch(format!(
                 "path info {} was evicted as soon as it was fetched: the cache is too small",
@@ -109,7 +109,11 @@ impl Cache {
         })
     }
 
-    async fn blocking_info(self: Arc<Self>, hash: [u8; 20], hit: bool) -> Result<Option<PathInfo>> {
+    async fn blocking_info(
+        self: Arc<Self>,
+        hash: [u8; 20],
+        hit: bool,
+    ) -> Result<Result<Option<PathInfo>>> {
         tokio::task::spawn_blocking(move || self.local_info(&hash, hit))
             .await
             .map_err(|e| Error::Io(std::io::Error::other(e)))
@@ -124,7 +128,10 @@ impl PathInfoService for CachedPathInfoService {
 
     /// Hits only: a miss goes the async way, which fetches.
     fn get_blocking(&self, hash: &[u8; 20]) -> Option<Result<Option<PathInfo>>> {
-        self.0.local_info(hash, true).map(|i| Ok(Some(i)))
+        self.0
+            .local_info(hash, true)
+            .transpose()
+            .map(|r| r.map(Some))
     }
 
     async fn put(&self, info: PathInfo) -> Result<PathInfo> {

@@ -44,8 +44,42 @@ pub trait DirectoryService: Send + Sync + 'static {
         })
     }
 
+    /// As `get_recursive`, counting the bytes of the answer into
+    /// `received` as they arrive, where the backend can (a remote one): a
+    /// caller can then wait for a large directory as long as it keeps
+    /// coming. Others leave the count alone.
+    fn get_recursive_watched(
+        &self,
+        root: B3Digest,
+        received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> BoxStream<'_, Result<Directory>> {
+        let _ = received;
+        self.get_recursive(root)
+    }
+
     /// Stores a validated graph (leaves first) and answers its root digest.
     async fn put_graph(&self, graph: ValidatedGraph) -> Result<B3Digest>;
+
+    /// As `get`, for a caller that waits only while the answer makes
+    /// progress: fails when nothing arrives for `idle`, and tells
+    /// `progress` the bytes received so far. A backend that cannot watch
+    /// its transfer (a local one has nothing to wait for) limits the whole
+    /// call to `idle`.
+    async fn get_watched(
+        &self,
+        digest: &B3Digest,
+        idle: std::time::Duration,
+        progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<Option<Directory>> {
+        let _ = progress;
+        tokio::time::timeout(idle, self.get(digest))
+            .await
+            .map_err(|_| {
+                Error::Timeout(format!(
+                    "directory {digest}: no answer from the store for {idle:?}"
+                ))
+            })?
+    }
 }
 
 /// Stores one directory whose children are already stored (or that has none).

@@ -98,19 +98,18 @@ impl LocalPathInfoService {
 
 fn decode(bytes: &[u8], expected: Option<&[u8; 20]>, file: &Path) -> Result<PathInfo> {
     let pb = pb::PathInfo::decode(bytes).map_err(|e| {
-        Error::Io(std::io::Error::other(format!(
-            "corrupt path info {}: {e}",
-            file.display()
-        )))
+        Error::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("corrupt path info {}: {e}", file.display()),
+        ))
     })?;
     let info = PathInfo::try_from(pb)?;
     if let Some(d) = expected {
         if info.store_path.digest() != d {
-            return Err(Error::Io(std::io::Error::other(format!(
-                "path info {} holds {}",
-                file.display(),
-                info.store_path
-            ))));
+            return Err(Error::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("path info {} holds {}", file.display(), info.store_path),
+            )));
         }
     }
     Ok(info)
