@@ -319,6 +319,13 @@ fn a_scoped_connection_answers_only_for_its_closure() {
         s.read_to_end(&mut reply).unwrap();
         assert_eq!(reply[0], 1, "a bad root is refused");
         assert!(String::from_utf8_lossy(&reply[5..]).contains("not a store path"));
+        // a length that would have the host allocate 4 GiB: refused unread
+        let mut s = std::os::unix::net::UnixStream::connect(&h.filler.sock).unwrap();
+        s.write_all(b"tvx-scp1\xff\xff\xff\xff").unwrap();
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply).unwrap();
+        assert_eq!(reply[0], 1);
+        assert!(String::from_utf8_lossy(&reply[5..]).contains("more than"));
     }
 
     let conn = tenant::connect(&h.filler.sock, &[ours.clone()], Duration::from_secs(30)).unwrap();

@@ -130,6 +130,7 @@ pub fn open_store(conn: UnixStream, idle: Duration) -> Result<Store> {
             inbox,
             through_memory: blobs,
             idle,
+            held: Mutex::default(),
         }),
         directory: Arc::new(GrpcDirectoryService::new(ch.clone())),
         path_info: Arc::new(GrpcPathInfoService::new(ch)),
@@ -144,6 +145,55 @@ struct TenantBlobs {
     /// connection, checked, into memory files.
     through_memory: GrpcBlobService,
     idle: Duration,
+    /// Small files passed before, kept open so that opening them again
+    /// (a guest's second walk) is served on the queue's thread with no
+    /// round trip, as a hit in a cache directory is.
+    held: Mutex<Held>,
+}
+
+/// Most passed files kept open: well inside any descriptor limit the
+/// daemon runs with, and what a walk of a large closure reopens soonest.
+const MAX_HELD_FILES: usize = 1024;
+/// Only files up to this size are kept (the round trip matters for small
+/// ones; a large one's reads dwarf it).
+const MAX_HELD_FILE: u64 = 1 << 20;
+/// Most bytes the kept files may hold: a kept file evicted from the cache
+/// keeps its disk blocks until dropped, outside `--cache-size`.
+const MAX_HELD_BYTES: u64 = 64 << 20;
+
+/// Kept files, the oldest dropped first.
+#[derive(Default)]
+struct Held {
+    files: std::collections::HashMap<B3Digest, (std::fs::File, u64)>,
+    order: std::collections::VecDeque<B3Digest>,
+    bytes: u64,
+}
+
+impl Held {
+    fn keep(&mut self, digest: B3Digest, f: &std::fs::File) {
+        let Ok(len) = f.metadata().map(|m| m.len()) else {
+            return;
+        };
+        if len > MAX_HELD_FILE || self.files.contains_key(&digest) {
+            return;
+        }
+        let Ok(dup) = f.try_clone() else { return };
+        while self.files.len() >= MAX_HELD_FILES || self.bytes + len > MAX_HELD_BYTES {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some((_, n)) = self.files.remove(&old) {
+                self.bytes -= n;
+            }
+        }
+        self.files.insert(digest, (dup, len));
+        self.order.push_back(digest);
+        self.bytes += len;
+    }
+
+    fn get(&self, digest: &B3Digest) -> Option<std::io::Result<std::fs::File>> {
+        self.files.get(digest).map(|(f, _)| f.try_clone())
+    }
 }
 
 fn stalled(digest: &B3Digest, idle: Duration) -> Error {
@@ -210,7 +260,13 @@ impl TenantBlobs {
         // Evicted between fill and open: asked once more.
         for _ in 0..2 {
             match self.ask(digest, size).await {
-                Ok(Some(f)) => return Ok(Some(Box::new(FileReader::new(f)?))),
+                Ok(Some(f)) => {
+                    self.held
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .keep(*digest, &f);
+                    return Ok(Some(Box::new(FileReader::new(f)?)));
+                }
                 Ok(None) => continue,
                 Err(Error::Remote(s)) if s.code() == tonic::Code::ResourceExhausted => break,
                 Err(e) => return Err(e),
@@ -244,6 +300,20 @@ impl BlobService for TenantBlobs {
 
     async fn read_stream(&self, digest: &B3Digest) -> Result<Option<ChunkStream>> {
         self.through_memory.read_stream(digest).await
+    }
+
+    /// A kept file, on the calling thread; `None` (ask the host) otherwise.
+    fn open_read_blocking(&self, digest: &B3Digest) -> Option<Result<Option<Box<dyn BlobReader>>>> {
+        let f = self
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(digest)?;
+        Some(
+            f.and_then(FileReader::new)
+                .map(|r| Some(Box::new(r) as Box<dyn BlobReader>))
+                .map_err(Error::from),
+        )
     }
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
