@@ -126,11 +126,16 @@ pub fn open_store(conn: UnixStream, idle: Duration) -> Result<Store> {
         .with_memfd_spool();
     Ok(Store {
         blob: Arc::new(TenantBlobs {
-            client: CacheServiceClient::new(ch.clone()).max_decoding_message_size(MAX_MESSAGE_SIZE),
-            inbox,
+            asker: Asker {
+                client: CacheServiceClient::new(ch.clone())
+                    .max_decoding_message_size(MAX_MESSAGE_SIZE),
+                inbox,
+                idle,
+            },
             through_memory: blobs,
-            idle,
-            held: Mutex::default(),
+            held: Arc::default(),
+            ahead: Arc::new(tokio::sync::Semaphore::new(FILLS_AHEAD)),
+            rt: tokio::runtime::Handle::try_current().ok(),
         }),
         directory: Arc::new(GrpcDirectoryService::new(ch.clone())),
         path_info: Arc::new(GrpcPathInfoService::new(ch)),
@@ -139,17 +144,31 @@ pub fn open_store(conn: UnixStream, idle: Duration) -> Result<Store> {
 
 /// Blobs as the host cache's files, passed over the scoped connection.
 struct TenantBlobs {
-    client: CacheServiceClient<WireChannel>,
-    inbox: Arc<Inbox>,
+    asker: Asker,
     /// For blobs the cache cannot hold (larger than it): read through the
     /// connection, checked, into memory files.
     through_memory: GrpcBlobService,
-    idle: Duration,
     /// Small files passed before, kept open so that opening them again
     /// (a guest's second walk) is served on the queue's thread with no
     /// round trip, as a hit in a cache directory is.
-    held: Mutex<Held>,
+    held: Arc<Mutex<Held>>,
+    /// Fills asked ahead of the guest and not yet answered.
+    ahead: Arc<tokio::sync::Semaphore>,
+    /// The runtime the store was opened in: fills ahead run there.
+    rt: Option<tokio::runtime::Handle>,
 }
+
+/// Asks the host daemon for blobs' files.
+#[derive(Clone)]
+struct Asker {
+    client: CacheServiceClient<WireChannel>,
+    inbox: Arc<Inbox>,
+    idle: Duration,
+}
+
+/// Fills asked ahead of a guest reading a directory in order, at once (as
+/// a reader of the cache directory asks its own).
+const FILLS_AHEAD: usize = super::FILLS_AHEAD;
 
 /// Most passed files kept open: well inside any descriptor limit the
 /// daemon runs with, and what a walk of a large closure reopens soonest.
@@ -196,13 +215,17 @@ impl Held {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn stalled(digest: &B3Digest, idle: Duration) -> Error {
     Error::Timeout(format!(
         "blob {digest}: no progress from the host daemon for {idle:?}"
     ))
 }
 
-impl TenantBlobs {
+impl Asker {
     /// The blob's file from the host daemon; `None` when the store lacks
     /// it (or it was evicted as soon as filled).
     async fn ask(&self, digest: &B3Digest, size: Option<u64>) -> Result<Option<std::fs::File>> {
@@ -251,7 +274,9 @@ impl TenantBlobs {
             }
         }
     }
+}
 
+impl TenantBlobs {
     async fn open(
         &self,
         digest: &B3Digest,
@@ -259,12 +284,9 @@ impl TenantBlobs {
     ) -> Result<Option<Box<dyn BlobReader>>> {
         // Evicted between fill and open: asked once more.
         for _ in 0..2 {
-            match self.ask(digest, size).await {
+            match self.asker.ask(digest, size).await {
                 Ok(Some(f)) => {
-                    self.held
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .keep(*digest, &f);
+                    lock(&self.held).keep(*digest, &f);
                     return Ok(Some(Box::new(FileReader::new(f)?)));
                 }
                 Ok(None) => continue,
@@ -302,13 +324,34 @@ impl BlobService for TenantBlobs {
         self.through_memory.read_stream(digest).await
     }
 
+    /// The guest reads a directory's files in order: the next ones are
+    /// filled ahead (at most [`FILLS_AHEAD`] at a time, the rest left to
+    /// the guest's own opens), and the small ones' files kept, so that
+    /// their opens need no round trip. Must not block: spawned.
+    fn read_ahead(&self, blobs: &mut dyn Iterator<Item = (B3Digest, u64)>) {
+        let Some(rt) = &self.rt else { return };
+        for (digest, size) in blobs {
+            if lock(&self.held).files.contains_key(&digest) {
+                continue;
+            }
+            let Ok(permit) = self.ahead.clone().try_acquire_owned() else {
+                return;
+            };
+            let (asker, held) = (self.asker.clone(), self.held.clone());
+            rt.spawn(async move {
+                let _permit = permit;
+                match asker.ask(&digest, Some(size)).await {
+                    Ok(Some(f)) => lock(&held).keep(digest, &f),
+                    Ok(None) => {}
+                    Err(e) => tracing::debug!("blob {digest}: asked ahead: {e}"),
+                }
+            });
+        }
+    }
+
     /// A kept file, on the calling thread; `None` (ask the host) otherwise.
     fn open_read_blocking(&self, digest: &B3Digest) -> Option<Result<Option<Box<dyn BlobReader>>>> {
-        let f = self
-            .held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(digest)?;
+        let f = lock(&self.held).get(digest)?;
         Some(
             f.and_then(FileReader::new)
                 .map(|r| Some(Box::new(r) as Box<dyn BlobReader>))
