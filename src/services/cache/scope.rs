@@ -58,6 +58,8 @@ pub const MAX_SCOPE_OBJECTS: usize = 1 << 21;
 /// How long a client may take to send its handshake (or, for an ordinary
 /// connection, its first byte) before the host hangs up.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed accept (EMFILE: retrying at once would spin).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 /// Connections whose first bytes are awaited at once; the listener waits
 /// for one of them to finish before accepting more.
 const MAX_PENDING_HANDSHAKES: usize = 64;
@@ -545,6 +547,9 @@ pub fn incoming(
                     if tx.send(Err(e)).await.is_err() {
                         return;
                     }
+                    // out of descriptors, say: give the holders time to
+                    // close some instead of spinning on accept
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             };
