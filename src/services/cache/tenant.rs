@@ -133,7 +133,7 @@ pub fn open_store(conn: UnixStream, idle: Duration) -> Result<Store> {
                 idle,
             },
             through_memory: blobs,
-            held: Arc::default(),
+            held: Arc::new(Mutex::new(Held::new())),
             ahead: Arc::new(tokio::sync::Semaphore::new(FILLS_AHEAD)),
             rt: tokio::runtime::Handle::try_current().ok(),
         }),
@@ -170,48 +170,63 @@ struct Asker {
 /// a reader of the cache directory asks its own).
 const FILLS_AHEAD: usize = super::FILLS_AHEAD;
 
-/// Most passed files kept open: well inside any descriptor limit the
-/// daemon runs with, and what a walk of a large closure reopens soonest.
-const MAX_HELD_FILES: usize = 1024;
+/// Most passed files kept open (and at most a quarter of the descriptor
+/// limit, so the guest's own opens keep room): enough for the files a VM
+/// rereads most, and what a walk of a 4,821-file tree needed to make its
+/// second pass a hit in full (BENCHMARKS.md).
+const MAX_HELD_FILES: usize = 16_384;
 /// Only files up to this size are kept (the round trip matters for small
 /// ones; a large one's reads dwarf it).
 const MAX_HELD_FILE: u64 = 1 << 20;
 /// Most bytes the kept files may hold: a kept file evicted from the cache
 /// keeps its disk blocks until dropped, outside `--cache-size`.
-const MAX_HELD_BYTES: u64 = 64 << 20;
+const MAX_HELD_BYTES: u64 = 256 << 20;
 
-/// Kept files, the oldest dropped first.
+/// Kept files. When full, new ones are not kept: a guest walking more
+/// files than fit, over and over, then still finds the first ones kept
+/// (dropping the oldest would leave it none by the time it comes back).
 #[derive(Default)]
 struct Held {
-    files: std::collections::HashMap<B3Digest, (std::fs::File, u64)>,
-    order: std::collections::VecDeque<B3Digest>,
+    files: std::collections::HashMap<B3Digest, std::fs::File>,
     bytes: u64,
+    /// The bound on files (from the descriptor limit), set when opened.
+    max_files: usize,
 }
 
 impl Held {
+    fn new() -> Self {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit fills in the struct it is given.
+        let soft = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } {
+            0 => usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX),
+            _ => 1024,
+        };
+        Self {
+            max_files: MAX_HELD_FILES.min(soft / 4),
+            ..Default::default()
+        }
+    }
+
     fn keep(&mut self, digest: B3Digest, f: &std::fs::File) {
+        if self.files.len() >= self.max_files || self.files.contains_key(&digest) {
+            return;
+        }
         let Ok(len) = f.metadata().map(|m| m.len()) else {
             return;
         };
-        if len > MAX_HELD_FILE || self.files.contains_key(&digest) {
+        if len > MAX_HELD_FILE || self.bytes + len > MAX_HELD_BYTES {
             return;
         }
         let Ok(dup) = f.try_clone() else { return };
-        while self.files.len() >= MAX_HELD_FILES || self.bytes + len > MAX_HELD_BYTES {
-            let Some(old) = self.order.pop_front() else {
-                break;
-            };
-            if let Some((_, n)) = self.files.remove(&old) {
-                self.bytes -= n;
-            }
-        }
-        self.files.insert(digest, (dup, len));
-        self.order.push_back(digest);
+        self.files.insert(digest, dup);
         self.bytes += len;
     }
 
     fn get(&self, digest: &B3Digest) -> Option<std::io::Result<std::fs::File>> {
-        self.files.get(digest).map(|(f, _)| f.try_clone())
+        self.files.get(digest).map(|f| f.try_clone())
     }
 }
 
