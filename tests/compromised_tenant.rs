@@ -155,6 +155,9 @@ struct Host {
     filler: Filler,
     ours: String,
     ours_data: Vec<u8>,
+    /// A small file of the closure too: kept open once passed.
+    small: String,
+    small_data: Vec<u8>,
     theirs: String,
     theirs_data: Vec<u8>,
 }
@@ -167,6 +170,8 @@ fn host(rt: &tokio::runtime::Runtime) -> Host {
     let ours_data = pseudo_random(3 << 20, 7);
     let theirs_data = b"another tenant's secret\n".to_vec();
     let ours = import(&store, &work, "ours", &ours_data);
+    let small_data = pseudo_random(100 << 10, 8);
+    let small = import(&store, &work, "small", &small_data);
     let theirs = import(&store, &work, "theirs", &theirs_data);
     let remote = common::Daemon::start(
         &store,
@@ -196,6 +201,8 @@ fn host(rt: &tokio::runtime::Runtime) -> Host {
         filler,
         ours,
         ours_data,
+        small,
+        small_data,
         theirs,
         theirs_data,
     }
@@ -216,6 +223,8 @@ fn a_tenant_daemon_serves_its_closure_and_reaches_no_other_tenant() {
             h.cache.to_str().unwrap(),
             "--closure",
             &format!("/nix/store/{}", h.ours),
+            "--closure",
+            &format!("/nix/store/{}", h.small),
         ],
     );
     common::wait_for_socket_file(&sock);
@@ -247,6 +256,34 @@ fn a_tenant_daemon_serves_its_closure_and_reaches_no_other_tenant() {
         unique += 1;
     }
     assert!(read == h.ours_data, "the closure's file, byte for byte");
+    // a small file, opened, released and opened again (then from the
+    // descriptor kept when it was first passed)
+    let (e, reply) = request(&mem, &mut q, &fuse_msg(1, unique, ROOT, &cstr(&h.small)));
+    assert_eq!(e, 0, "LOOKUP of the small file");
+    let small = u64::from_le_bytes(reply[16..24].try_into().unwrap());
+    for _ in 0..2 {
+        let (e, reply) = request(&mem, &mut q, &fuse_msg(14, unique + 1, small, &[0u8; 8]));
+        assert_eq!(e, 0, "OPEN of the small file");
+        let fh = u64::from_le_bytes(reply[16..24].try_into().unwrap());
+        let mut got = Vec::new();
+        while got.len() < h.small_data.len() {
+            let at = got.len() as u64;
+            let (e, reply) = request(
+                &mem,
+                &mut q,
+                &fuse_msg(15, unique + 2, small, &read_in(fh, at, 64 << 10)),
+            );
+            assert_eq!(e, 0, "READ of the small file at {at}");
+            assert!(reply.len() > 16, "READ at {at} ended early");
+            got.extend_from_slice(&reply[16..]);
+        }
+        assert!(got == h.small_data, "the small file, byte for byte");
+        let mut release = fh.to_le_bytes().to_vec();
+        release.extend_from_slice(&[0u8; 16]);
+        let (e, _) = request(&mem, &mut q, &fuse_msg(18, unique + 3, small, &release));
+        assert_eq!(e, 0, "RELEASE");
+        unique += 4;
+    }
     // another tenant's path is absent (a negative entry: node id 0)
     let (e, reply) = request(&mem, &mut q, &fuse_msg(1, unique, ROOT, &cstr(&h.theirs)));
     let node = (e == 0).then(|| u64::from_le_bytes(reply[16..24].try_into().unwrap()));

@@ -312,6 +312,7 @@ pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<Ex
         sandbox::close_inherited(&keep)?;
     }
     privileges::set_rlimit_nofile(args.rlimit_nofile)?;
+    let fd_limit = cache::tenant::descriptor_limit();
     privileges::drop_all(args.sandbox == SandboxMode::None)?;
     seccomp::install(args.seccomp)?;
     if args.selftest_seccomp {
@@ -340,7 +341,7 @@ pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<Ex
         let _rt = rt.enter();
         match tenant {
             Some(conn) => (
-                cache::tenant::open_store(conn, opts.idle_timeout)
+                cache::tenant::open_store(conn, opts.idle_timeout, fd_limit)
                     .context("opening the scoped store")?,
                 None,
             ),

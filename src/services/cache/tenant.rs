@@ -118,8 +118,24 @@ pub fn channel(conn: UnixStream) -> Result<(WireChannel, Arc<Inbox>)> {
     Ok((WireChannel::new(ch, Wire::Tvix), inbox))
 }
 
-/// The store over a scoped connection (see [`channel`]).
-pub fn open_store(conn: UnixStream, idle: Duration) -> Result<Store> {
+/// The soft limit on open files (1,024 when unknown); asked before
+/// seccomp, which does not allow getrlimit.
+pub fn descriptor_limit() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills in the struct it is given.
+    match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } {
+        0 => usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX),
+        _ => 1024,
+    }
+}
+
+/// The store over a scoped connection (see [`channel`]); `fd_limit` is
+/// the process's [`descriptor_limit`], a quarter of which passed files
+/// may keep open.
+pub fn open_store(conn: UnixStream, idle: Duration, fd_limit: usize) -> Result<Store> {
     let (ch, inbox) = channel(conn)?;
     let blobs = GrpcBlobService::new(ch.clone())
         .with_idle_timeout(idle)
@@ -133,7 +149,7 @@ pub fn open_store(conn: UnixStream, idle: Duration) -> Result<Store> {
                 idle,
             },
             through_memory: blobs,
-            held: Arc::new(Mutex::new(Held::new())),
+            held: Arc::new(Mutex::new(Held::new(fd_limit))),
             ahead: Arc::new(tokio::sync::Semaphore::new(FILLS_AHEAD)),
             rt: tokio::runtime::Handle::try_current().ok(),
         }),
@@ -194,18 +210,9 @@ struct Held {
 }
 
 impl Held {
-    fn new() -> Self {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit fills in the struct it is given.
-        let soft = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } {
-            0 => usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX),
-            _ => 1024,
-        };
+    fn new(fd_limit: usize) -> Self {
         Self {
-            max_files: MAX_HELD_FILES.min(soft / 4),
+            max_files: MAX_HELD_FILES.min(fd_limit / 4),
             ..Default::default()
         }
     }
