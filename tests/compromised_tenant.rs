@@ -365,7 +365,12 @@ fn a_scoped_connection_answers_only_for_its_closure() {
         assert!(String::from_utf8_lossy(&reply[5..]).contains("more than"));
     }
 
-    let conn = tenant::connect(&h.filler.sock, &[ours.clone()], Duration::from_secs(30)).unwrap();
+    let conn = tenant::connect(
+        &h.filler.sock,
+        std::slice::from_ref(&ours),
+        Duration::from_secs(30),
+    )
+    .unwrap();
     let (ch, inbox) = {
         let _g = rt.enter();
         tenant::channel(conn).unwrap()
