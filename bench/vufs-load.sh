@@ -50,6 +50,10 @@
 #               installed if missing and asked for)
 #   OURS_ARGS   extra virtiofs flags for ours (embedded and per-VM), e.g.
 #               "--sandbox none --seccomp none" to measure the sandbox
+#   TENANT      1: per-VM daemons of the remote kinds serve the trees as a
+#               tenant's closure (--closure-file of all their store paths):
+#               their connection to the host daemon is scoped, they see no
+#               cache directory and get hits as passed descriptors (0)
 #   HOST_ARGS   extra flags for the host daemon (after `daemon`), e.g.
 #               "--cache-size 1G"
 #   KEEP        1: keep the work directory (logs, store, cache) at the end
@@ -69,6 +73,7 @@ drop_caches=${DROP_CACHES:-$([ -w /proc/sys/vm/drop_caches ] && echo 1 || echo 0
 virtiofsd=${VIRTIOFSD:-/var/tmp/vmtest-virtiofsd/bin/virtiofsd}
 read -r -a ours_args <<< "${OURS_ARGS:-}"
 read -r -a host_args <<< "${HOST_ARGS:-}"
+tenant_args=()
 for s in $stores; do
   case $s in
     embedded | remote-unix | remote-tcp | virtiofsd) ;;
@@ -126,6 +131,7 @@ for d in "${dirs[@]}"; do cp -a "$d" "$work/src/"; done
 store="local://$work/store"
 $B --store "$store" import "$work"/src/* > "$work/store-paths"
 xargs -n1 basename < "$work/store-paths" > "$work/names-ours"
+[ "${TENANT:-0}" = 1 ] && tenant_args=(--closure-file "$work/store-paths")
 (cd "$work/src" && ls -1) > "$work/names-ref"
 # Every first VM fills a new cache, and the caches stay until the end (see
 # start_remote in bench/daemons.sh): a run that cannot hold them all would
@@ -200,7 +206,7 @@ run_remote() { # remote-unix|remote-tcp
     [ "$vm" = 2 ] && drop
     f0=$(metric tvix_virtiofsd_cache_fetched_bytes_total)
     start_virtiofs "$B" "$sock" "$vlog" --store "grpc+unix://$host_sock" --cache-dir "$work/cache" \
-      --log-level info virtiofs "${ours_args[@]}"
+      --log-level info virtiofs "${ours_args[@]}" "${tenant_args[@]}"
     # The bytes this VM made the host fetch are known only after it ran:
     # its SUMMARY lines get a placeholder, filled in below.
     gen_run "$kind-vm$vm" "$sock" "$work/names-ours" "$vlog" " fetched_bytes=FETCHED" \
@@ -289,6 +295,7 @@ echo
 echo "tree: ${dirs[*]}: $entries entries, $files files, $((bytes / 1048576)) MiB;" \
   "page cache dropped before each cold start: $([ "$drop_caches" = 1 ] && echo yes || echo no);" \
   "$(nproc) CPUs; host load at the end: $(cut -d' ' -f1-3 /proc/loadavg); commit $commit;" \
+  "per-VM daemons of the remote kinds scoped to a tenant's closure: $([ ${#tenant_args[@]} -gt 0 ] && echo yes || echo no);" \
   "per-op tables above: repetition 1; below: median of $runs;" \
   "ratios: of the medians (in brackets: the median of the per-repetition ratios)"
 echo

@@ -582,11 +582,11 @@ impl crate::wire::cache::cache_service_server::CacheService for CacheServer {
                     None => {
                         if said.elapsed() >= FILL_PROGRESS_EVERY {
                             said = std::time::Instant::now();
-                            yield FillProgress { bytes: p.bytes, done: false };
+                            yield FillProgress { bytes: p.bytes, done: false, fd_seq: 0 };
                         }
                     }
                     Some(Outcome::Stored) => {
-                        yield FillProgress { bytes: p.bytes, done: true };
+                        yield FillProgress { bytes: p.bytes, done: true, fd_seq: 0 };
                         return;
                     }
                     Some(o) => {

@@ -6,6 +6,7 @@ pub mod binary_cache;
 pub mod bounded_set;
 pub mod castore;
 pub mod cli;
+pub mod fd_pass;
 pub mod fs;
 pub mod fuse;
 #[doc(hidden)]

@@ -7,7 +7,7 @@ use crate::wire::{castore, store, FILE_DESCRIPTOR_SET};
 use anyhow::{bail, Context};
 use clap::Args;
 use std::path::Path;
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::TcpListenerStream;
 
 #[derive(Args, Debug)]
 pub struct DaemonArgs {
@@ -361,6 +361,7 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
         shutdown_signal().await;
         return Ok(());
     };
+    let tenant_store = store.clone();
     let server = StoreServer::new(store, read_only).with_limits(crate::grpc_server::Limits {
         min_free,
         ..Default::default()
@@ -447,9 +448,17 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
             if let Some(f) = &file {
                 tracing::info!("listening on unix:{}{ro}", f.path().display());
             }
+            // Tenants' per-VM daemons open closure-scoped connections here.
+            let tenants = cache.clone().map(|cache| {
+                std::sync::Arc::new(crate::services::cache::scope::Tenants {
+                    store: tenant_store.clone(),
+                    cache,
+                })
+            });
+            let incoming = crate::services::cache::scope::incoming(l, tenants);
             let r = router
                 .serve_with_incoming_shutdown(
-                    bounds.limit(UnixListenerStream::new(l), "gRPC socket".into()),
+                    bounds.limit(incoming, "gRPC socket".into()),
                     shutdown_signal(),
                 )
                 .await;

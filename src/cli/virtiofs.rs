@@ -148,6 +148,44 @@ fn readiness_pipe() -> anyhow::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedF
     })
 }
 
+/// With `--closure`/`--closure-file` and `--cache-dir`, the connection to
+/// the host daemon, scoped to the closure (see
+/// `services::cache::scope`); `None` otherwise (single-tenant hosts keep
+/// reading the cache directory directly).
+fn tenant_connection(
+    store_args: &StoreArgs,
+    args: &VirtiofsArgs,
+    addrs: &[Addr; 3],
+) -> anyhow::Result<Option<std::os::unix::net::UnixStream>> {
+    let view = &args.view;
+    if store_args.cache_dir.is_none() || (view.closure.is_empty() && view.closure_file.is_none()) {
+        return Ok(None);
+    }
+    let socket = match addrs {
+        [Addr::GrpcUnix(a, _), Addr::GrpcUnix(b, _), Addr::GrpcUnix(c, _)] if a == b && b == c => a,
+        _ => bail!(
+            "a closure served from a host cache (--closure with --cache-dir) is scoped on the \
+             host daemon's unix socket: give --store grpc+unix://SOCKET for all three services"
+        ),
+    };
+    let mut roots = view
+        .closure
+        .iter()
+        .map(|s| super::parse_store_path(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if let Some(f) = &view.closure_file {
+        roots.extend(crate::fs::closure::read_roots(f)?);
+    }
+    let timeout = std::time::Duration::from_secs(view.store_timeout);
+    let conn = cache::tenant::connect(socket, &roots, timeout)?;
+    tracing::info!(
+        "connection to {} scoped to the closure of {} roots",
+        socket.display(),
+        roots.len()
+    );
+    Ok(Some(conn))
+}
+
 /// Runs the command; the exit code is the serving process's.
 pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<ExitCode> {
     if args.print_capabilities {
@@ -176,6 +214,10 @@ pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<Ex
         None => tracing::info!("listening for the VMM on the inherited socket"),
     }
     let addrs = store_args.addrs()?;
+    // A closure with a host cache: this daemon serves one tenant, and its
+    // connection to the host daemon is scoped to the closure now, while
+    // it is still the operator's process.
+    let tenant = tenant_connection(store_args, &args, &addrs)?;
     // An embedded store is created (and tidied) here, while we may write:
     // the sandbox only ever sees it read-only.
     let local = |a: &Addr| match a {
@@ -189,9 +231,17 @@ pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<Ex
         crate::services::cache::create_dir(dir)
             .with_context(|| format!("creating cache directory {}", dir.display()))?;
     }
-    let (needs, places) = Needs::of_store(&Places {
-        addrs,
-        cache_dir: store_args.cache_dir.clone(),
+    // A tenant's serving process sees neither the cache directory nor the
+    // host daemon's socket: it keeps only its scoped connection.
+    let (needs, places) = Needs::of_store(&match tenant {
+        Some(_) => Places {
+            addrs: [Addr::Memory, Addr::Memory, Addr::Memory],
+            cache_dir: None,
+        },
+        None => Places {
+            addrs,
+            cache_dir: store_args.cache_dir.clone(),
+        },
     })?;
     // The closure file is not exposed (its directory would show all of
     // it): the supervisor opens it, now and on each SIGHUP, and hands the
@@ -236,6 +286,7 @@ pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<Ex
                 }
             }));
         }
+        drop(tenant);
         if let Err(e) = privileges::drop_all(true) {
             tracing::warn!("supervisor: {e}");
         }
@@ -269,9 +320,11 @@ pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<Ex
         keep.extend(ready.as_ref().map(|w| w.as_raw_fd()));
         keep.extend(metrics.as_ref().map(|l| l.as_raw_fd()));
         keep.extend(args.view.closure_source.as_ref().map(|r| r.as_raw_fd()));
+        keep.extend(tenant.as_ref().map(|c| c.as_raw_fd()));
         sandbox::close_inherited(&keep)?;
     }
     privileges::set_rlimit_nofile(args.rlimit_nofile)?;
+    let fd_limit = cache::tenant::descriptor_limit();
     privileges::drop_all(args.sandbox == SandboxMode::None)?;
     seccomp::install(args.seccomp)?;
     if args.selftest_seccomp {
@@ -298,7 +351,14 @@ pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<Ex
     // gRPC channels start their tasks on the runtime they are opened in
     let (store, cache) = {
         let _rt = rt.enter();
-        Store::open_with(&places.addrs, &opts).context("opening the store")?
+        match tenant {
+            Some(conn) => (
+                cache::tenant::open_store(conn, opts.idle_timeout, fd_limit)
+                    .context("opening the scoped store")?,
+                None,
+            ),
+            None => Store::open_with(&places.addrs, &opts).context("opening the store")?,
+        }
     };
     if let Some(w) = ready {
         let (store, timeout) = (store.clone(), opts.idle_timeout);

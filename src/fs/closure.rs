@@ -86,6 +86,11 @@ impl Closure {
         self.paths.is_empty()
     }
 
+    /// Every member as (store path, root node).
+    pub fn members(&self) -> impl Iterator<Item = (&StorePath, &Node)> {
+        self.paths.values().map(|(p, n)| (p, n))
+    }
+
     /// Every member as (basename, root node).
     pub fn entries(&self) -> impl Iterator<Item = (String, &Node)> {
         self.paths.values().map(|(p, n)| (p.to_basename(), n))

@@ -52,6 +52,9 @@ pub enum Error {
     /// The write policy refused a path info (see `write_policy`).
     #[error("not trusted: {0}")]
     Untrusted(String),
+    /// Outside what this client may read (a tenant's closure).
+    #[error("denied: {0}")]
+    Denied(String),
 }
 
 impl Error {
@@ -117,7 +120,7 @@ impl From<Error> for tonic::Status {
             Error::NotFound(m) => Status::not_found(m),
             Error::ReadOnly => Status::permission_denied(e.to_string()),
             Error::Conflict(m) => Status::already_exists(m),
-            Error::Untrusted(m) => Status::permission_denied(m),
+            Error::Untrusted(m) | Error::Denied(m) => Status::permission_denied(m),
             Error::Remote(s) if s.code() == tonic::Code::AlreadyExists => {
                 Status::already_exists(format!("upstream: {}", s.message()))
             }

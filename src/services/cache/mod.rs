@@ -23,8 +23,10 @@ mod directory;
 pub mod flights;
 pub mod looked_at;
 mod pathinfo;
+pub mod scope;
 pub mod space;
 pub mod stats;
+pub mod tenant;
 mod touches;
 
 use crate::castore::B3Digest;
