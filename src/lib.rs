@@ -11,6 +11,7 @@ pub mod fuse;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod grpc_server;
+pub mod http_conn;
 pub mod import;
 pub mod memory;
 pub mod metrics;
