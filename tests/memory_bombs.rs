@@ -465,3 +465,37 @@ fn the_xz_bomb_is_a_valid_stream_with_only_its_dictionary_changed() {
     });
     assert_eq!(out.unwrap(), nar);
 }
+
+#[test]
+fn import_nar_of_an_xz_file_declaring_a_4_gib_dictionary_fails_within_the_memory_bound() {
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    let nar = zeros_nar(512 << 20);
+    let sha = sha2::Sha256::digest(&nar);
+    let path = format!("/nix/store/{}-bomb", "a".repeat(32));
+    let json = format!(
+        r#"[{{"path":"{path}","narHash":"sha256-{}","narSize":{},"references":[]}}]"#,
+        data_encoding::BASE64.encode(&sha),
+        nar.len()
+    );
+    let (json_file, nar_file) = (dir.path().join("p.json"), dir.path().join("b.nar.xz"));
+    std::fs::write(&json_file, json).unwrap();
+    std::fs::write(&nar_file, with_4gib_dictionary(xz(&nar))).unwrap();
+    drop(nar);
+    let store = format!("local://{}", dir.path().join("store").display());
+    let child = std::process::Command::new(common::bin())
+        .args(["--store", &store, "import-nar", "--path-info"])
+        .arg(&json_file)
+        .arg(format!("{path}={}", nar_file.display()))
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let watch = RssWatch::start(child.id());
+    let out = child.wait_with_output().unwrap();
+    let peak = watch.peak();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the bomb was imported");
+    assert!(err.contains("memory"), "{err}");
+    assert!(peak < RSS_ANON_BOUND, "RssAnon {} MiB", peak >> 20);
+}
