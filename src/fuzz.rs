@@ -481,7 +481,11 @@ pub fn binary_cache_http(data: &[u8]) {
         return;
     }
     let text = String::from_utf8_lossy(&out);
-    let code = text.strip_prefix("HTTP/1.1 ").and_then(|t| t.get(..3));
+    // HTTP/1.0 requests are answered in kind
+    let code = text
+        .strip_prefix("HTTP/1.1 ")
+        .or_else(|| text.strip_prefix("HTTP/1.0 "))
+        .and_then(|t| t.get(..3));
     let Some(code) = code.filter(|c| c.bytes().all(|b| b.is_ascii_digit())) else {
         panic!("not an HTTP answer: {:?}", text.get(..64));
     };
