@@ -4,6 +4,10 @@
 //! sent (bounded memory) and ingested as they arrive; a narinfo is accepted
 //! only for a NAR already received whose hash and size it names, whose
 //! references exist, and (with trusted keys) that a trusted key signed.
+//! What a client can make it hold is bounded before any signature is
+//! looked at: connections ([`crate::http_conn`]), uploads and renders at
+//! once, each upload's decoder memory, NAR size and directory listings
+//! (refused with 413 and the limit named).
 use crate::nar::Ingested;
 use crate::nix::narinfo::NarInfo;
 use crate::nix::path_info_json::NixPathInfo;
@@ -25,6 +29,23 @@ const MAX_PENDING: usize = 1024;
 const PENDING_FOR: Duration = Duration::from_secs(3600);
 /// Largest narinfo accepted.
 const MAX_NARINFO: usize = 1 << 20;
+/// NAR uploads ingested at once; more wait for a turn. Each may hold a
+/// decoder (at most 128 MiB) and directory listings (~150 MiB at most),
+/// so four stay within the daemon unit's 2 GiB.
+const MAX_UPLOADS: usize = 4;
+/// Longest wait for a turn (an upload, a render) before the request is
+/// refused with 503 and Retry-After: below the connection's idle timeout.
+const TURN_WAIT: Duration = Duration::from_secs(10);
+/// Bytes a compressed upload may carry beyond the largest NAR: framing
+/// of a stream that does not compress (xz and zstd add well under 1%).
+const COMPRESSED_SLACK: u64 = 1 << 20;
+/// The default of `--max-nar-size`: the largest NARs in nixpkgs (CUDA,
+/// TeX Live) are a few GiB.
+pub const DEFAULT_MAX_NAR_SIZE: u64 = 16 << 30;
+/// The default of `--max-nar-renders`.
+pub const DEFAULT_NAR_RENDERS: usize = 4;
+/// The default of `--http-max-connections`: Nix opens 25 per client.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -41,12 +62,36 @@ pub struct Options {
     pub priority: u32,
     /// Uploads are refused while this directory's disk has less room.
     pub min_free: Option<(std::path::PathBuf, u64)>,
+    pub limits: Limits,
+}
+
+/// What clients may make the binary cache hold at once.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Connections open at once (more are answered 503 and closed).
+    pub max_connections: usize,
+    /// Largest NAR (uncompressed) an upload may carry.
+    pub max_nar_size: u64,
+    /// Turns to render a NAR (GET /nar), shared with the gRPC server's
+    /// CalculateNAR: each walk may hold a tree of up to 512 MiB.
+    pub renders: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_nar_size: DEFAULT_MAX_NAR_SIZE,
+            renders: Arc::new(tokio::sync::Semaphore::new(DEFAULT_NAR_RENDERS)),
+        }
+    }
 }
 
 pub struct BinaryCache {
     store: Store,
     opts: Options,
     pending: Mutex<HashMap<String, (Ingested, Instant)>>,
+    uploads: tokio::sync::Semaphore,
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
@@ -64,6 +109,30 @@ fn refuse(status: StatusCode, why: impl std::fmt::Display) -> Response<Body> {
     text(status, format!("{why}\n"))
 }
 
+/// 503 with a Retry-After: every turn for `what` is taken.
+fn busy(what: &str) -> Response<Body> {
+    let mut r = refuse(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "every turn to {what} is taken and none came free within {} s: retry later",
+            TURN_WAIT.as_secs()
+        ),
+    );
+    r.headers_mut().insert(
+        hyper::header::RETRY_AFTER,
+        hyper::header::HeaderValue::from_static("10"),
+    );
+    r
+}
+
+/// A turn from `turns`, waited for at most [`TURN_WAIT`].
+async fn turn<T>(turns: T) -> Option<T::Output>
+where
+    T: std::future::IntoFuture,
+{
+    tokio::time::timeout(TURN_WAIT, turns).await.ok()
+}
+
 /// The store path hash of `<hash>.narinfo` or `nar/<hash>.nar...`.
 fn hash_part(s: &str) -> Option<[u8; 20]> {
     if s.len() != 32 {
@@ -78,6 +147,7 @@ impl BinaryCache {
             store,
             opts,
             pending: Mutex::new(HashMap::new()),
+            uploads: tokio::sync::Semaphore::new(MAX_UPLOADS),
         }
     }
 
@@ -169,12 +239,17 @@ impl BinaryCache {
         if head {
             return Ok(text(StatusCode::OK, ""));
         }
+        let Some(Ok(permit)) = turn(self.opts.limits.renders.clone().acquire_owned()).await else {
+            return Ok(busy("render a NAR"));
+        };
         // Rendered into a pipe as the client reads: memory stays at the
         // pipe's size, whatever the NAR's.
         let (w, r) = tokio::io::duplex(256 << 10);
         let store = self.store.clone();
         let path = info.store_path.clone();
         tokio::spawn(async move {
+            // the turn ends with the render, not with the handler
+            let _permit = permit;
             let done = match compression {
                 None => render(w, &info, &store).await,
                 Some("zst") => {
@@ -186,8 +261,13 @@ impl BinaryCache {
                     .await
                 }
                 Some(_) => {
+                    // preset 3 (4 MiB dictionary, ~32 MiB to compress) rather
+                    // than the default 6 (~94 MiB) for every reader at once
                     render(
-                        async_compression::tokio::write::XzEncoder::new(w),
+                        async_compression::tokio::write::XzEncoder::with_quality(
+                            w,
+                            async_compression::Level::Precise(3),
+                        ),
                         &info,
                         &store,
                     )
@@ -236,33 +316,80 @@ impl BinaryCache {
             return Ok(r);
         }
         let url = p.trim_start_matches('/').to_string();
+        use crate::nar::decode::{Compression, TooLarge};
+        let named = [".nar", ".nar.xz", ".nar.zst"]
+            .iter()
+            .any(|e| url.ends_with(e));
+        let compression = match Compression::from_name(&url) {
+            Some(c) if named => c,
+            _ => {
+                return Ok(refuse(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    format!("{url}: a NAR is .nar, .nar.xz or .nar.zst"),
+                ))
+            }
+        };
+        let max_nar = self.opts.limits.max_nar_size;
+        // what may arrive: the NAR, or its compressed form with framing
+        let max_body = match compression {
+            Compression::None => max_nar,
+            _ => max_nar.saturating_add(max_nar / 64 + COMPRESSED_SLACK),
+        };
+        let declared = req
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > max_body) {
+            return Ok(refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "{url}: {} bytes, over the {max_body} bytes a NAR upload may carry \
+                     (--max-nar-size {max_nar})",
+                    declared.unwrap_or_default()
+                ),
+            ));
+        }
+        let Some(Ok(_turn)) = turn(self.uploads.acquire()).await else {
+            return Ok(busy("upload a NAR"));
+        };
         let body = http_body_util::BodyStream::new(req.into_body())
             .try_filter_map(|f| futures::future::ready(Ok(f.into_data().ok())))
             .map_err(std::io::Error::other);
-        let raw = tokio_util::io::StreamReader::new(body);
-        use async_compression::tokio::bufread::{XzDecoder, ZstdDecoder};
+        let mut carried = 0u64;
+        let raw = crate::nar::Metered::new(
+            tokio_util::io::StreamReader::new(body),
+            move |got: &[u8]| {
+                carried += got.len() as u64;
+                if carried > max_body {
+                    return Err(TooLarge::io(format!(
+                        "the upload carries more than {max_body} bytes (--max-nar-size {max_nar})"
+                    )));
+                }
+                Ok(())
+            },
+        );
         let full = Arc::new(AtomicBool::new(false));
-        let room = |r: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>| {
-            crate::nar::Metered::new(r, room_check(self.opts.min_free.clone(), full.clone()))
+        let input = crate::nar::Metered::new(
+            crate::nar::decode::decoder(compression, tokio::io::BufReader::new(raw)),
+            room_check(self.opts.min_free.clone(), full.clone()),
+        );
+        let limits = crate::nar::ingest::Limits {
+            nar_size: max_nar,
+            ..Default::default()
         };
-        let ingested = if url.ends_with(".nar") {
-            crate::nar::ingest_nar(room(Box::pin(raw)), &self.store).await
-        } else if url.ends_with(".nar.xz") {
-            crate::nar::ingest_nar(room(Box::pin(XzDecoder::new(raw))), &self.store).await
-        } else if url.ends_with(".nar.zst") {
-            crate::nar::ingest_nar(room(Box::pin(ZstdDecoder::new(raw))), &self.store).await
-        } else {
-            return Ok(refuse(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                format!("{url}: a NAR is .nar, .nar.xz or .nar.zst"),
-            ));
-        };
+        let ingested = crate::nar::ingest_nar_within(input, &self.store, &limits).await;
         let ingested = match ingested {
             Ok(i) => i,
             Err(e) if full.load(Ordering::Relaxed) => {
                 return Ok(refuse(
                     StatusCode::INSUFFICIENT_STORAGE,
                     format!("{url}: {e}"),
+                ))
+            }
+            Err(Error::ResourceExhausted(why)) => {
+                return Ok(refuse(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("{url}: refused: {why}"),
                 ))
             }
             Err(e) => return Ok(refuse(StatusCode::BAD_REQUEST, format!("{url}: {e}"))),
@@ -421,8 +548,10 @@ fn nix_info(i: &PathInfo) -> Result<NixPathInfo, Error> {
     })
 }
 
-/// Serves the binary cache on `listener` until the runtime ends.
+/// Serves the binary cache on `listener` until the runtime ends, within
+/// its connection limit.
 pub fn serve(listener: tokio::net::TcpListener, cache: Arc<BinaryCache>) {
+    let gate = crate::http_conn::Gate::new("binary cache", cache.opts.limits.max_connections);
     tokio::spawn(async move {
         loop {
             let (s, _) = match listener.accept().await {
@@ -435,18 +564,7 @@ pub fn serve(listener: tokio::net::TcpListener, cache: Arc<BinaryCache>) {
             };
             let _ = s.set_nodelay(true);
             let cache = cache.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let cache = cache.clone();
-                    async move { Ok::<_, std::convert::Infallible>(cache.handle(req).await) }
-                });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                    .await
-                {
-                    tracing::debug!("binary cache connection: {e}");
-                }
-            });
+            gate.serve(s, move |req| cache.clone().handle(req));
         }
     });
 }

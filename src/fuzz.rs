@@ -27,6 +27,9 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("directory_graph", directory_graph),
     ("path_info", path_info),
     ("nar", nar),
+    ("nar_upload", nar_upload),
+    ("narinfo", narinfo),
+    ("binary_cache_http", binary_cache_http),
     ("path_info_json", path_info_json),
     ("cache_service", cache_service),
 ];
@@ -352,6 +355,163 @@ pub fn path_info_json(data: &[u8]) {
     let _ = crate::nix::path_info_json::parse_path_info_json(data);
 }
 
+/// Limits the upload targets run under: small, so that a bomb is cut
+/// short fast (the limits themselves are what is under test).
+fn upload_limits() -> crate::nar::ingest::Limits {
+    crate::nar::ingest::Limits {
+        nar_size: 1 << 20,
+        directory_bytes: 1 << 20,
+    }
+}
+
+/// A NAR upload as the binary cache takes it: the first byte picks the
+/// compression (none, xz, zstd), the rest is the body, decompressed with
+/// bounded memory and ingested within small limits. One that is accepted
+/// renders back to as many bytes, with the hash recorded while reading.
+pub fn nar_upload(data: &[u8]) {
+    use crate::nar::Compression;
+    let Some((&kind, body)) = data.split_first() else {
+        return;
+    };
+    let c = match kind % 3 {
+        0 => Compression::None,
+        1 => Compression::Xz,
+        _ => Compression::Zstd,
+    };
+    let f = fixture();
+    let store = Store::memory();
+    let input = crate::nar::decode::decoder(c, std::io::Cursor::new(body.to_vec()));
+    let got = f.rt.block_on(crate::nar::ingest::ingest_nar_within(
+        input,
+        &store,
+        &upload_limits(),
+    ));
+    let Ok(ingested) = got else {
+        return;
+    };
+    assert!(ingested.nar_size <= upload_limits().nar_size);
+    let mut out = Vec::new();
+    let rendered = f.rt.block_on(crate::nar::render::write_nar(
+        &mut out,
+        &ingested.node,
+        &store,
+    ));
+    assert!(rendered.is_ok(), "an accepted upload does not render");
+    assert_eq!(out.len() as u64, ingested.nar_size);
+    use sha2::Digest;
+    assert_eq!(
+        <[u8; 32]>::from(sha2::Sha256::digest(&out)),
+        ingested.nar_sha256
+    );
+}
+
+/// A `.narinfo` as an uploader sends it: one that parses renders to a
+/// text that parses to the same rendering.
+pub fn narinfo(data: &[u8]) {
+    use crate::nix::narinfo::NarInfo;
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(n) = NarInfo::parse(text) else {
+        return;
+    };
+    let once = n.render();
+    let again = NarInfo::parse(&once).map(|m| m.render());
+    assert_eq!(
+        again.ok().as_deref(),
+        Some(once.as_str()),
+        "not a fixed point"
+    );
+}
+
+/// Raw bytes on a connection to the binary cache (writable, signing, over
+/// a store with the fixture's paths): requests of any method, URL, header
+/// and body, uploads included. Every connection ends with well-formed
+/// answers and no server error but a refusal for load or room.
+pub fn binary_cache_http(data: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = fixture();
+    let out = f.rt.block_on(async {
+        let store = Store::memory();
+        if let Err(e) = fill(&store).await {
+            panic!("fuzz fixture: {e}");
+        }
+        let cache = Arc::new(crate::binary_cache::BinaryCache::new(
+            store,
+            crate::binary_cache::Options {
+                writable: true,
+                signer: Some(fuzz_key()),
+                policy: crate::write_policy::WritePolicy::new(vec![]),
+                priority: 30,
+                min_free: None,
+                limits: crate::binary_cache::Limits {
+                    max_connections: 1,
+                    max_nar_size: 1 << 20,
+                    renders: Arc::new(tokio::sync::Semaphore::new(1)),
+                },
+            },
+        ));
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let svc = hyper::service::service_fn(move |req| {
+            let cache = cache.clone();
+            async move { Ok::<_, std::convert::Infallible>(cache.handle(req).await) }
+        });
+        let conn =
+            crate::http_conn::builder().serve_connection(hyper_util::rt::TokioIo::new(server), svc);
+        let (mut rd, mut wr) = tokio::io::split(client);
+        let talk = async move {
+            let _ = wr.write_all(data).await;
+            let _ = wr.shutdown().await;
+            let mut out = Vec::new();
+            let _ = rd.read_to_end(&mut out).await;
+            out
+        };
+        let work = async {
+            let (_, out) = tokio::join!(conn, talk);
+            out
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(8), work).await {
+            Ok(out) => out,
+            Err(_) => panic!("the connection did not end"),
+        }
+    });
+    // the first answer (if any) starts with a status line, and is no
+    // server error other than 503 (busy) and 507 (no room); what follows
+    // it is not parsed (bodies may quote the request)
+    if out.is_empty() {
+        return;
+    }
+    let text = String::from_utf8_lossy(&out);
+    // HTTP/1.0 requests are answered in kind
+    let code = text
+        .strip_prefix("HTTP/1.1 ")
+        .or_else(|| text.strip_prefix("HTTP/1.0 "))
+        .and_then(|t| t.get(..3));
+    let Some(code) = code.filter(|c| c.bytes().all(|b| b.is_ascii_digit())) else {
+        panic!("not an HTTP answer: {:?}", text.get(..64));
+    };
+    if code.starts_with('5') {
+        assert!(
+            code == "503" || code == "507",
+            "answered {}",
+            text.lines().take(12).collect::<Vec<_>>().join(" | ")
+        );
+    }
+}
+
+/// The fuzz binary cache's signing key (a fixed test key).
+fn fuzz_key() -> crate::nix::signing::SecretKey {
+    let seed = [7u8; 32];
+    let public = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key();
+    let mut both = seed.to_vec();
+    both.extend_from_slice(public.as_bytes());
+    let text = format!("fuzz-1:{}", data_encoding::BASE64.encode(&both));
+    match crate::nix::signing::SecretKey::parse(&text) {
+        Ok(k) => k,
+        Err(e) => panic!("fuzz key: {e}"),
+    }
+}
+
 /// A FUSE request: header (40 bytes) and body.
 pub fn fuse_msg(opcode: u32, unique: u64, nodeid: u64, body: &[u8]) -> Vec<u8> {
     let mut m = Vec::with_capacity(40 + body.len());
@@ -390,6 +550,102 @@ fn framed(msgs: &[Vec<u8>]) -> Vec<u8> {
         out.extend_from_slice(&m[..usize::from(n)]);
     }
     out
+}
+
+/// Seeds of the upload targets from one fixture path and its NAR: the
+/// NAR plain, xz and zstd; its narinfo; with `http`, requests for it and
+/// uploads of it (for one path only: each costs a connection).
+fn upload_seeds(
+    out: &mut Vec<(&'static str, Vec<u8>)>,
+    path: &crate::nix::store_path::StorePath,
+    nar: &[u8],
+    http: bool,
+) {
+    use tokio::io::AsyncWriteExt;
+    let f = fixture();
+    let packed = |c: u8| -> Vec<u8> {
+        f.rt.block_on(async {
+            let mut v = Vec::new();
+            let done = match c {
+                1 => {
+                    let mut w = async_compression::tokio::write::XzEncoder::new(&mut v);
+                    let r = w.write_all(nar).await;
+                    r.and(w.shutdown().await)
+                }
+                _ => {
+                    let mut w = async_compression::tokio::write::ZstdEncoder::new(&mut v);
+                    let r = w.write_all(nar).await;
+                    r.and(w.shutdown().await)
+                }
+            };
+            if let Err(e) = done {
+                panic!("fuzz seeds: compressing: {e}");
+            }
+            v
+        })
+    };
+    let mut plain = vec![0u8];
+    plain.extend_from_slice(nar);
+    out.push(("nar_upload", plain));
+    for c in [1u8, 2] {
+        let mut v = vec![c];
+        v.extend_from_slice(&packed(c));
+        out.push(("nar_upload", v));
+    }
+    use sha2::Digest;
+    let sha: [u8; 32] = sha2::Sha256::digest(nar).into();
+    let hash = path.to_basename();
+    let hash = hash.get(..32).unwrap_or_default();
+    let narinfo = format!(
+        "StorePath: {}\nURL: nar/{hash}.nar.zst\nCompression: zstd\nNarHash: sha256:{}\n\
+         NarSize: {}\nReferences: {}\nSig: fuzz-1:{}\n",
+        path.to_absolute_path(),
+        crate::nix::nixbase32::encode(&sha),
+        nar.len(),
+        path.to_basename(),
+        data_encoding::BASE64.encode(&[1u8; 64]),
+    );
+    out.push(("narinfo", narinfo.clone().into_bytes()));
+    if !http {
+        return;
+    }
+    let get = |m: &str, p: &str| format!("{m} {p} HTTP/1.1\r\nHost: fuzz\r\n\r\n").into_bytes();
+    out.push(("binary_cache_http", get("GET", "/nix-cache-info")));
+    let mut both = get("HEAD", &format!("/{hash}.narinfo"));
+    both.extend(get("GET", &format!("/{hash}.narinfo")));
+    out.push(("binary_cache_http", both));
+    out.push(("binary_cache_http", get("GET", &format!("/nar/{hash}.nar"))));
+    out.push((
+        "binary_cache_http",
+        get("GET", &format!("/nar/{hash}.nar.zst")),
+    ));
+    // an upload: the NAR (zstd), then its narinfo, on one connection
+    let zst = packed(2);
+    let mut up = format!(
+        "PUT /nar/{hash}.nar.zst HTTP/1.1\r\nHost: fuzz\r\nContent-Length: {}\r\n\r\n",
+        zst.len()
+    )
+    .into_bytes();
+    up.extend_from_slice(&zst);
+    up.extend(
+        format!(
+            "PUT /{hash}.narinfo HTTP/1.1\r\nHost: fuzz\r\nContent-Length: {}\r\n\r\n{narinfo}",
+            narinfo.len()
+        )
+        .into_bytes(),
+    );
+    out.push(("binary_cache_http", up));
+    // the NAR chunked, uncompressed
+    let mut chunked =
+        format!("PUT /nar/{hash}.nar HTTP/1.1\r\nHost: fuzz\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .into_bytes();
+    for c in nar.chunks(100) {
+        chunked.extend(format!("{:x}\r\n", c.len()).into_bytes());
+        chunked.extend_from_slice(c);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    out.push(("binary_cache_http", chunked));
 }
 
 /// Well-formed inputs for each target, the starting corpus: requests that
@@ -484,6 +740,8 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             .block_on(crate::nar::write_nar(&mut nar, &info.node, &f.store))
             .is_ok()
         {
+            let http = matches!(info.node, crate::castore::Node::Directory { .. });
+            upload_seeds(&mut out, &info.store_path, &nar, http);
             out.push(("nar", nar));
         }
         if let crate::castore::Node::Directory { digest, .. } = &info.node {

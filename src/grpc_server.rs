@@ -31,6 +31,9 @@ pub struct Limits {
     /// than this (checked before and every few MiB during a Put); None
     /// for stores not on a local disk.
     pub min_free: Option<(std::path::PathBuf, u64)>,
+    /// Turns for CalculateNAR (shared with the binary cache's GET /nar):
+    /// each walk may hold a tree of up to 512 MiB and visit 2^26 nodes.
+    pub nar_renders: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl Default for Limits {
@@ -39,9 +42,15 @@ impl Default for Limits {
             put_directories: crate::services::directory::MAX_TREE_DIRECTORIES,
             put_directory_bytes: crate::services::directory::MAX_TREE_BYTES,
             min_free: None,
+            nar_renders: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                crate::binary_cache::DEFAULT_NAR_RENDERS,
+            )),
         }
     }
 }
+
+/// Longest a CalculateNAR waits for a turn before RESOURCE_EXHAUSTED.
+const RENDER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Room is checked again after this many bytes of one blob.
 pub(crate) const FREE_CHECK_EVERY: u64 = 16 << 20;
@@ -268,6 +277,14 @@ impl spb::path_info_service_server::PathInfoService for StoreServer {
         req: Request<cpb::Node>,
     ) -> Result<Response<spb::CalculateNarResponse>, Status> {
         let (_, node) = Node::from_proto_root(req.get_ref()).map_err(Error::from)?;
+        let turns = self.limits.nar_renders.acquire();
+        let Ok(Ok(_turn)) = tokio::time::timeout(RENDER_WAIT, turns).await else {
+            return Err(Status::resource_exhausted(format!(
+                "every turn to render a NAR is taken and none came free within {} s \
+                 (--max-nar-renders): retry later",
+                RENDER_WAIT.as_secs()
+            )));
+        };
         let (nar_size, sha) = crate::nar::calculate_nar(&node, &self.store).await?;
         Ok(Response::new(spb::CalculateNarResponse {
             nar_size,

@@ -13,6 +13,7 @@ pub mod fuse;
 pub mod fuzz;
 pub mod grpc_bounds;
 pub mod grpc_server;
+pub mod http_conn;
 pub mod import;
 pub mod memory;
 pub mod metrics;

@@ -1,13 +1,16 @@
 //! Prometheus text exposition over HTTP/1.1 (`GET /metrics`), the
 //! convention fleets scrape. A transport edge like the gRPC server: it only
-//! renders what the services count.
+//! renders what the services count. Connections are bounded like every
+//! listener's ([`crate::http_conn`]): a scraper needs one or two.
 use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use std::path::PathBuf;
 use std::sync::Arc;
+
+/// Connections one metrics listener holds at once.
+const MAX_CONNECTIONS: usize = 32;
 
 /// Renders the current metrics as Prometheus text.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
@@ -40,6 +43,7 @@ pub async fn serve(listen: &str, render: Render) -> anyhow::Result<()> {
         Listener::Tcp(l) => tracing::info!("metrics on http://{}/metrics", l.local_addr()?),
         Listener::Unix(_, f) => tracing::info!("metrics on unix:{}", f.path().display()),
     }
+    let gate = crate::http_conn::Gate::new("metrics", MAX_CONNECTIONS);
     tokio::spawn(async move {
         loop {
             let accepted = match &listener {
@@ -47,8 +51,8 @@ pub async fn serve(listen: &str, render: Render) -> anyhow::Result<()> {
                 Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Conn::Unix(s)),
             };
             match accepted {
-                Ok(Conn::Tcp(s)) => spawn_conn(s, render.clone()),
-                Ok(Conn::Unix(s)) => spawn_conn(s, render.clone()),
+                Ok(Conn::Tcp(s)) => spawn_conn(&gate, s, render.clone()),
+                Ok(Conn::Unix(s)) => spawn_conn(&gate, s, render.clone()),
                 Err(e) => {
                     tracing::warn!("metrics: accept: {e}");
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -64,21 +68,18 @@ enum Conn {
     Unix(tokio::net::UnixStream),
 }
 
-fn spawn_conn<S>(stream: S, render: Render)
+fn spawn_conn<S>(gate: &crate::http_conn::Gate, stream: S, render: Render)
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + crate::http_conn::TryWrite
+        + Unpin
+        + Send
+        + 'static,
 {
-    tokio::spawn(async move {
-        let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-            let render = render.clone();
-            async move { Ok::<_, std::convert::Infallible>(respond(&req, &render)) }
-        });
-        if let Err(e) = hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(stream), svc)
-            .await
-        {
-            tracing::debug!("metrics connection: {e}");
-        }
+    gate.serve(stream, move |req: Request<hyper::body::Incoming>| {
+        let answer = respond(&req, &render);
+        async move { answer }
     });
 }
 
@@ -105,10 +106,11 @@ pub fn serve_bound(
     render: Render,
 ) -> anyhow::Result<()> {
     let l = tokio::net::UnixListener::from_std(listener)?;
+    let gate = crate::http_conn::Gate::new("metrics", MAX_CONNECTIONS);
     tokio::spawn(async move {
         loop {
             match l.accept().await {
-                Ok((s, _)) => spawn_conn(s, render.clone()),
+                Ok((s, _)) => spawn_conn(&gate, s, render.clone()),
                 Err(e) => {
                     tracing::warn!("metrics: accept: {e}");
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;

@@ -85,6 +85,15 @@ impl LeavesFirst {
         Ok(digest)
     }
 
+    /// Distinct directories added so far.
+    pub fn len(&self) -> usize {
+        self.dirs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.dirs.is_empty()
+    }
+
     /// Checks that every directory is reachable from the last one (the root).
     pub fn finish(self) -> Result<ValidatedGraph, GraphError> {
         let (root, _) = self.dirs.last().ok_or(GraphError::Empty)?;

@@ -56,6 +56,21 @@ pub struct DaemonArgs {
     #[arg(long, default_value_t = crate::grpc_bounds::DEFAULT_CONNECTIONS)]
     pub max_connections: usize,
 
+    /// Largest NAR (uncompressed, K, M, G, T) a binary cache upload may
+    /// carry; a larger one is refused with 413 as it arrives.
+    #[arg(long, default_value = "16G", value_parser = parse_size)]
+    pub max_nar_size: u64,
+
+    /// Connections the binary cache (--http-listen) holds at once; more
+    /// are answered 503 and closed.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub http_max_connections: u32,
+
+    /// NARs rendered at once (GET /nar, CalculateNAR), each walk holding up
+    /// to 512 MiB of tree; more wait up to 10 s, then are refused.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_nar_renders: u32,
+
     /// Serve Prometheus metrics (GET /metrics) on HOST:PORT or unix:PATH.
     #[arg(long, env = "TVIX_VIRTIOFSD_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
@@ -232,6 +247,8 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
     let mut opts = store_args.options(false, cache);
     opts.idle_timeout = std::time::Duration::from_secs(args.store_timeout);
     let (store, cache) = store_args.open_with(&opts)?;
+    // one bound on NAR walks, whichever listener asks for them
+    let renders = std::sync::Arc::new(tokio::sync::Semaphore::new(args.max_nar_renders as usize));
     // Metrics first: once the store socket answers, so do they.
     let calls = std::sync::Arc::new(crate::grpc_server::CallMetrics::default());
     if let Some(listen) = &args.metrics_listen {
@@ -353,6 +370,11 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
                 policy: policy.clone(),
                 priority: args.http_priority,
                 min_free: min_free.clone(),
+                limits: crate::binary_cache::Limits {
+                    max_connections: args.http_max_connections as usize,
+                    max_nar_size: args.max_nar_size,
+                    renders: renders.clone(),
+                },
             },
         );
         crate::binary_cache::serve(l, std::sync::Arc::new(cache));
@@ -364,6 +386,7 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
     let tenant_store = store.clone();
     let server = StoreServer::new(store, read_only).with_limits(crate::grpc_server::Limits {
         min_free,
+        nar_renders: renders,
         ..Default::default()
     });
 

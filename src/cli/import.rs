@@ -280,17 +280,16 @@ pub async fn copy(store: Store, args: CopyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Decompresses `.nar.xz` and `.nar.zst` (binary cache formats) on the fly.
+/// Decompresses `.nar.xz` and `.nar.zst` (binary cache formats) on the
+/// fly, each decoder's memory bounded whatever the file declares.
 fn decompressed(name: &str, f: tokio::fs::File) -> Box<dyn tokio::io::AsyncRead + Unpin + Send> {
-    use async_compression::tokio::bufread::{XzDecoder, ZstdDecoder};
+    use crate::nar::Compression;
     let buf = tokio::io::BufReader::with_capacity(1 << 17, f);
-    if name.ends_with(".xz") {
-        Box::new(XzDecoder::new(buf))
-    } else if name.ends_with(".zst") {
-        Box::new(ZstdDecoder::new(buf))
-    } else {
-        Box::new(buf)
-    }
+    let c = match Compression::from_name(name) {
+        Some(c @ (Compression::Xz | Compression::Zstd)) => c,
+        _ => Compression::None,
+    };
+    Box::new(crate::nar::decode::decoder(c, buf))
 }
 
 pub async fn import_nar(store: Store, args: ImportNarArgs) -> anyhow::Result<()> {

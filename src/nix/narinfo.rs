@@ -25,6 +25,8 @@ pub enum NarInfoError {
     Size(String),
     #[error("Sig: {0:?} is not NAME:BASE64")]
     Sig(String),
+    #[error("line {0:?} holds a control character")]
+    Control(String),
 }
 
 /// What a narinfo says about its store path, and where its NAR file is.
@@ -55,6 +57,11 @@ impl NarInfo {
             })
         };
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            // a value ending in "\r" would come back without it once
+            // written out: no line carries a control character
+            if line.chars().any(char::is_control) {
+                return Err(NarInfoError::Control(line.into()));
+            }
             let (k, v) = line
                 .split_once(": ")
                 .ok_or_else(|| NarInfoError::Line(line.into()))?;
@@ -171,5 +178,22 @@ mod tests {
             NarInfo::parse("URL: x\n"),
             Err(NarInfoError::Missing(_))
         ));
+    }
+
+    #[test]
+    fn a_value_with_a_control_character_is_refused() {
+        let text = format!(
+            "StorePath: /nix/store/{h}-hello\nURL: nar/x.nar\nNarHash: sha256:{z}\n\
+             NarSize: 120\nSig: k-1:AAAA\n",
+            h = "1".repeat(32),
+            z = "0".repeat(52)
+        );
+        let bare_cr = format!("{}\r", text.trim_end());
+        assert!(matches!(
+            NarInfo::parse(&bare_cr),
+            Err(NarInfoError::Control(_))
+        ));
+        // CRLF line ends are line ends
+        assert!(NarInfo::parse(&text.replace('\n', "\r\n")).is_ok());
     }
 }
