@@ -388,17 +388,7 @@ fn tree_remote(
 
 /// Anonymous resident memory of `pid`, in bytes (`RssAnon`).
 fn rss_anon(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("RssAnon:"))
-        .expect("RssAnon in /proc/PID/status");
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .expect("RssAnon in kB");
-    kib << 10
+    common::status_bytes(pid, "RssAnon")
 }
 
 /// Most anonymous memory the filler may use to fetch, write and serve a

@@ -6,7 +6,7 @@
 //! daemon does not sign what strangers upload unless told to.
 mod common;
 
-use common::{cli_err, cli_ok, free_port, require_tools, Daemon};
+use common::{cli_err, cli_ok, free_port, require_tools, wait_listening, Daemon};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tvix_virtiofsd::nix::signing::{fingerprint, SecretKey};
@@ -35,26 +35,9 @@ fn keypair(dir: &Path, name: &str) -> (PathBuf, String) {
     (sk, std::fs::read_to_string(pk).unwrap().trim().to_string())
 }
 
-/// GET over plain HTTP/1.1: the status code.
+/// A bodiless request's status code.
 fn http_status(addr: &str, method: &str, path: &str) -> u16 {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).unwrap();
-    String::from_utf8_lossy(&resp)[9..12].parse().unwrap()
-}
-
-fn wait_tcp(addr: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(std::time::Instant::now() < deadline, "nothing on {addr}");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    common::http_request(addr, method, path).0
 }
 
 /// What `path` ingests to (tree, NAR hash and size), in a throwaway store.
@@ -104,7 +87,7 @@ fn signed_daemon(t: &Path, extra: &[&str]) -> Signed {
     ];
     args.extend(extra);
     let daemon = Daemon::start_with(&store, &grpc, &args);
-    wait_tcp(&http);
+    wait_listening(&http);
     Signed {
         daemon,
         grpc: format!("grpc+http://{grpc}"),
@@ -266,7 +249,7 @@ fn a_daemon_does_not_sign_strangers_uploads_unless_told_to() {
         .arg("--sign-unverified-uploads")
         .spawn()
         .unwrap();
-    wait_tcp(&http);
+    wait_listening(&http);
     assert_eq!(http_status(&http, "GET", "/nix-cache-info"), 200);
     let _ = child.kill();
     let _ = child.wait();

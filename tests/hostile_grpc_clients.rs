@@ -12,13 +12,7 @@ use tonic::codegen::http;
 
 /// The daemon's private memory (its heap, not mapped files), in MiB.
 fn rss_anon_mib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb >> 10
+    common::status_bytes(pid, "RssAnon") >> 20
 }
 
 fn daemon(t: &std::path::Path, extra: &[&str]) -> (Daemon, String) {
@@ -190,16 +184,23 @@ fn closed_within(s: &mut std::net::TcpStream, within: Duration) -> bool {
 fn connections_past_the_bound_are_closed_and_silent_ones_let_go() {
     let tmp = tempfile::tempdir().unwrap();
     let (d, addr) = daemon(tmp.path(), &["--read-only", "--max-connections", "4"]);
-    let mut silent: Vec<_> = (0..4)
-        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
-        .collect();
-    std::thread::sleep(Duration::from_millis(300));
-
-    // the fifth is closed at once
-    let mut fifth = std::net::TcpStream::connect(&addr).unwrap();
-    assert!(
-        closed_within(&mut fifth, Duration::from_secs(3)),
-        "a connection past --max-connections was kept open"
+    // One at a time: the readiness probe of the harness may still hold a
+    // place for a moment, so which connection is refused first can vary;
+    // how many are kept cannot.
+    let (mut silent, mut refused) = (Vec::new(), 0);
+    for _ in 0..6 {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        if closed_within(&mut s, Duration::from_millis(800)) {
+            refused += 1;
+        } else {
+            silent.push(s);
+        }
+    }
+    assert_eq!(
+        silent.len(),
+        4,
+        "{} connections kept open with --max-connections 4 ({refused} closed at once)",
+        silent.len()
     );
 
     // the silent ones are let go after the first-byte limit (10 s)

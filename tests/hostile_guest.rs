@@ -77,12 +77,7 @@ fn request(mem: &GuestMem, q: &mut Queue, msg: &[u8]) -> (i32, Vec<u8>) {
 }
 
 fn rss_anon_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
+    common::status_bytes(pid, "RssAnon") >> 10
 }
 
 const LOOKUPS: u64 = 1_000_000;

@@ -7,7 +7,7 @@
 //! the bound waiting, then refused with a clear status.
 mod common;
 
-use common::{cli_ok, free_port, pseudo_random, Daemon};
+use common::{cli_ok, free_port, http_request, pseudo_random, Daemon};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -62,27 +62,6 @@ fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
-/// One request on a connection of its own: (status, body).
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    // a listener that is full answers at once and closes: the request
-    // may then meet a closed socket, the answer is still there to read
-    let _ = write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    );
-    let mut resp = Vec::new();
-    let _ = s.read_to_end(&mut resp);
-    let resp = String::from_utf8_lossy(&resp).into_owned();
-    let status = resp.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (status, body)
-}
-
 /// `n` connections to `addr`, each with the start of a request and no end.
 fn half_sent(addr: &str, n: usize) -> Vec<TcpStream> {
     (0..n)
@@ -125,11 +104,11 @@ fn flood(setup: &Setup, target: &str, path: &str, limit: usize, n: usize, other:
         "{during} descriptors with {n} half-sent requests (was {base}, at most {limit} connections)"
     );
     // over the limit: a clear refusal, not a hang
-    let (status, body) = get(target, path);
+    let (status, body) = http_request(target, "GET", path);
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("too many connections"), "{body}");
     // another listener of the daemon is not affected
-    let (status, body) = get(other.0, other.1);
+    let (status, body) = http_request(other.0, "GET", other.1);
     assert_eq!(status, 200, "{body}");
     // after the header timeout every half-sent request is closed
     let until = started + HEADER_TIMEOUT + Duration::from_secs(5);
@@ -144,7 +123,7 @@ fn flood(setup: &Setup, target: &str, path: &str, limit: usize, n: usize, other:
         "half-sent requests still open after the header timeout"
     );
     drop(held);
-    let (status, body) = get(target, path);
+    let (status, body) = http_request(target, "GET", path);
     assert_eq!(status, 200, "{body}");
     std::thread::sleep(Duration::from_millis(200));
     let after = fds(pid);
@@ -221,7 +200,7 @@ fn nar_renders_past_the_bound_wait_then_are_refused_with_503_and_resource_exhaus
         svc.calculate_nar(&info.node).await
     });
     let t = Instant::now();
-    let (status, body) = get(&s.http, &nar);
+    let (status, body) = http_request(&s.http, "GET", &nar);
     eprintln!(
         "fifth render: {status} after {:?}: {}",
         t.elapsed(),

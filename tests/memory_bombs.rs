@@ -7,7 +7,7 @@
 //! /proc/PID/status while the input is fed) stays under [`RSS_ANON_BOUND`].
 mod common;
 
-use common::{free_port, Daemon};
+use common::{free_port, status_bytes, wait_listening, Daemon};
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -52,23 +52,6 @@ fn start(extra: &[&str]) -> Cache {
         metrics,
         _dir: dir,
     }
-}
-
-fn wait_listening(addr: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(std::time::Instant::now() < deadline, "nothing on {addr}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A field of /proc/PID/status, in bytes.
-fn status_bytes(pid: u32, field: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
-        .map_or(0, |kb| kb << 10)
 }
 
 /// Samples a process's RssAnon every few milliseconds until stopped;

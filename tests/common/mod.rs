@@ -350,3 +350,47 @@ pub fn wait_stopped(pid: u32) {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// A field of `/proc/PID/status` given in kB (`RssAnon`, `VmHWM`), in
+/// bytes; 0 once the process is gone. `RssAnon` is a process's own memory:
+/// a vhost-user daemon's VmRSS also counts guest memory it wrote into.
+pub fn status_bytes(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+        .map_or(0, |kb| kb << 10)
+}
+
+/// Waits (at most 20 s) until something accepts on TCP `addr`.
+pub fn wait_listening(addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nothing listening on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One bodiless HTTP/1.1 request on a connection of its own: (status,
+/// body); status 0 when no answer came.
+pub fn http_request(addr: &str, method: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    // a listener that is full answers at once and closes: the request
+    // may then meet a closed socket, the answer is still there to read
+    let _ = write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let resp = String::from_utf8_lossy(&resp).into_owned();
+    let status = resp.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
