@@ -535,7 +535,10 @@ pub async fn blob_fast_paths_agree_with_open_read(store: &Store) {
 
         let sized = store.blob.open_read_sized(digest, len as u64).await;
         let sized = sized.unwrap().expect("stored blob opens at its size");
-        assert!(read_all(sized).await == *data, "open_read_sized of {len} bytes");
+        assert!(
+            read_all(sized).await == *data,
+            "open_read_sized of {len} bytes"
+        );
 
         let stream = store.blob.read_stream(digest).await.unwrap();
         let chunks: Vec<Bytes> = stream.expect("stored").try_collect().await.unwrap();
@@ -543,14 +546,22 @@ pub async fn blob_fast_paths_agree_with_open_read(store: &Store) {
 
         if let Some(opened) = open_blocking(store, digest) {
             let r = opened.unwrap().expect("stored blob opens blocking");
-            assert!(read_all(r).await == *data, "open_read_blocking of {len} bytes");
+            assert!(
+                read_all(r).await == *data,
+                "open_read_blocking of {len} bytes"
+            );
         }
 
         let r = store.blob.open_read(digest).await.unwrap().expect("stored");
         assert!(shared_bytes(r).await == *data, "into_shared of {len} bytes");
     }
 
-    assert!(store.blob.open_read_sized(&unknown, 19).await.unwrap().is_none());
+    assert!(store
+        .blob
+        .open_read_sized(&unknown, 19)
+        .await
+        .unwrap()
+        .is_none());
     // Absent as no stream, or as a stream whose first item is the refusal.
     if let Some(mut s) = store.blob.read_stream(&unknown).await.unwrap() {
         use futures::StreamExt;
@@ -578,7 +589,10 @@ pub async fn open_read_sized_refuses_a_longer_blob(store: &Store) {
             Ok(Some(mut r)) => {
                 let mut out = Vec::new();
                 let read = r.read_to_end(&mut out).await;
-                assert!(read.is_err(), "{round}: a blob longer than asked was served");
+                assert!(
+                    read.is_err(),
+                    "{round}: a blob longer than asked was served"
+                );
             }
         }
         let r = store.blob.open_read_sized(&digest, 3000).await.unwrap();
@@ -660,7 +674,10 @@ pub async fn path_info_fast_path_agrees_with_get(store: &Store) {
     );
     store.path_info.put(info.clone()).await.unwrap();
     let digest = *info.store_path.digest();
-    assert_eq!(store.path_info.get(&digest).await.unwrap(), Some(info.clone()));
+    assert_eq!(
+        store.path_info.get(&digest).await.unwrap(),
+        Some(info.clone())
+    );
     let blocking = tokio::task::block_in_place(|| store.path_info.get_blocking(&digest));
     if let Some(got) = blocking {
         assert_eq!(got.unwrap(), Some(info), "get_blocking");
