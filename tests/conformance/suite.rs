@@ -13,7 +13,7 @@ use tvix_virtiofsd::castore::{B3Digest, Directory, LeavesFirst, Node};
 use tvix_virtiofsd::nar;
 use tvix_virtiofsd::nix::store_path::StorePath;
 use tvix_virtiofsd::pathinfo::{ContentAddress, PathInfo, Signature};
-use tvix_virtiofsd::services::blob::{put_bytes, read_to_vec};
+use tvix_virtiofsd::services::blob::{put_bytes, read_to_vec, BlobReader, Direct, Shared};
 use tvix_virtiofsd::services::Store;
 use tvix_virtiofsd::wire::store::nar_info::ca::Hash as CaKind;
 
@@ -29,6 +29,10 @@ macro_rules! conformance_suite {
             path_infos_roundtrip,
             nar_of_imported_tree_roundtrips,
             nar_of_missing_or_wrong_blob_fails,
+            blob_fast_paths_agree_with_open_read,
+            open_read_sized_refuses_a_longer_blob,
+            directory_fast_paths_agree_with_get,
+            path_info_fast_path_agrees_with_get,
         );
     };
     (@cases $make:expr; $($case:ident,)*) => {
@@ -448,4 +452,238 @@ pub async fn nar_of_missing_or_wrong_blob_fails(store: &Store) {
         executable: false,
     };
     assert!(!render(&right, store).await.unwrap().is_empty());
+}
+
+/// Everything a blob reader serves, by whichever access it offers: its
+/// direct access (bytes or a file read at offsets) when it has one, else
+/// its async reads.
+async fn read_all(mut r: Box<dyn BlobReader>) -> Vec<u8> {
+    if let Some(d) = r.direct() {
+        let direct = direct_bytes(d);
+        let mut streamed = Vec::new();
+        r.read_to_end(&mut streamed).await.unwrap();
+        assert!(direct == streamed, "direct access and async reads differ");
+        return direct;
+    }
+    let mut out = Vec::new();
+    r.read_to_end(&mut out).await.unwrap();
+    out
+}
+
+fn direct_bytes(d: Direct<'_>) -> Vec<u8> {
+    match d {
+        Direct::Bytes(b) => b.to_vec(),
+        Direct::File(f) => file_at_offsets(f),
+    }
+}
+
+/// A file's bytes read only at offsets, as the view reads a shared blob.
+fn file_at_offsets(f: &std::fs::File) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = f.read_at(&mut buf, out.len() as u64).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+async fn shared_bytes(r: Box<dyn BlobReader>) -> Vec<u8> {
+    match r.into_shared() {
+        Shared::Bytes(b) => b.to_vec(),
+        Shared::File(f) => file_at_offsets(&f),
+        Shared::Stream(r) => read_all(r).await,
+    }
+}
+
+/// `open_read_blocking`, called as the view calls it: on a thread that may block.
+fn open_blocking(
+    store: &Store,
+    digest: &B3Digest,
+) -> Option<tvix_virtiofsd::services::Result<Option<Box<dyn BlobReader>>>> {
+    tokio::task::block_in_place(|| store.blob.open_read_blocking(digest))
+}
+
+/// Every way to read a blob (sized, streamed, blocking, direct, shared, and
+/// after the read-soon and read-ahead hints) gives the bytes `open_read`
+/// gives; a blob never stored is absent from each of them.
+pub async fn blob_fast_paths_agree_with_open_read(store: &Store) {
+    let big = random_bytes(300 << 10);
+    let blobs: Vec<Vec<u8>> = vec![vec![], b"fast paths".to_vec(), big];
+    let mut digests = Vec::new();
+    for data in &blobs {
+        digests.push(put_bytes(store.blob.as_ref(), data).await.unwrap());
+    }
+    let unknown = b3(b"never stored either");
+    // Hints name stored and unknown blobs alike, and return at once.
+    let mut soon = digests.iter().copied().chain([unknown]);
+    store.blob.read_soon(&mut soon);
+    let mut ahead = blobs
+        .iter()
+        .zip(&digests)
+        .map(|(d, &g)| (g, d.len() as u64))
+        .chain([(unknown, 19)]);
+    store.blob.read_ahead(&mut ahead);
+
+    for (data, digest) in blobs.iter().zip(&digests) {
+        let len = data.len();
+        let plain = store.blob.open_read(digest).await.unwrap().expect("stored");
+        assert!(read_all(plain).await == *data, "open_read of {len} bytes");
+
+        let sized = store.blob.open_read_sized(digest, len as u64).await;
+        let sized = sized.unwrap().expect("stored blob opens at its size");
+        assert!(
+            read_all(sized).await == *data,
+            "open_read_sized of {len} bytes"
+        );
+
+        let stream = store.blob.read_stream(digest).await.unwrap();
+        let chunks: Vec<Bytes> = stream.expect("stored").try_collect().await.unwrap();
+        assert!(chunks.concat() == *data, "read_stream of {len} bytes");
+
+        if let Some(opened) = open_blocking(store, digest) {
+            let r = opened.unwrap().expect("stored blob opens blocking");
+            assert!(
+                read_all(r).await == *data,
+                "open_read_blocking of {len} bytes"
+            );
+        }
+
+        let r = store.blob.open_read(digest).await.unwrap().expect("stored");
+        assert!(shared_bytes(r).await == *data, "into_shared of {len} bytes");
+    }
+
+    assert!(store
+        .blob
+        .open_read_sized(&unknown, 19)
+        .await
+        .unwrap()
+        .is_none());
+    // Absent as no stream, or as a stream whose first item is the refusal.
+    if let Some(mut s) = store.blob.read_stream(&unknown).await.unwrap() {
+        use futures::StreamExt;
+        assert!(
+            matches!(s.next().await, Some(Err(_))),
+            "a stream of an unknown blob yields no bytes"
+        );
+    }
+    if let Some(opened) = open_blocking(store, &unknown) {
+        assert!(opened.unwrap().is_none(), "unknown blob opened blocking");
+    }
+}
+
+/// `open_read_sized` with a size short of the blob never serves the longer
+/// bytes, whether the blob is fetched or already at hand; the right size
+/// still opens it afterwards, and a larger claim serves only what is there.
+pub async fn open_read_sized_refuses_a_longer_blob(store: &Store) {
+    let data = random_bytes(3000);
+    let digest = put_bytes(store.blob.as_ref(), &data).await.unwrap();
+    // Twice: the first may be a fetch, the second, after a full read, a hit.
+    for round in ["first", "after a full read"] {
+        match store.blob.open_read_sized(&digest, 2999).await {
+            Err(_) => {}
+            Ok(None) => panic!("{round}: a stored blob opened at a short size was absent"),
+            Ok(Some(mut r)) => {
+                let mut out = Vec::new();
+                let read = r.read_to_end(&mut out).await;
+                assert!(
+                    read.is_err(),
+                    "{round}: a blob longer than asked was served"
+                );
+            }
+        }
+        let r = store.blob.open_read_sized(&digest, 3000).await.unwrap();
+        assert!(read_all(r.expect("stored")).await == data, "{round}");
+    }
+    if let Ok(Some(r)) = store.blob.open_read_sized(&digest, 3001).await {
+        assert!(read_all(r).await == data, "a larger claim is not padded");
+    }
+}
+
+/// `get_blocking`, `get_watched` and `get_recursive_watched` agree with
+/// `get` and `get_recursive`, and an unknown directory is absent from each.
+pub async fn directory_fast_paths_agree_with_get(store: &Store) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let leaf = dir(vec![("f", file(b"fast", false))]);
+    let mid = dir(vec![("leaf", dir_node(&leaf)), ("g", file(b"g", true))]);
+    let root = dir(vec![("mid", dir_node(&mid)), ("leaf", dir_node(&leaf))]);
+    let all = [&leaf, &mid, &root];
+    put_dirs(store, &all).await;
+    let idle = Duration::from_secs(20);
+    let unknown = b3(b"no such directory either");
+
+    for d in all {
+        let digest = d.digest();
+        let blocking = tokio::task::block_in_place(|| store.directory.get_blocking(&digest));
+        if let Some(got) = blocking {
+            assert_eq!(got.unwrap().as_ref(), Some(d), "get_blocking");
+        }
+        let progress = AtomicU64::new(0);
+        let watched = store
+            .directory
+            .get_watched(&digest, idle, &|n| progress.store(n, Ordering::Relaxed))
+            .await
+            .unwrap();
+        assert_eq!(watched.as_ref(), Some(d), "get_watched");
+    }
+    let blocking = tokio::task::block_in_place(|| store.directory.get_blocking(&unknown));
+    if let Some(got) = blocking {
+        assert_eq!(got.unwrap(), None, "get_blocking of an unknown directory");
+    }
+    let watched = store
+        .directory
+        .get_watched(&unknown, idle, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(watched, None, "get_watched of an unknown directory");
+
+    let received = Arc::new(AtomicU64::new(0));
+    let got: Vec<Directory> = store
+        .directory
+        .get_recursive_watched(root.digest(), received.clone())
+        .try_collect()
+        .await
+        .unwrap();
+    assert_root_first(&got, &root, &all);
+    assert_eq!(
+        got,
+        recursive(store, root.digest()).await,
+        "get_recursive_watched and get_recursive differ"
+    );
+    let none: Vec<Directory> = store
+        .directory
+        .get_recursive_watched(unknown, received)
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(none.is_empty(), "an unknown tree streams nothing");
+}
+
+/// `get_blocking` on path infos agrees with `get`, for stored and unknown paths.
+pub async fn path_info_fast_path_agrees_with_get(store: &Store) {
+    let info = path_info(
+        7,
+        "fast-path",
+        Node::Symlink {
+            target: "/nix/store/y".into(),
+        },
+    );
+    store.path_info.put(info.clone()).await.unwrap();
+    let digest = *info.store_path.digest();
+    assert_eq!(
+        store.path_info.get(&digest).await.unwrap(),
+        Some(info.clone())
+    );
+    let blocking = tokio::task::block_in_place(|| store.path_info.get_blocking(&digest));
+    if let Some(got) = blocking {
+        assert_eq!(got.unwrap(), Some(info), "get_blocking");
+    }
+    let blocking = tokio::task::block_in_place(|| store.path_info.get_blocking(&[0xdd; 20]));
+    if let Some(got) = blocking {
+        assert_eq!(got.unwrap(), None, "get_blocking of an unknown path");
+    }
 }

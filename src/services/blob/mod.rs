@@ -1,6 +1,6 @@
 //! Blob storage: byte streams addressed by their BLAKE3 digest.
 use crate::castore::B3Digest;
-use crate::services::Result;
+use crate::services::{Error, Result};
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncSeek};
 
@@ -131,14 +131,18 @@ pub trait BlobService: Send + Sync + 'static {
 
     /// As `open_read`, for a blob a directory says is `size` bytes long:
     /// backends that fetch it stop past that size (a longer blob cannot
-    /// match) and can reserve room for it.
+    /// match) and can reserve room for it; those that hold it refuse it
+    /// when it is longer (see [`refuse_longer`]).
     async fn open_read_sized(
         &self,
         digest: &B3Digest,
         size: u64,
     ) -> Result<Option<Box<dyn BlobReader>>> {
-        let _ = size;
-        self.open_read(digest).await
+        let Some(mut r) = self.open_read(digest).await? else {
+            return Ok(None);
+        };
+        refuse_longer(&mut *r, digest, size)?;
+        Ok(Some(r))
     }
 
     /// The blob's bytes as they come, not yet checked against `digest`:
@@ -179,6 +183,27 @@ pub trait BlobService: Send + Sync + 'static {
     /// start reading their data in the background, a cache may fetch the
     /// ones it lacks. Must not block.
     fn read_ahead(&self, _blobs: &mut dyn Iterator<Item = (B3Digest, u64)>) {}
+}
+
+/// Refuses a reader whose length is at hand (bytes in memory, a file)
+/// and longer than the `size` a caller asked for: every backend then
+/// answers `open_read_sized` alike, the ones that fetch stopping past the
+/// size and the ones that hold the blob refusing it whole. A reader
+/// without direct access is left to the caller's own check.
+pub fn refuse_longer(r: &mut dyn BlobReader, digest: &B3Digest, size: u64) -> Result<()> {
+    let len = match r.direct() {
+        Some(Direct::Bytes(b)) => b.len() as u64,
+        Some(Direct::File(f)) => f.metadata()?.len(),
+        None => return Ok(()),
+    };
+    if len > size {
+        return Err(Error::SizeMismatch {
+            digest: *digest,
+            expected: size,
+            actual: len,
+        });
+    }
+    Ok(())
 }
 
 /// A blob's bytes in chunks, as a remote sends them.

@@ -72,6 +72,9 @@ impl Cache {
         size: Option<u64>,
     ) -> Result<Option<Box<dyn BlobReader>>> {
         if let Some(mut r) = self.local.blobs.open_read(digest).await? {
+            if let Some(s) = size {
+                crate::services::blob::refuse_longer(&mut *r, digest, s)?;
+            }
             self.blob_hit(digest, &mut *r);
             return Ok(Some(r));
         }
