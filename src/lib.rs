@@ -9,6 +9,7 @@ pub mod cli;
 pub mod fd_pass;
 pub mod fs;
 pub mod fuse;
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzz;
 pub mod grpc_bounds;
