@@ -132,13 +132,7 @@ fn put(addr: &str, path: &str, body: Vec<u8>, chunked: bool) -> (u16, String) {
     }
     let _ = s.shutdown(std::net::Shutdown::Both);
     let _ = writer.join();
-    let resp = String::from_utf8_lossy(&resp).into_owned();
-    let status = resp.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (status, body)
+    common::parse_response(&resp)
 }
 
 /// Feeds one upload to a fresh daemon and checks the refusal and the

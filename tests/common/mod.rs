@@ -386,7 +386,12 @@ pub fn http_request(addr: &str, method: &str, path: &str) -> (u16, String) {
     );
     let mut resp = Vec::new();
     let _ = s.read_to_end(&mut resp);
-    let resp = String::from_utf8_lossy(&resp).into_owned();
+    parse_response(&resp)
+}
+
+/// An HTTP/1.1 answer's (status, body); status 0 when there is none.
+pub fn parse_response(resp: &[u8]) -> (u16, String) {
+    let resp = String::from_utf8_lossy(resp);
     let status = resp.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
     let body = resp
         .split_once("\r\n\r\n")
