@@ -125,6 +125,18 @@ impl WritePolicy {
                 info.store_path
             )));
         };
+        // A signed path is admitted only with its closure: what it
+        // references must be there already (the binary cache asked this
+        // of uploads before; now every way in does).
+        for r in info.references.iter().filter(|r| **r != info.store_path) {
+            let there = contents.path_info.get(r.digest()).await?;
+            if there.is_none_or(|i| i.store_path != *r) {
+                return Err(Error::Untrusted(format!(
+                    "{}: its reference {r} is not in the store (add it first)",
+                    info.store_path
+                )));
+            }
+        }
         if self.take_vouched(info) {
             return Ok(());
         }

@@ -185,6 +185,33 @@ async fn a_trusted_signature_copied_onto_other_contents_is_refused() {
     );
     assert!(store.path_info.get(path.digest()).await.unwrap().is_none());
 
+    // a genuinely signed path whose reference is not in the store is
+    // refused: a closure gets in whole or not at all, whatever the way in
+    let absent = tvix_virtiofsd::nix::store_path::StorePath::from_basename(&format!(
+        "{}-absent",
+        "1".repeat(32)
+    ))
+    .unwrap();
+    let with_ref = make_source_path("with-ref", &g.nar_sha256, &[]).unwrap();
+    let mut dangling = PathInfo::bare(with_ref.clone(), f.node.clone());
+    dangling.nar_sha256 = g.nar_sha256;
+    dangling.nar_size = g.nar_size;
+    dangling.references = vec![absent.clone()];
+    dangling.signatures = vec![Signature {
+        name: key.name.clone(),
+        data: bytes::Bytes::copy_from_slice(&key.signature(&fingerprint(
+            &with_ref,
+            &g.nar_sha256,
+            g.nar_size,
+            &[absent],
+        ))),
+    }];
+    let err = store.path_info.put(dangling).await.unwrap_err();
+    assert!(
+        err.to_string().contains("is not in the store"),
+        "unexpected: {err}"
+    );
+
     // the genuine contents with the same signature are admitted
     let g2 = tvix_virtiofsd::import::ingest_path(&genuine, &store, &|_| {})
         .await
