@@ -10,8 +10,8 @@
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tvix_virtiofsd::bounded_set::BoundedSet;
-use tvix_virtiofsd::services::cache::looked_at::LookedAt;
+use tvix_virtiofsd::store::cache::looked_at::LookedAt;
+use tvix_virtiofsd::view::bounded_set::BoundedSet;
 
 const BOUND: usize = 65_536;
 const RECHECK: Duration = Duration::from_secs(300);

@@ -6,10 +6,10 @@
 //! `cargo test`.
 use crate::castore::graph::{LeavesFirst, RootFirst};
 use crate::castore::Directory;
-use crate::fs::{FsConfig, StoreFs};
-use crate::pathinfo::PathInfo;
-use crate::services::Store;
-use crate::vhost_user::{handle_chain, FsServer};
+use crate::nix::path_info::PathInfo;
+use crate::serve::vhost_user::{handle_chain, FsServer};
+use crate::store::Store;
+use crate::view::{FsConfig, StoreFs};
 use crate::wire::{castore as cpb, store as spb};
 use prost::Message;
 use std::sync::{Arc, OnceLock};
@@ -67,10 +67,10 @@ pub const FIXTURE_PATHS: [&str; 3] = [
     "22222222222222222222222222222222-link",
 ];
 
-async fn fill(store: &Store) -> crate::services::Result<()> {
+async fn fill(store: &Store) -> crate::store::Result<()> {
     use crate::castore::Node;
     use crate::nix::store_path::StorePath;
-    let blob = crate::services::blob::put_bytes(store.blob.as_ref(), b"hello, fuzzer\n").await?;
+    let blob = crate::store::blob::put_bytes(store.blob.as_ref(), b"hello, fuzzer\n").await?;
     let file = Node::File {
         digest: blob,
         size: 14,
@@ -88,13 +88,13 @@ async fn fill(store: &Store) -> crate::services::Result<()> {
         digest: dir.digest(),
         size: dir.size(),
     };
-    crate::services::directory::put_one(store.directory.as_ref(), dir).await?;
+    crate::store::directory::put_one(store.directory.as_ref(), dir).await?;
     let link = Node::Symlink {
         target: "/nix/store/00000000000000000000000000000000-file".into(),
     };
     for (name, node) in FIXTURE_PATHS.iter().zip([file, tree, link]) {
         let store_path = StorePath::from_basename(name)
-            .map_err(|e| crate::services::Error::InvalidRequest(e.to_string()))?;
+            .map_err(|e| crate::store::Error::InvalidRequest(e.to_string()))?;
         store
             .path_info
             .put(PathInfo::bare(store_path, node))
@@ -327,12 +327,12 @@ pub fn path_info(data: &[u8]) {
 pub fn nar(data: &[u8]) {
     let f = fixture();
     let store = Store::memory();
-    let got = f.rt.block_on(crate::nar::ingest::ingest_nar(data, &store));
+    let got = f.rt.block_on(crate::ingest::nar::ingest_nar(data, &store));
     let Ok(ingested) = got else {
         return;
     };
     let mut out = Vec::new();
-    let rendered = f.rt.block_on(crate::nar::render::write_nar(
+    let rendered = f.rt.block_on(crate::ingest::render::write_nar(
         &mut out,
         &ingested.node,
         &store,
@@ -357,8 +357,8 @@ pub fn path_info_json(data: &[u8]) {
 
 /// Limits the upload targets run under: small, so that a bomb is cut
 /// short fast (the limits themselves are what is under test).
-fn upload_limits() -> crate::nar::ingest::Limits {
-    crate::nar::ingest::Limits {
+fn upload_limits() -> crate::ingest::nar::Limits {
+    crate::ingest::nar::Limits {
         nar_size: 1 << 20,
         directory_bytes: 1 << 20,
     }
@@ -381,7 +381,7 @@ pub fn nar_upload(data: &[u8]) {
     let f = fixture();
     let store = Store::memory();
     let input = crate::nar::decode::decoder(c, std::io::Cursor::new(body.to_vec()));
-    let got = f.rt.block_on(crate::nar::ingest::ingest_nar_within(
+    let got = f.rt.block_on(crate::ingest::nar::ingest_nar_within(
         input,
         &store,
         &upload_limits(),
@@ -391,7 +391,7 @@ pub fn nar_upload(data: &[u8]) {
     };
     assert!(ingested.nar_size <= upload_limits().nar_size);
     let mut out = Vec::new();
-    let rendered = f.rt.block_on(crate::nar::render::write_nar(
+    let rendered = f.rt.block_on(crate::ingest::render::write_nar(
         &mut out,
         &ingested.node,
         &store,
@@ -436,15 +436,15 @@ pub fn binary_cache_http(data: &[u8]) {
         if let Err(e) = fill(&store).await {
             panic!("fuzz fixture: {e}");
         }
-        let cache = Arc::new(crate::binary_cache::BinaryCache::new(
+        let cache = Arc::new(crate::serve::binary_cache::BinaryCache::new(
             store,
-            crate::binary_cache::Options {
+            crate::serve::binary_cache::Options {
                 writable: true,
                 signer: Some(fuzz_key()),
-                policy: crate::write_policy::WritePolicy::new(vec![]),
+                policy: crate::ingest::write_policy::WritePolicy::new(vec![]),
                 priority: 30,
                 min_free: None,
-                limits: crate::binary_cache::Limits {
+                limits: crate::serve::binary_cache::Limits {
                     max_connections: 1,
                     max_nar_size: 1 << 20,
                     renders: Arc::new(tokio::sync::Semaphore::new(1)),
@@ -456,8 +456,8 @@ pub fn binary_cache_http(data: &[u8]) {
             let cache = cache.clone();
             async move { Ok::<_, std::convert::Infallible>(cache.handle(req).await) }
         });
-        let conn =
-            crate::http_conn::builder().serve_connection(hyper_util::rt::TokioIo::new(server), svc);
+        let conn = crate::serve::http_conn::builder()
+            .serve_connection(hyper_util::rt::TokioIo::new(server), svc);
         let (mut rd, mut wr) = tokio::io::split(client);
         let talk = async move {
             let _ = wr.write_all(data).await;
@@ -737,7 +737,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     for info in &fixture_infos {
         let mut nar = Vec::new();
         if f.rt
-            .block_on(crate::nar::write_nar(&mut nar, &info.node, &f.store))
+            .block_on(crate::ingest::write_nar(&mut nar, &info.node, &f.store))
             .is_ok()
         {
             let http = matches!(info.node, crate::castore::Node::Directory { .. });
@@ -762,7 +762,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         rich.references = vec![info.store_path.clone()];
         rich.nar_size = 4096;
         rich.nar_sha256 = [7; 32];
-        rich.signatures = vec![crate::pathinfo::Signature {
+        rich.signatures = vec![crate::nix::path_info::Signature {
             name: "cache.example.org-1".into(),
             data: vec![1u8; 64].into(),
         }];
@@ -785,8 +785,8 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
 /// resident blobs (filled at start) and one more that may be filled;
 /// together they take well under the bound, so nothing may ever be evicted.
 struct CacheFixture {
-    server: crate::grpc_server::CacheServer,
-    cache: Arc<crate::services::cache::Cache>,
+    server: crate::serve::grpc::CacheServer,
+    cache: Arc<crate::store::cache::Cache>,
     resident: [crate::castore::B3Digest; 2],
     fillable: (crate::castore::B3Digest, u64),
 }
@@ -824,14 +824,14 @@ fn cache_fuzz_dir() -> std::path::PathBuf {
 fn cache_fixture() -> &'static CacheFixture {
     static F: OnceLock<CacheFixture> = OnceLock::new();
     F.get_or_init(|| {
-        use crate::services::cache::{Cache, CacheOptions, Role};
+        use crate::store::cache::{Cache, CacheOptions, Role};
         let f = fixture();
         let remote = Store::memory();
         let blobs = cache_fuzz_blobs();
         let made = f.rt.block_on(async {
             let mut digests = Vec::new();
             for b in &blobs {
-                digests.push(crate::services::blob::put_bytes(remote.blob.as_ref(), b).await?);
+                digests.push(crate::store::blob::put_bytes(remote.blob.as_ref(), b).await?);
             }
             let opts = CacheOptions {
                 dir: cache_fuzz_dir(),
@@ -839,13 +839,13 @@ fn cache_fixture() -> &'static CacheFixture {
                 role: Role::Filler,
             };
             let cache = Cache::open(&opts, remote, None, std::time::Duration::from_secs(2))?;
-            Ok::<_, crate::services::Error>((digests, cache))
+            Ok::<_, crate::store::Error>((digests, cache))
         });
         let (digests, cache) = match made {
             Ok(m) => m,
             Err(e) => panic!("cache fuzz fixture: {e}"),
         };
-        let server = crate::grpc_server::CacheServer::new(cache.clone());
+        let server = crate::serve::grpc::CacheServer::new(cache.clone());
         let fx = CacheFixture {
             server,
             cache,
@@ -867,7 +867,7 @@ fn cache_fixture() -> &'static CacheFixture {
 
 /// One FillBlob through the service, its progress stream read to the end.
 async fn cache_fuzz_fill(
-    server: &crate::grpc_server::CacheServer,
+    server: &crate::serve::grpc::CacheServer,
     req: crate::wire::cache::FillBlobRequest,
 ) -> Result<(), tonic::Status> {
     use crate::wire::cache::cache_service_server::CacheService;
@@ -889,7 +889,7 @@ async fn cache_fuzz_fill(
 /// object is evicted (what the remote holds fits the cache many times
 /// over) and the space in use stays within the bound.
 pub fn cache_service(data: &[u8]) {
-    use crate::services::cache::space::cost;
+    use crate::store::cache::space::cost;
     use crate::wire::cache::cache_service_server::CacheService;
     use crate::wire::cache::{FillBlobRequest, TouchRequest};
     use std::sync::atomic::Ordering::Relaxed;

@@ -1,33 +1,34 @@
 //! tvix-virtiofsd: a tvix-store compatible content-addressed store and the
 //! pieces that serve it to microVMs as a read-only /nix/store.
 //!
-//! Data flows wire → castore model → store services → NAR/import → CLI.
-pub mod binary_cache;
-pub mod bounded_set;
+//! The layers, in the order data flows through them. Each imports only
+//! the layers listed above it (`tests/layering.rs` checks this), so each
+//! can be read and changed without the ones below it in this list.
+/// The content-addressed model: digests, nodes, directories, graphs.
 pub mod castore;
+/// The command line, at the top edge: wires the layers into commands.
 pub mod cli;
-pub mod fd_pass;
-pub mod fs;
-pub mod fuse;
+/// The host, at the bottom edge: sockets, descriptor passing, readiness,
+/// the sandbox, seccomp, privileges and allocator settings. Knows nothing
+/// of the store.
+pub mod host;
+/// Trees and NARs into the store and NARs out of it, and the write policy
+/// that decides which path infos may become visible.
+pub mod ingest;
+/// The NAR format: writing, hashing and decompressing archives.
+pub mod nar;
+/// Nix's formats: store paths, hashes, narinfo, signatures, path infos.
+pub mod nix;
+/// Every transport: vhost-user, host FUSE, gRPC, binary cache, metrics.
+pub mod serve;
+/// The store: service traits, addresses, errors, backends, their shared
+/// on-disk layout, the gRPC client and the host cache.
+pub mod store;
+/// The read-only /nix/store view of a store, as a FUSE filesystem.
+pub mod view;
+/// The generated wire types of the gRPC services, and Prometheus' text.
+pub mod wire;
+
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzz;
-pub mod grpc_bounds;
-pub mod grpc_server;
-pub mod http_conn;
-pub mod import;
-pub mod memory;
-pub mod metrics;
-pub mod nar;
-pub mod nix;
-pub mod notify;
-pub mod pathinfo;
-pub mod privileges;
-pub mod queue_poll;
-pub mod sandbox;
-pub mod seccomp;
-pub mod services;
-pub mod socket;
-pub mod vhost_user;
-pub mod wire;
-pub mod write_policy;

@@ -18,9 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status, Streaming};
 use tvix_virtiofsd::castore::{B3Digest, Directory, Node};
-use tvix_virtiofsd::grpc_server::StoreServer;
-use tvix_virtiofsd::services::channel::WireChannel;
-use tvix_virtiofsd::services::Store;
+use tvix_virtiofsd::serve::grpc::StoreServer;
+use tvix_virtiofsd::store::channel::WireChannel;
+use tvix_virtiofsd::store::Store;
 use tvix_virtiofsd::wire::cache::cache_service_client::CacheServiceClient;
 use tvix_virtiofsd::wire::cache::FillBlobRequest;
 use tvix_virtiofsd::wire::castore as cpb;
@@ -107,7 +107,7 @@ impl Filler {
     fn cache_client(&self, rt: &tokio::runtime::Runtime) -> CacheServiceClient<WireChannel> {
         let _g = rt.enter();
         CacheServiceClient::new(
-            tvix_virtiofsd::services::channel::connect_unix(self.sock.clone(), Default::default())
+            tvix_virtiofsd::store::channel::connect_unix(self.sock.clone(), Default::default())
                 .unwrap(),
         )
     }
@@ -696,7 +696,7 @@ fn open_files_under(pid: u32, prefix: &str) -> Vec<String> {
 /// such read into the temporary directory, as many as were asked.
 #[test]
 fn blobs_larger_than_the_cache_are_spooled_beside_it_two_at_a_time() {
-    use tvix_virtiofsd::services::blob::read_to_vec;
+    use tvix_virtiofsd::store::blob::read_to_vec;
     let rt = runtime();
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();

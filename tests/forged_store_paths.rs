@@ -9,9 +9,9 @@ mod common;
 use common::{cli_err, cli_ok, free_port, require_tools, wait_listening, Daemon};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use tvix_virtiofsd::nix::path_info::{PathInfo, Signature};
 use tvix_virtiofsd::nix::signing::{fingerprint, SecretKey};
 use tvix_virtiofsd::nix::store_path::make_source_path;
-use tvix_virtiofsd::pathinfo::{PathInfo, Signature};
 
 const NIX_STORE: (&str, &str) = ("nix-store", "nix-bin");
 
@@ -41,14 +41,18 @@ fn http_status(addr: &str, method: &str, path: &str) -> u16 {
 }
 
 /// What `path` ingests to (tree, NAR hash and size), in a throwaway store.
-fn ingested(path: &Path) -> tvix_virtiofsd::nar::Ingested {
+fn ingested(path: &Path) -> tvix_virtiofsd::ingest::Ingested {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let store = tvix_virtiofsd::services::Store::memory();
-    rt.block_on(tvix_virtiofsd::import::ingest_path(path, &store, &|_| {}))
-        .unwrap()
+    let store = tvix_virtiofsd::store::Store::memory();
+    rt.block_on(tvix_virtiofsd::ingest::tree::ingest_path(
+        path,
+        &store,
+        &|_| {},
+    ))
+    .unwrap()
 }
 
 /// A directory with one file of `text`.
@@ -156,9 +160,9 @@ async fn a_trusted_signature_copied_onto_other_contents_is_refused() {
     // the genuine path: its NAR hash and size, signed by the trusted key
     // (as a public narinfo would carry it), never uploaded here
     let genuine = tree(&t, "genuine", "the real package\n");
-    let g = tvix_virtiofsd::import::ingest_path(
+    let g = tvix_virtiofsd::ingest::tree::ingest_path(
         &genuine,
-        &tvix_virtiofsd::services::Store::memory(),
+        &tvix_virtiofsd::store::Store::memory(),
         &|_| {},
     )
     .await
@@ -168,7 +172,7 @@ async fn a_trusted_signature_copied_onto_other_contents_is_refused() {
 
     // other contents uploaded, the genuine signature copied onto them
     let forged = tree(&t, "forged", "something else entirely\n");
-    let f = tvix_virtiofsd::import::ingest_path(&forged, &store, &|_| {})
+    let f = tvix_virtiofsd::ingest::tree::ingest_path(&forged, &store, &|_| {})
         .await
         .unwrap();
     let mut info = PathInfo::bare(path.clone(), f.node.clone());
@@ -213,7 +217,7 @@ async fn a_trusted_signature_copied_onto_other_contents_is_refused() {
     );
 
     // the genuine contents with the same signature are admitted
-    let g2 = tvix_virtiofsd::import::ingest_path(&genuine, &store, &|_| {})
+    let g2 = tvix_virtiofsd::ingest::tree::ingest_path(&genuine, &store, &|_| {})
         .await
         .unwrap();
     info.node = g2.node;

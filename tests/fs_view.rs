@@ -8,9 +8,9 @@ use std::ffi::CString;
 use std::sync::Arc;
 use std::time::Duration;
 use tvix_virtiofsd::castore::Node;
-use tvix_virtiofsd::fs::{FsConfig, StoreFs, ROOT_INO};
 use tvix_virtiofsd::nix::store_path::StorePath;
-use tvix_virtiofsd::services::{blob, Store};
+use tvix_virtiofsd::store::{blob, Store};
+use tvix_virtiofsd::view::{FsConfig, StoreFs, ROOT_INO};
 
 fn errno<T>(r: std::io::Result<T>) -> i32 {
     match r {

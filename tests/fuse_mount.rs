@@ -285,7 +285,7 @@ fn large_file_and_directory() {
 fn root_listing_of_20000_paths() {
     use tvix_virtiofsd::castore::Node;
     use tvix_virtiofsd::nix::store_path::StorePath;
-    use tvix_virtiofsd::services::Store;
+    use tvix_virtiofsd::store::Store;
     if !common::fuse_available("FUSE TEST") {
         return;
     }

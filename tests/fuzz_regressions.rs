@@ -135,7 +135,7 @@ fn seeds_are_accepted_inputs() {
             }
             "path_info" => {
                 let pb = tvix_virtiofsd::wire::store::PathInfo::decode(seed.as_slice()).unwrap();
-                tvix_virtiofsd::pathinfo::PathInfo::try_from(pb).unwrap();
+                tvix_virtiofsd::nix::path_info::PathInfo::try_from(pb).unwrap();
             }
             "path_info_json" => {
                 tvix_virtiofsd::nix::path_info_json::parse_path_info_json(&seed).unwrap();

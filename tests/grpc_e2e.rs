@@ -160,7 +160,7 @@ fn read_only_refuses_puts() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let c = grpc_store(&d.addr);
-        let err = tvix_virtiofsd::services::blob::put_bytes(c.blob.as_ref(), b"x")
+        let err = tvix_virtiofsd::store::blob::put_bytes(c.blob.as_ref(), b"x")
             .await
             .unwrap_err();
         assert!(
@@ -267,11 +267,11 @@ fn uploads_are_bounded() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let backend = tvix_virtiofsd::services::Store::memory();
+        let backend = tvix_virtiofsd::store::Store::memory();
         let addr = common::serve_in_process_with(
             backend.clone(),
             None,
-            tvix_virtiofsd::grpc_server::Limits {
+            tvix_virtiofsd::serve::grpc::Limits {
                 put_directories: 10,
                 ..Default::default()
             },

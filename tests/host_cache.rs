@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 use tvix_virtiofsd::castore::{B3Digest, Directory};
-use tvix_virtiofsd::grpc_server::StoreServer;
-use tvix_virtiofsd::services::channel::WireChannel;
-use tvix_virtiofsd::services::{blob::read_to_vec, Addr, Store};
+use tvix_virtiofsd::serve::grpc::StoreServer;
+use tvix_virtiofsd::store::channel::WireChannel;
+use tvix_virtiofsd::store::{blob::read_to_vec, Addr, Store};
 use tvix_virtiofsd::wire::cache::cache_service_client::CacheServiceClient;
 use tvix_virtiofsd::wire::cache::FillBlobRequest;
 use tvix_virtiofsd::wire::castore as cpb;
@@ -393,7 +393,7 @@ impl Filler {
     fn cache_client(&self, rt: &tokio::runtime::Runtime) -> CacheServiceClient<WireChannel> {
         let _g = rt.enter();
         CacheServiceClient::new(
-            tvix_virtiofsd::services::channel::connect_unix(self.sock.clone(), Default::default())
+            tvix_virtiofsd::store::channel::connect_unix(self.sock.clone(), Default::default())
                 .unwrap(),
         )
     }
@@ -1494,7 +1494,7 @@ fn reader_of_a_plain_daemon_falls_back() {
 /// existing directory.
 #[test]
 fn bad_sizes_and_second_filler_refused() {
-    use tvix_virtiofsd::cli::daemon::parse_size;
+    use tvix_virtiofsd::cli::args::parse_size;
     for (s, v) in [
         ("512", 512),
         ("64K", 64 << 10),
@@ -1631,7 +1631,7 @@ fn path_infos_are_charged_what_they_take() {
     let filler_blob = pseudo_random(MAX as usize - 4096, 41);
     let small = b"#!/bin/sh\n".to_vec();
     let info = rt.block_on(async {
-        use tvix_virtiofsd::services::blob::put_bytes;
+        use tvix_virtiofsd::store::blob::put_bytes;
         put_bytes(remote.blob.as_ref(), &filler_blob).await.unwrap();
         let digest = put_bytes(remote.blob.as_ref(), &small).await.unwrap();
         let mut info = common::bare_path_info(

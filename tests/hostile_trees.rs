@@ -9,7 +9,7 @@ use common::{cli_err, cli_ok, Daemon};
 use std::time::{Duration, Instant};
 use tvix_virtiofsd::castore::{Directory, LeavesFirst, Node};
 use tvix_virtiofsd::nix::store_path::StorePath;
-use tvix_virtiofsd::services::Store;
+use tvix_virtiofsd::store::Store;
 
 fn dir_node(d: &Directory) -> Node {
     Node::Directory {
@@ -72,7 +72,7 @@ async fn deep_and_exponential_trees_are_refused_not_rendered() {
     ] {
         let root = put(&store, dirs).await;
         let t = Instant::now();
-        let err = tvix_virtiofsd::nar::calculate_nar(&root, &store)
+        let err = tvix_virtiofsd::ingest::calculate_nar(&root, &store)
             .await
             .unwrap_err();
         assert!(err.to_string().contains(expect), "{what}: {err}");
@@ -84,7 +84,7 @@ async fn deep_and_exponential_trees_are_refused_not_rendered() {
     }
     // a deep chain within the bound still renders
     let root = put(&store, chain(1000)).await;
-    let (size, _) = tvix_virtiofsd::nar::calculate_nar(&root, &store)
+    let (size, _) = tvix_virtiofsd::ingest::calculate_nar(&root, &store)
         .await
         .unwrap();
     assert!(size > 1000 * 40, "{size}");
@@ -103,7 +103,7 @@ fn a_daemon_asked_for_them_keeps_serving() {
         "00000000000000000000000000000002-wide",
     ];
     rt.block_on(async {
-        let a: tvix_virtiofsd::services::Addr = url.parse().unwrap();
+        let a: tvix_virtiofsd::store::Addr = url.parse().unwrap();
         let store = Store::open(&a, &a, &a).unwrap();
         // 10,000 deep here, for time: 100,000 pass too (30-60 s in a debug
         // build) since the recursive Get sends directories many to a frame
@@ -142,7 +142,7 @@ fn a_daemon_asked_for_them_keeps_serving() {
 /// bytes): one past them, from a store over gRPC, is RESOURCE_EXHAUSTED.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tree_is_collected_within_bounds() {
-    use tvix_virtiofsd::services::directory::get_tree_within;
+    use tvix_virtiofsd::store::directory::get_tree_within;
     let backend = Store::memory();
     let root = put(&backend, chain(100)).await;
     let Node::Directory { digest, .. } = root else {

@@ -191,12 +191,12 @@ fn nar_renders_past_the_bound_wait_then_are_refused_with_503_and_resource_exhaus
     let calculated = rt.spawn(async move {
         let store = common::grpc_store(&format!("grpc+http://{grpc}"));
         let info = store.path_info.get(sp.digest()).await.unwrap().unwrap();
-        let ch = tvix_virtiofsd::services::channel::connect_tcp(
+        let ch = tvix_virtiofsd::store::channel::connect_tcp(
             &grpc,
-            tvix_virtiofsd::services::channel::Wire::Detect,
+            tvix_virtiofsd::store::channel::Wire::Detect,
         )
         .unwrap();
-        let svc = tvix_virtiofsd::services::pathinfo::grpc::GrpcPathInfoService::new(ch);
+        let svc = tvix_virtiofsd::store::pathinfo::grpc::GrpcPathInfoService::new(ch);
         svc.calculate_nar(&info.node).await
     });
     let t = Instant::now();

@@ -9,7 +9,7 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use tvix_virtiofsd::castore::{B3Digest, Directory, LeavesFirst, Node};
-use tvix_virtiofsd::services::{blob, Error, Store};
+use tvix_virtiofsd::store::{blob, Error, Store};
 use tvix_virtiofsd::wire::castore as pb;
 use tvix_virtiofsd::wire::castore::blob_service_server::{BlobService, BlobServiceServer};
 use tvix_virtiofsd::wire::castore::directory_service_server::{

@@ -21,8 +21,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tvix_virtiofsd::castore::B3Digest;
-use tvix_virtiofsd::services::blob::{BlobReader, BlobService, BlobWriter};
-use tvix_virtiofsd::services::{Addr, Store};
+use tvix_virtiofsd::store::blob::{BlobReader, BlobService, BlobWriter};
+use tvix_virtiofsd::store::{Addr, Store};
 
 fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
@@ -87,14 +87,14 @@ struct GatedBlobs {
 
 #[async_trait::async_trait]
 impl BlobService for GatedBlobs {
-    async fn has(&self, digest: &B3Digest) -> tvix_virtiofsd::services::Result<bool> {
+    async fn has(&self, digest: &B3Digest) -> tvix_virtiofsd::store::Result<bool> {
         self.inner.has(digest).await
     }
 
     async fn open_read(
         &self,
         digest: &B3Digest,
-    ) -> tvix_virtiofsd::services::Result<Option<Box<dyn BlobReader>>> {
+    ) -> tvix_virtiofsd::store::Result<Option<Box<dyn BlobReader>>> {
         if *digest != self.slow {
             self.events.lock().unwrap().push(Event::Open(*digest));
             return self.inner.open_read(digest).await;
@@ -107,7 +107,7 @@ impl BlobService for GatedBlobs {
         r
     }
 
-    async fn open_write(&self) -> tvix_virtiofsd::services::Result<Box<dyn BlobWriter>> {
+    async fn open_write(&self) -> tvix_virtiofsd::store::Result<Box<dyn BlobWriter>> {
         self.inner.open_write().await
     }
 }

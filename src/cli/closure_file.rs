@@ -7,8 +7,8 @@
 //! replaced by rename, or a symbolic link switched to another target, is
 //! followed), and hands the opened descriptor to the serving process over
 //! a socket pair; the serving process reads the roots from the latest one.
-use crate::fs::closure::{self, ClosureError};
 use crate::nix::store_path::StorePath;
+use crate::store::closure::{self, ClosureError};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};

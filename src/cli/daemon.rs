@@ -1,8 +1,8 @@
 //! `daemon`: serves the store over gRPC (tvix-store protocol, health,
 //! reflection) on TCP, a unix socket, or a socket handed over by systemd.
-use super::StoreArgs;
-use crate::grpc_server::StoreServer;
-use crate::socket::SocketFile;
+use super::args::{parse_size, StoreArgs};
+use crate::host::socket::SocketFile;
+use crate::serve::grpc::StoreServer;
 use crate::wire::{castore, store, FILE_DESCRIPTOR_SET};
 use anyhow::{bail, Context};
 use clap::Args;
@@ -53,7 +53,7 @@ pub struct DaemonArgs {
 
     /// gRPC clients connected at once; past it new connections are closed
     /// as soon as they are accepted.
-    #[arg(long, default_value_t = crate::grpc_bounds::DEFAULT_CONNECTIONS)]
+    #[arg(long, default_value_t = crate::serve::grpc::bounds::DEFAULT_CONNECTIONS)]
     pub max_connections: usize,
 
     /// Largest NAR (uncompressed, K, M, G, T) a binary cache upload may
@@ -110,30 +110,6 @@ pub struct DaemonArgs {
     pub http_priority: u32,
 }
 
-/// A byte count with an optional binary suffix: 512, 64K, 10G.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, shift) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(format!("{s:?}: unknown suffix {c:?} (K, M, G or T)")),
-            };
-            (&s[..i], shift)
-        }
-        _ => (s, 0),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size in bytes (e.g. 10G)"))?;
-    n.checked_mul(1 << shift)
-        .filter(|&v| v > 0)
-        .ok_or_else(|| format!("{s:?}: must be between 1 byte and 16 EiB"))
-}
-
 enum Listener {
     Tcp(tokio::net::TcpListener),
     /// The socket file is removed on shutdown when we created it.
@@ -154,15 +130,15 @@ impl Listener {
 
 /// The first socket passed by systemd socket activation, if any.
 fn systemd_listener() -> anyhow::Result<Option<Listener>> {
-    let Some(fd) = crate::socket::systemd_fd() else {
+    let Some(fd) = crate::host::socket::systemd_fd() else {
         return Ok(None);
     };
-    Ok(Some(match crate::socket::inherited_from_fd(fd)? {
-        crate::socket::Inherited::Unix(l) => {
+    Ok(Some(match crate::host::socket::inherited_from_fd(fd)? {
+        crate::host::socket::Inherited::Unix(l) => {
             l.set_nonblocking(true)?;
             Listener::Unix(tokio::net::UnixListener::from_std(l)?, None)
         }
-        crate::socket::Inherited::Tcp(l) => {
+        crate::host::socket::Inherited::Tcp(l) => {
             l.set_nonblocking(true)?;
             Listener::Tcp(tokio::net::TcpListener::from_std(l)?)
         }
@@ -171,8 +147,8 @@ fn systemd_listener() -> anyhow::Result<Option<Listener>> {
 
 async fn bind(listen: &str, group: Option<&str>) -> anyhow::Result<Listener> {
     if let Some(path) = listen.strip_prefix("unix:") {
-        let group = group.map(crate::socket::group_id).transpose()?;
-        let (l, file) = crate::socket::bind_socket(Path::new(path), group)?;
+        let group = group.map(crate::host::socket::group_id).transpose()?;
+        let (l, file) = crate::host::socket::bind_socket(Path::new(path), group)?;
         l.set_nonblocking(true)?;
         Ok(Listener::Unix(
             tokio::net::UnixListener::from_std(l)?,
@@ -204,25 +180,9 @@ pub fn nodelay(
     })
 }
 
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop the daemon with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
-    crate::notify::tell("STOPPING=1");
-}
-
 impl DaemonArgs {
-    fn families(&self) -> anyhow::Result<crate::grpc_server::Families> {
-        let mut f = crate::grpc_server::Families {
+    fn families(&self) -> anyhow::Result<crate::serve::grpc::Families> {
+        let mut f = crate::serve::grpc::Families {
             tvix: false,
             snix: false,
         };
@@ -238,7 +198,7 @@ impl DaemonArgs {
 }
 
 pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()> {
-    use crate::services::cache::{CacheOptions, Role};
+    use crate::store::cache::{CacheOptions, Role};
     let cache = store_args.cache_dir.as_ref().map(|dir| CacheOptions {
         dir: dir.clone(),
         max_bytes: args.cache_size,
@@ -250,20 +210,19 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
     // one bound on NAR walks, whichever listener asks for them
     let renders = std::sync::Arc::new(tokio::sync::Semaphore::new(args.max_nar_renders as usize));
     // Metrics first: once the store socket answers, so do they.
-    let calls = std::sync::Arc::new(crate::grpc_server::CallMetrics::default());
+    let calls = std::sync::Arc::new(crate::serve::grpc::CallMetrics::default());
     if let Some(listen) = &args.metrics_listen {
         let (c, calls) = (cache.clone(), calls.clone());
-        let render: crate::metrics::Render = std::sync::Arc::new(move || {
-            let mut out = String::from(
-                "# HELP tvix_virtiofsd_up The daemon is serving.\n# TYPE tvix_virtiofsd_up gauge\ntvix_virtiofsd_up 1\n",
-            );
+        let render: crate::serve::metrics::Render = std::sync::Arc::new(move || {
+            let mut out = String::new();
+            crate::wire::prometheus::up(&mut out);
             calls.render(&mut out);
             if let Some(c) = &c {
                 out.push_str(&c.stats().prometheus());
             }
             out
         });
-        crate::metrics::serve(listen, render).await?;
+        crate::serve::metrics::serve(listen, render).await?;
     }
     let (listener, listening_on) = match systemd_listener()? {
         Some(l) => {
@@ -292,7 +251,7 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
         .map(crate::nix::signing::PublicKey::parse)
         .collect::<Result<Vec<_>, _>>()
         .context("--trusted-public-keys")?;
-    let policy = crate::write_policy::WritePolicy::new(trusted);
+    let policy = crate::ingest::write_policy::WritePolicy::new(trusted);
     let store = policy.guard(store);
     // Who else can add paths: a writable TCP or binary cache listener, or a
     // writable socket shared with a group (or passed by systemd, whose
@@ -319,10 +278,10 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
     }
     // An embedded store (blobs are what fill a disk) keeps room free.
     let min_free = match &store_args.addrs()?[0] {
-        crate::services::Addr::Local(dir) => Some((dir.clone(), args.min_free_space)),
+        crate::store::Addr::Local(dir) => Some((dir.clone(), args.min_free_space)),
         _ => None,
     };
-    if crate::notify::wanted() {
+    if crate::host::notify::wanted() {
         let (store, timeout) = (store.clone(), opts.idle_timeout);
         let status = format!(
             "STATUS=serving {} on {}{}",
@@ -331,8 +290,8 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
             if read_only { ", read-only" } else { "" }
         );
         tokio::spawn(async move {
-            crate::notify::store_answers(&store, timeout).await;
-            crate::notify::tell(&format!("READY=1\n{status}"));
+            super::lifecycle::store_answers(&store, timeout).await;
+            crate::host::notify::tell(&format!("READY=1\n{status}"));
         });
     }
     if let Some(listen) = &args.http_listen {
@@ -362,29 +321,29 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
                 (false, _) => " (read-only; --http-writable accepts uploads)",
             }
         );
-        let cache = crate::binary_cache::BinaryCache::new(
+        let cache = crate::serve::binary_cache::BinaryCache::new(
             store.clone(),
-            crate::binary_cache::Options {
+            crate::serve::binary_cache::Options {
                 writable,
                 signer,
                 policy: policy.clone(),
                 priority: args.http_priority,
                 min_free: min_free.clone(),
-                limits: crate::binary_cache::Limits {
+                limits: crate::serve::binary_cache::Limits {
                     max_connections: args.http_max_connections as usize,
                     max_nar_size: args.max_nar_size,
                     renders: renders.clone(),
                 },
             },
         );
-        crate::binary_cache::serve(l, std::sync::Arc::new(cache));
+        crate::serve::binary_cache::serve(l, std::sync::Arc::new(cache));
     }
     let Some(listener) = listener else {
-        shutdown_signal().await;
+        super::lifecycle::shutdown_signal().await;
         return Ok(());
     };
     let tenant_store = store.clone();
-    let server = StoreServer::new(store, read_only).with_limits(crate::grpc_server::Limits {
+    let server = StoreServer::new(store, read_only).with_limits(crate::serve::grpc::Limits {
         min_free,
         nar_renders: renders,
         ..Default::default()
@@ -411,10 +370,10 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
         .build_v1alpha()
         .context("building the reflection service")?;
 
-    let max = crate::services::channel::MAX_MESSAGE_SIZE;
+    let max = crate::store::channel::MAX_MESSAGE_SIZE;
     let cache_service = cache.as_ref().map(|c| {
         crate::wire::cache::cache_service_server::CacheServiceServer::new(
-            crate::grpc_server::CacheServer::new(c.clone()),
+            crate::serve::grpc::CacheServer::new(c.clone()),
         )
     });
     if let Some(c) = &cache {
@@ -424,14 +383,14 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
             args.cache_size >> 20
         );
     }
-    let bounds = crate::grpc_bounds::GrpcBounds::new(args.max_connections);
+    let bounds = crate::serve::grpc::bounds::GrpcBounds::new(args.max_connections);
     let router = bounds
         .builder()
         .layer(tower::util::MapRequestLayer::new(
-            crate::grpc_server::reset_is_error,
+            crate::serve::grpc::reset_is_error,
         ))
         .layer(tower::util::MapRequestLayer::new(
-            crate::grpc_server::wire_names(args.families()?),
+            crate::serve::grpc::wire_names(args.families()?),
         ))
         .layer(tower::util::MapRequestLayer::new(bounds.cap_bodies()))
         .layer(calls.layer())
@@ -463,7 +422,7 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
             router
                 .serve_with_incoming_shutdown(
                     bounds.limit(nodelay(TcpListenerStream::new(l)), "gRPC listener".into()),
-                    shutdown_signal(),
+                    super::lifecycle::shutdown_signal(),
                 )
                 .await?;
         }
@@ -473,16 +432,16 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
             }
             // Tenants' per-VM daemons open closure-scoped connections here.
             let tenants = cache.clone().map(|cache| {
-                std::sync::Arc::new(crate::services::cache::scope::Tenants {
+                std::sync::Arc::new(crate::serve::grpc::tenants::Tenants {
                     store: tenant_store.clone(),
                     cache,
                 })
             });
-            let incoming = crate::services::cache::scope::incoming(l, tenants);
+            let incoming = crate::serve::grpc::tenants::incoming(l, tenants);
             let r = router
                 .serve_with_incoming_shutdown(
                     bounds.limit(incoming, "gRPC socket".into()),
-                    shutdown_signal(),
+                    super::lifecycle::shutdown_signal(),
                 )
                 .await;
             // the socket file goes now, before the cache's closing report

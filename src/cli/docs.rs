@@ -1,7 +1,7 @@
 //! `completions` and `man`: shell completions and manual pages made from
 //! the same clap definitions as `--help`, so they cannot drift from it.
 use anyhow::Context;
-use clap::{Args, CommandFactory};
+use clap::Args;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -17,9 +17,9 @@ pub struct ManArgs {
     pub dir: PathBuf,
 }
 
-/// Writes the completion script to stdout.
-pub fn completions(args: CompletionsArgs) -> anyhow::Result<()> {
-    let mut cmd = super::Cli::command();
+/// Writes the completion script of `cmd` (the whole command line) to
+/// stdout.
+pub fn completions(args: CompletionsArgs, mut cmd: clap::Command) -> anyhow::Result<()> {
     let mut out = Vec::new();
     clap_complete::generate(args.shell, &mut cmd, "tvix-virtiofsd", &mut out);
     if args.shell == clap_complete::Shell::Bash {
@@ -35,10 +35,10 @@ pub fn completions(args: CompletionsArgs) -> anyhow::Result<()> {
 }
 
 /// Writes the manual pages into `dir` (made if missing) and lists them.
-pub fn man(args: ManArgs) -> anyhow::Result<()> {
+pub fn man(args: ManArgs, cmd: clap::Command) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;
-    clap_mangen::generate_to(super::Cli::command(), &args.dir)
+    clap_mangen::generate_to(cmd, &args.dir)
         .with_context(|| format!("writing manual pages into {}", args.dir.display()))?;
     let mut pages: Vec<_> = std::fs::read_dir(&args.dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))

@@ -1,9 +1,9 @@
 //! `import`, `copy` and `import-nar`: the ways store paths get into the store.
-use crate::nar::Ingested;
+use crate::ingest::Ingested;
+use crate::nix::path_info::{ContentAddress, PathInfo};
 use crate::nix::path_info_json::{parse_path_info_json, NixPathInfo};
 use crate::nix::store_path::{make_source_path, StorePath};
-use crate::pathinfo::{ContentAddress, PathInfo};
-use crate::services::Store;
+use crate::store::Store;
 use crate::wire::store::nar_info::ca::Hash as CaKind;
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
@@ -42,7 +42,7 @@ impl SignArgs {
             std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
         let key = crate::nix::signing::SecretKey::parse(&text)
             .with_context(|| format!("signing key {}", f.display()))?;
-        Ok(crate::write_policy::signing(store, key))
+        Ok(crate::ingest::write_policy::signing(store, key))
     }
 }
 
@@ -101,7 +101,7 @@ pub async fn import(store: Store, args: ImportArgs) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow!("{}: no usable file name", path.display()))?;
         let pb = progress(name);
         let inc = |n: u64| pb.inc(n);
-        let ing = crate::import::ingest_path(path, &store, &inc)
+        let ing = crate::ingest::tree::ingest_path(path, &store, &inc)
             .await
             .with_context(|| format!("importing {}", path.display()))?;
         pb.finish_and_clear();
@@ -191,7 +191,7 @@ async fn copy_one(store: &Store, n: &NixPathInfo, pb: &ProgressBar) -> anyhow::R
     }
     let src = PathBuf::from(n.path.to_absolute_path());
     let inc = |b: u64| pb.inc(b);
-    let ing = crate::import::ingest_path(&src, store, &inc)
+    let ing = crate::ingest::tree::ingest_path(&src, store, &inc)
         .await
         .with_context(|| format!("{}", n.path))?;
     store.path_info.put(to_path_info(n, ing)?).await?;
@@ -263,7 +263,7 @@ pub async fn copy(store: Store, args: CopyArgs) -> anyhow::Result<()> {
     let roots = args
         .paths
         .iter()
-        .map(|p| super::parse_store_path(p))
+        .map(|p| super::args::parse_store_path(p))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let infos = match &args.path_info {
         Some(f) => read_path_infos(f)?,
@@ -298,7 +298,7 @@ pub async fn import_nar(store: Store, args: ImportNarArgs) -> anyhow::Result<()>
         let (sp, file) = pair
             .split_once('=')
             .ok_or_else(|| anyhow!("{pair:?}: expected STORE_PATH=NAR_FILE"))?;
-        let sp = super::parse_store_path(sp)?;
+        let sp = super::args::parse_store_path(sp)?;
         let n = infos
             .iter()
             .find(|i| i.path == sp)
@@ -323,7 +323,7 @@ pub async fn import_nar(store: Store, args: ImportNarArgs) -> anyhow::Result<()>
             })?;
             Ok(())
         });
-        let ing = crate::nar::ingest_nar(input, &store)
+        let ing = crate::ingest::ingest_nar(input, &store)
             .await
             .with_context(|| format!("{sp}: reading NAR {file}"))?;
         let info = to_path_info(n, ing)?;

@@ -1,6 +1,6 @@
 //! `mount`: the store view on a host directory through FUSE.
-use super::StoreArgs;
-use crate::fuse::FuseMount;
+use super::args::StoreArgs;
+use crate::serve::fuse::FuseMount;
 use anyhow::Context;
 use clap::Args;
 use std::path::PathBuf;
@@ -20,7 +20,7 @@ pub struct MountArgs {
     pub threads: usize,
 
     #[command(flatten)]
-    pub view: super::ViewArgs,
+    pub view: super::args::ViewArgs,
 }
 
 fn default_threads() -> usize {
@@ -39,7 +39,7 @@ pub async fn run(store_args: &StoreArgs, args: MountArgs) -> anyhow::Result<()> 
     tracing::info!("mounted on {}", args.mountpoint.display());
     let mut poll = tokio::time::interval(Duration::from_millis(200));
     tokio::select! {
-        _ = super::daemon::shutdown_signal() => {}
+        _ = super::lifecycle::shutdown_signal() => {}
         _ = async { loop { poll.tick().await; if mount.finished() { break } } } => {
             tracing::info!("unmounted from outside");
         }

@@ -1,7 +1,7 @@
 //! `nar` and `path-info`: reading store paths back out.
 use crate::nix::hash::{HashAlgo, NixHash};
-use crate::pathinfo::PathInfo;
-use crate::services::Store;
+use crate::nix::path_info::PathInfo;
+use crate::store::Store;
 use anyhow::{anyhow, bail};
 use clap::Args;
 use data_encoding::BASE64;
@@ -25,7 +25,7 @@ pub struct PathInfoArgs {
 }
 
 async fn lookup(store: &Store, s: &str) -> anyhow::Result<PathInfo> {
-    let sp = super::parse_store_path(s)?;
+    let sp = super::args::parse_store_path(s)?;
     match store.path_info.get(sp.digest()).await? {
         Some(i) if i.store_path == sp => Ok(i),
         _ => bail!("{sp} is not in the store"),
@@ -34,7 +34,7 @@ async fn lookup(store: &Store, s: &str) -> anyhow::Result<PathInfo> {
 
 pub async fn nar(store: Store, args: NarArgs) -> anyhow::Result<()> {
     let info = lookup(&store, &args.store_path).await?;
-    crate::nar::write_nar(tokio::io::stdout(), &info.node, &store).await?;
+    crate::ingest::write_nar(tokio::io::stdout(), &info.node, &store).await?;
     Ok(())
 }
 

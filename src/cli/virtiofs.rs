@@ -5,14 +5,14 @@
 //! Order matters: the socket is opened, the sandbox entered (a fork: no
 //! thread may exist yet), the rlimit set, capabilities dropped, seccomp
 //! installed, and only then the runtime and the worker threads start.
-use super::StoreArgs;
-use crate::privileges;
-use crate::sandbox::{self, Needs, Places, Role, SandboxMode};
-use crate::seccomp::{self, SeccompAction};
-use crate::services::cache::{self, CacheOptions};
-use crate::services::{Addr, Store, StoreOptions};
-use crate::socket::{self, SocketFile};
-use crate::vhost_user::{self, DeviceConfig, MAX_REQUEST_QUEUES};
+use super::args::StoreArgs;
+use crate::host::privileges;
+use crate::host::sandbox::{self, Needs, Place, Places, Role, SandboxMode};
+use crate::host::seccomp::{self, SeccompAction};
+use crate::host::socket::{self, SocketFile};
+use crate::serve::vhost_user::{self, DeviceConfig, MAX_REQUEST_QUEUES};
+use crate::store::cache::{self, CacheOptions};
+use crate::store::{Addr, Store, StoreOptions};
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use std::os::fd::RawFd;
@@ -90,7 +90,7 @@ pub struct VirtiofsArgs {
     pub selftest_seccomp: bool,
 
     #[command(flatten)]
-    pub view: super::ViewArgs,
+    pub view: super::args::ViewArgs,
 }
 
 /// Workers wait for the store (a remote's round trips), not for CPUs: 16,
@@ -171,10 +171,10 @@ fn tenant_connection(
     let mut roots = view
         .closure
         .iter()
-        .map(|s| super::parse_store_path(s))
+        .map(|s| super::args::parse_store_path(s))
         .collect::<anyhow::Result<Vec<_>>>()?;
     if let Some(f) = &view.closure_file {
-        roots.extend(crate::fs::closure::read_roots(f)?);
+        roots.extend(crate::store::closure::read_roots(f)?);
     }
     let timeout = std::time::Duration::from_secs(view.store_timeout);
     let conn = cache::tenant::connect(socket, &roots, timeout)?;
@@ -228,18 +228,18 @@ pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<Ex
         .context("opening the embedded store")?;
     // So is the cache directory: the daemon that fills it may not have run yet.
     if let Some(dir) = &store_args.cache_dir {
-        crate::services::cache::create_dir(dir)
+        crate::store::cache::create_dir(dir)
             .with_context(|| format!("creating cache directory {}", dir.display()))?;
     }
     // A tenant's serving process sees neither the cache directory nor the
     // host daemon's socket: it keeps only its scoped connection.
     let (needs, places) = Needs::of_store(&match tenant {
         Some(_) => Places {
-            addrs: [Addr::Memory, Addr::Memory, Addr::Memory],
+            addrs: [Place::Nowhere, Place::Nowhere, Place::Nowhere],
             cache_dir: None,
         },
         None => Places {
-            addrs,
+            addrs: addrs.clone().map(|a| place(&a)),
             cache_dir: store_args.cache_dir.clone(),
         },
     })?;
@@ -258,10 +258,12 @@ pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<Ex
     // Under Type=notify the serving process says when the store answered
     // (through this pipe: it may not reach systemd's socket); the
     // supervisor, systemd's main process, passes it on.
-    let ready = crate::notify::wanted().then(readiness_pipe).transpose()?;
+    let ready = crate::host::notify::wanted()
+        .then(readiness_pipe)
+        .transpose()?;
     let status = format!(
         "STATUS=serving {} to the VMM on {}, tag {}",
-        places.addrs[0],
+        addrs[0],
         socket_file
             .as_ref()
             .map_or("the inherited socket".into(), |f| f
@@ -293,12 +295,12 @@ pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<Ex
         let on_ready = ready.map(|(r, w)| {
             drop(w);
             let tell: Box<dyn FnOnce()> =
-                Box::new(move || crate::notify::tell(&format!("READY=1\n{status}")));
+                Box::new(move || crate::host::notify::tell(&format!("READY=1\n{status}")));
             (r, tell)
         });
         tracing::debug!("serving process {}", sup.child_pid());
         let code = sup.wait(on_ready);
-        crate::notify::tell("STOPPING=1");
+        crate::host::notify::tell("STOPPING=1");
         drop(socket_file);
         drop(metrics_file);
         return Ok(ExitCode::from(code));
@@ -330,8 +332,8 @@ pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<Ex
     if args.selftest_seccomp {
         seccomp::selftest();
     }
-    crate::memory::configure();
-    crate::memory::spawn_trimmer();
+    crate::host::memory::configure();
+    crate::host::memory::spawn_trimmer();
     // Blocking tasks are store file reads for misses: a few dozen threads
     // at most (tokio's default allows 512), well inside the unit's TasksMax.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -357,13 +359,14 @@ pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<Ex
                     .context("opening the scoped store")?,
                 None,
             ),
-            None => Store::open_with(&places.addrs, &opts).context("opening the store")?,
+            None => Store::open_with(&placed(addrs, &places.addrs), &opts)
+                .context("opening the store")?,
         }
     };
     if let Some(w) = ready {
         let (store, timeout) = (store.clone(), opts.idle_timeout);
         rt.spawn(async move {
-            crate::notify::store_answers(&store, timeout).await;
+            super::lifecycle::store_answers(&store, timeout).await;
             let mut w = std::fs::File::from(w);
             if let Err(e) = std::io::Write::write_all(&mut w, b"R") {
                 tracing::warn!("telling the supervisor the store answered: {e}");
@@ -401,17 +404,16 @@ async fn serve(
     let fs = args.view.view(store).await?;
     if let Some(l) = metrics {
         let fs = fs.clone();
-        let render: crate::metrics::Render = std::sync::Arc::new(move || {
-            let mut out = String::from(
-                "# HELP tvix_virtiofsd_up The daemon is serving.\n# TYPE tvix_virtiofsd_up gauge\ntvix_virtiofsd_up 1\n",
-            );
+        let render: crate::serve::metrics::Render = std::sync::Arc::new(move || {
+            let mut out = String::new();
+            crate::wire::prometheus::up(&mut out);
             out.push_str(&fs.render_metrics());
             if let Some(c) = &cache {
                 out.push_str(&c.stats().prometheus());
             }
             out
         });
-        crate::metrics::serve_bound(l, render)?;
+        crate::serve::metrics::serve_bound(l, render)?;
     }
     let config = DeviceConfig {
         tag: args.tag,
@@ -444,4 +446,30 @@ async fn serve(
         },
     };
     result
+}
+
+/// Where the sandbox finds a store address.
+fn place(a: &Addr) -> Place {
+    match a {
+        Addr::Memory => Place::Nowhere,
+        Addr::Local(p) => Place::Dir(p.clone()),
+        Addr::GrpcUnix(p, _) => Place::Socket(p.clone()),
+        Addr::GrpcHttp(hp, _) => Place::Host(hp.clone()),
+    }
+}
+
+/// The addresses as the sandbox rewrote their places (paths made
+/// canonical or relative to a chroot, host names resolved).
+fn placed(addrs: [Addr; 3], places: &[Place; 3]) -> [Addr; 3] {
+    let mut i = 0;
+    addrs.map(|a| {
+        let p = &places[i];
+        i += 1;
+        match (a, p) {
+            (Addr::Local(_), Place::Dir(p)) => Addr::Local(p.clone()),
+            (Addr::GrpcUnix(_, w), Place::Socket(p)) => Addr::GrpcUnix(p.clone(), w),
+            (Addr::GrpcHttp(_, w), Place::Host(h)) => Addr::GrpcHttp(h.clone(), w),
+            (a, _) => a,
+        }
+    })
 }

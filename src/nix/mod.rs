@@ -5,6 +5,7 @@ pub mod hash;
 /// Nix's own base32 flavour, used in store paths and `sha256:` hashes.
 pub mod nixbase32;
 /// Parser for `nix path-info --json --recursive` output (old and new shapes).
+pub mod path_info;
 pub mod path_info_json;
 /// Store path parsing, validation and computation of `nix-store --add` paths.
 pub mod store_path;

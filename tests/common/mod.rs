@@ -7,8 +7,8 @@ pub mod vm;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tvix_virtiofsd::grpc_server::StoreServer;
-use tvix_virtiofsd::services::{Addr, Store};
+use tvix_virtiofsd::serve::grpc::StoreServer;
+use tvix_virtiofsd::store::{Addr, Store};
 use tvix_virtiofsd::wire::{castore, store};
 
 pub fn bin() -> PathBuf {
@@ -26,12 +26,12 @@ pub async fn serve_in_process(backend: Store, unix_dir: Option<&Path>) -> String
 pub async fn serve_in_process_with(
     backend: Store,
     unix_dir: Option<&Path>,
-    limits: tvix_virtiofsd::grpc_server::Limits,
+    limits: tvix_virtiofsd::serve::grpc::Limits,
 ) -> String {
     let srv = StoreServer::new(backend, false).with_limits(limits);
     let router = tonic::transport::Server::builder()
         .layer(tower::util::MapRequestLayer::new(
-            tvix_virtiofsd::grpc_server::reset_is_error,
+            tvix_virtiofsd::serve::grpc::reset_is_error,
         ))
         .add_service(castore::blob_service_server::BlobServiceServer::new(
             srv.clone(),
@@ -226,8 +226,8 @@ pub fn sh(cmd: &str) -> String {
 pub fn bare_path_info(
     store_path: tvix_virtiofsd::nix::store_path::StorePath,
     node: tvix_virtiofsd::castore::Node,
-) -> tvix_virtiofsd::pathinfo::PathInfo {
-    tvix_virtiofsd::pathinfo::PathInfo::bare(store_path, node)
+) -> tvix_virtiofsd::nix::path_info::PathInfo {
+    tvix_virtiofsd::nix::path_info::PathInfo::bare(store_path, node)
 }
 
 /// Panics unless every command in `tools` (command, Debian package) is on

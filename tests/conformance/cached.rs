@@ -8,8 +8,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 use tempfile::TempDir;
-use tvix_virtiofsd::services::cache::{Cache, CacheOptions, Role};
-use tvix_virtiofsd::services::{Addr, Store, StoreOptions};
+use tvix_virtiofsd::store::cache::{Cache, CacheOptions, Role};
+use tvix_virtiofsd::store::{Addr, Store, StoreOptions};
 
 /// The cache's directory and the cache itself live as long as the test.
 type Guard = (TempDir, Arc<Cache>);
@@ -73,7 +73,7 @@ mod grpc_unix_remote {
 /// the shared directory, writes pass through it to the memory store.
 mod reader_of_filler {
     use super::*;
-    use tvix_virtiofsd::grpc_server::{CacheServer, StoreServer};
+    use tvix_virtiofsd::serve::grpc::{CacheServer, StoreServer};
     use tvix_virtiofsd::wire::{cache, castore, store};
 
     /// Serves the filler's store and its fill service; answers the address.
@@ -83,7 +83,7 @@ mod reader_of_filler {
         let listener = tokio::net::UnixListener::bind(&path).expect("bind unix socket");
         let router = tonic::transport::Server::builder()
             .layer(tower::util::MapRequestLayer::new(
-                tvix_virtiofsd::grpc_server::reset_is_error,
+                tvix_virtiofsd::serve::grpc::reset_is_error,
             ))
             .add_service(castore::blob_service_server::BlobServiceServer::new(
                 srv.clone(),

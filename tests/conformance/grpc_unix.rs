@@ -1,7 +1,7 @@
 //! A gRPC client over a unix socket, served in-process by a local backend.
 use crate::common::{grpc_store, serve_in_process};
 use tempfile::TempDir;
-use tvix_virtiofsd::services::{Addr, Store};
+use tvix_virtiofsd::store::{Addr, Store};
 
 async fn make_store() -> (Store, TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");

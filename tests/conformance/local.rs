@@ -1,6 +1,6 @@
 //! The on-disk backend, in a temporary directory.
 use tempfile::TempDir;
-use tvix_virtiofsd::services::{Addr, Store};
+use tvix_virtiofsd::store::{Addr, Store};
 
 async fn make_store() -> (Store, TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");

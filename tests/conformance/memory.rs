@@ -1,5 +1,5 @@
 //! The in-memory backend.
-use tvix_virtiofsd::services::Store;
+use tvix_virtiofsd::store::Store;
 
 async fn make_store() -> (Store, ()) {
     (Store::memory(), ())

@@ -10,11 +10,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tvix_virtiofsd::castore::{B3Digest, Directory, LeavesFirst, Node};
-use tvix_virtiofsd::nar;
+use tvix_virtiofsd::ingest;
+use tvix_virtiofsd::nix::path_info::{ContentAddress, PathInfo, Signature};
 use tvix_virtiofsd::nix::store_path::StorePath;
-use tvix_virtiofsd::pathinfo::{ContentAddress, PathInfo, Signature};
-use tvix_virtiofsd::services::blob::{put_bytes, read_to_vec, BlobReader, Direct, Shared};
-use tvix_virtiofsd::services::Store;
+use tvix_virtiofsd::store::blob::{put_bytes, read_to_vec, BlobReader, Direct, Shared};
+use tvix_virtiofsd::store::Store;
 use tvix_virtiofsd::wire::store::nar_info::ca::Hash as CaKind;
 
 /// Expands to one multi-threaded `#[tokio::test]` per case; `$make` is an
@@ -390,16 +390,16 @@ fn sample_tree() -> tempfile::TempDir {
     tmp
 }
 
-async fn render(node: &Node, store: &Store) -> tvix_virtiofsd::services::Result<Vec<u8>> {
+async fn render(node: &Node, store: &Store) -> tvix_virtiofsd::store::Result<Vec<u8>> {
     let mut out = Vec::new();
-    nar::write_nar(&mut out, node, store).await?;
+    ingest::write_nar(&mut out, node, store).await?;
     Ok(out)
 }
 
 /// An imported tree renders to the NAR its import hashed, and that NAR ingests back to the same root.
 pub async fn nar_of_imported_tree_roundtrips(store: &Store) {
     let tree = sample_tree();
-    let imported = tvix_virtiofsd::import::ingest_path(tree.path(), store, &|_| {})
+    let imported = tvix_virtiofsd::ingest::tree::ingest_path(tree.path(), store, &|_| {})
         .await
         .unwrap();
     assert!(matches!(imported.node, Node::Directory { .. }));
@@ -410,11 +410,11 @@ pub async fn nar_of_imported_tree_roundtrips(store: &Store) {
         <[u8; 32]>::from(Sha256::digest(&bytes)),
         imported.nar_sha256
     );
-    let calculated = nar::calculate_nar(&imported.node, store).await.unwrap();
+    let calculated = ingest::calculate_nar(&imported.node, store).await.unwrap();
     assert_eq!(calculated, (imported.nar_size, imported.nar_sha256));
 
     let fresh = Store::memory();
-    let ingested = nar::ingest_nar(&bytes[..], &fresh).await.unwrap();
+    let ingested = ingest::ingest_nar(&bytes[..], &fresh).await.unwrap();
     assert_eq!(ingested.node, imported.node);
     assert_eq!(ingested.nar_size, imported.nar_size);
     assert_eq!(ingested.nar_sha256, imported.nar_sha256);
@@ -425,7 +425,7 @@ pub async fn nar_of_imported_tree_roundtrips(store: &Store) {
 pub async fn nar_of_missing_or_wrong_blob_fails(store: &Store) {
     let missing = file(b"not in the store", false);
     assert!(render(&missing, store).await.is_err(), "missing blob");
-    assert!(nar::calculate_nar(&missing, store).await.is_err());
+    assert!(ingest::calculate_nar(&missing, store).await.is_err());
 
     let in_dir = dir(vec![("f", missing)]);
     put_dirs(store, &[&in_dir]).await;
@@ -503,7 +503,7 @@ async fn shared_bytes(r: Box<dyn BlobReader>) -> Vec<u8> {
 fn open_blocking(
     store: &Store,
     digest: &B3Digest,
-) -> Option<tvix_virtiofsd::services::Result<Option<Box<dyn BlobReader>>>> {
+) -> Option<tvix_virtiofsd::store::Result<Option<Box<dyn BlobReader>>>> {
     tokio::task::block_in_place(|| store.blob.open_read_blocking(digest))
 }
 

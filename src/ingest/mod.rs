@@ -1,0 +1,12 @@
+//! Contents into the store and back out as Nix sees them: a local tree
+//! ([`tree`]) or a NAR ([`nar`]) becomes blobs, directories and a path
+//! info; a tree becomes a NAR again ([`render`]), which is also how the
+//! [`write_policy`] checks that a signed upload's tree is the signed NAR.
+pub mod nar;
+pub mod path_info;
+pub mod render;
+pub mod tree;
+pub mod write_policy;
+
+pub use nar::{ingest_nar, ingest_nar_within, Ingested};
+pub use render::{calculate_nar, write_nar};

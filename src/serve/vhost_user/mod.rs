@@ -1,0 +1,986 @@
+//! The vhost-user virtio-fs device: serves the store view (`StoreFs`) to one
+//! VMM (QEMU `vhost-user-fs-pci`, cloud-hypervisor `--fs`) over a unix
+//! socket, with vhost-user-backend doing the protocol and a pool of worker
+//! threads doing the FUSE requests.
+//!
+//! Queue 0 is the high-priority queue (FORGET, INTERRUPT): it is served on
+//! its own vring thread, inline, so it never waits behind store fetches.
+//! Queues 1..=N carry ordinary requests. Their vring thread serves a
+//! request itself when the view can answer it without waiting for the
+//! store (from memory or a local disk, as virtiofsd serves from its
+//! thread), and hands it to the worker pool when it would wait (a remote
+//! fetch), so one slow fetch stalls one worker, not the device. When more
+//! requests are waiting and a worker is idle, it hands them out too, so a
+//! deep queue uses every core.
+mod queue_poll;
+
+use crate::host::socket::SocketError;
+use crate::view::StoreFs;
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+use queue_poll::PollWindow;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Error as ProtocolError, Listener};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+/// Length of the virtio-fs `tag` field in the device configuration space.
+pub const TAG_LEN: usize = 36;
+/// Most request queues: the vring threads' queue masks are 64-bit and
+/// queue 0 is the high-priority queue.
+pub const MAX_REQUEST_QUEUES: usize = 63;
+/// Largest virtqueue the VMM may configure.
+pub const MAX_QUEUE_SIZE: usize = 1024;
+/// What `--print-capabilities` prints: the vhost-user backend conventions'
+/// description for libvirt. No optional feature (migration, separate
+/// options) is claimed because none is implemented.
+pub const CAPABILITIES_JSON: &str = r#"{"type":"fs"}"#;
+
+/// The vring thread that serves the high-priority queue; thread 1 serves
+/// every request queue.
+const HIPRIO_THREAD: usize = 0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("tag {0:?}: must be 1 to 36 bytes without NUL")]
+    InvalidTag(String),
+    #[error("{0} request queues: must be between 1 and {MAX_REQUEST_QUEUES}")]
+    InvalidQueueCount(usize),
+    // Causes are part of the message (not `source`), so `{:#}` does not
+    // print them twice.
+    #[error("cannot start a thread: {0}")]
+    Thread(io::Error),
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    // vhost_user_backend::Error is neither std::error::Error nor Sync,
+    // so only its message is kept.
+    #[error("vhost-user: {0}")]
+    Daemon(String),
+}
+
+/// What the device offers the guest.
+#[derive(Debug, Clone)]
+pub struct DeviceConfig {
+    /// The name the guest mounts the file system by.
+    pub tag: String,
+    /// Request queues besides the high-priority queue.
+    pub request_queues: usize,
+    /// Worker threads serving the request queues.
+    pub threads: usize,
+    /// Longest a request queue's thread looks for the next request before
+    /// it sleeps (adaptive, see [`queue_poll`]; zero: never).
+    pub poll_max: Duration,
+}
+
+impl DeviceConfig {
+    fn validate(&self) -> Result<(), Error> {
+        check_tag(&self.tag)?;
+        if self.request_queues == 0 || self.request_queues > MAX_REQUEST_QUEUES {
+            return Err(Error::InvalidQueueCount(self.request_queues));
+        }
+        Ok(())
+    }
+
+    /// The virtio-fs configuration space: `tag` zero-padded to 36 bytes,
+    /// then `num_request_queues` as le32.
+    fn config_space(&self) -> Vec<u8> {
+        let mut cfg = vec![0u8; TAG_LEN + 4];
+        let tag = self.tag.as_bytes();
+        let n = tag.len().min(TAG_LEN);
+        cfg[..n].copy_from_slice(&tag[..n]);
+        let queues = u32::try_from(self.request_queues).unwrap_or(u32::MAX);
+        cfg[TAG_LEN..].copy_from_slice(&queues.to_le_bytes());
+        cfg
+    }
+}
+
+/// Checks a virtio-fs tag: the guest sees it as a NUL-padded 36-byte field.
+pub fn check_tag(tag: &str) -> Result<(), Error> {
+    if tag.is_empty() || tag.len() > TAG_LEN || tag.as_bytes().contains(&0) {
+        return Err(Error::InvalidTag(tag.to_owned()));
+    }
+    Ok(())
+}
+
+type Mem = GuestMemoryMmap;
+pub(crate) type FsServer = Server<Arc<StoreFs>>;
+
+/// One descriptor chain on its way to a worker. It owns a reference to the
+/// guest memory it was popped from, so a memory table update in between
+/// cannot unmap its buffers.
+struct Job {
+    queue: usize,
+    vring: VringRwLock,
+    mem: Arc<Mem>,
+    chain: DescriptorChain<Arc<Mem>>,
+    /// The queue's count of chains handed to the pool, released when served.
+    slots: Arc<Slots>,
+    /// The guest had more chains queued behind this one when it was
+    /// popped (see [`crate::view::inline::others_waiting`]).
+    others_waiting: bool,
+}
+
+/// Chains of one request queue waiting for or held by a worker. A guest
+/// can put the same head on the available ring again and again without
+/// waiting for it, so what the pool holds is bounded by the queue's size:
+/// past it the vring thread stops popping, and the worker that frees a
+/// slot wakes it again (through the queue's kick eventfd).
+#[derive(Default)]
+struct Slots {
+    in_flight: AtomicUsize,
+    /// The vring thread stopped popping for want of a slot.
+    full: AtomicBool,
+}
+
+impl Slots {
+    /// Takes a slot for one more chain, or says the queue must wait: the
+    /// flag is raised before the count is read again, so a worker that
+    /// frees a slot meanwhile either is seen here or sees the flag.
+    fn take(&self, limit: usize) -> bool {
+        if self.in_flight.fetch_add(1, Ordering::SeqCst) < limit {
+            return true;
+        }
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.full.store(true, Ordering::SeqCst);
+        if self.in_flight.load(Ordering::SeqCst) < limit {
+            self.full.store(false, Ordering::SeqCst);
+            return self.take(limit);
+        }
+        false
+    }
+
+    /// Gives a slot back; wakes the vring thread if it was waiting.
+    fn give(&self, vring: &VringRwLock) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.full.swap(false, Ordering::SeqCst) {
+            kick(vring);
+        }
+    }
+}
+
+/// Wakes the vring thread of `vring` as a guest notification would.
+fn kick(vring: &VringRwLock) {
+    let state = vring.get_ref();
+    let Some(k) = state.get_kick() else { return };
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live local buffer to the queue's kick
+    // eventfd, which the vring state keeps open while we hold its lock.
+    let n = unsafe { libc::write(k.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    if n != 8 {
+        tracing::warn!(
+            "cannot wake the queue's thread: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// Workers the pool keeps however idle it is.
+const MIN_WORKERS: usize = 2;
+/// A worker beyond those idle this long exits.
+const WORKER_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The worker pool: grows while requests wait for the store and no
+/// worker is free, up to its size, and shrinks again when idle, so an idle
+/// daemon (most of a host's many) keeps few threads.
+struct Pool {
+    server: Arc<FsServer>,
+    fs: Arc<StoreFs>,
+    rx: Mutex<Receiver<Job>>,
+    /// Workers waiting for a job.
+    idle: AtomicUsize,
+    alive: AtomicUsize,
+    max: usize,
+}
+
+impl Pool {
+    /// Starts one more worker, unless the pool is full.
+    fn grow(self: &Arc<Self>) -> Result<(), Error> {
+        let n = self.alive.fetch_add(1, Ordering::AcqRel);
+        if n >= self.max {
+            self.alive.fetch_sub(1, Ordering::AcqRel);
+            return Ok(());
+        }
+        let pool = self.clone();
+        std::thread::Builder::new()
+            .name(format!("virtiofs-{n}"))
+            .spawn(move || pool.work())
+            .map(drop)
+            .map_err(|e| {
+                self.alive.fetch_sub(1, Ordering::AcqRel);
+                Error::Thread(e)
+            })
+    }
+
+    /// A worker: serves chains until it has been idle too long (and the
+    /// pool has more than its minimum) or the backend goes away.
+    fn work(&self) {
+        loop {
+            self.idle.fetch_add(1, Ordering::AcqRel);
+            let job = lock(&self.rx).recv_timeout(WORKER_IDLE);
+            self.idle.fetch_sub(1, Ordering::AcqRel);
+            match job {
+                Ok(job) => serve(&self.server, &self.fs, job),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let alive = self.alive.load(Ordering::Acquire);
+                    if alive > MIN_WORKERS
+                        && self
+                            .alive
+                            .compare_exchange(alive, alive - 1, Ordering::AcqRel, Ordering::Acquire)
+                            .is_ok()
+                    {
+                        return;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    self.alive.fetch_sub(1, Ordering::AcqRel);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The virtio-fs backend given to `VhostUserDaemon`.
+pub struct FsBackend {
+    server: Arc<FsServer>,
+    fs: Arc<StoreFs>,
+    pool: Arc<Pool>,
+    config: DeviceConfig,
+    config_space: Vec<u8>,
+    mem: RwLock<GuestMemoryAtomic<Mem>>,
+    event_idx: AtomicBool,
+    /// A vring thread could not get an exit event: the daemon must then
+    /// not be dropped, as that joins the vring threads.
+    no_exit_event: AtomicBool,
+    jobs: Sender<Job>,
+    /// Per queue (index = queue number).
+    slots: Vec<Arc<Slots>>,
+    /// Per queue (index = queue number; the high-priority queue never polls).
+    polls: Vec<Mutex<PollWindow>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl FsBackend {
+    /// Starts the worker pool; `mem` is the memory the daemon updates.
+    fn new(
+        fs: Arc<StoreFs>,
+        config: DeviceConfig,
+        mem: GuestMemoryAtomic<Mem>,
+    ) -> Result<Self, Error> {
+        config.validate()?;
+        let server = Arc::new(Server::new(fs.clone()));
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let pool = Arc::new(Pool {
+            server: server.clone(),
+            fs: fs.clone(),
+            rx: Mutex::new(rx),
+            idle: AtomicUsize::new(0),
+            alive: AtomicUsize::new(0),
+            max: config.threads.max(1),
+        });
+        for _ in 0..MIN_WORKERS.min(pool.max) {
+            pool.grow()?;
+        }
+        let slots = (0..=config.request_queues)
+            .map(|_| Arc::new(Slots::default()))
+            .collect();
+        let polls = (0..=config.request_queues)
+            .map(|q| {
+                let max = if q == 0 {
+                    Duration::ZERO
+                } else {
+                    config.poll_max
+                };
+                Mutex::new(PollWindow::new(max))
+            })
+            .collect();
+        Ok(Self {
+            server,
+            fs,
+            pool,
+            config_space: config.config_space(),
+            config,
+            mem: RwLock::new(mem),
+            event_idx: AtomicBool::new(false),
+            no_exit_event: AtomicBool::new(false),
+            jobs,
+            slots,
+            polls,
+        })
+    }
+
+    fn memory(&self) -> Arc<Mem> {
+        let mem = self.mem.read().unwrap_or_else(|e| e.into_inner());
+        mem.memory().into_inner()
+    }
+
+    /// Pops every available chain of `vring` and serves it: inline for the
+    /// high-priority queue; for request queues inline unless it would wait
+    /// for the store, or others are waiting and a worker is idle. Answers
+    /// how many chains it popped, or None when it stopped because the pool
+    /// holds a queue's worth of this queue's chains (a worker wakes the
+    /// queue when one is served).
+    fn drain(&self, vring: &VringRwLock, queue: usize) -> Option<usize> {
+        let mem = self.memory();
+        let Some(slots) = self.slots.get(queue).cloned() else {
+            tracing::warn!("queue {queue}: no such queue");
+            return None;
+        };
+        let limit = usize::from(vring.get_ref().get_queue().size()).max(1);
+        let mut popped = 0;
+        loop {
+            if queue != 0 && !slots.take(limit) {
+                return None;
+            }
+            // The write guard is a temporary of this statement: it must be
+            // released before the chain is served, which locks the vring again.
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else {
+                if queue != 0 {
+                    slots.in_flight.fetch_sub(1, Ordering::SeqCst);
+                }
+                return Some(popped);
+            };
+            popped += 1;
+            let more = queue != 0 && more_available(vring, &mem);
+            let job = Job {
+                queue,
+                vring: vring.clone(),
+                mem: mem.clone(),
+                chain,
+                slots: slots.clone(),
+                others_waiting: more,
+            };
+            if queue == 0 {
+                serve_here(&self.server, &self.fs, job);
+                continue;
+            }
+            if more && self.pool.idle.load(Ordering::Acquire) > 0 {
+                self.to_pool(job);
+                continue;
+            }
+            let head = job.chain.head_index();
+            let (served, deferred) = crate::view::inline::with_others_waiting(more, || {
+                self.fs.attempt_inline(|| {
+                    let mmap = self.fs.direct_io();
+                    handle_chain(&self.server, &job.mem, job.chain.clone(), queue, mmap)
+                })
+            });
+            if deferred {
+                self.to_pool(job);
+            } else {
+                served.record(&self.fs);
+                complete(&job.vring, head, served.len, queue);
+                slots.in_flight.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn to_pool(&self, job: Job) {
+        if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
+            // Only possible if every worker is gone: still answer.
+            serve_here(&self.server, &self.fs, job);
+            return;
+        }
+        if self.pool.idle.load(Ordering::Acquire) == 0 {
+            if let Err(e) = self.pool.grow() {
+                tracing::warn!("worker pool: {e}");
+            }
+        }
+    }
+}
+
+/// Whether the guest has made more chains available than were popped.
+fn more_available(vring: &VringRwLock, mem: &Mem) -> bool {
+    let state = vring.get_ref();
+    let q = state.get_queue();
+    q.avail_idx(mem, Ordering::Acquire)
+        .map(|idx| idx.0 != q.next_avail())
+        .unwrap_or(false)
+}
+
+/// Serves one chain on a worker, returns it to the guest and frees its slot.
+fn serve(server: &FsServer, fs: &StoreFs, job: Job) {
+    let head = job.chain.head_index();
+    let served = crate::view::inline::with_others_waiting(job.others_waiting, || {
+        handle_chain(server, &job.mem, job.chain, job.queue, fs.direct_io())
+    });
+    served.record(fs);
+    complete(&job.vring, head, served.len, job.queue);
+    job.slots.give(&job.vring);
+}
+
+/// Serves one chain on the vring thread itself: its slot (request queues)
+/// is freed without waking the thread that is running it.
+fn serve_here(server: &FsServer, fs: &StoreFs, job: Job) {
+    let head = job.chain.head_index();
+    let served = handle_chain(server, &job.mem, job.chain, job.queue, fs.direct_io());
+    served.record(fs);
+    complete(&job.vring, head, served.len, job.queue);
+    if job.queue != 0 {
+        job.slots.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Runs one FUSE request; returns the bytes written into the chain's
+/// writable part, 0 when the chain is unusable or the request failed, so
+/// the descriptor always goes back to the guest.
+pub(crate) fn handle_chain(
+    server: &FsServer,
+    mem: &Mem,
+    chain: DescriptorChain<Arc<Mem>>,
+    queue: usize,
+    direct_io_mmap: bool,
+) -> Served {
+    let t0 = std::time::Instant::now();
+    let head = chain.head_index();
+    let unusable = Served {
+        len: 0,
+        opcode: 0,
+        errno: 0,
+        took: std::time::Duration::ZERO,
+    };
+    let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("queue {queue}: descriptor chain {head}: unreadable: {e}");
+            return unusable;
+        }
+    };
+    // The header's opcode and, for INIT, the flags the guest offers, read
+    // from a copy of the cursor.
+    let (opcode, offered) = {
+        let mut h = [0u8; 40 + INIT_IN_FLAGS2 + 4];
+        let mut peek = reader.clone();
+        let n = read_up_to(&mut peek, &mut h);
+        let word = |at: usize| {
+            h.get(at..at + 4)
+                .filter(|_| at + 4 <= n)
+                .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        let flags =
+            u64::from(word(40 + INIT_IN_FLAGS)) | (u64::from(word(40 + INIT_IN_FLAGS2)) << 32);
+        (word(4), flags)
+    };
+    let writer = match VirtioFsWriter::new(mem, chain.clone()) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!("queue {queue}: descriptor chain {head}: unwritable: {e}");
+            return unusable;
+        }
+    };
+    // A panic would be a bug in one request; it must not take a worker
+    // (or, for the high-priority queue, a vring thread) down.
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        server.handle_message(reader, writer.into(), None, None)
+    }));
+    let len = match r {
+        Ok(Ok(n)) => u32::try_from(n).unwrap_or_else(|_| {
+            tracing::warn!("queue {queue}: reply of {n} bytes does not fit a used length");
+            0
+        }),
+        Ok(Err(e)) => {
+            tracing::debug!("queue {queue}: FUSE request: {e}");
+            0
+        }
+        Err(_) => {
+            tracing::error!("BUG: a virtio-fs request handler panicked");
+            0
+        }
+    };
+    let errno = if len >= 16 {
+        reply_errno(mem, chain.clone())
+    } else {
+        0
+    };
+    if opcode == FUSE_INIT {
+        tracing::debug!(
+            "FUSE INIT: offered {offered:#x}, reply {len} bytes, errno {errno}, direct I/O {direct_io_mmap}"
+        );
+    }
+    if opcode == FUSE_INIT && errno == 0 && direct_io_mmap && offered & DIRECT_IO_ALLOW_MMAP != 0 {
+        grant_direct_io_mmap(mem, chain, len);
+    }
+    Served {
+        len,
+        opcode,
+        errno,
+        took: t0.elapsed(),
+    }
+}
+
+/// Reads until `buf` is full or the readable part of the chain ends.
+fn read_up_to(r: &mut impl io::Read, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+    }
+    n
+}
+
+const FUSE_INIT: u32 = 26;
+/// Offsets in fuse_init_in of `flags` and `flags2`, and in fuse_init_out
+/// (after the 16-byte reply header) of `flags` and `flags2`.
+const INIT_IN_FLAGS: usize = 12;
+const INIT_IN_FLAGS2: usize = 16;
+const INIT_OUT_FLAGS: u64 = 16 + 12;
+const INIT_OUT_FLAGS2: u64 = 16 + 32;
+const FUSE_INIT_EXT: u64 = 1 << 30;
+/// FUSE 7.39 (Linux 6.6): mmap of files opened with direct I/O.
+const DIRECT_IO_ALLOW_MMAP: u64 = 1 << 36;
+
+/// Adds FUSE_DIRECT_IO_ALLOW_MMAP to an INIT reply written into guest
+/// memory, so shared mappings of direct-I/O files (`--cache never`,
+/// `metadata`) work where the guest kernel offers it. fuse-backend-rs 0.14
+/// drops INIT flags it does not know, so it can neither see the offer nor
+/// grant it; the reply is amended after it is written, before the guest
+/// sees it.
+fn grant_direct_io_mmap(mem: &Mem, chain: DescriptorChain<Arc<Mem>>, len: u32) {
+    use vm_memory::{Bytes, GuestAddress};
+    if u64::from(len) < INIT_OUT_FLAGS2 + 4 {
+        return;
+    }
+    // The writable part may be split (the kernel gives the reply header
+    // and the reply its own buffers): find where an offset into it lives.
+    let writable: Vec<_> = chain.into_iter().filter(|d| d.is_write_only()).collect();
+    let at = |off: u64| -> Option<GuestAddress> {
+        let mut start = 0u64;
+        for d in &writable {
+            let end = start + u64::from(d.len());
+            if off + 4 <= end && off >= start {
+                return Some(GuestAddress(d.addr().0.checked_add(off - start)?));
+            }
+            start = end;
+        }
+        None
+    };
+    let (Some(fa), Some(f2a)) = (at(INIT_OUT_FLAGS), at(INIT_OUT_FLAGS2)) else {
+        return;
+    };
+    let (Ok(flags), Ok(flags2)) = (mem.read_obj::<u32>(fa), mem.read_obj::<u32>(f2a)) else {
+        return;
+    };
+    let flags = u32::from_le(flags) | FUSE_INIT_EXT as u32;
+    let flags2 = u32::from_le(flags2) | (DIRECT_IO_ALLOW_MMAP >> 32) as u32;
+    if mem.write_obj(flags.to_le(), fa).is_ok() && mem.write_obj(flags2.to_le(), f2a).is_ok() {
+        tracing::info!(
+            "FUSE INIT: granted DIRECT_IO_ALLOW_MMAP (shared mappings of direct-I/O files)"
+        );
+    }
+}
+
+/// One chain served: the used length, and what the metrics count.
+pub(crate) struct Served {
+    pub len: u32,
+    opcode: u32,
+    errno: i32,
+    took: std::time::Duration,
+}
+
+impl Served {
+    fn record(&self, fs: &StoreFs) {
+        if self.opcode != 0 {
+            let data = u64::from(self.len.saturating_sub(16));
+            fs.metrics()
+                .request(self.opcode, self.errno, self.took, data);
+        }
+    }
+}
+
+/// The errno of the reply the server wrote (its header's error field, a
+/// negative errno, at the start of the first writable descriptor).
+fn reply_errno(mem: &Mem, chain: DescriptorChain<Arc<Mem>>) -> i32 {
+    use vm_memory::Bytes;
+    let Some(d) = chain.into_iter().find(|d| d.is_write_only()) else {
+        return 0;
+    };
+    let mut h = [0u8; 8];
+    if d.len() < 8 || mem.read_slice(&mut h, d.addr()).is_err() {
+        return 0;
+    }
+    i32::from_le_bytes([h[4], h[5], h[6], h[7]]).saturating_neg()
+}
+
+/// Puts a served chain on the used ring and notifies the guest if it asked
+/// to be (EVENT_IDX) or always (without it). `add_used` and
+/// `needs_notification` run under one lock so concurrent workers cannot
+/// miss a notification.
+fn complete(vring: &VringRwLock, head: u16, len: u32, queue: usize) {
+    let mut state = vring.get_mut();
+    if !state.get_queue().ready() {
+        // The VMM stopped the queue while the request ran.
+        tracing::debug!("queue {queue}: stopped; dropping the reply to chain {head}");
+        return;
+    }
+    if let Err(e) = state.add_used(head, len) {
+        tracing::warn!("queue {queue}: cannot return chain {head}: {e}");
+        return;
+    }
+    let notify = state.needs_notification().unwrap_or_else(|e| {
+        tracing::warn!("queue {queue}: reading used_event: {e}");
+        true
+    });
+    if notify {
+        if let Err(e) = state.signal_used_queue() {
+            tracing::warn!("queue {queue}: cannot notify the guest: {e}");
+        }
+    }
+}
+
+impl VhostUserBackend for FsBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        1 + self.config.request_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1u64 << VIRTIO_RING_F_EVENT_IDX)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // REPLY_ACK is added by the vhost crate itself.
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // An out-of-range read gets an empty answer, which the vhost crate
+        // reports to the VMM as a failure.
+        let start = offset as usize;
+        start
+            .checked_add(size as usize)
+            .and_then(|end| self.config_space.get(start..end))
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default()
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // The virtio-fs configuration space is read-only: writes are
+        // ignored, as a device does. An error here would end the vhost-user
+        // connection, and with it the daemon.
+        tracing::debug!("ignoring a {}-byte config write at {offset}", buf.len());
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<Mem>) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = mem;
+        Ok(())
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Dropping the daemon joins its vring threads after signalling
+        // these: without them, returning after a disconnect would hang.
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                tracing::error!("vring thread {thread_index}: no exit event: {e}");
+                self.no_exit_event.store(true, Ordering::Release);
+                None
+            }
+        }
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // Thread 0: the high-priority queue; thread 1: all request queues.
+        let requests = ((1u64 << self.config.request_queues) - 1) << 1;
+        vec![1, requests]
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // Errors returned here stop the vring thread for good, so problems
+        // with one queue or chain are logged instead.
+        let index = usize::from(device_event);
+        let Some(vring) = vrings.get(index) else {
+            tracing::warn!("vring thread {thread_id}: unexpected event {device_event}");
+            return Ok(());
+        };
+        let queue = if thread_id == HIPRIO_THREAD {
+            0
+        } else {
+            index + 1
+        };
+        let Some(poll) = self.polls.get(queue) else {
+            tracing::warn!("queue {queue}: no such queue");
+            return Ok(());
+        };
+        let mut poll = lock(poll);
+        poll.woke();
+        let more = || more_available(vring, &self.memory());
+        if !self.event_idx.load(Ordering::Acquire) {
+            while self.drain(vring, queue).is_some_and(|n| poll.spin(n, more)) {}
+            return Ok(());
+        }
+        // (A drain that stopped for want of slots is resumed by the worker
+        // that frees one, through the kick eventfd.)
+        // EVENT_IDX: no kicks while draining or polling; re-arm, and drain
+        // again if the guest added chains in between.
+        loop {
+            if let Err(e) = vring.disable_notification() {
+                tracing::warn!("queue {queue}: disabling notifications: {e}");
+            }
+            let Some(popped) = self.drain(vring, queue) else {
+                break;
+            };
+            if poll.spin(popped, more) {
+                continue;
+            }
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::warn!("queue {queue}: enabling notifications: {e}");
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serves `fs` to the one VMM that connects to `listener`, until it
+/// disconnects (`Ok`) or the vhost-user conversation fails. Blocks.
+pub fn serve_one(
+    fs: Arc<StoreFs>,
+    config: DeviceConfig,
+    listener: UnixListener,
+) -> Result<(), Error> {
+    // An inherited socket may be non-blocking; the daemon's accept loop
+    // would then spin.
+    listener
+        .set_nonblocking(false)
+        .map_err(|e| SocketError::BadFd {
+            fd: listener.as_raw_fd(),
+            reason: e.to_string(),
+        })?;
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let backend = Arc::new(FsBackend::new(fs, config, mem.clone())?);
+    let mut daemon = VhostUserDaemon::new("tvix-virtiofsd".to_owned(), backend.clone(), mem)
+        .map_err(|e| Error::Daemon(e.to_string()))?;
+    let mut listener = Listener::from(listener);
+    let result = daemon
+        .start(&mut listener)
+        .map_err(|e| Error::Daemon(e.to_string()))
+        .and_then(|()| {
+            tracing::info!("VMM connected");
+            match daemon.wait() {
+                Ok(())
+                | Err(vhost_user_backend::Error::HandleRequest(
+                    ProtocolError::Disconnected | ProtocolError::PartialMessage,
+                )) => {
+                    tracing::info!("VMM disconnected");
+                    Ok(())
+                }
+                Err(e) => Err(Error::Daemon(e.to_string())),
+            }
+        });
+    if backend.no_exit_event.load(Ordering::Acquire) {
+        // Dropping would join a vring thread that cannot be told to stop;
+        // the process is about to exit anyway.
+        std::mem::forget(daemon);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_queue_holds_at_most_its_size_in_the_pool() {
+        let s = Slots::default();
+        assert!(s.take(2));
+        assert!(s.take(2));
+        assert!(!s.take(2), "a third chain of a queue of 2");
+        assert!(
+            s.full.load(Ordering::SeqCst),
+            "the worker must wake the queue"
+        );
+        assert_eq!(s.in_flight.load(Ordering::SeqCst), 2);
+        // a worker frees one (without a vring here: the count and the flag)
+        s.in_flight.fetch_sub(1, Ordering::SeqCst);
+        assert!(s.full.swap(false, Ordering::SeqCst));
+        assert!(s.take(2));
+        assert!(!s.take(2));
+    }
+
+    fn config(tag: &str, queues: usize) -> DeviceConfig {
+        DeviceConfig {
+            tag: tag.into(),
+            request_queues: queues,
+            threads: 1,
+            poll_max: Duration::from_micros(50),
+        }
+    }
+
+    #[test]
+    fn config_space_layout() {
+        let cfg = config("nix-store", 3).config_space();
+        assert_eq!(cfg.len(), 40);
+        assert_eq!(&cfg[..9], b"nix-store");
+        assert!(cfg[9..36].iter().all(|&b| b == 0));
+        assert_eq!(&cfg[36..], &3u32.to_le_bytes());
+    }
+
+    #[test]
+    fn tags() {
+        assert!(check_tag("nix-store").is_ok());
+        assert!(check_tag(&"a".repeat(36)).is_ok());
+        assert!(check_tag(&"a".repeat(37)).is_err());
+        assert!(check_tag("").is_err());
+        assert!(check_tag("a\0b").is_err());
+        assert!(config("x", 0).validate().is_err());
+        assert!(config("x", 64).validate().is_err());
+        assert!(config("x", 63).validate().is_ok());
+    }
+
+    /// Three chains through the request queue and the pool: INIT gets its
+    /// reply length, FORGET 0 (no reply), a chain pointing outside guest
+    /// memory 0; all three come back on the used ring.
+    #[test]
+    fn request_queue_round_trip() {
+        use crate::store::Store;
+        use crate::view::FsConfig;
+        use fuse_backend_rs::abi::fuse_abi::{ForgetIn, InHeader, InitIn, Opcode};
+        use std::collections::HashMap;
+        use std::time::{Duration, Instant};
+        use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+        use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+        use virtio_queue::mock::MockSplitQueue;
+        use vm_memory::{ByteValued, Bytes, GuestAddress};
+
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let fs = Arc::new(StoreFs::new(
+            Store::memory(),
+            rt.handle().clone(),
+            FsConfig {
+                list_root: false,
+                store_timeout: Duration::from_secs(5),
+                ..Default::default()
+            },
+        ));
+        let atomic = GuestMemoryAtomic::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap(),
+        );
+        let mem = atomic.memory();
+        let vq = MockSplitQueue::new(&*mem, 16);
+
+        let header = |opcode: Opcode, body: usize, unique: u64| InHeader {
+            len: (std::mem::size_of::<InHeader>() + body) as u32,
+            opcode: opcode as u32,
+            unique,
+            nodeid: 1,
+            ..Default::default()
+        };
+        let init_in = InitIn {
+            major: 7,
+            minor: 33,
+            max_readahead: 0x20000,
+            flags: 0,
+        };
+        let mut init = header(Opcode::Init, std::mem::size_of::<InitIn>(), 1)
+            .as_slice()
+            .to_vec();
+        init.extend_from_slice(init_in.as_slice());
+        let mut forget = header(Opcode::Forget, std::mem::size_of::<ForgetIn>(), 2)
+            .as_slice()
+            .to_vec();
+        forget.extend_from_slice(ForgetIn { nlookup: 1 }.as_slice());
+        mem.write_slice(&init, GuestAddress(0x10_0000)).unwrap();
+        mem.write_slice(&forget, GuestAddress(0x11_0000)).unwrap();
+
+        let next = VRING_DESC_F_NEXT as u16;
+        let write = VRING_DESC_F_WRITE as u16;
+        let descs: Vec<RawDescriptor> = [
+            Descriptor::new(0x10_0000, init.len() as u32, next, 1),
+            Descriptor::new(0x20_0000, 0x1000, write, 0),
+            Descriptor::new(0x11_0000, forget.len() as u32, next, 3),
+            Descriptor::new(0x21_0000, 0x1000, write, 0),
+            // outside guest memory
+            Descriptor::new(0x8000_0000, 64, 0, 0),
+        ]
+        .into_iter()
+        .map(RawDescriptor::from)
+        .collect();
+        vq.add_desc_chains(&descs, 0).unwrap();
+
+        let vring = VringRwLock::new(atomic.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+
+        let backend = FsBackend::new(fs, config("nix-store", 1), atomic.clone()).unwrap();
+        assert_eq!(backend.num_queues(), 2);
+        assert_eq!(backend.queues_per_thread(), vec![0b1, 0b10]);
+        backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 1)
+            .unwrap();
+
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while vq.used().idx().load() < 3 {
+            assert!(Instant::now() < deadline, "chains not returned");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let used: HashMap<u32, u32> = (0..3)
+            .map(|i| {
+                let e = vq.used().ring().ref_at(i).unwrap().load();
+                (e.id(), e.len())
+            })
+            .collect();
+        // OutHeader (16) + InitOut (64)
+        assert_eq!(used.get(&0), Some(&80));
+        assert_eq!(used.get(&2), Some(&0));
+        assert_eq!(used.get(&4), Some(&0));
+    }
+}

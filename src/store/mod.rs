@@ -1,0 +1,34 @@
+//! The store: three services behind their traits ([`BlobService`],
+//! [`DirectoryService`], [`PathInfoService`]), a backend folder for each
+//! (memory, the embedded on-disk store, the gRPC client), the addresses
+//! that pick one ([`addr`], [`open`]), the on-disk layout the embedded
+//! store and the host cache share ([`disk`]), the host cache in front of
+//! a remote ([`cache`]), and closures of store paths ([`closure`]).
+pub mod addr;
+pub mod blob;
+pub mod cache;
+pub mod channel;
+pub mod closure;
+pub mod directory;
+pub mod disk;
+mod error;
+pub mod open;
+pub mod pathinfo;
+
+pub use addr::Addr;
+pub use blob::BlobService;
+pub use channel::Wire;
+pub use directory::DirectoryService;
+pub use error::{Error, Result};
+pub use open::StoreOptions;
+pub use pathinfo::PathInfoService;
+
+use std::sync::Arc;
+
+/// The three services a store is made of.
+#[derive(Clone)]
+pub struct Store {
+    pub blob: Arc<dyn BlobService>,
+    pub directory: Arc<dyn DirectoryService>,
+    pub path_info: Arc<dyn PathInfoService>,
+}

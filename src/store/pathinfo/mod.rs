@@ -1,0 +1,24 @@
+//! Path info storage: store path metadata, looked up by the 20-byte hash part.
+use crate::nix::path_info::PathInfo;
+use crate::store::Result;
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+
+pub mod grpc;
+pub mod local;
+pub mod memory;
+
+#[async_trait]
+pub trait PathInfoService: Send + Sync + 'static {
+    async fn get(&self, digest: &[u8; 20]) -> Result<Option<PathInfo>>;
+
+    /// As `get`, on the calling thread and without the async runtime,
+    /// where the backend has the answer on a local disk; `None` where it
+    /// would have to ask elsewhere.
+    fn get_blocking(&self, _digest: &[u8; 20]) -> Option<Result<Option<PathInfo>>> {
+        None
+    }
+    /// Stores `info`, replacing an earlier entry for the same store path.
+    async fn put(&self, info: PathInfo) -> Result<PathInfo>;
+    fn list(&self) -> BoxStream<'_, Result<PathInfo>>;
+}
