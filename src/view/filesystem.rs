@@ -4,9 +4,12 @@
 //! protocol surface reads as one list.
 use super::attr::{stat, TTL};
 use super::blobs::OpenBlob;
+use super::errno::err;
 use super::handles::OpenFile;
-use super::{err, inline, lock, InodeKind, StoreFs};
+use super::inodes::InodeKind;
+use super::{inline, StoreFs};
 use crate::castore::Node;
+use crate::lock;
 use bytes::Bytes;
 use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileSystem, FsOptions, GetxattrReply, ListxattrReply, OpenOptions,
@@ -15,7 +18,6 @@ use fuse_backend_rs::api::filesystem::{
 use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
@@ -120,7 +122,6 @@ impl FileSystem for StoreFs {
             InodeKind::Node(Node::Symlink { .. }) => return Err(err(libc::ELOOP)),
             _ => return Err(err(libc::EISDIR)),
         };
-        let h = self.new_handle()?;
         // A guest with more requests queued keeps the disk busy itself:
         // reading ahead for it only costs CPU (measured at depth 64).
         if self.cfg.read_ahead_files > 0
@@ -129,14 +130,11 @@ impl FileSystem for StoreFs {
         {
             self.opening_unread(inode);
         }
-        lock(&self.files).insert(
-            h,
-            Arc::new(Mutex::new(OpenFile {
-                digest,
-                size,
-                blob: None,
-            })),
-        );
+        let h = self.handles.open_file(OpenFile {
+            digest,
+            size,
+            blob: None,
+        })?;
         Ok((Some(h), self.cfg.cache.file(), None))
     }
 
@@ -152,10 +150,7 @@ impl FileSystem for StoreFs {
         _: Option<u64>,
         _: u32,
     ) -> io::Result<usize> {
-        let file = lock(&self.files)
-            .get(&handle)
-            .cloned()
-            .ok_or_else(|| err(libc::EBADF))?;
+        let file = self.handles.file(handle).ok_or_else(|| err(libc::EBADF))?;
         let (blob, file_size) = {
             let mut f = lock(&file);
             if offset >= f.size {
@@ -212,14 +207,13 @@ impl FileSystem for StoreFs {
         _: bool,
         _: Option<u64>,
     ) -> io::Result<()> {
-        let removed = lock(&self.files).remove(&handle);
+        let removed = self.handles.close_file(handle);
         if let Some(file) = &removed {
             let mut f = lock(file);
             if let Some(blob) = f.blob.take() {
                 self.blobs.put_back(&(f.digest, f.size), blob);
             }
         }
-        self.handle_gone(removed.is_some());
         Ok(())
     }
 
@@ -277,16 +271,13 @@ impl FileSystem for StoreFs {
                     return Ok((None, OpenOptions::empty()));
                 }
                 // A snapshot per handle keeps offsets stable while the store changes.
-                let listing = self.root_listing()?;
-                let h = self.new_handle()?;
-                lock(&self.dir_handles).insert(h, listing);
+                let h = self.handles.open_dir(self.root_listing()?)?;
                 Ok((Some(h), OpenOptions::empty()))
             }
             InodeKind::Node(Node::Directory { digest, size }) => {
                 let listing = self.directory(digest, *size)?.entries.clone();
                 self.read_soon(&listing);
-                let h = self.new_handle()?;
-                lock(&self.dir_handles).insert(h, listing);
+                let h = self.handles.open_dir(listing)?;
                 Ok((Some(h), self.cfg.cache.dir()))
             }
             InodeKind::Node(_) => Err(err(libc::ENOTDIR)),
@@ -332,8 +323,7 @@ impl FileSystem for StoreFs {
     }
 
     fn releasedir(&self, _: &Context, _: u64, _: u32, handle: u64) -> io::Result<()> {
-        let removed = lock(&self.dir_handles).remove(&handle).is_some();
-        self.handle_gone(removed);
+        self.handles.close_dir(handle);
         Ok(())
     }
 

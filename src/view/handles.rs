@@ -1,20 +1,20 @@
 //! The guest's open handles: files (their blob opened on first read) and
 //! directories (a listing snapshot each), counted against one bound, the
 //! shared root listing, and the reset when a guest kernel starts over.
+//! Listing directories through them is [`super::listing`].
 //! Apart because this is the state a guest grows by itself, and what it
 //! holds must be let go when it reboots.
-use super::attr::dtype;
 use super::blobs::OpenBlob;
 use super::dircache::Listing;
-use super::{err, lock, InodeKind, StoreFs, ROOT_INO};
+use super::errno::err;
 use crate::castore::{B3Digest, Node};
+use crate::lock;
 use bytes::Bytes;
-use fuse_backend_rs::api::filesystem::DirEntry;
-use futures::TryStreamExt;
+use std::collections::HashMap;
 use std::io;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// An open file. The blob is opened (and verified) on the first read, not
 /// at open: with a warm page cache (KEEP_CACHE) no read ever comes.
@@ -24,134 +24,122 @@ pub(super) struct OpenFile {
     pub(super) blob: Option<Arc<OpenBlob>>,
 }
 
-impl StoreFs {
-    /// Every store path, sorted: the shared snapshot when it is under a
-    /// second old or unchanged, else a new one.
-    pub(super) fn root_listing(&self) -> io::Result<Listing> {
-        const FRESH: Duration = Duration::from_secs(1);
-        if let Some((at, l)) = &*lock(&self.root_snapshot) {
-            if at.elapsed() < FRESH {
-                return Ok(l.clone());
-            }
+/// Every open handle, counted against one bound.
+pub(super) struct Handles {
+    files: Mutex<HashMap<u64, Arc<Mutex<OpenFile>>>>,
+    /// Listings of open directories, by handle: one snapshot per OPENDIR,
+    /// so every READDIR of it is an index, and the root's offsets stay
+    /// valid while the store changes.
+    pub(super) dirs: Mutex<HashMap<u64, Listing>>,
+    /// The newest root listing (`--list-root`) and when it was made: open
+    /// handles share it while it is fresh or while the store has not
+    /// changed, so a guest opening the root again and again holds one
+    /// listing, not one per handle.
+    root: Mutex<Option<(Instant, Listing)>>,
+    next: AtomicU64,
+    /// Entries of `files` and `dirs` together.
+    count: AtomicUsize,
+    max: usize,
+}
+
+impl Handles {
+    pub(super) fn new(max: usize) -> Self {
+        Self {
+            files: Mutex::default(),
+            dirs: Mutex::default(),
+            root: Mutex::default(),
+            next: AtomicU64::new(1),
+            count: AtomicUsize::new(0),
+            max,
         }
-        let mut all = match self.closure() {
-            Some(c) => c
-                .entries()
-                .map(|(name, node)| (Bytes::from(name), node.clone()))
-                .collect(),
-            None => self.block("listing store paths", async {
-                let mut s = self.store.path_info.list();
-                let mut out = Vec::new();
-                while let Some(info) = s.try_next().await? {
-                    out.push((Bytes::from(info.store_path.to_basename()), info.node));
-                }
-                Ok(out)
-            })?,
-        };
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        all.dedup_by(|a, b| a.0 == b.0);
-        let mut snap = lock(&self.root_snapshot);
+    }
+
+    /// A handle number, counted against the bound until it is removed.
+    fn new_handle(&self) -> io::Result<u64> {
+        if self.count.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(
+                "the guest holds {} open handles: refusing more (ENFILE)",
+                self.max
+            );
+            return Err(err(libc::ENFILE));
+        }
+        Ok(self.next.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn gone(&self, removed: bool) {
+        if removed {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Opens a file handle.
+    pub(super) fn open_file(&self, f: OpenFile) -> io::Result<u64> {
+        let h = self.new_handle()?;
+        lock(&self.files).insert(h, Arc::new(Mutex::new(f)));
+        Ok(h)
+    }
+
+    pub(super) fn file(&self, h: u64) -> Option<Arc<Mutex<OpenFile>>> {
+        lock(&self.files).get(&h).cloned()
+    }
+
+    pub(super) fn close_file(&self, h: u64) -> Option<Arc<Mutex<OpenFile>>> {
+        let removed = lock(&self.files).remove(&h);
+        self.gone(removed.is_some());
+        removed
+    }
+
+    /// Opens a directory handle on its listing's snapshot.
+    pub(super) fn open_dir(&self, listing: Listing) -> io::Result<u64> {
+        let h = self.new_handle()?;
+        lock(&self.dirs).insert(h, listing);
+        Ok(h)
+    }
+
+    pub(super) fn dir(&self, h: u64) -> Option<Listing> {
+        lock(&self.dirs).get(&h).cloned()
+    }
+
+    pub(super) fn close_dir(&self, h: u64) {
+        let removed = lock(&self.dirs).remove(&h).is_some();
+        self.gone(removed);
+    }
+
+    /// The shared root listing while it is younger than `fresh`.
+    pub(super) fn root_if_fresh(&self, fresh: Duration) -> Option<Listing> {
+        match &*lock(&self.root) {
+            Some((at, l)) if at.elapsed() < fresh => Some(l.clone()),
+            _ => None,
+        }
+    }
+
+    /// Shares `all` (sorted, deduplicated) as the root listing, or the one
+    /// shared before when it is the same.
+    pub(super) fn share_root(&self, all: Vec<(Bytes, Node)>) -> Listing {
+        let mut snap = lock(&self.root);
         let listing: Listing = match &*snap {
             Some((_, old)) if old[..] == all[..] => old.clone(),
             _ => all.into(),
         };
-        *snap = Some((std::time::Instant::now(), listing.clone()));
-        Ok(listing)
+        *snap = Some((Instant::now(), listing.clone()));
+        listing
     }
 
-    /// Drops every inode and handle of the previous guest kernel: a guest
-    /// that reboots keeps the vhost-user connection and sends INIT again
-    /// (after DESTROY, or without it) and never releases what the old
-    /// kernel held.
-    pub(super) fn reset(&self, why: &str) {
-        let inodes = self.inodes.reset();
+    /// Drops the shared root listing (the closure changed).
+    pub(super) fn forget_root(&self) {
+        *lock(&self.root) = None;
+    }
+
+    /// Drops every handle; answers how many files and directories were open.
+    pub(super) fn clear(&self) -> (usize, usize) {
         let files = std::mem::take(&mut *lock(&self.files)).len();
-        self.blobs.clear();
-        let dirs = std::mem::take(&mut *lock(&self.dir_handles)).len();
-        self.handles.fetch_sub(files + dirs, Ordering::AcqRel);
-        if inodes + files + dirs > 0 {
-            tracing::info!(
-                "{why}: dropped {inodes} inodes, {files} open files and {dirs} open directories of the previous guest kernel"
-            );
-        }
+        let dirs = std::mem::take(&mut *lock(&self.dirs)).len();
+        self.count.fetch_sub(files + dirs, Ordering::AcqRel);
+        (files, dirs)
     }
 
-    /// A handle number, counted against `max_handles` until
-    /// [`Self::handle_gone`].
-    pub(super) fn new_handle(&self) -> io::Result<u64> {
-        if self.handles.fetch_add(1, Ordering::AcqRel) >= self.cfg.max_handles {
-            self.handles.fetch_sub(1, Ordering::AcqRel);
-            tracing::warn!(
-                "the guest holds {} open handles: refusing more (ENFILE)",
-                self.cfg.max_handles
-            );
-            return Err(err(libc::ENFILE));
-        }
-        Ok(self.next_handle.fetch_add(1, Ordering::Relaxed))
-    }
-
-    pub(super) fn handle_gone(&self, removed: bool) {
-        if removed {
-            self.handles.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-
-    /// The listing of a directory inode: (name, node) in order; the open
-    /// handle's snapshot when there is one.
-    pub(super) fn listing(&self, ino: u64, handle: u64) -> io::Result<Listing> {
-        if let Some(l) = lock(&self.dir_handles).get(&handle) {
-            return Ok(l.clone());
-        }
-        match &self.kind(ino)? {
-            InodeKind::Root => Ok(Arc::from([])),
-            InodeKind::Node(Node::Directory { digest, size }) => {
-                Ok(self.directory(digest, *size)?.entries.clone())
-            }
-            InodeKind::Node(_) => Err(err(libc::ENOTDIR)),
-        }
-    }
-
-    /// Shared by readdir and readdirplus: `.`, `..`, then the entries, with
-    /// offsets that are positions in that list (stable across calls).
-    pub(super) fn walk_dir(
-        &self,
-        ino: u64,
-        handle: u64,
-        offset: u64,
-        mut emit: impl FnMut(DirEntry, Option<(&Bytes, &Node)>) -> io::Result<usize>,
-    ) -> io::Result<()> {
-        let entries = self.listing(ino, handle)?;
-        let dots: [&[u8]; 2] = [b".", b".."];
-        let total = entries.len() as u64 + 2;
-        for pos in offset..total {
-            let next = pos + 1;
-            let written = if pos < 2 {
-                emit(
-                    DirEntry {
-                        ino: if pos == 0 { ino } else { ROOT_INO },
-                        offset: next,
-                        type_: libc::DT_DIR as u32,
-                        name: dots[pos as usize],
-                    },
-                    None,
-                )?
-            } else {
-                let (name, node) = &entries[(pos - 2) as usize];
-                emit(
-                    DirEntry {
-                        // d_ino only; the real number comes with lookup
-                        ino: u64::MAX - pos,
-                        offset: next,
-                        type_: dtype(node),
-                        name,
-                    },
-                    Some((name, node)),
-                )?
-            };
-            if written == 0 {
-                break;
-            }
-        }
-        Ok(())
+    pub(super) fn len(&self) -> usize {
+        lock(&self.files).len() + lock(&self.dirs).len()
     }
 }

@@ -7,21 +7,27 @@
 //! two, the view trusts the store not to rewrite a blob it holds, which
 //! our stores never do: they write each object once and rename it in).
 //!
-//! The view is split by the state each part owns: `config` (settings),
-//! `dircache` (decoded directories and lookups in them), `handles` (open
-//! files and directories), `open` (blob opening, checking and read-ahead
-//! hooks) and `filesystem` (the FUSE requests). This root holds
-//! [`StoreFs`], its constructor and what every part shares: the store
-//! call with its time limit.
+//! The view is split by the state each part owns, and no part imports
+//! this root: `config` (settings), `inodes`, `dircache` (decoded
+//! directories), `handles` (open files and directories), `blobs` and
+//! `verified` (open and checked blobs), `sequential` (read-ahead) and
+//! `metrics`. This root holds [`StoreFs`], which owns one of each, and the
+//! store call with its time limit. What combines parts is written on
+//! `StoreFs` in the files above them: `lookup` (names to entries),
+//! `listing` (directory listings), `open` (opening and checking blobs) and
+//! `filesystem` (the FUSE requests).
 mod attr;
 mod blobs;
 pub mod bounded_set;
 mod config;
 mod dircache;
+mod errno;
 mod filesystem;
 mod handles;
 pub mod inline;
 mod inodes;
+mod listing;
+mod lookup;
 pub mod metrics;
 mod open;
 mod sequential;
@@ -29,21 +35,19 @@ mod sequential;
 mod tests;
 mod verified;
 
-use crate::castore::B3Digest;
 use crate::store::Store;
 use blobs::OpenBlobs;
 pub use config::{
     CachePolicy, FsConfig, DEFAULT_DIR_CACHE_BYTES, DEFAULT_MAX_HANDLES, DEFAULT_READ_AHEAD_FILES,
     DEFAULT_VERIFIED_BLOBS,
 };
-use dircache::{DirView, DirWeight, LargeSlot, Listing};
+use dircache::DirCache;
+use errno::err;
 use fuse_backend_rs::api::filesystem::OpenOptions;
-use handles::OpenFile;
+use handles::Handles;
 pub use inodes::{InodeKind, Inodes, ROOT_INO};
-use std::collections::HashMap;
 use std::io;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The view of one store: every FUSE request is answered from the state
@@ -54,81 +58,35 @@ pub struct StoreFs {
     cfg: FsConfig,
     inodes: Inodes,
     /// Decoded directories, bounded by bytes.
-    dirs: quick_cache::sync::Cache<B3Digest, Arc<DirView>, DirWeight>,
-    /// The last directory too large for `dirs` on its own, and when it was
-    /// last used: let go after [`dircache::LARGE_DIRECTORY_IDLE`].
-    large: Arc<LargeSlot>,
-    /// Held while a directory declared [`dircache::LARGE_DIRECTORY`] or more is fetched.
-    large_fetch: Mutex<()>,
+    dircache: DirCache,
     /// Which directories the guest reads in order, to read ahead.
     sequential: sequential::Sequential,
     /// Blobs checked against (digest, size), bounded by count.
     verified: verified::Verified,
-    files: Mutex<HashMap<u64, Arc<Mutex<OpenFile>>>>,
+    /// Open files and directories, counted against one bound.
+    handles: Handles,
     /// What the open files read from: one per blob.
     blobs: OpenBlobs,
-    /// Listings of open directories, by handle: one snapshot per OPENDIR,
-    /// so every READDIR of it is an index, and the root's offsets stay
-    /// valid while the store changes.
-    dir_handles: Mutex<HashMap<u64, Listing>>,
-    /// The newest root listing (`--list-root`) and when it was made: open
-    /// handles share it while it is fresh or while the store has not
-    /// changed, so a guest opening the root again and again holds one
-    /// listing, not one per handle.
-    root_snapshot: Mutex<Option<(std::time::Instant, Listing)>>,
-    next_handle: AtomicU64,
     /// What it served, for Prometheus.
     metrics: metrics::ViewMetrics,
     /// The store paths the guest may see; `None`: all of them.
     closure: std::sync::RwLock<Option<Arc<crate::store::closure::Closure>>>,
-    /// Entries of `files` and `dir_handles` together.
-    handles: AtomicUsize,
-}
-
-/// An errno as the `io::Error` FUSE answers with.
-fn err(code: i32) -> io::Error {
-    io::Error::from_raw_os_error(code)
-}
-
-/// Takes a lock even when a panicking thread poisoned it: one failed
-/// request must not stop the view from serving the next.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl StoreFs {
     /// `rt` runs the store calls; FUSE workers block on it from their own threads.
     pub fn new(store: Store, rt: tokio::runtime::Handle, cfg: FsConfig) -> Self {
         Self {
-            large: Arc::default(),
             store,
             rt,
             inodes: Inodes::default(),
-            // One shard: a big directory may take any share of the bound
-            // (sharding splits the bound, and what exceeds a shard's
-            // share is never kept: decoded again on every request).
-            dirs: quick_cache::sync::Cache::with_options(
-                quick_cache::OptionsBuilder::new()
-                    .shards(1)
-                    .estimated_items_capacity(1024)
-                    .weight_capacity(cfg.dir_cache_bytes.max(1))
-                    .build()
-                    .unwrap_or_else(|_| unreachable!("all options are set")),
-                DirWeight,
-                Default::default(),
-                Default::default(),
-            ),
-            large_fetch: Mutex::new(()),
+            dircache: DirCache::new(cfg.dir_cache_bytes),
+            handles: Handles::new(cfg.max_handles),
             sequential: sequential::Sequential::new(cfg.read_ahead_files),
             verified: verified::Verified::new(cfg.verified_blobs),
-            files: Mutex::new(HashMap::new()),
             blobs: OpenBlobs::default(),
-            dir_handles: Mutex::new(HashMap::new()),
-            root_snapshot: Mutex::new(None),
-            next_handle: AtomicU64::new(1),
             closure: Default::default(),
             metrics: Default::default(),
-            handles: AtomicUsize::new(0),
             cfg,
         }
     }
@@ -138,7 +96,7 @@ impl StoreFs {
     /// next lookup on.
     pub fn set_closure(&self, closure: Option<crate::store::closure::Closure>) {
         *self.closure.write().unwrap_or_else(|e| e.into_inner()) = closure.map(Arc::new);
-        *lock(&self.root_snapshot) = None;
+        self.handles.forget_root();
     }
 
     fn closure(&self) -> Option<Arc<crate::store::closure::Closure>> {
@@ -179,7 +137,7 @@ impl StoreFs {
 
     /// Open file and directory handles, for tests.
     pub fn handle_count(&self) -> usize {
-        lock(&self.files).len() + lock(&self.dir_handles).len()
+        self.handles.len()
     }
 
     /// Blobs held open by file handles, for tests.
@@ -254,6 +212,21 @@ impl StoreFs {
             tracing::error!("{what}: {e}");
             err(libc::EIO)
         }))
+    }
+
+    /// Drops every inode and handle of the previous guest kernel: a guest
+    /// that reboots keeps the vhost-user connection and sends INIT again
+    /// (after DESTROY, or without it) and never releases what the old
+    /// kernel held.
+    pub(super) fn reset(&self, why: &str) {
+        let inodes = self.inodes.reset();
+        let (files, dirs) = self.handles.clear();
+        self.blobs.clear();
+        if inodes + files + dirs > 0 {
+            tracing::info!(
+                "{why}: dropped {inodes} inodes, {files} open files and {dirs} open directories of the previous guest kernel"
+            );
+        }
     }
 
     fn kind(&self, ino: u64) -> io::Result<InodeKind> {

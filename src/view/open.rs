@@ -6,8 +6,10 @@
 //! integrity promise is kept.
 use super::blobs::OpenBlob;
 use super::dircache::Listing;
+use super::errno::err;
 use super::handles::OpenFile;
-use super::{err, inline, InodeKind, StoreFs};
+use super::inodes::InodeKind;
+use super::{inline, StoreFs};
 use crate::castore::{B3Digest, Node};
 use crate::store::blob::{BlobReader, Direct};
 use std::io;
@@ -174,7 +176,7 @@ impl StoreFs {
         let Some(InodeKind::Node(Node::Directory { digest, .. })) = self.inodes.get(parent) else {
             return;
         };
-        let Some(dir) = self.remembered(&digest) else {
+        let Some(dir) = self.dircache.remembered(&digest) else {
             return;
         };
         let Some(pos) = dir.position(&name) else {

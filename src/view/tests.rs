@@ -5,6 +5,7 @@ use super::dircache::LARGE_DIRECTORY_IDLE;
 use super::open::{check_direct, CHECK_CHUNK};
 use super::*;
 use crate::castore::{B3Digest, Directory, Node};
+use crate::lock;
 use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,7 +90,7 @@ fn root_handles_share_one_listing() {
             handles.push(fs.opendir(&ctx, ROOT_INO, 0).unwrap().0.unwrap());
         }
     }
-    let dh = lock(&fs.dir_handles);
+    let dh = lock(&fs.handles.dirs);
     let first = dh[&handles[0]].clone();
     assert_eq!(first.len(), 100);
     assert!(handles.iter().all(|h| Arc::ptr_eq(&dh[h], &first)));
@@ -260,16 +261,22 @@ fn one_large_directory_is_kept_while_used() {
     let ctx = Context::default();
     let name = std::ffi::CString::new(sp.to_basename()).unwrap();
     let top = fs.lookup(&ctx, ROOT_INO, &name).unwrap();
-    let held = fs.remembered(&digest).expect("kept after the first lookup");
-    assert!(!fs.dirs.contains_key(&digest), "too heavy for the cache");
+    let held = fs
+        .dircache
+        .remembered(&digest)
+        .expect("kept after the first lookup");
+    assert!(
+        !fs.dircache.dirs.contains_key(&digest),
+        "too heavy for the cache"
+    );
     for i in 0..10 {
         std::thread::sleep(Duration::from_millis(50));
         let e = std::ffi::CString::new(format!("e{:03}", i * 7)).unwrap();
         assert_ne!(fs.lookup(&ctx, top.inode, &e).unwrap().inode, 0);
     }
-    let again = fs.remembered(&digest).expect("kept while used");
+    let again = fs.dircache.remembered(&digest).expect("kept while used");
     assert!(Arc::ptr_eq(&held, &again), "not fetched again");
     drop((held, again));
     std::thread::sleep(LARGE_DIRECTORY_IDLE * 3);
-    assert!(lock(&fs.large).is_none(), "let go once idle");
+    assert!(lock(&fs.dircache.large).is_none(), "let go once idle");
 }
