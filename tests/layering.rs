@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 
 /// A module path from the crate root, e.g. `["store", "cache", "blob"]`.
 type ModPath = Vec<String>;
+/// A unit of a layer: (layer, file or folder right under it).
+type Unit = (String, String);
 
 /// One source file: its module path, its code (comments, strings and test
 /// modules blanked out) and the child modules it declares.
@@ -240,7 +242,7 @@ fn load(root: &Path) -> Vec<Source> {
     }
     // Test-only files and the fuzzing module are not the product.
     sources.retain(|s| {
-        !(1..=s.module.len()).any(|n| test_files.contains(&s.module[..n].to_vec()))
+        !(1..=s.module.len()).any(|n| test_files.contains(&s.module[..n]))
             && s.module.first().is_none_or(|m| m != "fuzz")
     });
     sources
@@ -544,8 +546,8 @@ fn no_store_backend_imports_the_host_cache() {
 #[test]
 fn no_units_import_each_other_in_a_circle() {
     // Units inside one layer: its files and folders, and its own mod.rs.
-    let mut graph: BTreeMap<(String, String), BTreeSet<(String, String)>> = BTreeMap::new();
-    let mut seen_at: HashMap<((String, String), (String, String)), String> = HashMap::new();
+    let mut graph: BTreeMap<Unit, BTreeSet<Unit>> = BTreeMap::new();
+    let mut seen_at: HashMap<(Unit, Unit), String> = HashMap::new();
     for (from, to, at) in arrows(&root()) {
         let (a, b) = (unit(&from), unit(&to));
         if a != b && a.0 == b.0 {
