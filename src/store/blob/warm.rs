@@ -197,7 +197,8 @@ impl Warmer {
 /// delay the requests it is meant to speed up, and the queue's thread that
 /// wakes it keeps its CPU. Not SCHED_IDLE: an idle-class thread preempted
 /// inside a read-ahead leaves the guest's read waiting on its pages for
-/// milliseconds (measured: p99 of a read 7.6 ms, against 0.4 ms at nice 19).
+/// milliseconds (BENCHMARKS.md, "Depth 1: reading the next files ahead": the
+/// priorities tried).
 fn background() {
     // SAFETY: plain syscalls on this thread's own id, no memory passed.
     let rc = unsafe {

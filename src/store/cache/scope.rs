@@ -1,4 +1,7 @@
-//! Tenants: connections to the host daemon scoped to one closure.
+//! Tenants: connections to the host daemon scoped to one closure. This
+//! file is the scope and the scoped services; the listener and the
+//! handshake's host side are [`crate::serve::grpc::tenants`] (the
+//! transport), the VM side is [`super::tenant`].
 //!
 //! A per-VM daemon given `--closure` and `--cache-dir` serves one tenant.
 //! Were it taken over by its guest, an unscoped connection and the cache

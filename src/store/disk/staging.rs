@@ -57,10 +57,11 @@ pub const TEMP_PREFIX: &str = ".fill";
 /// its destination: ext4 places a file's inode in its directory's block
 /// group, and 256 shard directories made a fresh filler's blobs land in as
 /// many groups, so files read one after another in a guest's walk had
-/// their inodes far apart (median jump 598,014 inode numbers against 12
-/// for the embedded store's) and a cold walk over the cache ran at 0.82-
-/// 0.89x of the same walk over the embedded store. Staged together they
-/// are allocated together, in the order they were filled. Leftovers are
+/// their inodes far apart and a cold walk over the cache ran slower than
+/// over the embedded store (BENCHMARKS.md, "Depth 64: the second VM against the embedded
+/// store": where the inodes landed).
+/// Staged together they are allocated together, in the order they were
+/// filled. Leftovers are
 /// removed by the next filler (`Cache::open`).
 pub fn staged_temp(root: &Path) -> std::io::Result<tempfile::NamedTempFile> {
     temp_in(&root.join("tmp"))
