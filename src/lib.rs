@@ -29,6 +29,12 @@ pub mod view;
 /// The generated wire types of the gRPC services, and Prometheus' text.
 pub mod wire;
 
+/// Locks `m`; a poisoned lock's data is still used: one failed request
+/// must not stop the next.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzz;
