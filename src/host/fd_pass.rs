@@ -12,6 +12,7 @@
 //! the one the answer names. Descriptors travel in the order they were
 //! queued and arrive with (or before) the bytes of the answer naming them,
 //! so the answer never finds its descriptor missing.
+use crate::lock;
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -38,10 +39,6 @@ pub enum FdPassError {
     OutboxFull,
     #[error("descriptor {0} was named but never received (or already taken)")]
     NotReceived(u64),
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Descriptors to send, numbered from 1 in the order they are queued.

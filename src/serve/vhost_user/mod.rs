@@ -12,19 +12,22 @@
 //! fetch), so one slow fetch stalls one worker, not the device. When more
 //! requests are waiting and a worker is idle, it hands them out too, so a
 //! deep queue uses every core.
+mod fuse_init;
 mod queue_poll;
 
 use crate::host::socket::SocketError;
+use crate::lock;
 use crate::view::StoreFs;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+use fuse_init::{grant_direct_io_mmap, peek_init, DIRECT_IO_ALLOW_MMAP, FUSE_INIT};
 use queue_poll::PollWindow;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Error as ProtocolError, Listener};
@@ -275,10 +278,6 @@ pub struct FsBackend {
     polls: Vec<Mutex<PollWindow>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl FsBackend {
     /// Starts the worker pool; `mem` is the memory the daemon updates.
     fn new(
@@ -471,19 +470,7 @@ pub(crate) fn handle_chain(
     };
     // The header's opcode and, for INIT, the flags the guest offers, read
     // from a copy of the cursor.
-    let (opcode, offered) = {
-        let mut h = [0u8; 40 + INIT_IN_FLAGS2 + 4];
-        let mut peek = reader.clone();
-        let n = read_up_to(&mut peek, &mut h);
-        let word = |at: usize| {
-            h.get(at..at + 4)
-                .filter(|_| at + 4 <= n)
-                .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        };
-        let flags =
-            u64::from(word(40 + INIT_IN_FLAGS)) | (u64::from(word(40 + INIT_IN_FLAGS2)) << 32);
-        (word(4), flags)
-    };
+    let (opcode, offered) = peek_init(reader.clone());
     let writer = match VirtioFsWriter::new(mem, chain.clone()) {
         Ok(w) => w,
         Err(e) => {
@@ -528,69 +515,6 @@ pub(crate) fn handle_chain(
         opcode,
         errno,
         took: t0.elapsed(),
-    }
-}
-
-/// Reads until `buf` is full or the readable part of the chain ends.
-fn read_up_to(r: &mut impl io::Read, buf: &mut [u8]) -> usize {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) | Err(_) => break,
-            Ok(k) => n += k,
-        }
-    }
-    n
-}
-
-const FUSE_INIT: u32 = 26;
-/// Offsets in fuse_init_in of `flags` and `flags2`, and in fuse_init_out
-/// (after the 16-byte reply header) of `flags` and `flags2`.
-const INIT_IN_FLAGS: usize = 12;
-const INIT_IN_FLAGS2: usize = 16;
-const INIT_OUT_FLAGS: u64 = 16 + 12;
-const INIT_OUT_FLAGS2: u64 = 16 + 32;
-const FUSE_INIT_EXT: u64 = 1 << 30;
-/// FUSE 7.39 (Linux 6.6): mmap of files opened with direct I/O.
-const DIRECT_IO_ALLOW_MMAP: u64 = 1 << 36;
-
-/// Adds FUSE_DIRECT_IO_ALLOW_MMAP to an INIT reply written into guest
-/// memory, so shared mappings of direct-I/O files (`--cache never`,
-/// `metadata`) work where the guest kernel offers it. fuse-backend-rs 0.14
-/// drops INIT flags it does not know, so it can neither see the offer nor
-/// grant it; the reply is amended after it is written, before the guest
-/// sees it.
-fn grant_direct_io_mmap(mem: &Mem, chain: DescriptorChain<Arc<Mem>>, len: u32) {
-    use vm_memory::{Bytes, GuestAddress};
-    if u64::from(len) < INIT_OUT_FLAGS2 + 4 {
-        return;
-    }
-    // The writable part may be split (the kernel gives the reply header
-    // and the reply its own buffers): find where an offset into it lives.
-    let writable: Vec<_> = chain.into_iter().filter(|d| d.is_write_only()).collect();
-    let at = |off: u64| -> Option<GuestAddress> {
-        let mut start = 0u64;
-        for d in &writable {
-            let end = start + u64::from(d.len());
-            if off + 4 <= end && off >= start {
-                return Some(GuestAddress(d.addr().0.checked_add(off - start)?));
-            }
-            start = end;
-        }
-        None
-    };
-    let (Some(fa), Some(f2a)) = (at(INIT_OUT_FLAGS), at(INIT_OUT_FLAGS2)) else {
-        return;
-    };
-    let (Ok(flags), Ok(flags2)) = (mem.read_obj::<u32>(fa), mem.read_obj::<u32>(f2a)) else {
-        return;
-    };
-    let flags = u32::from_le(flags) | FUSE_INIT_EXT as u32;
-    let flags2 = u32::from_le(flags2) | (DIRECT_IO_ALLOW_MMAP >> 32) as u32;
-    if mem.write_obj(flags.to_le(), fa).is_ok() && mem.write_obj(flags2.to_le(), f2a).is_ok() {
-        tracing::info!(
-            "FUSE INIT: granted DIRECT_IO_ALLOW_MMAP (shared mappings of direct-I/O files)"
-        );
     }
 }
 
@@ -827,160 +751,4 @@ pub fn serve_one(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_queue_holds_at_most_its_size_in_the_pool() {
-        let s = Slots::default();
-        assert!(s.take(2));
-        assert!(s.take(2));
-        assert!(!s.take(2), "a third chain of a queue of 2");
-        assert!(
-            s.full.load(Ordering::SeqCst),
-            "the worker must wake the queue"
-        );
-        assert_eq!(s.in_flight.load(Ordering::SeqCst), 2);
-        // a worker frees one (without a vring here: the count and the flag)
-        s.in_flight.fetch_sub(1, Ordering::SeqCst);
-        assert!(s.full.swap(false, Ordering::SeqCst));
-        assert!(s.take(2));
-        assert!(!s.take(2));
-    }
-
-    fn config(tag: &str, queues: usize) -> DeviceConfig {
-        DeviceConfig {
-            tag: tag.into(),
-            request_queues: queues,
-            threads: 1,
-            poll_max: Duration::from_micros(50),
-        }
-    }
-
-    #[test]
-    fn config_space_layout() {
-        let cfg = config("nix-store", 3).config_space();
-        assert_eq!(cfg.len(), 40);
-        assert_eq!(&cfg[..9], b"nix-store");
-        assert!(cfg[9..36].iter().all(|&b| b == 0));
-        assert_eq!(&cfg[36..], &3u32.to_le_bytes());
-    }
-
-    #[test]
-    fn tags() {
-        assert!(check_tag("nix-store").is_ok());
-        assert!(check_tag(&"a".repeat(36)).is_ok());
-        assert!(check_tag(&"a".repeat(37)).is_err());
-        assert!(check_tag("").is_err());
-        assert!(check_tag("a\0b").is_err());
-        assert!(config("x", 0).validate().is_err());
-        assert!(config("x", 64).validate().is_err());
-        assert!(config("x", 63).validate().is_ok());
-    }
-
-    /// Three chains through the request queue and the pool: INIT gets its
-    /// reply length, FORGET 0 (no reply), a chain pointing outside guest
-    /// memory 0; all three come back on the used ring.
-    #[test]
-    fn request_queue_round_trip() {
-        use crate::store::Store;
-        use crate::view::FsConfig;
-        use fuse_backend_rs::abi::fuse_abi::{ForgetIn, InHeader, InitIn, Opcode};
-        use std::collections::HashMap;
-        use std::time::{Duration, Instant};
-        use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-        use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-        use virtio_queue::mock::MockSplitQueue;
-        use vm_memory::{ByteValued, Bytes, GuestAddress};
-
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let fs = Arc::new(StoreFs::new(
-            Store::memory(),
-            rt.handle().clone(),
-            FsConfig {
-                list_root: false,
-                store_timeout: Duration::from_secs(5),
-                ..Default::default()
-            },
-        ));
-        let atomic = GuestMemoryAtomic::new(
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap(),
-        );
-        let mem = atomic.memory();
-        let vq = MockSplitQueue::new(&*mem, 16);
-
-        let header = |opcode: Opcode, body: usize, unique: u64| InHeader {
-            len: (std::mem::size_of::<InHeader>() + body) as u32,
-            opcode: opcode as u32,
-            unique,
-            nodeid: 1,
-            ..Default::default()
-        };
-        let init_in = InitIn {
-            major: 7,
-            minor: 33,
-            max_readahead: 0x20000,
-            flags: 0,
-        };
-        let mut init = header(Opcode::Init, std::mem::size_of::<InitIn>(), 1)
-            .as_slice()
-            .to_vec();
-        init.extend_from_slice(init_in.as_slice());
-        let mut forget = header(Opcode::Forget, std::mem::size_of::<ForgetIn>(), 2)
-            .as_slice()
-            .to_vec();
-        forget.extend_from_slice(ForgetIn { nlookup: 1 }.as_slice());
-        mem.write_slice(&init, GuestAddress(0x10_0000)).unwrap();
-        mem.write_slice(&forget, GuestAddress(0x11_0000)).unwrap();
-
-        let next = VRING_DESC_F_NEXT as u16;
-        let write = VRING_DESC_F_WRITE as u16;
-        let descs: Vec<RawDescriptor> = [
-            Descriptor::new(0x10_0000, init.len() as u32, next, 1),
-            Descriptor::new(0x20_0000, 0x1000, write, 0),
-            Descriptor::new(0x11_0000, forget.len() as u32, next, 3),
-            Descriptor::new(0x21_0000, 0x1000, write, 0),
-            // outside guest memory
-            Descriptor::new(0x8000_0000, 64, 0, 0),
-        ]
-        .into_iter()
-        .map(RawDescriptor::from)
-        .collect();
-        vq.add_desc_chains(&descs, 0).unwrap();
-
-        let vring = VringRwLock::new(atomic.clone(), 16).unwrap();
-        vring.set_queue_size(16);
-        vring
-            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
-            .unwrap();
-        vring.set_queue_ready(true);
-        vring.set_enabled(true);
-
-        let backend = FsBackend::new(fs, config("nix-store", 1), atomic.clone()).unwrap();
-        assert_eq!(backend.num_queues(), 2);
-        assert_eq!(backend.queues_per_thread(), vec![0b1, 0b10]);
-        backend
-            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 1)
-            .unwrap();
-
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while vq.used().idx().load() < 3 {
-            assert!(Instant::now() < deadline, "chains not returned");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let used: HashMap<u32, u32> = (0..3)
-            .map(|i| {
-                let e = vq.used().ring().ref_at(i).unwrap().load();
-                (e.id(), e.len())
-            })
-            .collect();
-        // OutHeader (16) + InitOut (64)
-        assert_eq!(used.get(&0), Some(&80));
-        assert_eq!(used.get(&2), Some(&0));
-        assert_eq!(used.get(&4), Some(&0));
-    }
-}
+mod tests;

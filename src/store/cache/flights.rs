@@ -4,6 +4,7 @@
 //! timeout, a client gone) does not cancel it for the others.
 use super::stats::CacheStats;
 use crate::castore::B3Digest;
+use crate::lock;
 use crate::store::{Error, Result};
 use std::collections::HashMap;
 use std::future::Future;
@@ -86,10 +87,6 @@ pub struct Flights {
 
 /// Most fetches from the remote at once.
 const MAX_RUNNING: usize = 64;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Takes a finished (or panicked) fetch out of the map, so the next miss
 /// starts afresh.

@@ -30,6 +30,7 @@ pub mod tenant;
 mod touches;
 
 use crate::castore::B3Digest;
+use crate::lock;
 use crate::store::blob::local::LocalBlobService;
 use crate::store::channel::WireChannel;
 use crate::store::directory::local::LocalDirectoryService;
@@ -43,7 +44,7 @@ use stats::{CacheStats, Kind};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -84,10 +85,6 @@ pub fn create_dir(dir: &Path) -> std::io::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub(crate) fn is_not_found(e: &Error) -> bool {

@@ -28,6 +28,7 @@
 //! peeked byte and hands ordinary connections on untouched.
 use super::Cache;
 use crate::castore::{B3Digest, Directory, Node, ValidatedGraph};
+use crate::lock;
 use crate::nix::path_info::PathInfo;
 use crate::store::blob::{BlobReader, BlobService, BlobWriter, ChunkStream};
 use crate::store::directory::DirectoryService;
@@ -56,10 +57,6 @@ pub const MAX_SCOPE_OBJECTS: usize = 1 << 21;
 /// How long a client may take to send its handshake (or, for an ordinary
 /// connection, its first byte) before the host hangs up.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The refusal of an object outside a connection's closure.
 pub fn outside(what: impl std::fmt::Display) -> Error {

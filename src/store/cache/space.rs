@@ -3,6 +3,7 @@
 //! (oldest access time; hits refresh it) when a new object would not fit.
 //! Only the filling process keeps this; readers never write.
 use super::stats::CacheStats;
+use crate::lock;
 use crate::store::{Error, Result};
 use std::collections::{BinaryHeap, HashMap};
 use std::ffi::CString;
@@ -10,7 +11,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::Notify;
 
@@ -69,10 +70,6 @@ pub struct Space {
     /// Wakes the evictor thread.
     evict: (Mutex<bool>, Condvar),
     stats: Arc<CacheStats>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Calls `f` with every object file of the cache at `root`:

@@ -8,6 +8,7 @@
 use super::scope::{HANDSHAKE_TIMEOUT, MAGIC, MAX_REPLY_BYTES, MAX_ROOTS_BYTES};
 use crate::castore::B3Digest;
 use crate::host::fd_pass::{FdStream, Inbox};
+use crate::lock;
 use crate::nix::store_path::StorePath;
 use crate::store::blob::grpc::GrpcBlobService;
 use crate::store::blob::{BlobReader, BlobService, BlobWriter, ChunkStream, FileReader};
@@ -235,10 +236,6 @@ impl Held {
     fn get(&self, digest: &B3Digest) -> Option<std::io::Result<std::fs::File>> {
         self.files.get(digest).map(|f| f.try_clone())
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn stalled(digest: &B3Digest, idle: Duration) -> Error {
