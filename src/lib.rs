@@ -40,12 +40,6 @@ pub mod serve;
 /// The command line, at the top edge: wires the layers into commands.
 pub mod cli;
 
-/// Locks `m`; a poisoned lock's data is still used: one failed request
-/// must not stop the next.
-pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzz;

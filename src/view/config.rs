@@ -51,7 +51,7 @@ impl CachePolicy {
             // MAP_PRIVATE mappings (programs, shared libraries) still work
             // with direct I/O; shared ones need the kernel's
             // FUSE_DIRECT_IO_ALLOW_MMAP, which the vhost-user transport
-            // grants where offered (`vhost_user::grant_direct_io_mmap`).
+            // grants where offered (`serve::vhost_user::fuse_init`).
             CachePolicy::Never | CachePolicy::Metadata => OpenOptions::DIRECT_IO,
             CachePolicy::Auto => OpenOptions::empty(),
             CachePolicy::Always => OpenOptions::KEEP_CACHE,
