@@ -149,7 +149,10 @@ fn resident(path: &std::path::Path) -> bool {
 fn files_opened_in_order_have_the_next_read_ahead() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     // On the disk: a tmpfs never lets go of a page.
-    let tmp = tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/target")).unwrap();
+    // (CARGO_TARGET_DIR may be elsewhere: make sure this one exists.)
+    let on_disk = concat!(env!("CARGO_MANIFEST_DIR"), "/target");
+    std::fs::create_dir_all(on_disk).unwrap();
+    let tmp = tempfile::tempdir_in(on_disk).unwrap();
     let blob = crate::store::blob::local::LocalBlobService::open(tmp.path()).unwrap();
     let store = Store {
         blob: Arc::new(blob.clone()),
