@@ -455,6 +455,11 @@ fn place(a: &Addr) -> Place {
         Addr::Local(p) => Place::Dir(p.clone()),
         Addr::GrpcUnix(p, _) => Place::Socket(p.clone()),
         Addr::GrpcHttp(hp, _) => Place::Host(hp.clone()),
+        // The endpoint is reached over the network (AWS itself: port 443
+        // of a name resolved once, before the sandbox closes).
+        Addr::S3(b) => b
+            .endpoint_host()
+            .map_or(Place::Host("s3.amazonaws.com:443".into()), Place::Host),
     }
 }
 
@@ -469,6 +474,11 @@ fn placed(addrs: [Addr; 3], places: &[Place; 3]) -> [Addr; 3] {
             (Addr::Local(_), Place::Dir(p)) => Addr::Local(p.clone()),
             (Addr::GrpcUnix(_, w), Place::Socket(p)) => Addr::GrpcUnix(p.clone(), w),
             (Addr::GrpcHttp(_, w), Place::Host(h)) => Addr::GrpcHttp(h.clone(), w),
+            // Only an explicit endpoint is rewritten: AWS's own names
+            // carry the bucket and region, and requests are signed for them.
+            (Addr::S3(b), Place::Host(h)) if b.endpoint.is_some() => {
+                Addr::S3(b.with_endpoint_host(h))
+            }
             (a, _) => a,
         }
     })

@@ -1,6 +1,7 @@
 //! Store addresses, as the command line writes them: `memory://`,
 //! `local:///PATH`, `grpc+unix:///PATH`, `grpc+http://HOST:PORT`. Each
 //! names a backend; [`crate::store::open`] maps it to one.
+use crate::store::bucket::BucketAddr;
 use crate::store::channel::Wire;
 use crate::store::error::{Error, Result};
 use std::path::PathBuf;
@@ -13,6 +14,8 @@ pub enum Addr {
     Local(PathBuf),
     GrpcUnix(PathBuf, Wire),
     GrpcHttp(String, Wire),
+    /// An S3-compatible bucket (`s3://BUCKET[/PREFIX]?endpoint=URL&region=R`).
+    S3(BucketAddr),
 }
 
 /// As it is written on the command line.
@@ -23,6 +26,7 @@ impl std::fmt::Display for Addr {
             Addr::Local(p) => write!(f, "local://{}", p.display()),
             Addr::GrpcUnix(p, w) => write!(f, "grpc+unix://{}{}", p.display(), w.query()),
             Addr::GrpcHttp(h, w) => write!(f, "grpc+http://{h}{}", w.query()),
+            Addr::S3(b) => write!(f, "{b}"),
         }
     }
 }
@@ -39,6 +43,11 @@ impl std::str::FromStr for Addr {
                 Err(bad("needs an absolute path, as in local:///var/lib/store"))
             }
         };
+        if let Some(rest) = s.strip_prefix("s3://") {
+            return BucketAddr::parse(rest)
+                .map(Addr::S3)
+                .map_err(|why| bad(&why));
+        }
         let (s, wire) = match s.split_once('?') {
             None => (s, Wire::Detect),
             Some((rest, q)) if rest.starts_with("grpc+") => match q {
@@ -63,7 +72,8 @@ impl std::str::FromStr for Addr {
             }
         } else {
             Err(bad(
-                "unknown scheme (memory://, local:///PATH, grpc+unix:///PATH, grpc+http://HOST:PORT)",
+                "unknown scheme (memory://, local:///PATH, grpc+unix:///PATH, grpc+http://HOST:PORT, \
+                 s3://BUCKET[/PREFIX]?endpoint=URL&region=R)",
             ))
         }
     }
@@ -96,7 +106,18 @@ mod tests {
         assert_eq!(pinned.parse::<Addr>().unwrap().to_string(), pinned);
         assert!("grpc+http://h:1?wire=other".parse::<Addr>().is_err());
         assert!("local:///x?wire=snix".parse::<Addr>().is_err());
-        for bad in ["local://rel", "http://x", "grpc+http://", "redb:///x", ""] {
+        let s3 = "s3://tvix/p?endpoint=http://127.0.0.1:3900&region=garage";
+        assert!(matches!(s3.parse::<Addr>().unwrap(), Addr::S3(b) if b.bucket == "tvix"));
+        assert_eq!(s3.parse::<Addr>().unwrap().to_string(), s3);
+        for bad in [
+            "local://rel",
+            "http://x",
+            "grpc+http://",
+            "redb:///x",
+            "",
+            "s3://",
+            "s3://b?secret=x",
+        ] {
             assert!(bad.parse::<Addr>().is_err(), "{bad}");
         }
     }

@@ -45,6 +45,9 @@ pub enum Error {
     Timeout(String),
     #[error("fetching from the remote store: {0}")]
     Fetch(String),
+    /// A request to an object storage bucket failed.
+    #[error("object storage: {0}")]
+    Bucket(String),
     #[error("out of room: {0}")]
     ResourceExhausted(String),
     #[error("refused: {0}")]
@@ -142,7 +145,7 @@ impl From<Error> for tonic::Status {
             }
             Error::Remote(s) => Status::unavailable(format!("upstream: {}", s.message())),
             Error::Timeout(m) => Status::deadline_exceeded(m),
-            Error::Fetch(m) => Status::unavailable(m),
+            Error::Fetch(m) | Error::Bucket(m) => Status::unavailable(m),
             Error::ResourceExhausted(m) => Status::resource_exhausted(m),
             Error::Directory(_)
             | Error::Node(_)

@@ -6,6 +6,7 @@
 //! a remote ([`cache`]), and closures of store paths ([`closure`]).
 pub mod addr;
 pub mod blob;
+pub mod bucket;
 pub mod cache;
 pub mod channel;
 pub mod closure;

@@ -2,6 +2,7 @@
 //! at one remote address share a connection, and a cache directory puts
 //! the host cache in front. The one place that knows every backend.
 use crate::store::addr::Addr;
+use crate::store::bucket::{Bucket, BucketAddr};
 use crate::store::channel::{self, WireChannel};
 use crate::store::error::{Error, Result};
 use crate::store::{blob, cache, directory, pathinfo, Store};
@@ -70,14 +71,29 @@ impl Store {
                 g
             }
         };
+        // Services in one bucket share one client (and its connections).
+        let mut buckets: HashMap<BucketAddr, Bucket> = HashMap::new();
+        let mut bucket = |b: &BucketAddr| -> Result<Bucket> {
+            if let Some(c) = buckets.get(b) {
+                return Ok(c.clone());
+            }
+            let c = Bucket::open(b, opts.idle_timeout)?;
+            buckets.insert(b.clone(), c.clone());
+            Ok(c)
+        };
         let blob_svc: Arc<dyn BlobService> = match blob {
             Addr::Memory => mem.blob.clone(),
+            Addr::S3(b) if ro => {
+                Arc::new(blob::s3::S3BlobService::new(bucket(b)?).with_memfd_spool())
+            }
+            Addr::S3(b) => Arc::new(blob::s3::S3BlobService::new(bucket(b)?)),
             Addr::Local(p) if ro => Arc::new(blob::local::LocalBlobService::open_existing(p)?),
             Addr::Local(p) => Arc::new(blob::local::LocalBlobService::open(p)?),
             a => Arc::new(grpc_blob(channel(a)?)),
         };
         let directory_svc: Arc<dyn DirectoryService> = match directory {
             Addr::Memory => mem.directory.clone(),
+            Addr::S3(b) => Arc::new(directory::s3::S3DirectoryService::new(bucket(b)?)),
             Addr::Local(p) if ro => {
                 Arc::new(directory::local::LocalDirectoryService::open_existing(p)?)
             }
@@ -86,6 +102,7 @@ impl Store {
         };
         let path_info_svc: Arc<dyn PathInfoService> = match path_info {
             Addr::Memory => mem.path_info.clone(),
+            Addr::S3(b) => Arc::new(pathinfo::s3::S3PathInfoService::new(bucket(b)?)),
             Addr::Local(p) if ro => {
                 Arc::new(pathinfo::local::LocalPathInfoService::open_existing(p)?)
             }

@@ -2,6 +2,7 @@
 //! its digest before the first byte is handed out: the stream is spooled to
 //! memory (small blobs) or an unnamed file (large ones) while
 //! hashing, so a lying server yields an error, never wrong bytes.
+use super::spool::Spool;
 use super::{BlobReader, BlobService, BlobWriter};
 use crate::castore::B3Digest;
 use crate::store::channel::WireChannel;
@@ -11,14 +12,11 @@ use crate::wire::castore::blob_service_client::BlobServiceClient;
 use crate::wire::castore::{BlobChunk, ReadBlobRequest, StatBlobRequest};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use std::io::{Seek, Write};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::Code;
 
-/// Blobs up to this size are verified in memory; larger ones in a temporary file.
-const SPOOL_IN_MEMORY: usize = 4 << 20;
 /// Size of the chunks we upload.
 const CHUNK: usize = 1 << 20;
 /// Default for [`GrpcBlobService::with_idle_timeout`].
@@ -82,7 +80,7 @@ impl GrpcBlobService {
             return Ok(None);
         };
         let mut hasher = blake3::Hasher::new();
-        let mut spool = Spool::Memory(Vec::new(), self.memfd_spool);
+        let mut spool = Spool::new(self.memfd_spool);
         let mut first = true;
         let mut n = 0u64;
         loop {
@@ -123,55 +121,6 @@ impl GrpcBlobService {
     pub fn with_memfd_spool(mut self) -> Self {
         self.memfd_spool = true;
         self
-    }
-}
-
-enum Spool {
-    Memory(Vec<u8>, bool),
-    File(std::io::BufWriter<std::fs::File>),
-}
-
-/// An unnamed file for a large blob: in the temporary directory, or in
-/// memory (memfd).
-fn spool_file(memfd: bool) -> std::io::Result<std::fs::File> {
-    if !memfd {
-        return tempfile::tempfile();
-    }
-    // SAFETY: the name is a valid C string; the new fd is owned below.
-    let fd = unsafe { libc::memfd_create(c"tvix-blob".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just created and belongs to nobody else.
-    Ok(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
-}
-
-impl Spool {
-    fn push(&mut self, data: &[u8]) -> std::io::Result<()> {
-        if let Spool::Memory(buf, memfd) = self {
-            if buf.len() + data.len() <= SPOOL_IN_MEMORY {
-                buf.extend_from_slice(data);
-                return Ok(());
-            }
-            let mut f = std::io::BufWriter::with_capacity(1 << 20, spool_file(*memfd)?);
-            f.write_all(buf)?;
-            *self = Spool::File(f);
-        }
-        if let Spool::File(f) = self {
-            f.write_all(data)?;
-        }
-        Ok(())
-    }
-
-    fn into_reader(self) -> std::io::Result<Box<dyn BlobReader>> {
-        Ok(match self {
-            Spool::Memory(buf, _) => Box::new(std::io::Cursor::new(Bytes::from(buf))),
-            Spool::File(f) => {
-                let mut f = f.into_inner().map_err(|e| e.into_error())?;
-                f.rewind()?;
-                Box::new(super::FileReader::new(f)?)
-            }
-        })
     }
 }
 

@@ -7,6 +7,8 @@ use tokio::io::{AsyncRead, AsyncSeek};
 pub mod grpc;
 pub mod local;
 pub mod memory;
+pub mod s3;
+pub(crate) mod spool;
 pub mod warm;
 
 /// A seekable reader over one blob's bytes.

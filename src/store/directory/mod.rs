@@ -8,6 +8,7 @@ use std::collections::{HashSet, VecDeque};
 pub mod grpc;
 pub mod local;
 pub mod memory;
+pub mod s3;
 
 #[async_trait]
 pub trait DirectoryService: Send + Sync + 'static {

@@ -7,6 +7,7 @@ use futures::stream::BoxStream;
 pub mod grpc;
 pub mod local;
 pub mod memory;
+pub mod s3;
 
 #[async_trait]
 pub trait PathInfoService: Send + Sync + 'static {

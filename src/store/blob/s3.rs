@@ -1,0 +1,251 @@
+//! Blobs in an S3-compatible bucket (see [`crate::store::bucket`] for the
+//! keys). A read is checked against its digest before its first byte is
+//! handed out, as from any remote: the object's body is spooled while it
+//! is hashed (a bad disk or someone else's tooling yields an error and a
+//! log line, never wrong bytes), and its chunks are waited for at most the
+//! idle limit each, so a stalled node fails the read instead of hanging it.
+//! A write is hashed as it comes: small blobs are PUT under their digest
+//! at close; large ones are uploaded in parts to a temporary key while
+//! they are hashed (one part in memory at a time), then copied to their
+//! digest's key once it is known.
+use super::spool::Spool;
+use super::{BlobReader, BlobService, BlobWriter, ChunkStream};
+use crate::castore::B3Digest;
+use crate::store::bucket::Bucket;
+use crate::store::{Error, Result};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::path::Path as Key;
+use object_store::{MultipartUpload, ObjectStoreExt, PutPayload};
+
+/// Bytes of one part of a multipart upload (S3 wants 5 MiB or more for
+/// every part but the last); a blob up to this size is one PUT.
+const PART: usize = 8 << 20;
+
+#[derive(Clone)]
+pub struct S3BlobService {
+    bucket: Bucket,
+    /// Spool large blobs into memory files (inside the sandbox there is no
+    /// writable directory).
+    memfd_spool: bool,
+}
+
+impl S3BlobService {
+    pub fn new(bucket: Bucket) -> Self {
+        Self {
+            bucket,
+            memfd_spool: false,
+        }
+    }
+
+    /// Large blobs are spooled into memory files, not the temp directory.
+    pub fn with_memfd_spool(mut self) -> Self {
+        self.memfd_spool = true;
+        self
+    }
+
+    /// The object's body as it comes, each chunk waited for at most the
+    /// idle limit; `None` when there is no such object.
+    async fn body(&self, digest: &B3Digest) -> Result<Option<ChunkStream>> {
+        let key = self.bucket.blob_key(digest);
+        let what = format!("blob {digest}");
+        let Some(got) = self
+            .bucket
+            .within(&what, self.bucket.store.get(&key))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let (bucket, mut inner) = (self.bucket.clone(), got.into_stream());
+        Ok(Some(Box::pin(async_stream::try_stream! {
+            loop {
+                match tokio::time::timeout(bucket.idle, inner.next()).await {
+                    Err(_) => Err(Error::Timeout(format!(
+                        "{what}: no data from the bucket for {:?}",
+                        bucket.idle
+                    )))?,
+                    Ok(None) => break,
+                    Ok(Some(Err(e))) => Err(bucket.error(&what, e))?,
+                    Ok(Some(Ok(b))) => yield b,
+                }
+            }
+        })))
+    }
+
+    /// Fetches and checks a blob, stopping past `limit` bytes.
+    async fn fetch(
+        &self,
+        digest: &B3Digest,
+        limit: Option<u64>,
+    ) -> Result<Option<Box<dyn BlobReader>>> {
+        let Some(mut body) = self.body(digest).await? else {
+            return Ok(None);
+        };
+        let mut hasher = blake3::Hasher::new();
+        let mut spool = Spool::new(self.memfd_spool);
+        let mut n = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk?;
+            n += chunk.len() as u64;
+            if let Some(limit) = limit.filter(|&l| n > l) {
+                return Err(Error::SizeMismatch {
+                    digest: *digest,
+                    expected: limit,
+                    actual: n,
+                });
+            }
+            hasher.update(&chunk);
+            spool.push(&chunk)?;
+        }
+        let actual = B3Digest::from(hasher.finalize());
+        if actual != *digest {
+            tracing::error!(
+                expected = %digest, %actual,
+                "the bucket holds other bytes under blob {digest} ({n} bytes read)"
+            );
+            return Err(Error::DigestMismatch {
+                expected: *digest,
+                actual,
+            });
+        }
+        Ok(Some(spool.into_reader()?))
+    }
+}
+
+#[async_trait]
+impl BlobService for S3BlobService {
+    async fn has(&self, digest: &B3Digest) -> Result<bool> {
+        let key = self.bucket.blob_key(digest);
+        Ok(self
+            .bucket
+            .within(format!("blob {digest}"), self.bucket.store.head(&key))
+            .await?
+            .is_some())
+    }
+
+    async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
+        self.fetch(digest, None).await
+    }
+
+    async fn open_read_sized(
+        &self,
+        digest: &B3Digest,
+        size: u64,
+    ) -> Result<Option<Box<dyn BlobReader>>> {
+        self.fetch(digest, Some(size)).await
+    }
+
+    async fn read_stream(&self, digest: &B3Digest) -> Result<Option<ChunkStream>> {
+        self.body(digest).await
+    }
+
+    async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
+        Ok(Box::new(S3Writer {
+            bucket: self.bucket.clone(),
+            hasher: blake3::Hasher::new(),
+            buf: Vec::new(),
+            upload: None,
+        }))
+    }
+}
+
+/// A blob on its way into the bucket.
+struct S3Writer {
+    bucket: Bucket,
+    hasher: blake3::Hasher,
+    /// Bytes not yet sent: at most one part.
+    buf: Vec<u8>,
+    /// A large blob's upload under its temporary key, once begun.
+    upload: Option<(Key, Box<dyn MultipartUpload>)>,
+}
+
+impl S3Writer {
+    /// Sends what is buffered as the upload's next part.
+    async fn send_part(&mut self) -> Result<()> {
+        if self.upload.is_none() {
+            let key = self.bucket.temp_key();
+            let up = self
+                .bucket
+                .within("starting an upload", self.bucket.store.put_multipart(&key))
+                .await?
+                .ok_or_else(|| Error::Bucket(format!("starting an upload of {key}: not found")))?;
+            self.upload = Some((key, up));
+        }
+        let part = PutPayload::from(Bytes::from(std::mem::take(&mut self.buf)));
+        if let Some((key, up)) = &mut self.upload {
+            let what = format!("uploading a part of {key}");
+            self.bucket.within(what, up.put_part(part)).await?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BlobWriter for S3Writer {
+    async fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.hasher.update(data);
+        let mut data = data;
+        while !data.is_empty() {
+            let n = (PART - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.buf.len() == PART {
+                self.send_part().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<B3Digest> {
+        let digest = B3Digest::from(self.hasher.finalize());
+        let dest = self.bucket.blob_key(&digest);
+        let what = format!("storing blob {digest}");
+        let Some((temp, mut up)) = self.upload.take() else {
+            // One PUT: S3 never shows half an object. A blob already there
+            // holds the same bytes (its name is their digest).
+            let body = PutPayload::from(Bytes::from(std::mem::take(&mut self.buf)));
+            self.bucket
+                .within(&what, self.bucket.store.put(&dest, body))
+                .await?;
+            return Ok(digest);
+        };
+        if !self.buf.is_empty() {
+            let part = PutPayload::from(Bytes::from(std::mem::take(&mut self.buf)));
+            self.bucket.within(&what, up.put_part(part)).await?;
+        }
+        self.bucket.within(&what, up.complete()).await?;
+        let copied = match self
+            .bucket
+            .within(&what, self.bucket.store.head(&dest))
+            .await?
+        {
+            Some(_) => Ok(None), // stored before: the same bytes
+            None => {
+                self.bucket
+                    .within(&what, self.bucket.store.copy(&temp, &dest))
+                    .await
+            }
+        };
+        if let Err(e) = self.bucket.store.delete(&temp).await {
+            tracing::warn!("removing the upload {temp}: {e}");
+        }
+        copied?;
+        Ok(digest)
+    }
+}
+
+impl Drop for S3Writer {
+    /// A writer dropped unclosed stores nothing: its parts are let go.
+    fn drop(&mut self) {
+        if let (Some((key, mut up)), Ok(rt)) =
+            (self.upload.take(), tokio::runtime::Handle::try_current())
+        {
+            rt.spawn(async move {
+                if let Err(e) = up.abort().await {
+                    tracing::warn!("abandoning the upload {key}: {e}");
+                }
+            });
+        }
+    }
+}
