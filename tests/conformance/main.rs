@@ -10,3 +10,4 @@ mod grpc_tcp;
 mod grpc_unix;
 mod local;
 mod memory;
+mod s3;
