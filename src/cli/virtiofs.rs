@@ -455,6 +455,7 @@ fn place(a: &Addr) -> Place {
         Addr::Local(p) => Place::Dir(p.clone()),
         Addr::GrpcUnix(p, _) => Place::Socket(p.clone()),
         Addr::GrpcHttp(hp, _) => Place::Host(hp.clone()),
+        Addr::List(v) => Place::Several(v.iter().map(place).collect()),
     }
 }
 
@@ -463,13 +464,22 @@ fn place(a: &Addr) -> Place {
 fn placed(addrs: [Addr; 3], places: &[Place; 3]) -> [Addr; 3] {
     let mut i = 0;
     addrs.map(|a| {
-        let p = &places[i];
         i += 1;
-        match (a, p) {
-            (Addr::Local(_), Place::Dir(p)) => Addr::Local(p.clone()),
-            (Addr::GrpcUnix(_, w), Place::Socket(p)) => Addr::GrpcUnix(p.clone(), w),
-            (Addr::GrpcHttp(_, w), Place::Host(h)) => Addr::GrpcHttp(h.clone(), w),
-            (a, _) => a,
-        }
+        placed_one(a, &places[i - 1])
     })
+}
+
+fn placed_one(a: Addr, p: &Place) -> Addr {
+    match (a, p) {
+        (Addr::Local(_), Place::Dir(p)) => Addr::Local(p.clone()),
+        (Addr::GrpcUnix(_, w), Place::Socket(p)) => Addr::GrpcUnix(p.clone(), w),
+        (Addr::GrpcHttp(_, w), Place::Host(h)) => Addr::GrpcHttp(h.clone(), w),
+        (Addr::List(v), Place::Several(ps)) if v.len() == ps.len() => Addr::List(
+            v.into_iter()
+                .zip(ps)
+                .map(|(a, p)| placed_one(a, p))
+                .collect(),
+        ),
+        (a, _) => a,
+    }
 }
