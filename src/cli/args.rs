@@ -12,7 +12,9 @@ use std::path::PathBuf;
 pub struct StoreArgs {
     /// Store for all three services: local:///PATH, memory://, grpc+unix:///PATH
     /// or grpc+http://HOST:PORT (tvix or snix names, found out; ?wire=tvix or
-    /// ?wire=snix pins one) [default: local:// in $TVIX_VIRTIOFSD_STORE,
+    /// ?wire=snix pins one), or several gRPC daemons of one store separated
+    /// by commas (the first that answers, failing over to the next)
+    /// [default: local:// in $TVIX_VIRTIOFSD_STORE,
     /// else /var/lib/tvix-virtiofsd for root, else $XDG_DATA_HOME/tvix-virtiofsd].
     #[arg(long, global = true, env = "TVIX_VIRTIOFSD_STORE_URL")]
     pub store: Option<String>,

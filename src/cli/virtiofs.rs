@@ -455,6 +455,7 @@ fn place(a: &Addr) -> Place {
         Addr::Local(p) => Place::Dir(p.clone()),
         Addr::GrpcUnix(p, _) => Place::Socket(p.clone()),
         Addr::GrpcHttp(hp, _) => Place::Host(hp.clone()),
+        Addr::List(v) => Place::Several(v.iter().map(place).collect()),
         // The endpoint is reached over the network (AWS itself: port 443
         // of a name resolved once, before the sandbox closes).
         Addr::S3(b) => b
@@ -468,18 +469,25 @@ fn place(a: &Addr) -> Place {
 fn placed(addrs: [Addr; 3], places: &[Place; 3]) -> [Addr; 3] {
     let mut i = 0;
     addrs.map(|a| {
-        let p = &places[i];
         i += 1;
-        match (a, p) {
-            (Addr::Local(_), Place::Dir(p)) => Addr::Local(p.clone()),
-            (Addr::GrpcUnix(_, w), Place::Socket(p)) => Addr::GrpcUnix(p.clone(), w),
-            (Addr::GrpcHttp(_, w), Place::Host(h)) => Addr::GrpcHttp(h.clone(), w),
-            // Only an explicit endpoint is rewritten: AWS's own names
-            // carry the bucket and region, and requests are signed for them.
-            (Addr::S3(b), Place::Host(h)) if b.endpoint.is_some() => {
-                Addr::S3(b.with_endpoint_host(h))
-            }
-            (a, _) => a,
-        }
+        placed_one(a, &places[i - 1])
     })
+}
+
+fn placed_one(a: Addr, p: &Place) -> Addr {
+    match (a, p) {
+        (Addr::Local(_), Place::Dir(p)) => Addr::Local(p.clone()),
+        (Addr::GrpcUnix(_, w), Place::Socket(p)) => Addr::GrpcUnix(p.clone(), w),
+        (Addr::GrpcHttp(_, w), Place::Host(h)) => Addr::GrpcHttp(h.clone(), w),
+        // Only an explicit endpoint is rewritten: AWS's own names carry
+        // the bucket and region, and requests are signed for them.
+        (Addr::S3(b), Place::Host(h)) if b.endpoint.is_some() => Addr::S3(b.with_endpoint_host(h)),
+        (Addr::List(v), Place::Several(ps)) if v.len() == ps.len() => Addr::List(
+            v.into_iter()
+                .zip(ps)
+                .map(|(a, p)| placed_one(a, p))
+                .collect(),
+        ),
+        (a, _) => a,
+    }
 }

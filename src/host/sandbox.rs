@@ -81,6 +81,8 @@ pub enum Place {
     Socket(PathBuf),
     /// `HOST:PORT` to connect to over TCP (a store daemon elsewhere).
     Host(String),
+    /// All of these (several daemons of one store): each is exposed.
+    Several(Vec<Place>),
 }
 
 /// What the serving process reaches on the host: its three stores' places
@@ -128,53 +130,101 @@ impl Needs {
     pub fn of_store(places: &Places) -> Result<(Needs, Places), SandboxError> {
         let mut needs = Needs::default();
         let mut out = places.clone();
-        let canonical = |p: &Path, what: &str| {
-            std::fs::canonicalize(p)
-                .map_err(|e| SandboxError::Setup(format!("{what} {}: {e}", p.display())))
-        };
-        let mut expose = |e: Exposed| {
-            if !needs.paths.contains(&e) {
-                needs.paths.push(e);
-            }
-        };
         for a in out.addrs.iter_mut() {
-            match a {
-                Place::Nowhere => {}
-                Place::Dir(p) => {
-                    *p = canonical(p, "store directory")?;
-                    expose(Exposed {
-                        path: p.clone(),
-                        is_dir: true,
-                    });
-                }
-                Place::Socket(p) => {
-                    *p = canonical(p, "store socket (start the store daemon first)")?;
-                    expose(socket_exposure(p));
-                }
-                Place::Host(hp) => {
-                    needs.network = true;
-                    let sa = hp
-                        .to_socket_addrs()
-                        .map_err(|e| SandboxError::Setup(format!("resolving {hp}: {e}")))?
-                        .next()
-                        .ok_or_else(|| SandboxError::Setup(format!("{hp} has no address")))?;
-                    let resolved = sa.to_string();
-                    if resolved != *hp {
-                        tracing::info!("store {hp} resolved to {resolved} before sandboxing");
-                        *hp = resolved;
-                    }
-                }
-            }
+            needs.place(a)?;
         }
         if let Some(dir) = &mut out.cache_dir {
             *dir = canonical(dir, "cache directory")?;
-            expose(Exposed {
+            needs.expose(Exposed {
                 path: dir.clone(),
                 is_dir: true,
             });
         }
         Ok((needs, out))
     }
+
+    /// Adds what reaching `a` needs, and rewrites it as the sandbox sees it.
+    fn place(&mut self, a: &mut Place) -> Result<(), SandboxError> {
+        match a {
+            Place::Nowhere => {}
+            Place::Dir(p) => {
+                *p = canonical(p, "store directory")?;
+                self.expose(Exposed {
+                    path: p.clone(),
+                    is_dir: true,
+                });
+            }
+            Place::Socket(p) => {
+                *p = canonical(p, "store socket (start the store daemon first)")?;
+                self.expose(socket_exposure(p));
+            }
+            Place::Host(hp) => {
+                self.network = true;
+                let sa = hp
+                    .to_socket_addrs()
+                    .map_err(|e| SandboxError::Setup(format!("resolving {hp}: {e}")))?
+                    .next()
+                    .ok_or_else(|| SandboxError::Setup(format!("{hp} has no address")))?;
+                let resolved = sa.to_string();
+                if resolved != *hp {
+                    tracing::info!("store {hp} resolved to {resolved} before sandboxing");
+                    *hp = resolved;
+                }
+            }
+            Place::Several(all) => {
+                for a in all {
+                    match a {
+                        Place::Socket(p) if std::fs::symlink_metadata(&*p).is_err() => {
+                            self.absent_socket(p)
+                        }
+                        a => self.place(a)?,
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A socket of several that is not there (its daemon is down): the
+    /// others serve meanwhile. Its directory is exposed when it holds
+    /// nothing else, so the daemon is reached once it is back there;
+    /// otherwise it stays out of reach until a restart.
+    fn absent_socket(&mut self, p: &mut PathBuf) {
+        let empty_dir = p
+            .parent()
+            .and_then(|d| std::fs::canonicalize(d).ok())
+            .filter(|d| std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_none()));
+        match (empty_dir, p.file_name()) {
+            (Some(dir), Some(name)) => {
+                tracing::warn!(
+                    "store socket {} is absent (its daemon is down?): its directory is \
+                     exposed, to reach it once it is back",
+                    p.display()
+                );
+                *p = dir.join(name);
+                self.expose(Exposed {
+                    path: dir,
+                    is_dir: true,
+                });
+            }
+            _ => tracing::warn!(
+                "store socket {} is absent and its directory is not empty (or missing): \
+                 that daemon is out of reach until restart, the others serve",
+                p.display()
+            ),
+        }
+    }
+
+    fn expose(&mut self, e: Exposed) {
+        if !self.paths.contains(&e) {
+            self.paths.push(e);
+        }
+    }
+}
+
+fn canonical(p: &Path, what: &str) -> Result<PathBuf, SandboxError> {
+    std::fs::canonicalize(p)
+        .map_err(|e| SandboxError::Setup(format!("{what} {}: {e}", p.display())))
 }
 
 /// Which side of the fork this process is on.
@@ -674,10 +724,15 @@ fn chroot_root(
             let rel = p.strip_prefix(r).unwrap_or(Path::new(""));
             *p = Path::new("/").join(rel);
         };
-        for a in places.addrs.iter_mut() {
-            if let Place::Dir(p) | Place::Socket(p) = a {
-                inside(p);
+        fn each(a: &mut Place, f: &dyn Fn(&mut PathBuf)) {
+            match a {
+                Place::Dir(p) | Place::Socket(p) => f(p),
+                Place::Several(all) => all.iter_mut().for_each(|a| each(a, f)),
+                Place::Nowhere | Place::Host(_) => {}
             }
+        }
+        for a in places.addrs.iter_mut() {
+            each(a, &inside);
         }
         if let Some(p) = &mut places.cache_dir {
             inside(p);
@@ -796,6 +851,39 @@ mod tests {
         assert!(
             matches!(&out.addrs[0], Place::Host(h) if h.ends_with(":1") && !h.starts_with("localhost"))
         );
+
+        // several daemons: every socket exposed, the network kept for TCP
+        std::fs::create_dir(tmp.path().join("a")).unwrap();
+        let sock = tmp.path().join("a/s.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let list = Place::Several(vec![
+            Place::Socket(sock.clone()),
+            Place::Host("localhost:2".into()),
+        ]);
+        let (needs, out) = Needs::of_store(&places([list.clone(), list, Place::Nowhere])).unwrap();
+        assert!(needs.network);
+        let dir = std::fs::canonicalize(tmp.path().join("a")).unwrap();
+        assert_eq!(needs.paths.len(), 1, "{:?}", needs.paths);
+        assert_eq!(needs.paths[0].path, dir, "the socket's own directory");
+        let Place::Several(out) = &out.addrs[1] else {
+            panic!("{:?}", out.addrs[1])
+        };
+        assert_eq!(out[0], Place::Socket(dir.join("s.sock")));
+        assert!(matches!(&out[1], Place::Host(h) if !h.starts_with("localhost")));
+        // a socket of a list that is absent does not stop the others:
+        // its empty directory is exposed, or (not empty) nothing
+        std::fs::create_dir(tmp.path().join("down")).unwrap();
+        let down = tmp.path().join("down/s.sock");
+        let gone = tmp.path().join("a/gone.sock");
+        let list = Place::Several(vec![
+            Place::Socket(down),
+            Place::Socket(gone),
+            Place::Socket(sock.clone()),
+        ]);
+        let (needs, _) = Needs::of_store(&places([list.clone(), list, Place::Nowhere])).unwrap();
+        let down_dir = std::fs::canonicalize(tmp.path().join("down")).unwrap();
+        assert_eq!(needs.paths.len(), 2, "{:?}", needs.paths);
+        assert!(needs.paths.iter().any(|e| e.path == down_dir && e.is_dir));
 
         let missing = Place::Socket(tmp.path().join("nope.sock"));
         let err = Needs::of_store(&places([missing.clone(), missing.clone(), missing]))

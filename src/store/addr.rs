@@ -1,5 +1,6 @@
 //! Store addresses, as the command line writes them: `memory://`,
-//! `local:///PATH`, `grpc+unix:///PATH`, `grpc+http://HOST:PORT`. Each
+//! `local:///PATH`, `grpc+unix:///PATH`, `grpc+http://HOST:PORT`, and a
+//! comma-separated list of gRPC ones (several daemons of one store). Each
 //! names a backend; [`crate::store::open`] maps it to one.
 use crate::store::bucket::BucketAddr;
 use crate::store::channel::Wire;
@@ -14,6 +15,10 @@ pub enum Addr {
     Local(PathBuf),
     GrpcUnix(PathBuf, Wire),
     GrpcHttp(String, Wire),
+    /// Several gRPC daemons serving one store, tried in this order
+    /// (`grpc+http://a:8000,grpc+http://b:8000`): each element is a
+    /// `GrpcUnix` or `GrpcHttp`, and there are at least two.
+    List(Vec<Addr>),
     /// An S3-compatible bucket (`s3://BUCKET[/PREFIX]?endpoint=URL&region=R`).
     S3(BucketAddr),
 }
@@ -26,6 +31,10 @@ impl std::fmt::Display for Addr {
             Addr::Local(p) => write!(f, "local://{}", p.display()),
             Addr::GrpcUnix(p, w) => write!(f, "grpc+unix://{}{}", p.display(), w.query()),
             Addr::GrpcHttp(h, w) => write!(f, "grpc+http://{h}{}", w.query()),
+            Addr::List(v) => {
+                let all: Vec<String> = v.iter().map(ToString::to_string).collect();
+                write!(f, "{}", all.join(","))
+            }
             Addr::S3(b) => write!(f, "{b}"),
         }
     }
@@ -35,6 +44,9 @@ impl std::str::FromStr for Addr {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
+        if s.contains(',') {
+            return parse_list(s);
+        }
         let bad = |why: &str| Error::InvalidAddress(s.into(), why.into());
         let abs = |p: &str| -> Result<PathBuf> {
             if p.starts_with('/') {
@@ -79,6 +91,30 @@ impl std::str::FromStr for Addr {
     }
 }
 
+/// `A,B,...`: every element a gRPC address of its own.
+fn parse_list(s: &str) -> Result<Addr> {
+    let bad = |why: String| Error::InvalidAddress(s.into(), why);
+    let mut v = Vec::new();
+    for (n, part) in s.split(',').enumerate() {
+        if part.is_empty() {
+            return Err(bad(format!(
+                "element {} of the list is empty (a list is grpc+...://A,grpc+...://B)",
+                n + 1
+            )));
+        }
+        match part.parse::<Addr>()? {
+            a @ (Addr::GrpcUnix(..) | Addr::GrpcHttp(..)) => v.push(a),
+            a => {
+                return Err(bad(format!(
+                    "{a} is not a gRPC store: a list names daemons of one store \
+                     (grpc+unix:///PATH or grpc+http://HOST:PORT)"
+                )))
+            }
+        }
+    }
+    Ok(Addr::List(v))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,5 +156,42 @@ mod tests {
         ] {
             assert!(bad.parse::<Addr>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn parses_lists_of_grpc_daemons() {
+        let list = "grpc+http://a:8000,grpc+unix:///run/b.sock?wire=snix,grpc+http://[::1]:9";
+        let a = list.parse::<Addr>().unwrap();
+        assert_eq!(
+            a,
+            Addr::List(vec![
+                Addr::GrpcHttp("a:8000".into(), Wire::Detect),
+                Addr::GrpcUnix("/run/b.sock".into(), Wire::Snix),
+                Addr::GrpcHttp("[::1]:9".into(), Wire::Detect),
+            ])
+        );
+        assert_eq!(a.to_string(), list, "Display round trip");
+        assert_eq!(a.to_string().parse::<Addr>().unwrap(), a);
+        let err = |s: &str| s.parse::<Addr>().unwrap_err().to_string();
+        for empty in [
+            "grpc+http://a:1,",
+            ",grpc+http://a:1",
+            "grpc+http://a:1,,grpc+http://b:1",
+        ] {
+            assert!(err(empty).contains("is empty"), "{empty}: {}", err(empty));
+        }
+        for other in ["grpc+http://a:1,local:///x", "memory://,grpc+http://a:1"] {
+            assert!(
+                err(other).contains("is not a gRPC store"),
+                "{other}: {}",
+                err(other)
+            );
+        }
+        // an element's own error is the element's
+        let e = err("grpc+http://a:1,http://b:2");
+        assert!(
+            e.contains("\"http://b:2\"") && e.contains("unknown scheme"),
+            "{e}"
+        );
     }
 }

@@ -231,15 +231,36 @@ impl tower::Service<http::Request<tonic::body::Body>> for WireChannel {
 
 /// Connects lazily, so commands start before the daemon does and reconnect after it restarts.
 pub fn connect_tcp(host_port: &str, wire: Wire) -> Result<WireChannel> {
+    connect_tcp_pinged(host_port, wire, None)
+}
+
+/// As [`connect_tcp`]; with `ping`, while a call is open the peer is
+/// pinged once it has sent nothing for `ping`, and a peer that does not
+/// answer within `ping` more (a frozen process) has its connection closed,
+/// failing its calls (writes included, which no timer can bound).
+pub fn connect_tcp_pinged(
+    host_port: &str,
+    wire: Wire,
+    ping: Option<std::time::Duration>,
+) -> Result<WireChannel> {
     let ep = Endpoint::from_shared(format!("http://{host_port}"))
         .map_err(|e| Error::InvalidAddress(host_port.into(), e.to_string()))?;
-    Ok(WireChannel::new(configure(ep).connect_lazy(), wire))
+    Ok(WireChannel::new(configure(ep, ping).connect_lazy(), wire))
 }
 
 pub fn connect_unix(path: PathBuf, wire: Wire) -> Result<WireChannel> {
+    connect_unix_pinged(path, wire, None)
+}
+
+/// As [`connect_unix`], pinging as [`connect_tcp_pinged`] does.
+pub fn connect_unix_pinged(
+    path: PathBuf,
+    wire: Wire,
+    ping: Option<std::time::Duration>,
+) -> Result<WireChannel> {
     // The URI is only a placeholder: the connector below dials the socket.
     let ep = Endpoint::from_static("http://localhost");
-    let ch = configure(ep).connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+    let ch = configure(ep, ping).connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
         let path = path.clone();
         async move {
             Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
@@ -248,10 +269,15 @@ pub fn connect_unix(path: PathBuf, wire: Wire) -> Result<WireChannel> {
     Ok(WireChannel::new(ch, wire))
 }
 
-fn configure(ep: Endpoint) -> Endpoint {
-    ep.connect_timeout(std::time::Duration::from_secs(10))
+fn configure(ep: Endpoint, ping: Option<std::time::Duration>) -> Endpoint {
+    let ep = ep
+        .connect_timeout(std::time::Duration::from_secs(10))
         .tcp_nodelay(true)
-        .http2_adaptive_window(true)
+        .http2_adaptive_window(true);
+    match ping {
+        Some(p) => ep.http2_keep_alive_interval(p).keep_alive_timeout(p),
+        None => ep,
+    }
 }
 
 #[cfg(test)]

@@ -1,9 +1,11 @@
 //! The store: three services behind their traits ([`BlobService`],
 //! [`DirectoryService`], [`PathInfoService`]), a backend folder for each
-//! (memory, the embedded on-disk store, the gRPC client), the addresses
-//! that pick one ([`addr`], [`open`]), the on-disk layout the embedded
-//! store and the host cache share ([`disk`]), the host cache in front of
-//! a remote ([`cache`]), and closures of store paths ([`closure`]).
+//! (memory, the embedded on-disk store, the gRPC client, and a failover
+//! client over several gRPC daemons of one store, their health in
+//! [`endpoints`]), the addresses that pick one ([`addr`], [`open`]), the
+//! on-disk layout the embedded store and the host cache share ([`disk`]),
+//! the host cache in front of a remote ([`cache`]), and closures of store
+//! paths ([`closure`]).
 pub mod addr;
 pub mod blob;
 pub mod bucket;
@@ -12,6 +14,7 @@ pub mod channel;
 pub mod closure;
 pub mod directory;
 pub mod disk;
+pub mod endpoints;
 mod error;
 pub mod open;
 pub mod pathinfo;

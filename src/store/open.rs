@@ -4,6 +4,7 @@
 use crate::store::addr::Addr;
 use crate::store::bucket::{Bucket, BucketAddr};
 use crate::store::channel::{self, WireChannel};
+use crate::store::endpoints::Endpoints;
 use crate::store::error::{Error, Result};
 use crate::store::{blob, cache, directory, pathinfo, Store};
 use crate::store::{BlobService, DirectoryService, PathInfoService};
@@ -61,6 +62,16 @@ impl Store {
             channels.insert(a.clone(), c.clone());
             Ok(c)
         };
+        // the services at one list share its daemons' health
+        let mut lists: HashMap<Addr, Arc<Endpoints>> = HashMap::new();
+        let mut list = |a: &Addr| -> Result<Arc<Endpoints>> {
+            if let Some(l) = lists.get(a) {
+                return Ok(l.clone());
+            }
+            let l = endpoints(a, opts.idle_timeout)?;
+            lists.insert(a.clone(), l.clone());
+            Ok(l)
+        };
         let [blob, directory, path_info] = addrs;
         let mem = Self::memory();
         let grpc_blob = |c: WireChannel| {
@@ -89,6 +100,10 @@ impl Store {
             Addr::S3(b) => Arc::new(blob::s3::S3BlobService::new(bucket(b)?)),
             Addr::Local(p) if ro => Arc::new(blob::local::LocalBlobService::open_existing(p)?),
             Addr::Local(p) => Arc::new(blob::local::LocalBlobService::open(p)?),
+            Addr::List(_) => Arc::new(blob::failover::FailoverBlobService::new(
+                list(blob)?,
+                grpc_blob,
+            )),
             a => Arc::new(grpc_blob(channel(a)?)),
         };
         let directory_svc: Arc<dyn DirectoryService> = match directory {
@@ -98,6 +113,9 @@ impl Store {
                 Arc::new(directory::local::LocalDirectoryService::open_existing(p)?)
             }
             Addr::Local(p) => Arc::new(directory::local::LocalDirectoryService::open(p)?),
+            Addr::List(_) => Arc::new(directory::failover::FailoverDirectoryService::new(list(
+                directory,
+            )?)),
             a => Arc::new(directory::grpc::GrpcDirectoryService::new(channel(a)?)),
         };
         let path_info_svc: Arc<dyn PathInfoService> = match path_info {
@@ -107,6 +125,9 @@ impl Store {
                 Arc::new(pathinfo::local::LocalPathInfoService::open_existing(p)?)
             }
             Addr::Local(p) => Arc::new(pathinfo::local::LocalPathInfoService::open(p)?),
+            Addr::List(_) => Arc::new(pathinfo::failover::FailoverPathInfoService::new(list(
+                path_info,
+            )?)),
             a => Arc::new(pathinfo::grpc::GrpcPathInfoService::new(channel(a)?)),
         };
         let store = Self {
@@ -121,6 +142,14 @@ impl Store {
         let filler = match (c.role, blob) {
             (cache::Role::Filler, _) => None,
             (cache::Role::Reader, Addr::GrpcUnix(..) | Addr::GrpcHttp(..)) => Some(channel(blob)?),
+            (cache::Role::Reader, Addr::List(_)) => {
+                return Err(Error::InvalidAddress(
+                    blob.to_string(),
+                    "a cache directory is read in front of the one `daemon --cache-dir` that \
+                     fills it, not a list: give the list to that daemon's --store"
+                        .into(),
+                ))
+            }
             (cache::Role::Reader, a) => {
                 return Err(Error::InvalidAddress(
                     format!("{a:?}"),
@@ -133,6 +162,31 @@ impl Store {
         let cache = cache::Cache::open(c, store, filler, opts.idle_timeout)?;
         Ok((cache.store(), Some(cache)))
     }
+}
+
+/// The daemons of a list, their connections pinged (half the stall limit
+/// without a byte, then as long for the answer) so that a frozen one fails
+/// even the calls no timer bounds (uploads).
+fn endpoints(list: &Addr, idle: std::time::Duration) -> Result<Arc<Endpoints>> {
+    let Addr::List(v) = list else {
+        return Err(Error::InvalidAddress(list.to_string(), "not a list".into()));
+    };
+    let ping = Some(Endpoints::stall_of(idle, v.len()) / 2);
+    let mut channels = Vec::with_capacity(v.len());
+    for a in v {
+        let c = match a {
+            Addr::GrpcUnix(p, w) => channel::connect_unix_pinged(p.clone(), *w, ping)?,
+            Addr::GrpcHttp(hp, w) => channel::connect_tcp_pinged(hp, *w, ping)?,
+            _ => {
+                return Err(Error::InvalidAddress(
+                    a.to_string(),
+                    "not a gRPC store".into(),
+                ))
+            }
+        };
+        channels.push((a.to_string(), c));
+    }
+    Endpoints::new(channels, idle)
 }
 
 /// How [`Store::open_with`] opens a store.

@@ -6,6 +6,7 @@ mod common;
 mod suite;
 
 mod cached;
+mod failover;
 mod grpc_tcp;
 mod grpc_unix;
 mod local;

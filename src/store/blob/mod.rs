@@ -4,6 +4,7 @@ use crate::store::{Error, Result};
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncSeek};
 
+pub mod failover;
 pub mod grpc;
 pub mod local;
 pub mod memory;

@@ -5,6 +5,7 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use std::collections::{HashSet, VecDeque};
 
+pub mod failover;
 pub mod grpc;
 pub mod local;
 pub mod memory;

@@ -4,6 +4,7 @@ use crate::store::Result;
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 
+pub mod failover;
 pub mod grpc;
 pub mod local;
 pub mod memory;
