@@ -1,7 +1,8 @@
 //! Helpers shared by the integration tests: in-process gRPC servers, the
 //! daemon as a real process, and the binary under test; the microVM tests'
-//! plumbing is in [`vm`].
+//! plumbing is in [`vm`], the Garage cluster of the S3 tests in [`garage`].
 #![allow(dead_code)]
+pub mod garage;
 pub mod vm;
 
 use std::path::{Path, PathBuf};
