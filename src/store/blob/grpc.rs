@@ -2,7 +2,7 @@
 //! its digest before the first byte is handed out: the stream is spooled to
 //! memory (small blobs) or an unnamed file (large ones) while
 //! hashing, so a lying server yields an error, never wrong bytes.
-use super::spool::Spool;
+use super::spool::Checking;
 use super::{BlobReader, BlobService, BlobWriter};
 use crate::castore::B3Digest;
 use crate::store::channel::WireChannel;
@@ -79,42 +79,21 @@ impl GrpcBlobService {
         let Some(mut stream) = self.read_call(digest).await? else {
             return Ok(None);
         };
-        let mut hasher = blake3::Hasher::new();
-        let mut spool = Spool::new(self.memfd_spool);
+        let mut checking = Checking::new(*digest, limit, self.memfd_spool);
         let mut first = true;
-        let mut n = 0u64;
         loop {
             let msg = tokio::time::timeout(self.idle, stream.message())
                 .await
                 .map_err(|_| stalled(digest, self.idle))?;
             match msg {
-                Ok(Some(chunk)) => {
-                    n += chunk.data.len() as u64;
-                    if let Some(limit) = limit.filter(|&l| n > l) {
-                        return Err(Error::SizeMismatch {
-                            digest: *digest,
-                            expected: limit,
-                            actual: n,
-                        });
-                    }
-                    hasher.update(&chunk.data);
-                    spool.push(&chunk.data)?;
-                }
+                Ok(Some(chunk)) => checking.push(&chunk.data)?,
                 Ok(None) => break,
                 Err(s) if first && s.code() == Code::NotFound => return Ok(None),
                 Err(s) => return Err(s.into()),
             }
             first = false;
         }
-        let actual = B3Digest::from(hasher.finalize());
-        if actual != *digest {
-            tracing::error!(expected = %digest, %actual, "remote store sent a corrupt blob");
-            return Err(Error::DigestMismatch {
-                expected: *digest,
-                actual,
-            });
-        }
-        Ok(Some(spool.into_reader()?))
+        Ok(Some(checking.finish("the remote store")?))
     }
 
     /// Large blobs are spooled into memory files (memfd), not the temp directory.

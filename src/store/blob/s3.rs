@@ -8,7 +8,7 @@
 //! at close; large ones are uploaded in parts to a temporary key while
 //! they are hashed (one part in memory at a time), then copied to their
 //! digest's key once it is known.
-use super::spool::Spool;
+use super::spool::Checking;
 use super::{BlobReader, BlobService, BlobWriter, ChunkStream};
 use crate::castore::B3Digest;
 use crate::store::bucket::Bucket;
@@ -82,34 +82,11 @@ impl S3BlobService {
         let Some(mut body) = self.body(digest).await? else {
             return Ok(None);
         };
-        let mut hasher = blake3::Hasher::new();
-        let mut spool = Spool::new(self.memfd_spool);
-        let mut n = 0u64;
+        let mut checking = Checking::new(*digest, limit, self.memfd_spool);
         while let Some(chunk) = body.next().await {
-            let chunk = chunk?;
-            n += chunk.len() as u64;
-            if let Some(limit) = limit.filter(|&l| n > l) {
-                return Err(Error::SizeMismatch {
-                    digest: *digest,
-                    expected: limit,
-                    actual: n,
-                });
-            }
-            hasher.update(&chunk);
-            spool.push(&chunk)?;
+            checking.push(&chunk?)?;
         }
-        let actual = B3Digest::from(hasher.finalize());
-        if actual != *digest {
-            tracing::error!(
-                expected = %digest, %actual,
-                "the bucket holds other bytes under blob {digest} ({n} bytes read)"
-            );
-            return Err(Error::DigestMismatch {
-                expected: *digest,
-                actual,
-            });
-        }
-        Ok(Some(spool.into_reader()?))
+        Ok(Some(checking.finish("the bucket")?))
     }
 }
 

@@ -4,6 +4,8 @@
 //! (or a memory file, inside the sandbox) when large. Shared by every
 //! backend that fetches blobs (gRPC, object storage).
 use super::{BlobReader, FileReader};
+use crate::castore::B3Digest;
+use crate::store::{Error, Result};
 use bytes::Bytes;
 use std::io::{Seek, Write};
 
@@ -62,5 +64,60 @@ impl Spool {
                 Box::new(FileReader::new(f)?)
             }
         })
+    }
+}
+
+/// A fetched blob on its way in: hashed and spooled as its chunks come,
+/// refused past the size asked for, handed out only if its digest is the
+/// one it was asked by. Every backend that fetches blobs checks through
+/// it, so they refuse alike.
+pub(crate) struct Checking {
+    digest: B3Digest,
+    limit: Option<u64>,
+    hasher: blake3::Hasher,
+    spool: Spool,
+    n: u64,
+}
+
+impl Checking {
+    pub(crate) fn new(digest: B3Digest, limit: Option<u64>, memfd: bool) -> Self {
+        Self {
+            digest,
+            limit,
+            hasher: blake3::Hasher::new(),
+            spool: Spool::new(memfd),
+            n: 0,
+        }
+    }
+
+    pub(crate) fn push(&mut self, chunk: &[u8]) -> Result<()> {
+        self.n += chunk.len() as u64;
+        if let Some(limit) = self.limit.filter(|&l| self.n > l) {
+            return Err(Error::SizeMismatch {
+                digest: self.digest,
+                expected: limit,
+                actual: self.n,
+            });
+        }
+        self.hasher.update(chunk);
+        self.spool.push(chunk)?;
+        Ok(())
+    }
+
+    /// The blob, if it is what it was asked by; `from` names the source in
+    /// the log line of a mismatch.
+    pub(crate) fn finish(self, from: &str) -> Result<Box<dyn BlobReader>> {
+        let actual = B3Digest::from(self.hasher.finalize());
+        if actual != self.digest {
+            tracing::error!(
+                expected = %self.digest, %actual,
+                "{from} holds other bytes under blob {} ({} bytes read)", self.digest, self.n
+            );
+            return Err(Error::DigestMismatch {
+                expected: self.digest,
+                actual,
+            });
+        }
+        Ok(self.spool.into_reader()?)
     }
 }
