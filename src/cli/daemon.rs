@@ -370,7 +370,7 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
         .build_v1alpha()
         .context("building the reflection service")?;
 
-    let max = crate::store::channel::MAX_MESSAGE_SIZE;
+    let (blobs, directories, path_infos) = server.services();
     let cache_service = cache.as_ref().map(|c| {
         crate::wire::cache::cache_service_server::CacheServiceServer::new(
             crate::serve::grpc::CacheServer::new(c.clone()),
@@ -397,18 +397,9 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(
-            castore::blob_service_server::BlobServiceServer::new(server.clone())
-                .max_decoding_message_size(max),
-        )
-        .add_service(
-            castore::directory_service_server::DirectoryServiceServer::new(server.clone())
-                .max_decoding_message_size(max),
-        )
-        .add_service(
-            store::path_info_service_server::PathInfoServiceServer::new(server)
-                .max_decoding_message_size(max),
-        )
+        .add_service(blobs)
+        .add_service(directories)
+        .add_service(path_infos)
         .add_optional_service(cache_service);
 
     let ro = match (&listener, read_only) {

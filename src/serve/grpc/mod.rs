@@ -20,4 +20,4 @@ pub use cache::CacheServer;
 pub use call_metrics::{CallMetrics, CountLayer, Counted};
 pub use reset::{reset_is_error, ResetIsError};
 pub use routes::{wire_names, Families};
-pub use store::{Limits, StoreServer};
+pub use store::{Limits, StoreServer, StoreServices};

@@ -65,7 +65,28 @@ pub struct StoreServer {
     limits: Limits,
 }
 
+/// The three tonic services of one [`StoreServer`], each taking requests
+/// up to the message size our clients send.
+pub type StoreServices = (
+    cpb::blob_service_server::BlobServiceServer<StoreServer>,
+    cpb::directory_service_server::DirectoryServiceServer<StoreServer>,
+    spb::path_info_service_server::PathInfoServiceServer<StoreServer>,
+);
+
 impl StoreServer {
+    /// The services a router adds (the daemon's, a tenant connection's).
+    pub fn services(self) -> StoreServices {
+        let max = crate::store::channel::MAX_MESSAGE_SIZE;
+        (
+            cpb::blob_service_server::BlobServiceServer::new(self.clone())
+                .max_decoding_message_size(max),
+            cpb::directory_service_server::DirectoryServiceServer::new(self.clone())
+                .max_decoding_message_size(max),
+            spb::path_info_service_server::PathInfoServiceServer::new(self)
+                .max_decoding_message_size(max),
+        )
+    }
+
     pub fn new(store: Store, read_only: bool) -> Self {
         Self {
             store,

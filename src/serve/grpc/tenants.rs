@@ -177,7 +177,6 @@ async fn reply(s: &mut tokio::net::UnixStream, status: u8, msg: &str) -> std::io
 /// Serves one scoped connection on its own: the store's three services
 /// (read-only, scoped) and the cache service (scoped, passing blob files).
 fn serve_scoped(s: tokio::net::UnixStream, scope: Arc<Scope>, tenants: &Tenants) {
-    use crate::wire::{castore, store};
     let conn = FdStream::new(s);
     let store = scoped_store(&tenants.store, &scope);
     let server = super::StoreServer::new(store, true);
@@ -186,20 +185,11 @@ fn serve_scoped(s: tokio::net::UnixStream, scope: Arc<Scope>, tenants: &Tenants)
         scope,
         outbox: conn.outbox(),
     };
-    let max = crate::store::channel::MAX_MESSAGE_SIZE;
+    let (blobs, directories, path_infos) = server.services();
     let router = tonic::transport::Server::builder()
-        .add_service(
-            castore::blob_service_server::BlobServiceServer::new(server.clone())
-                .max_decoding_message_size(max),
-        )
-        .add_service(
-            castore::directory_service_server::DirectoryServiceServer::new(server.clone())
-                .max_decoding_message_size(max),
-        )
-        .add_service(
-            store::path_info_service_server::PathInfoServiceServer::new(server)
-                .max_decoding_message_size(max),
-        )
+        .add_service(blobs)
+        .add_service(directories)
+        .add_service(path_infos)
         .add_service(cpb::cache_service_server::CacheServiceServer::new(cache));
     // One connection: the server returns once it is accepted, and the
     // connection is served until the client goes.
