@@ -214,8 +214,14 @@ impl Garage {
             let id = g.cli(i, &["node", "id", "-q"]).trim().to_string();
             g.nodes[i].id = id;
         }
-        for i in 1..NODES {
-            g.cli(0, &["node", "connect", &g.nodes[i].id]);
+        // every pair, both ways: a node counts a peer up only once its own
+        // outgoing connection stands, and a failed first handshake would
+        // leave it to a retry timer that, on a loaded CI machine, outlasted
+        // the 60 s health wait below
+        for i in 0..NODES {
+            for j in (0..NODES).filter(|&j| j != i) {
+                g.cli_retry(i, &["node", "connect", &g.nodes[j].id]);
+            }
         }
         for i in 0..NODES {
             let hexid = g.nodes[i].id.split('@').next().unwrap_or_default();

@@ -222,17 +222,31 @@ impl BlobWriter for GrpcWriter {
     }
 }
 
+/// How long an abandoned upload's stream is held open for the transport
+/// to reset it (see `Drop for GrpcWriter`).
+const ABANDON_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl Drop for GrpcWriter {
     fn drop(&mut self) {
         // Not closed: reset the call instead of ending the stream, so the
         // server does not store a truncated blob. The stream must not end
-        // before the aborted call is gone (its request is then reset):
-        // the sender is kept until then.
+        // before the transport has reset it: hyper learns of the aborted
+        // call on its own task and only then drops the request body (our
+        // receiver). Ending it sooner sends a clean end of stream, and the
+        // server stores the prefix (seen under load in the conformance
+        // suite). So the sender is kept until the receiver is gone, or, if
+        // the transport never lets go, for at most `ABANDON_WAIT`.
         if let (Some(tx), Some(call)) = (self.tx.take(), self.call.take()) {
             call.abort();
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
                     let _ = call.await;
+                    if tokio::time::timeout(ABANDON_WAIT, tx.closed()).await.is_err() {
+                        tracing::warn!(
+                            "an abandoned blob upload was not reset within {ABANDON_WAIT:?}; \
+                             ending it (the server may keep its prefix as a blob of its own)"
+                        );
+                    }
                     drop(tx);
                 });
             }
