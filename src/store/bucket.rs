@@ -242,6 +242,11 @@ impl Bucket {
         self.key("blobs", &digest.to_hex())
     }
 
+    /// A large blob's leaf list (see [`crate::castore::leaves`]).
+    pub(crate) fn leaves_key(&self, digest: &B3Digest) -> Key {
+        self.key("leaves", &digest.to_hex())
+    }
+
     pub(crate) fn directory_key(&self, digest: &B3Digest) -> Key {
         self.key("directories", &digest.to_hex())
     }

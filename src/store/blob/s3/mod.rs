@@ -1,16 +1,21 @@
 //! Blobs in an S3-compatible bucket (see [`crate::store::bucket`] for the
-//! keys). A read is checked against its digest before its first byte is
-//! handed out, as from any remote: the object's body is spooled while it
-//! is hashed (a bad disk or someone else's tooling yields an error and a
-//! log line, never wrong bytes), and its chunks are waited for at most the
-//! idle limit each, so a stalled node fails the read instead of hanging it.
-//! A write is hashed as it comes: small blobs are PUT under their digest
-//! at close; large ones are uploaded in parts to a temporary key while
-//! they are hashed (one part in memory at a time), then copied to their
-//! digest's key once it is known.
+//! keys). Every byte read is checked against the blob's digest before it
+//! is handed out, as from any remote. A blob over `RANGED_ABOVE` is read
+//! leaf by leaf with ranged GETs, each leaf checked against the blob's
+//! leaf list (kept beside it, checked against its digest): a read at an
+//! offset fetches that leaf only (see `ranged.rs`). Other blobs, and large
+//! ones without a usable leaf list (written by older versions or other
+//! tools), are spooled whole while hashed. Every chunk of a body is waited
+//! for at most the idle limit, so a stalled node fails the read instead of
+//! hanging it. A write is hashed as it comes: small blobs are PUT under
+//! their digest at close; large ones are uploaded in parts to a temporary
+//! key while they are hashed (one part in memory at a time), then copied
+//! to their digest's key once it is known, their leaf list stored first.
+mod ranged;
+
 use super::spool::Checking;
 use super::{BlobReader, BlobService, BlobWriter, ChunkStream};
-use crate::castore::B3Digest;
+use crate::castore::{B3Digest, LeafHasher, Leaves, LEAF};
 use crate::store::bucket::Bucket;
 use crate::store::{Error, Result};
 use async_trait::async_trait;
@@ -22,6 +27,11 @@ use object_store::{MultipartUpload, ObjectStoreExt, PutPayload};
 /// Bytes of one part of a multipart upload (S3 wants 5 MiB or more for
 /// every part but the last); a blob up to this size is one PUT.
 const PART: usize = 8 << 20;
+/// Blobs larger than this are read by leaves and get a leaf list: below
+/// it one GET of the whole blob costs about what one leaf does.
+const RANGED_ABOVE: u64 = 4 * LEAF;
+/// Bytes of the size that heads a leaf list object.
+const SIZE_HEADER: usize = 8;
 
 #[derive(Clone)]
 pub struct S3BlobService {
@@ -45,9 +55,9 @@ impl S3BlobService {
         self
     }
 
-    /// The object's body as it comes, each chunk waited for at most the
-    /// idle limit; `None` when there is no such object.
-    async fn body(&self, digest: &B3Digest) -> Result<Option<ChunkStream>> {
+    /// The object's size and its body as it comes, each chunk waited for
+    /// at most the idle limit; `None` when there is no such object.
+    async fn body(&self, digest: &B3Digest) -> Result<Option<(u64, ChunkStream)>> {
         let key = self.bucket.blob_key(digest);
         let what = format!("blob {digest}");
         let Some(got) = self
@@ -57,31 +67,102 @@ impl S3BlobService {
         else {
             return Ok(None);
         };
+        let size = got.meta.size;
         let (bucket, mut inner) = (self.bucket.clone(), got.into_stream());
-        Ok(Some(Box::pin(async_stream::try_stream! {
-            loop {
-                match tokio::time::timeout(bucket.idle, inner.next()).await {
-                    Err(_) => Err(Error::Timeout(format!(
-                        "{what}: no data from the bucket for {:?}",
-                        bucket.idle
-                    )))?,
-                    Ok(None) => break,
-                    Ok(Some(Err(e))) => Err(bucket.error(&what, e))?,
-                    Ok(Some(Ok(b))) => yield b,
+        Ok(Some((
+            size,
+            Box::pin(async_stream::try_stream! {
+                loop {
+                    match tokio::time::timeout(bucket.idle, inner.next()).await {
+                        Err(_) => Err(Error::Timeout(format!(
+                            "{what}: no data from the bucket for {:?}",
+                            bucket.idle
+                        )))?,
+                        Ok(None) => break,
+                        Ok(Some(Err(e))) => Err(bucket.error(&what, e))?,
+                        Ok(Some(Ok(b))) => yield b,
+                    }
                 }
-            }
-        })))
+            }),
+        )))
     }
 
-    /// Fetches and checks a blob, stopping past `limit` bytes.
+    /// A reader by leaves of a large blob, when its leaf list is there,
+    /// hashes to its digest and agrees with the size the blob object has
+    /// or is asked for; `None` (read it whole, which checks the size)
+    /// otherwise.
+    async fn by_leaves(
+        &self,
+        digest: &B3Digest,
+        limit: Option<u64>,
+        object_size: Option<u64>,
+    ) -> Result<Option<Box<dyn BlobReader>>> {
+        let b = &self.bucket;
+        let what = format!("the leaf list of blob {digest}");
+        let Some(got) = b.within(&what, b.store.get(&b.leaves_key(digest))).await? else {
+            return Ok(None);
+        };
+        let longest = limit.or(object_size).unwrap_or(u64::MAX).min(1 << 40);
+        let most = SIZE_HEADER as u64 + 32 * Leaves::count(longest);
+        if got.meta.size > most {
+            tracing::warn!(
+                "{what}: {} bytes, more than {most}; reading the blob whole",
+                got.meta.size
+            );
+            return Ok(None);
+        }
+        let bytes = tokio::time::timeout(b.idle, got.bytes())
+            .await
+            .map_err(|_| Error::Timeout(format!("{what}: no data for {:?}", b.idle)))?
+            .map_err(|e| b.error(&what, e))?;
+        let Some((size, list)) = bytes.split_first_chunk::<SIZE_HEADER>() else {
+            tracing::warn!(
+                "{what}: {} bytes, no size; reading the blob whole",
+                bytes.len()
+            );
+            return Ok(None);
+        };
+        let size = u64::from_le_bytes(*size);
+        // the list is a hint: the object (and the digest) are the truth
+        if let Some(known) = object_size.or(limit).filter(|&k| k != size) {
+            tracing::warn!("{what} is for {size} bytes, the blob has {known}; reading it whole");
+            return Ok(None);
+        }
+        match Leaves::decode(digest, size, list) {
+            Ok(leaves) => Ok(Some(Box::new(ranged::Ranged::new(
+                b.clone(),
+                b.blob_key(digest),
+                *digest,
+                leaves,
+            )))),
+            Err(e) => {
+                tracing::warn!("{what} in the bucket is refused ({e}); reading the blob whole");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Fetches and checks a blob, stopping past `limit` bytes; a large one
+    /// is read by leaves where it can be.
     async fn fetch(
         &self,
         digest: &B3Digest,
         limit: Option<u64>,
     ) -> Result<Option<Box<dyn BlobReader>>> {
-        let Some(mut body) = self.body(digest).await? else {
+        if limit.is_some_and(|l| l > RANGED_ABOVE) {
+            if let Some(r) = self.by_leaves(digest, limit, None).await? {
+                return Ok(Some(r));
+            }
+        }
+        let Some((size, mut body)) = self.body(digest).await? else {
             return Ok(None);
         };
+        if limit.is_none() && size > RANGED_ABOVE {
+            // the size was not known before asking: leave the body unread
+            if let Some(r) = self.by_leaves(digest, None, Some(size)).await? {
+                return Ok(Some(r));
+            }
+        }
         let mut checking = Checking::new(*digest, limit, self.memfd_spool);
         while let Some(chunk) = body.next().await {
             checking.push(&chunk?)?;
@@ -114,13 +195,13 @@ impl BlobService for S3BlobService {
     }
 
     async fn read_stream(&self, digest: &B3Digest) -> Result<Option<ChunkStream>> {
-        self.body(digest).await
+        Ok(self.body(digest).await?.map(|(_, body)| body))
     }
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
         Ok(Box::new(S3Writer {
             bucket: self.bucket.clone(),
-            hasher: blake3::Hasher::new(),
+            hasher: LeafHasher::default(),
             buf: Vec::new(),
             upload: None,
         }))
@@ -130,7 +211,7 @@ impl BlobService for S3BlobService {
 /// A blob on its way into the bucket.
 struct S3Writer {
     bucket: Bucket,
-    hasher: blake3::Hasher,
+    hasher: LeafHasher,
     /// Bytes not yet sent: at most one part.
     buf: Vec<u8>,
     /// A large blob's upload under its temporary key, once begun.
@@ -175,9 +256,19 @@ impl BlobWriter for S3Writer {
     }
 
     async fn close(mut self: Box<Self>) -> Result<B3Digest> {
-        let digest = B3Digest::from(self.hasher.finalize());
+        let (digest, leaves) = std::mem::take(&mut self.hasher).finish();
         let dest = self.bucket.blob_key(&digest);
         let what = format!("storing blob {digest}");
+        if let Some(leaves) = leaves.filter(|l| l.size() > RANGED_ABOVE) {
+            // before the blob: a reader that finds the blob finds its list
+            let mut list = leaves.size().to_le_bytes().to_vec();
+            list.extend_from_slice(&leaves.encode());
+            let key = self.bucket.leaves_key(&digest);
+            let body = PutPayload::from(Bytes::from(list));
+            self.bucket
+                .within(&what, self.bucket.store.put(&key, body))
+                .await?;
+        }
         let Some((temp, mut up)) = self.upload.take() else {
             // One PUT: S3 never shows half an object. A blob already there
             // holds the same bytes (its name is their digest).
