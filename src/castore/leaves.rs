@@ -12,9 +12,9 @@ use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, HasherExt, Mo
 pub const LEAF: u64 = 1 << 20;
 /// Bytes of one chaining value.
 const CV: usize = 32;
-/// Most leaves a list may have (a 1 TiB blob); bounds what a decode may be
-/// asked to allocate.
-const MAX_LEAVES: u64 = 1 << 20;
+/// Most leaves a list may have (a 128 GiB blob, a list of 4 MiB): bounds
+/// what one open may hold; larger blobs are read whole.
+pub const MAX_LEAVES: u64 = 1 << 17;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LeavesError {
@@ -140,31 +140,49 @@ fn left_leaves(n: usize) -> usize {
 }
 
 /// Hashes a blob as it is written, leaf by leaf: answers its digest and,
-/// when it is over one leaf, its leaf list.
+/// when it is over one leaf and has at most [`MAX_LEAVES`], its leaf list.
+/// Its memory does not grow with the blob past that list: the digest is
+/// kept as BLAKE3's own stack of completed subtrees (one per bit of the
+/// leaf count).
 pub struct LeafHasher {
     leaf: blake3::Hasher,
     /// Bytes in the current leaf.
     fill: u64,
     size: u64,
-    cvs: Vec<[u8; CV]>,
+    /// Leaves completed so far.
+    done: u64,
+    /// Chaining values of the completed subtrees, largest first.
+    stack: Vec<[u8; CV]>,
+    /// Every completed leaf's chaining value, until there are too many.
+    list: Option<Vec<[u8; CV]>>,
+    list_cap: u64,
 }
 
 impl Default for LeafHasher {
     fn default() -> Self {
-        Self {
-            leaf: blake3::Hasher::new(),
-            fill: 0,
-            size: 0,
-            cvs: Vec::new(),
-        }
+        Self::with_list_cap(MAX_LEAVES)
     }
 }
 
 impl LeafHasher {
+    /// A hasher that keeps a list of at most `cap` leaves.
+    pub fn with_list_cap(cap: u64) -> Self {
+        Self {
+            leaf: blake3::Hasher::new(),
+            fill: 0,
+            size: 0,
+            done: 0,
+            stack: Vec::new(),
+            list: Some(Vec::new()),
+            list_cap: cap,
+        }
+    }
+
     pub fn update(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             if self.fill == LEAF {
-                self.cvs.push(self.leaf.finalize_non_root());
+                // more follows, so the leaf is not the root
+                self.push(self.leaf.finalize_non_root());
                 self.leaf = blake3::Hasher::new();
                 self.leaf.set_input_offset(self.size);
                 self.fill = 0;
@@ -177,18 +195,56 @@ impl LeafHasher {
         }
     }
 
-    /// The digest, and the leaf list when the blob is over one leaf.
-    pub fn finish(mut self) -> (B3Digest, Option<Leaves>) {
-        if self.cvs.is_empty() {
+    /// Adds a completed leaf once the next one has begun: every subtree it
+    /// completes (one per trailing zero bit of the new count) is merged.
+    fn push(&mut self, mut cv: [u8; CV]) {
+        if let Some(list) = &mut self.list {
+            if (list.len() as u64) < self.list_cap {
+                list.push(cv);
+            } else {
+                self.list = None;
+            }
+        }
+        self.done += 1;
+        let mut n = self.done;
+        while n & 1 == 0 {
+            let Some(left) = self.stack.pop() else { break };
+            cv = merge_subtrees_non_root(&left, &cv, Mode::Hash);
+            n >>= 1;
+        }
+        self.stack.push(cv);
+    }
+
+    /// The digest, and the leaf list when the blob is over one leaf and
+    /// the list was kept.
+    pub fn finish(self) -> (B3Digest, Option<Leaves>) {
+        if self.done == 0 {
             return (B3Digest::from(self.leaf.finalize()), None);
         }
-        self.cvs.push(self.leaf.finalize_non_root());
-        let digest = B3Digest::from(root(&self.cvs));
-        let leaves = Leaves {
-            size: self.size,
-            cvs: self.cvs,
-        };
-        (digest, Some(leaves))
+        let last = self.leaf.finalize_non_root();
+        let mut cv = last;
+        let mut stack = self.stack;
+        while stack.len() > 1 {
+            if let Some(left) = stack.pop() {
+                cv = merge_subtrees_non_root(&left, &cv, Mode::Hash);
+            }
+        }
+        let digest = B3Digest::from(match stack.pop() {
+            Some(left) => merge_subtrees_root(&left, &cv, Mode::Hash),
+            // one leaf only (not reached: `done` > 0): it is the root
+            None => self.leaf.finalize(),
+        });
+        let leaves = self
+            .list
+            .filter(|l| (l.len() as u64) < self.list_cap)
+            .map(|mut cvs| {
+                cvs.push(last);
+                Leaves {
+                    size: self.size,
+                    cvs,
+                }
+            });
+        (digest, leaves)
     }
 }
 
@@ -276,6 +332,18 @@ mod tests {
             Leaves::decode(&digest, u64::MAX, &enc),
             Err(LeavesError::TooLong(_))
         ));
+    }
+
+    #[test]
+    fn past_its_list_cap_the_hasher_still_answers_the_digest() {
+        for leaves in [2u64, 3, 5, 8, 13] {
+            let d = data((leaves * LEAF) as usize - 3);
+            let mut h = LeafHasher::with_list_cap(2);
+            h.update(&d);
+            let (digest, list) = h.finish();
+            assert_eq!(digest, B3Digest::from(blake3::hash(&d)), "{leaves} leaves");
+            assert_eq!(list.is_some(), leaves <= 2, "{leaves} leaves");
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod ranged;
 
 use super::spool::Checking;
 use super::{BlobReader, BlobService, BlobWriter, ChunkStream};
+use crate::castore::leaves::MAX_LEAVES;
 use crate::castore::{B3Digest, LeafHasher, Leaves, LEAF};
 use crate::store::bucket::Bucket;
 use crate::store::{Error, Result};
@@ -102,7 +103,10 @@ impl S3BlobService {
         let Some(got) = b.within(&what, b.store.get(&b.leaves_key(digest))).await? else {
             return Ok(None);
         };
-        let longest = limit.or(object_size).unwrap_or(u64::MAX).min(1 << 40);
+        let longest = limit
+            .or(object_size)
+            .unwrap_or(u64::MAX)
+            .min(MAX_LEAVES * LEAF);
         let most = SIZE_HEADER as u64 + 32 * Leaves::count(longest);
         if got.meta.size > most {
             tracing::warn!(
