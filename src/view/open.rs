@@ -97,8 +97,10 @@ impl StoreFs {
     /// Whether an opened blob was checked already, and the stamp of its
     /// file to remember once it is: a file is trusted only while it is the
     /// file that was checked, bytes in memory are hashed again (cheaply:
-    /// they are at hand), and a stream (a remote's, which checks what it
-    /// sends) is trusted once checked.
+    /// they are at hand), a stream (a remote's, which checks what it
+    /// sends) is trusted once checked, and one that checks each piece it
+    /// hands out (a large blob read by leaves) when its length is `size`:
+    /// reading it whole first would cost the whole blob for one page.
     pub(super) fn already_checked(
         &self,
         r: &mut dyn BlobReader,
@@ -114,7 +116,10 @@ impl StoreFs {
                 (trusted, stamp)
             }
             Some(Direct::Bytes(_)) => (false, None),
-            None => (known, None),
+            None => match r.checks_itself() {
+                Some(len) => (len == size, None),
+                None => (known, None),
+            },
         }
     }
 

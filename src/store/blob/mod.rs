@@ -24,6 +24,13 @@ pub trait BlobReader: AsyncRead + AsyncSeek + Send + Unpin {
     /// The reader as something many readers can share at once: the view
     /// keeps one per blob, however many handles the guest opens on it.
     fn into_shared(self: Box<Self>) -> Shared;
+
+    /// The blob's length, when the reader itself checks every byte it
+    /// hands out against the digest it was opened by (a large blob read
+    /// leaf by leaf): the view need not read it whole to check it first.
+    fn checks_itself(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// See [`BlobReader::into_shared`].

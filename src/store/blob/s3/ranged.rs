@@ -195,6 +195,10 @@ impl BlobReader for Ranged {
     fn into_shared(self: Box<Self>) -> Shared {
         Shared::Stream(self)
     }
+
+    fn checks_itself(&self) -> Option<u64> {
+        Some(self.src.leaves.size())
+    }
 }
 
 impl Drop for Ranged {
