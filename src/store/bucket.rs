@@ -11,7 +11,8 @@
 //!
 //! Every object is written whole (a PUT, or a multipart upload completed at
 //! once), so a reader never sees half of one; what is read is checked
-//! against the name it is read under, as from any other remote. The
+//! against the name it is read under, as from any other remote, and held to
+//! the length the server declared for it (a server may send more). The
 //! distributed part (replicas, failures of nodes) is the object store's.
 use crate::castore::B3Digest;
 use crate::store::error::{Error, Result};
@@ -292,6 +293,51 @@ impl Bucket {
             Ok(Err(object_store::Error::NotFound { .. })) => Ok(None),
             Ok(Err(e)) => Err(self.error(what, e)),
         }
+    }
+
+    /// The body of `got`, whole, within the idle limit: at most the bytes
+    /// its headers declare. A server may send more than it declared (a
+    /// chunked or unframed body is not held to its Content-Length), so the
+    /// body is counted as it comes and refused past that, not collected
+    /// first: what a caller checked the declared size against is what it
+    /// may be made to hold.
+    pub(crate) async fn bounded_bytes(
+        &self,
+        what: impl std::fmt::Display,
+        got: object_store::GetResult,
+    ) -> Result<bytes::Bytes> {
+        use futures::StreamExt;
+        let declared = got.range.end.saturating_sub(got.range.start);
+        let mut body = got.into_stream();
+        let collect = async {
+            let mut out = bytes::BytesMut::new();
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| self.error(&what, e))?;
+                if (out.len() + chunk.len()) as u64 > declared {
+                    return Err(self.longer(&what, declared));
+                }
+                out.extend_from_slice(&chunk);
+            }
+            Ok(out.freeze())
+        };
+        match tokio::time::timeout(self.idle, collect).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout(format!(
+                "{what} in {}: no whole answer for {:?}",
+                self.addr, self.idle
+            ))),
+        }
+    }
+
+    /// A body that goes on past the `declared` bytes, as the store reports
+    /// it (and the log, once).
+    pub(crate) fn longer(&self, what: impl std::fmt::Display, declared: u64) -> Error {
+        let e = format!(
+            "{what} in {}: the server sends more than the {declared} bytes it declared",
+            self.addr
+        );
+        tracing::error!("{e}");
+        Error::Bucket(e)
     }
 }
 

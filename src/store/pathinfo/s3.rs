@@ -5,7 +5,9 @@
 //! the same contents again succeed and other contents are a conflict. A
 //! server that ignores the condition is caught only where the object was
 //! already there when looked at first: the README says what can race.
+//! What is read, by a get or a listing, is held to the key it is under.
 use super::PathInfoService;
+use crate::nix::nixbase32;
 use crate::nix::path_info::PathInfo;
 use crate::store::bucket::Bucket;
 use crate::store::{Error, Result};
@@ -14,7 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use prost::Message;
 
 /// Most bytes a path info object may have (what a gRPC Put may carry).
@@ -50,10 +52,7 @@ impl S3PathInfoService {
                 got.meta.size
             )));
         }
-        let bytes = tokio::time::timeout(b.idle, got.bytes())
-            .await
-            .map_err(|_| Error::Timeout(format!("{what}: no data for {:?}", b.idle)))?
-            .map_err(|e| b.error(&what, e))?;
+        let bytes = b.bounded_bytes(&what, got).await?;
         let info = pb::PathInfo::decode(bytes)
             .map_err(|e| Error::Protocol(format!("{what} in the bucket does not decode: {e}")))
             .and_then(|p| Ok(PathInfo::try_from(p)?))
@@ -113,15 +112,55 @@ impl PathInfoService for S3PathInfoService {
         }
     }
 
+    /// Every path info in the area, each held to the key it is under (its
+    /// store path's hash) as a get is. An object under a key that is no
+    /// hash, whose contents are another path's, that does not decode or is
+    /// too large is left out with a log line: one bad object costs its own
+    /// entry, not the listing. Each page is waited for at most the idle
+    /// limit.
     fn list(&self) -> BoxStream<'_, Result<PathInfo>> {
         let b = &self.bucket;
         let area = b.path_info_area();
+        let mut pages = b.store.list(Some(&area));
+        let listed = async_stream::try_stream! {
+            loop {
+                match tokio::time::timeout(b.idle, pages.next()).await {
+                    Err(_) => Err(Error::Timeout(format!(
+                        "listing path infos: no answer from the bucket for {:?}",
+                        b.idle
+                    )))?,
+                    Ok(None) => break,
+                    Ok(Some(meta)) => yield meta.map_err(|e| b.error("listing path infos", e))?,
+                }
+            }
+        };
         Box::pin(
-            b.store
-                .list(Some(&area))
-                .map(move |meta| async move {
-                    let meta = meta.map_err(|e| b.error("listing path infos", e))?;
-                    self.read(&meta.location, None).await
+            listed
+                .map(move |meta: Result<ObjectMeta>| {
+                    let area = area.clone();
+                    async move {
+                        let key = meta?.location;
+                        let Some(hash) = key
+                            .as_ref()
+                            .strip_prefix(area.as_ref())
+                            .and_then(|k| k.strip_prefix('/'))
+                            .and_then(|k| nixbase32::decode_fixed::<20>(k.as_bytes()).ok())
+                        else {
+                            tracing::warn!("listing path infos: {key} is no path info's key");
+                            return Ok(None);
+                        };
+                        match self.read(&key, Some(&hash)).await {
+                            Err(
+                                e @ (Error::Protocol(_)
+                                | Error::PathInfo(_)
+                                | Error::ResourceExhausted(_)),
+                            ) => {
+                                tracing::error!("listing path infos: {e}; left out");
+                                Ok(None)
+                            }
+                            r => r,
+                        }
+                    }
                 })
                 .buffered(LIST_GETS_IN_FLIGHT)
                 .filter_map(|r| async move { r.transpose() }),

@@ -7,7 +7,7 @@
 //! ones without a usable leaf list (written by older versions or other
 //! tools), are spooled whole while hashed. Every chunk of a body is waited
 //! for at most the idle limit, so a stalled node fails the read instead of
-//! hanging it. A write is hashed as it comes: small blobs are PUT under
+//! hanging it, and no body is taken past the length it declared. A write is hashed as it comes: small blobs are PUT under
 //! their digest at close; large ones are uploaded in parts to a temporary
 //! key while they are hashed (one part in memory at a time), then copied
 //! to their digest's key once it is known, their leaf list stored first.
@@ -57,7 +57,8 @@ impl S3BlobService {
     }
 
     /// The object's size and its body as it comes, each chunk waited for
-    /// at most the idle limit; `None` when there is no such object.
+    /// at most the idle limit and the whole refused past that size; `None`
+    /// when there is no such object.
     async fn body(&self, digest: &B3Digest) -> Result<Option<(u64, ChunkStream)>> {
         let key = self.bucket.blob_key(digest);
         let what = format!("blob {digest}");
@@ -73,6 +74,7 @@ impl S3BlobService {
         Ok(Some((
             size,
             Box::pin(async_stream::try_stream! {
+                let mut n = 0u64;
                 loop {
                     match tokio::time::timeout(bucket.idle, inner.next()).await {
                         Err(_) => Err(Error::Timeout(format!(
@@ -81,7 +83,15 @@ impl S3BlobService {
                         )))?,
                         Ok(None) => break,
                         Ok(Some(Err(e))) => Err(bucket.error(&what, e))?,
-                        Ok(Some(Ok(b))) => yield b,
+                        Ok(Some(Ok(b))) => {
+                            // held to its declared length, which callers
+                            // size their checks and spools by
+                            n += b.len() as u64;
+                            if n > size {
+                                Err(bucket.longer(&what, size))?;
+                            }
+                            yield b
+                        }
                     }
                 }
             }),
@@ -115,10 +125,7 @@ impl S3BlobService {
             );
             return Ok(None);
         }
-        let bytes = tokio::time::timeout(b.idle, got.bytes())
-            .await
-            .map_err(|_| Error::Timeout(format!("{what}: no data for {:?}", b.idle)))?
-            .map_err(|e| b.error(&what, e))?;
+        let bytes = b.bounded_bytes(&what, got).await?;
         let Some((size, list)) = bytes.split_first_chunk::<SIZE_HEADER>() else {
             tracing::warn!(
                 "{what}: {} bytes, no size; reading the blob whole",
@@ -299,8 +306,10 @@ impl BlobWriter for S3Writer {
                     .await
             }
         };
-        if let Err(e) = self.bucket.store.delete(&temp).await {
-            tracing::warn!("removing the upload {temp}: {e}");
+        let removing = format!("removing the upload {temp}");
+        let removed = self.bucket.store.delete(&temp);
+        if let Err(e) = self.bucket.within(&removing, removed).await {
+            tracing::warn!("{e}");
         }
         copied?;
         Ok(digest)
@@ -313,9 +322,12 @@ impl Drop for S3Writer {
         if let (Some((key, mut up)), Ok(rt)) =
             (self.upload.take(), tokio::runtime::Handle::try_current())
         {
+            let idle = self.bucket.idle;
             rt.spawn(async move {
-                if let Err(e) = up.abort().await {
-                    tracing::warn!("abandoning the upload {key}: {e}");
+                match tokio::time::timeout(idle, up.abort()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!("abandoning the upload {key}: {e}"),
+                    Err(_) => tracing::warn!("abandoning the upload {key}: no answer"),
                 }
             });
         }

@@ -1,6 +1,8 @@
 //! Reading a large blob from the bucket at the offsets asked for: one
 //! ranged GET per 1 MiB leaf, each checked against the blob's leaf list
-//! (see [`crate::castore::leaves`]) before any of its bytes is handed out.
+//! (see [`crate::castore::leaves`]) before any of its bytes is handed out;
+//! an answer with another range, or a body past the range's length, is
+//! refused as it comes.
 //! Why: a guest that reads one page of a 500 MiB file should wait for one
 //! leaf, not the whole object. A reader that moves forward leaf after leaf
 //! has the next one fetched while it reads this one; a reader that jumps
@@ -12,7 +14,7 @@ use crate::store::bucket::Bucket;
 use crate::store::{Error, Result};
 use bytes::Bytes;
 use object_store::path::Path as Key;
-use object_store::ObjectStoreExt;
+use object_store::{GetOptions, ObjectStore};
 use std::future::Future;
 use std::io::SeekFrom;
 use std::pin::Pin;
@@ -35,10 +37,14 @@ impl Source {
         let r = self.leaves.range(i);
         let what = format!("leaf {i} of blob {}", self.digest);
         let b = &self.bucket;
+        // the answer's range is checked to be the one asked for, its body
+        // taken no further than that range's length
+        let opts = GetOptions::new().with_range(Some(r.clone()));
         let got = b
-            .within(&what, b.store.get_range(&self.key, r.clone()))
+            .within(&what, b.store.get_opts(&self.key, opts))
             .await?
             .ok_or_else(|| Error::NotFound(format!("{what}: the object is gone")))?;
+        let got = b.bounded_bytes(&what, got).await?;
         if !self.leaves.check(i, &got) {
             tracing::error!(
                 digest = %self.digest, leaf = i,
