@@ -42,8 +42,8 @@ pub const S3_TIMEOUT: Duration = Duration::from_secs(30);
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How to get the binary, for the failure message.
-const INSTALL_HINT: &str = "install it with `cargo install --locked garage --version 2.5.0` \
-     (15-19 minutes of two cores; ~/.cargo/bin is searched too), or run .ci/run, which does";
+const INSTALL_HINT: &str = "install it with `cargo install --locked garage --version 2.5.0 --no-default-features --features bundled-libs,sqlite` \
+     (about 10 minutes of two cores; ~/.cargo/bin is searched too), or run .ci/run, which does";
 
 /// Where `garage` is: on PATH, else in `$HOME/.cargo/bin`. The error says
 /// how to install it.
