@@ -241,7 +241,10 @@ impl Drop for GrpcWriter {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
                     let _ = call.await;
-                    if tokio::time::timeout(ABANDON_WAIT, tx.closed()).await.is_err() {
+                    if tokio::time::timeout(ABANDON_WAIT, tx.closed())
+                        .await
+                        .is_err()
+                    {
                         tracing::warn!(
                             "an abandoned blob upload was not reset within {ABANDON_WAIT:?}; \
                              ending it (the server may keep its prefix as a blob of its own)"
