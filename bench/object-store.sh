@@ -7,7 +7,7 @@
 # of every imported path rendered back (`nar`) from each. The trees are
 # read once first so every contender reads them from the page cache.
 # Usage: bench/object-store.sh [TREE...] (default /usr/share/doc /usr/share/man; root)
-# Environment: RUNS (3; medians reported)
+# Environment: RUNS (3; medians reported); CARGO_TARGET_DIR is honoured
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ trees=("$@")
 export PATH="$HOME/.cargo/bin:$PATH"
 command -v garage >/dev/null || { echo "needs garage: cargo install --locked garage --version 2.5.0" >&2; exit 1; }
 cargo build --release --quiet
-B=$PWD/target/release/tvix-virtiofsd
+B=${CARGO_TARGET_DIR:-$PWD/target}/release/tvix-virtiofsd
 work=$(mktemp -d /var/tmp/tvix-os.XXXXXX)
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"' EXIT

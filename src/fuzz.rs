@@ -361,6 +361,7 @@ fn upload_limits() -> crate::ingest::nar::Limits {
     crate::ingest::nar::Limits {
         nar_size: 1 << 20,
         directory_bytes: 1 << 20,
+        ..Default::default()
     }
 }
 

@@ -1,4 +1,5 @@
 //! `import`, `copy` and `import-nar`: the ways store paths get into the store.
+use crate::ingest::uploads::UploadBudget;
 use crate::ingest::Ingested;
 use crate::nix::path_info::{ContentAddress, PathInfo};
 use crate::nix::path_info_json::{parse_path_info_json, NixPathInfo};
@@ -184,14 +185,20 @@ async fn present(store: &Store, n: &NixPathInfo) -> anyhow::Result<bool> {
         .is_some_and(|i| i.nar_sha256[..] == *n.nar_hash.digest() && i.store_path == n.path))
 }
 
-/// Copies one path unless the store already has it.
-async fn copy_one(store: &Store, n: &NixPathInfo, pb: &ProgressBar) -> anyhow::Result<()> {
+/// Copies one path unless the store already has it, its blob uploads
+/// within `budget`.
+async fn copy_one(
+    store: &Store,
+    n: &NixPathInfo,
+    pb: &ProgressBar,
+    budget: &UploadBudget,
+) -> anyhow::Result<()> {
     if present(store, n).await? {
         return Ok(());
     }
     let src = PathBuf::from(n.path.to_absolute_path());
     let inc = |b: u64| pb.inc(b);
-    let ing = crate::ingest::tree::ingest_path(&src, store, &inc)
+    let ing = crate::ingest::tree::ingest_path_within(&src, store, &inc, budget)
         .await
         .with_context(|| format!("{}", n.path))?;
     store.path_info.put(to_path_info(n, ing)?).await?;
@@ -201,6 +208,8 @@ async fn copy_one(store: &Store, n: &NixPathInfo, pb: &ProgressBar) -> anyhow::R
 
 /// Copies in dependency order, `jobs` at a time: a path is stored only after
 /// all its references are, so a failure never leaves a partial closure.
+/// The paths copied at once share one budget of blob uploads in flight, so
+/// `--jobs` adds no memory and no more requests at once than one import.
 async fn copy_in_order(
     store: &Store,
     todo: Vec<NixPathInfo>,
@@ -212,6 +221,7 @@ async fn copy_in_order(
     let mut done = HashSet::new();
     let mut failed = HashSet::new();
     let mut errors = Vec::new();
+    let budget = UploadBudget::default();
     while !pending.is_empty() {
         let mut ready = Vec::new();
         let mut progressed = false;
@@ -233,7 +243,10 @@ async fn copy_in_order(
             bail!("reference cycle among {} store paths", pending.len());
         }
         let results: Vec<(StorePath, anyhow::Result<()>)> = futures::stream::iter(ready)
-            .map(|n| async move { (n.path.clone(), copy_one(store, &n, pb).await) })
+            .map(|n| {
+                let budget = &budget;
+                async move { (n.path.clone(), copy_one(store, &n, pb, budget).await) }
+            })
             .buffer_unordered(jobs.max(1))
             .collect()
             .await;

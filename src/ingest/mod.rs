@@ -2,10 +2,12 @@
 //! ([`tree`]) or a NAR ([`nar`]) becomes blobs, directories and a path
 //! info; a tree becomes a NAR again ([`render`]), which is also how the
 //! [`write_policy`] checks that a signed upload's tree is the signed NAR.
+//! Both importers overlap their blob uploads within a bound ([`uploads`]).
 pub mod nar;
 pub mod path_info;
 pub mod render;
 pub mod tree;
+pub mod uploads;
 pub mod write_policy;
 
 pub use nar::{ingest_nar, ingest_nar_within, Ingested};

@@ -3,10 +3,15 @@
 //! computed on the way. Anything Nix would not have produced (unsorted or
 //! duplicate entries, `..`, `/` in names, bad padding, trailing bytes) is
 //! refused before any directory or path info becomes visible. What one NAR
-//! may make the reader hold is bounded ([`Limits`]): its size, and the
-//! directory listings kept until the graph is stored.
+//! may make the reader hold is bounded ([`Limits`]): its size, the
+//! directory listings kept until the graph is stored, and the files held
+//! for blob uploads in flight. Files up to 8 MiB are read whole, hashed and
+//! uploaded in the background while the NAR is read on
+//! ([`crate::ingest::uploads`]); larger ones are streamed into the store;
+//! the graph is stored once every blob is.
 use crate::castore::node::{validate_name, validate_target};
-use crate::castore::{Directory, LeavesFirst, Node};
+use crate::castore::{B3Digest, Directory, LeavesFirst, Node};
+use crate::ingest::uploads::{UploadBudget, Uploads};
 use crate::nar::decode::TooLarge;
 use crate::nar::metered::{Check, Metered};
 use crate::nar::writer::{padding, MAGIC};
@@ -32,6 +37,9 @@ pub struct Limits {
     pub nar_size: u64,
     /// Estimated bytes of directory listings held (see [`MAX_DIRECTORY_BYTES`]).
     pub directory_bytes: u64,
+    /// Blob uploads in flight and the bytes they hold (shared by the NARs
+    /// given clones of one budget).
+    pub uploads: UploadBudget,
 }
 
 impl Default for Limits {
@@ -39,6 +47,7 @@ impl Default for Limits {
         Self {
             nar_size: u64::MAX,
             directory_bytes: MAX_DIRECTORY_BYTES,
+            uploads: UploadBudget::default(),
         }
     }
 }
@@ -121,6 +130,7 @@ struct Parser<'a, R> {
     r: BufReader<Metered<R, NarHash>>,
     store: &'a Store,
     graph: LeavesFirst,
+    uploads: Uploads,
     /// Estimated bytes of listings held: the open directories' entries
     /// and the distinct directories in `graph`.
     held: u64,
@@ -149,22 +159,27 @@ pub async fn ingest_nar_within<R: AsyncRead + Unpin + Send>(
         r: BufReader::with_capacity(1 << 17, Metered::new(r, hash)),
         store,
         graph: LeavesFirst::new(),
+        uploads: Uploads::new(store.blob.clone(), &limits.uploads),
         held: 0,
         max_held: limits.directory_bytes,
         max_nar: limits.nar_size,
     };
-    let magic = p.read_str(MAGIC.len()).await?;
-    if magic != MAGIC {
-        return Err(bad("not a NAR (bad magic)"));
-    }
-    let node = p.root().await?;
-    if p.r.read(&mut [0u8; 1]).await.map_err(read_err)? != 0 {
-        return Err(bad("trailing bytes after the root node"));
-    }
+    let parsed = p.parse().await;
+    let Parser {
+        r, graph, uploads, ..
+    } = p;
+    let node = match parsed {
+        Ok(node) => node,
+        Err(e) => {
+            uploads.abort().await;
+            return Err(e);
+        }
+    };
+    uploads.finish().await?;
     if matches!(node, Node::Directory { .. }) {
-        p.store.directory.put_graph(p.graph.finish()?).await?;
+        store.directory.put_graph(graph.finish()?).await?;
     }
-    let inner = p.r.into_inner().into_check();
+    let inner = r.into_inner().into_check();
     use sha2::Digest;
     Ok(Ingested {
         node,
@@ -174,6 +189,19 @@ pub async fn ingest_nar_within<R: AsyncRead + Unpin + Send>(
 }
 
 impl<R: AsyncRead + Unpin + Send> Parser<'_, R> {
+    /// The whole NAR: magic, root node, nothing after it.
+    async fn parse(&mut self) -> Result<Node> {
+        let magic = self.read_str(MAGIC.len()).await?;
+        if magic != MAGIC {
+            return Err(bad("not a NAR (bad magic)"));
+        }
+        let node = self.root().await?;
+        if self.r.read(&mut [0u8; 1]).await.map_err(read_err)? != 0 {
+            return Err(bad("trailing bytes after the root node"));
+        }
+        Ok(node)
+    }
+
     async fn read_u64(&mut self) -> Result<u64> {
         let mut b = [0u8; 8];
         self.r.read_exact(&mut b).await.map_err(read_err)?;
@@ -334,6 +362,42 @@ impl<R: AsyncRead + Unpin + Send> Parser<'_, R> {
                 self.max_nar
             )));
         }
+        let digest = if self.uploads.buffers(size) {
+            self.buffered_contents(size).await?
+        } else {
+            self.streamed_contents(size).await?
+        };
+        self.read_padding(size).await?;
+        self.token(b")").await?;
+        Ok(Node::File {
+            digest,
+            size,
+            executable,
+        })
+    }
+
+    /// Reads `size` bytes of file contents whole, hashes them and hands
+    /// their upload to the background; answers their digest.
+    async fn buffered_contents(&mut self, size: u64) -> Result<B3Digest> {
+        let room = self.uploads.reserve(size).await?;
+        let mut data = vec![0u8; size as usize];
+        let mut got = 0;
+        while got < data.len() {
+            let n = self.r.read(&mut data[got..]).await.map_err(read_err)?;
+            if n == 0 {
+                return Err(bad("truncated file contents"));
+            }
+            got += n;
+        }
+        let digest = B3Digest::of(&data);
+        self.uploads.spawn(room, Bytes::from(data), digest);
+        Ok(digest)
+    }
+
+    /// Streams `size` bytes of file contents into the store as they are
+    /// read (one of the uploads in flight meanwhile); answers their digest.
+    async fn streamed_contents(&mut self, size: u64) -> Result<B3Digest> {
+        let _room = self.uploads.reserve_stream().await?;
         let mut w = self.store.blob.open_write().await?;
         let mut left = size;
         let mut buf = vec![0u8; size.min(1 << 17) as usize];
@@ -346,13 +410,6 @@ impl<R: AsyncRead + Unpin + Send> Parser<'_, R> {
             w.write(&buf[..n]).await?;
             left -= n as u64;
         }
-        let digest = w.close().await?;
-        self.read_padding(size).await?;
-        self.token(b")").await?;
-        Ok(Node::File {
-            digest,
-            size,
-            executable,
-        })
+        w.close().await
     }
 }

@@ -1,7 +1,13 @@
 //! Imports a local file tree into the store the way `nix-store --add` sees
-//! it: one walk in NAR order that uploads blobs, builds directories and
-//! hashes the NAR at the same time, so each byte is read once.
-use crate::castore::{Directory, LeavesFirst, Node};
+//! it: one walk in NAR order that hashes the NAR, hashes each file's blob
+//! and builds directories at the same time, so each byte is read once.
+//! Blob uploads overlap ([`crate::ingest::uploads`]): a file up to 8 MiB
+//! is read whole and handed to a background upload while the walk goes
+//! on, within a bound on uploads in flight and bytes held; a larger one is
+//! streamed into the store by the walk. The directories are stored only
+//! once every blob is, and the first failed upload fails the import.
+use crate::castore::{B3Digest, Directory, LeavesFirst, Node};
+use crate::ingest::uploads::{UploadBudget, Uploads};
 use crate::ingest::Ingested;
 use crate::nar::{NarHasher, NarWriter};
 use crate::store::{Error, Result, Store};
@@ -11,36 +17,64 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use tokio::io::AsyncReadExt;
 
-/// Files up to this size are read with one call.
-const SMALL_FILE: u64 = 1 << 17;
+/// Bytes read at a time from a file that is streamed.
+const READ_BUF: usize = 1 << 20;
 
 struct Walker<'a> {
     nar: NarWriter<NarHasher>,
     store: &'a Store,
     graph: LeavesFirst,
+    uploads: Uploads,
     /// Called with the number of content bytes read, for progress bars.
     progress: &'a (dyn Fn(u64) + Send + Sync),
 }
 
 /// Imports `path` (file, directory or symlink) and returns its root node
-/// and NAR facts. Directories become visible only after the whole tree has
-/// been read; blobs are content-addressed and stored as they are read.
+/// and NAR facts, within the default [`UploadBudget`]. Directories become
+/// visible only after the whole tree has been read and every blob stored;
+/// blobs are content-addressed and stored as they are read.
 pub async fn ingest_path(
     path: &Path,
     store: &Store,
     progress: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<Ingested> {
+    ingest_path_within(path, store, progress, &UploadBudget::default()).await
+}
+
+/// As [`ingest_path`], its blob uploads within `budget` (which imports
+/// running side by side may share).
+pub async fn ingest_path_within(
+    path: &Path,
+    store: &Store,
+    progress: &(dyn Fn(u64) + Send + Sync),
+    budget: &UploadBudget,
+) -> Result<Ingested> {
     let mut w = Walker {
         nar: NarWriter::new(NarHasher::default()).await?,
         store,
         graph: LeavesFirst::new(),
+        uploads: Uploads::new(store.blob.clone(), budget),
         progress,
     };
-    let node = w.node(path).await?;
+    let walked = w.node(path).await;
+    let Walker {
+        nar,
+        graph,
+        uploads,
+        ..
+    } = w;
+    let node = match walked {
+        Ok(node) => node,
+        Err(e) => {
+            uploads.abort().await;
+            return Err(e);
+        }
+    };
+    uploads.finish().await?;
     if matches!(node, Node::Directory { .. }) {
-        store.directory.put_graph(w.graph.finish()?).await?;
+        store.directory.put_graph(graph.finish()?).await?;
     }
-    let (nar_size, nar_sha256) = w.nar.finish().await?.finish();
+    let (nar_size, nar_sha256) = nar.finish().await?.finish();
     Ok(Ingested {
         node,
         nar_size,
@@ -55,6 +89,13 @@ fn io_at(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
             format!("{}: {e}", path.display()),
         ))
     }
+}
+
+fn changed(path: &Path) -> Error {
+    Error::InvalidRequest(format!(
+        "{}: file changed while it was imported",
+        path.display()
+    ))
 }
 
 impl Walker<'_> {
@@ -85,46 +126,65 @@ impl Walker<'_> {
 
     async fn file(&mut self, path: &Path, size: u64, executable: bool) -> Result<Node> {
         self.nar.file_start(executable, size).await?;
-        let mut w = self.store.blob.open_write().await?;
-        let mut seen = 0u64;
-        if size <= SMALL_FILE {
-            let data = tokio::fs::read(path).await.map_err(io_at(path))?;
-            seen = data.len() as u64;
-            if seen == size {
-                self.nar.file_data(&data).await?;
-                w.write(&data).await?;
-                (self.progress)(seen);
-            }
+        let digest = if self.uploads.buffers(size) {
+            self.buffered_file(path, size).await?
         } else {
-            let mut f = tokio::fs::File::open(path).await.map_err(io_at(path))?;
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = f.read(&mut buf).await.map_err(io_at(path))?;
-                if n == 0 {
-                    break;
-                }
-                seen += n as u64;
-                if seen > size {
-                    break;
-                }
-                self.nar.file_data(&buf[..n]).await?;
-                w.write(&buf[..n]).await?;
-                (self.progress)(n as u64);
-            }
-        }
-        if seen != size {
-            return Err(Error::InvalidRequest(format!(
-                "{}: file changed while it was imported",
-                path.display()
-            )));
-        }
-        let digest = w.close().await?;
+            self.streamed_file(path, size).await?
+        };
         self.nar.file_end(size).await?;
         Ok(Node::File {
             digest,
             size,
             executable,
         })
+    }
+
+    /// Reads a file whole, hashes it and hands its upload to the
+    /// background; answers its digest.
+    async fn buffered_file(&mut self, path: &Path, size: u64) -> Result<B3Digest> {
+        let room = self.uploads.reserve(size).await?;
+        let f = tokio::fs::File::open(path).await.map_err(io_at(path))?;
+        // one byte more than expected tells a file that grew
+        let mut data = Vec::with_capacity(size as usize);
+        f.take(size + 1)
+            .read_to_end(&mut data)
+            .await
+            .map_err(io_at(path))?;
+        if data.len() as u64 != size {
+            return Err(changed(path));
+        }
+        self.nar.file_data(&data).await?;
+        (self.progress)(size);
+        let digest = B3Digest::of(&data);
+        self.uploads.spawn(room, Bytes::from(data), digest);
+        Ok(digest)
+    }
+
+    /// Streams a large file into the store as it reads it (one of the
+    /// uploads in flight meanwhile); answers its digest.
+    async fn streamed_file(&mut self, path: &Path, size: u64) -> Result<B3Digest> {
+        let _room = self.uploads.reserve_stream().await?;
+        let mut w = self.store.blob.open_write().await?;
+        let mut f = tokio::fs::File::open(path).await.map_err(io_at(path))?;
+        let mut buf = vec![0u8; READ_BUF];
+        let mut seen = 0u64;
+        loop {
+            let n = f.read(&mut buf).await.map_err(io_at(path))?;
+            if n == 0 {
+                break;
+            }
+            seen += n as u64;
+            if seen > size {
+                break;
+            }
+            self.nar.file_data(&buf[..n]).await?;
+            w.write(&buf[..n]).await?;
+            (self.progress)(n as u64);
+        }
+        if seen != size {
+            return Err(changed(path));
+        }
+        w.close().await
     }
 
     async fn directory(&mut self, path: &Path) -> Result<Node> {

@@ -7,7 +7,8 @@
 //! What a client can make it hold is bounded before any signature is
 //! looked at: connections ([`crate::serve::http_conn`]), uploads and renders at
 //! once, each upload's decoder memory, NAR size and directory listings
-//! (refused with 413 and the limit named).
+//! (refused with 413 and the limit named), and the files held for blob
+//! uploads in flight (one budget for all uploads together).
 use crate::ingest::Ingested;
 use crate::nix::narinfo::NarInfo;
 use crate::nix::path_info::PathInfo;
@@ -31,7 +32,8 @@ const PENDING_FOR: Duration = Duration::from_secs(3600);
 const MAX_NARINFO: usize = 1 << 20;
 /// NAR uploads ingested at once; more wait for a turn. Each may hold a
 /// decoder (at most 128 MiB) and directory listings (~150 MiB at most),
-/// so four stay within the daemon unit's 2 GiB.
+/// so four stay within the daemon unit's 2 GiB; their blob uploads in
+/// flight share one budget (`ingest::uploads`, 64 MiB of files together).
 const MAX_UPLOADS: usize = 4;
 /// Longest wait for a turn (an upload, a render) before the request is
 /// refused with 503 and Retry-After: below the connection's idle timeout.
@@ -92,6 +94,8 @@ pub struct BinaryCache {
     opts: Options,
     pending: Mutex<HashMap<String, (Ingested, Instant)>>,
     uploads: tokio::sync::Semaphore,
+    /// Blob uploads in flight of every NAR upload together.
+    blob_uploads: crate::ingest::uploads::UploadBudget,
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
@@ -148,6 +152,7 @@ impl BinaryCache {
             opts,
             pending: Mutex::new(HashMap::new()),
             uploads: tokio::sync::Semaphore::new(MAX_UPLOADS),
+            blob_uploads: Default::default(),
         }
     }
 
@@ -375,6 +380,7 @@ impl BinaryCache {
         );
         let limits = crate::ingest::nar::Limits {
             nar_size: max_nar,
+            uploads: self.blob_uploads.clone(),
             ..Default::default()
         };
         let ingested = crate::ingest::ingest_nar_within(input, &self.store, &limits).await;
