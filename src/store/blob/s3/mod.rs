@@ -11,7 +11,9 @@
 //! their digest at close; large ones are uploaded in parts to a temporary
 //! key while they are hashed (one part in memory at a time), then copied
 //! to their digest's key once it is known, their leaf list stored first.
+//! What all writers of one service buffer together is bounded (`room.rs`).
 mod ranged;
+mod room;
 
 use super::spool::Checking;
 use super::{BlobReader, BlobService, BlobWriter, ChunkStream};
@@ -24,6 +26,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use object_store::path::Path as Key;
 use object_store::{MultipartUpload, ObjectStoreExt, PutPayload};
+use std::sync::Arc;
 
 /// Bytes of one part of a multipart upload (S3 wants 5 MiB or more for
 /// every part but the last); a blob up to this size is one PUT.
@@ -40,13 +43,17 @@ pub struct S3BlobService {
     /// Spool large blobs into memory files (inside the sandbox there is no
     /// writable directory).
     memfd_spool: bool,
+    /// What every writer of this service may buffer, together.
+    room: Arc<room::Room>,
 }
 
 impl S3BlobService {
     pub fn new(bucket: Bucket) -> Self {
+        let room = room::Room::new(bucket.idle);
         Self {
             bucket,
             memfd_spool: false,
+            room,
         }
     }
 
@@ -215,6 +222,8 @@ impl BlobService for S3BlobService {
             hasher: LeafHasher::default(),
             buf: Vec::new(),
             upload: None,
+            room: self.room.clone(),
+            held: room::Held::default(),
         }))
     }
 }
@@ -227,6 +236,9 @@ struct S3Writer {
     buf: Vec<u8>,
     /// A large blob's upload under its temporary key, once begun.
     upload: Option<(Key, Box<dyn MultipartUpload>)>,
+    /// Room for `buf`, shared by the service's writers (see `room.rs`).
+    room: Arc<room::Room>,
+    held: room::Held,
 }
 
 impl S3Writer {
@@ -257,6 +269,9 @@ impl BlobWriter for S3Writer {
         let mut data = data;
         while !data.is_empty() {
             let n = (PART - self.buf.len()).min(data.len());
+            self.held
+                .ensure(&self.room, self.buf.len() + n, PART)
+                .await?;
             self.buf.extend_from_slice(&data[..n]);
             data = &data[n..];
             if self.buf.len() == PART {
