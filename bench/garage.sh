@@ -11,9 +11,11 @@
 # free_port: a TCP port nothing listens on now.
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-# GARAGE_PRELOAD: a library the nodes are started with (LD_PRELOAD), for
-# experiments (e.g. bench/nodelay.c, which turns Nagle's algorithm off on
-# their TCP sockets).
+# GARAGE_NODELAY=1: the nodes run with bench/nodelay.c preloaded (built
+# here with cc), which sets TCP_NODELAY on their TCP sockets: Garage 2.5
+# sets it on none, and on loopback a third of its GETs then wait 40-60 ms
+# for a delayed ACK (see BENCHMARKS.md). GARAGE_PRELOAD: another library
+# to preload into the nodes.
 #
 # start_garage DIR: the cluster under DIR/garage (node N in DIR/garage/nN,
 # its log nN/log). Sets garage_pids (one per node, also tracked),
@@ -25,6 +27,12 @@ start_garage() {
   command -v garage > /dev/null || fail "needs garage (~/.cargo/bin is searched): cargo install --locked garage --version 2.5.0"
   garage --version 2>/dev/null | grep -q ' cargo:2\.5\.\| v2\.5\.' ||
     echo "note: $(command -v garage) is $(garage --version 2>/dev/null | head -n1), not Garage 2.5" >&2
+  if [ "${GARAGE_NODELAY:-0}" = 1 ]; then
+    mkdir -p "$root"
+    cc -O2 -shared -fPIC -o "$root/nodelay.so" "$(dirname "${BASH_SOURCE[0]}")/nodelay.c" -ldl ||
+      fail "cannot build bench/nodelay.c (GARAGE_NODELAY=1)"
+    GARAGE_PRELOAD=$root/nodelay.so
+  fi
   secret=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
   garage_pids=()
   garage_endpoints=()

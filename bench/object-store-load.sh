@@ -21,7 +21,8 @@
 # part is read from /proc. Then, once per contender (daemons started
 # afresh, page cache dropped), `--op tree`: the recursive
 # DirectoryService/Get of each tree, as a host cache asks it the first
-# time a store path is looked up.
+# time a store path is looked up (`direct`: the same walk in-process, and
+# a breadth-first walk with TREE_CONCURRENCY directory GETs in flight).
 #
 # The trees are imported into a local:// store and into the bucket of a
 # three-node Garage 2.5 cluster on loopback (bench/garage.sh) first.
@@ -33,7 +34,11 @@
 #   CONNECTIONS gRPC connections to each daemon (1)
 #   RUNS        repetitions (3; medians reported)
 #   TREES       1: also the recursive Get of each tree (1)
+#   TREE_CONCURRENCY  directory GETs in flight of the in-process walks
+#               besides the store's own (one at a time) ("16")
 #   DROP_CACHES 1 (default when root)
+#   GARAGE_NODELAY 1: the Garage nodes run with TCP_NODELAY on their
+#               sockets (bench/nodelay.c preloaded; an experiment)
 #   KEEP        1: keep the work directory
 set -euo pipefail
 shopt -s inherit_errexit
@@ -44,6 +49,7 @@ concurrency=${CONCURRENCY:-8 64 256}
 connections=${CONNECTIONS:-1}
 runs=${RUNS:-3}
 trees=${TREES:-1}
+tree_concurrency=${TREE_CONCURRENCY:-16}
 drop_caches=${DROP_CACHES:-$([ -w /proc/sys/vm/drop_caches ] && echo 1 || echo 0)}
 for c in $contenders; do
   case $c in
@@ -173,7 +179,10 @@ if [ "$trees" = 1 ]; then
   rep=1
   for c in $contenders; do
     [ "$c" = two ] || [ "$c" = two-node1 ] && continue # one tree at a time: one daemon answers it
-    measure "$c" tree
+    measure "$c" tree --concurrency 1
+    if [ "$c" = direct ]; then
+      for tc in $tree_concurrency; do measure "$c" tree --concurrency "$tc"; done
+    fi
   done
 fi
 
@@ -196,7 +205,7 @@ secs() { [ -n "$1" ] && printf '%.2f' "$(bc -l <<< "$1 / 1000")"; }
 echo
 echo "commit $commit; trees ${dirs[*]}: $files files, $((bytes / 1048576)) MiB; $(cat "$work/listed" 2>/dev/null);" \
   "bucket filled by \`import\` in $(printf '%.1f' "$import_s") s; $(garage --version 2>/dev/null | head -n1 | cut -d' ' -f1-2)," \
-  "3 nodes on loopback, replication 3; $(nproc) CPUs; host load at the end: $(cut -d' ' -f1-3 /proc/loadavg);" \
+  "3 nodes on loopback, replication 3$([ "${GARAGE_NODELAY:-0}" = 1 ] && echo ", TCP_NODELAY preloaded into its nodes"); $(nproc) CPUs; host load at the end: $(cut -d' ' -f1-3 /proc/loadavg);" \
   "page cache dropped before each measurement: $([ "$drop_caches" = 1 ] && echo yes || echo no);" \
   "$connections gRPC connection(s) per daemon; medians of $runs"
 echo
@@ -219,14 +228,17 @@ if [ "$trees" = 1 ]; then
   echo
   echo "Recursive DirectoryService/Get of each tree (one at a time), page cache dropped, fresh daemon:"
   echo
-  echo "| contender | trees | seconds, all trees | longest tree s | CPU s: daemon | Garage (3 nodes) |"
-  echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+  echo "| contender | GETs in flight | trees | seconds, all trees | longest tree s | CPU s: daemon | Garage (3 nodes) |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
   for c in $contenders; do
-    m() { median "$1" "$c" tree 64; }
-    s=$(m secs)
-    [ -n "$s" ] || continue
-    printf '| %s | %s | %.2f | %.2f | %s | %s |\n' "$c" "$(m requests)" "$s" "$(bc -l <<< "$(m max_us) / 1000000")" \
-      "$(secs "$(m cpu_daemons_ms)")" "$(secs "$(m cpu_garage_ms)")"
+    for tc in 1 $tree_concurrency; do
+      m() { median "$1" "$c" tree "$tc"; }
+      s=$(m secs)
+      [ -n "$s" ] || continue
+      printf '| %s | %s | %s | %.2f | %.2f | %s | %s |\n' "$c" "$([ "$c" = direct ] && echo "$tc" || echo "1 (the daemon's walk)")" \
+        "$(m requests)" "$s" "$(bc -l <<< "$(m max_us) / 1000000")" \
+        "$(secs "$(m cpu_daemons_ms)")" "$(secs "$(m cpu_garage_ms)")"
+    done
   done
 fi
 echo

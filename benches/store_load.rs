@@ -18,6 +18,10 @@
 //! `--op tree` instead reads the tree of every store path once per target
 //! (a recursive `DirectoryService/Get`, drained), one at a time: how long
 //! a host cache waits for the directories of a store path it has none of.
+//! An in-process target walks the tree itself: with `--concurrency 1`
+//! through the store's own recursive walk, with more as a breadth-first
+//! walk of single-directory gets with that many in flight (answered in
+//! the same order): what a store walking its tree concurrently would give.
 //!
 //! Reported on stdout, one `SUMMARY` line: requests, seconds, requests/s,
 //! MiB/s, latency p50/p90/p99/max in µs (from the call to the end of its
@@ -167,7 +171,7 @@ impl Target {
     }
 
     /// Reads the tree below `root` to its end; answers its directories.
-    async fn tree(&self, root: &B3Digest) -> Result<u64> {
+    async fn tree(&self, root: &B3Digest, concurrency: usize) -> Result<u64> {
         match self {
             Target::Grpc(chans) => {
                 let mut client =
@@ -188,11 +192,36 @@ impl Target {
                 }
                 Ok(n)
             }
-            Target::InProcess(store) => {
+            Target::InProcess(store) if concurrency <= 1 => {
                 let mut s = store.directory.get_recursive(*root);
                 let mut n = 0u64;
                 while let Some(d) = s.next().await {
                     d?;
+                    n += 1;
+                }
+                Ok(n)
+            }
+            Target::InProcess(store) => {
+                // breadth-first, `concurrency` gets in flight, in order
+                let mut queue = std::collections::VecDeque::from([*root]);
+                let mut seen = std::collections::HashSet::from([*root]);
+                let mut inflight = futures::stream::FuturesOrdered::new();
+                let mut n = 0u64;
+                loop {
+                    while inflight.len() < concurrency {
+                        let Some(d) = queue.pop_front() else { break };
+                        let svc = store.directory.clone();
+                        inflight.push_back(async move { (d, svc.get(&d).await) });
+                    }
+                    let Some((d, got)) = inflight.next().await else {
+                        break;
+                    };
+                    let dir = got?.ok_or_else(|| anyhow!("directory {d}: not found"))?;
+                    for (_, child, _) in dir.child_directories() {
+                        if seen.insert(child) {
+                            queue.push_back(child);
+                        }
+                    }
                     n += 1;
                 }
                 Ok(n)
@@ -353,7 +382,7 @@ async fn main() -> Result<()> {
         for t in targets.iter() {
             for root in &roots {
                 let began = Instant::now();
-                match t.tree(root).await {
+                match t.tree(root, args.concurrency).await {
                     Ok(n) => dirs += n,
                     Err(e) => {
                         errors += 1;
