@@ -2,7 +2,9 @@
 # and ending the daemons a benchmark runs, including the remote-store
 # deployment:
 #   remote store: tvix-virtiofsd --store local://STORE daemon
-#                 (unix socket, or loopback TCP with grpc+http://)
+#                 (unix socket, or loopback TCP with grpc+http://), or
+#                 --store s3://BUCKET/PREFIX?endpoint=... (remote-s3: a
+#                 Garage cluster, bench/garage.sh; unix socket)
 #   host daemon:  tvix-virtiofsd --store REMOTE --cache-dir CACHE daemon
 #                 --metrics-listen 127.0.0.1:0 (the one filler of CACHE)
 #   per-VM:       tvix-virtiofsd --store grpc+unix://HOST --cache-dir CACHE
@@ -104,10 +106,12 @@ finish() {
 rss_anon() { sed -n 's/^RssAnon:[[:space:]]*\([0-9]*\) kB$/\1/p' "/proc/$1/status" 2>/dev/null || true; }
 
 # start_remote KIND BIN STORE DIR LOG-PREFIX [HOST-DAEMON-FLAGS...]: the
-# remote store daemon (KIND remote-unix or remote-tcp) over STORE and a host
-# daemon in front of it with an empty cache DIR/cache; sockets in
-# DIR/remote/ and DIR/host/. Sets remote_pid, host_pid, host_sock,
-# metrics_addr, and remote_log, host_log (LOG-PREFIX.remote.log, .host.log).
+# remote store daemon (KIND remote-unix, remote-tcp, or remote-s3 whose
+# STORE is a bucket, on a unix socket) over STORE and a host daemon in
+# front of it with an empty cache DIR/cache; sockets in DIR/remote/ and
+# DIR/host/. Both serve their metrics on loopback. Sets remote_pid,
+# host_pid, host_sock, metrics_addr (the host daemon's), remote_metrics_addr,
+# and remote_log, host_log (LOG-PREFIX.remote.log, .host.log).
 start_remote() {
   local kind=$1 bin=$2 store=$3 dir=$4 url
   remote_log=$5.remote.log
@@ -122,18 +126,20 @@ start_remote() {
   [ -e "$dir/cache" ] && mv "$dir/cache" "$(mktemp -u "$dir/trash.XXXXXX")"
   rm -rf "$dir/remote" "$dir/host"
   mkdir -p "$dir/remote" "$dir/host"
-  if [ "$kind" = remote-unix ]; then
-    "$bin" --store "$store" daemon --listen "unix:$dir/remote/remote.sock" > "$remote_log" 2>&1 &
+  if [ "$kind" = remote-tcp ]; then
+    "$bin" --store "$store" daemon --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 > "$remote_log" 2>&1 &
+    remote_pid=$!
+    track "$remote_pid"
+    url=grpc+http://$(wait_log '.* listening on \(127\.0\.0\.1:[0-9]*\).*' "$remote_pid" "remote store daemon" "$remote_log")
+  else
+    "$bin" --store "$store" daemon --listen "unix:$dir/remote/remote.sock" --metrics-listen 127.0.0.1:0 \
+      > "$remote_log" 2>&1 &
     remote_pid=$!
     track "$remote_pid"
     wait_socket "$dir/remote/remote.sock" "$remote_pid" "remote store daemon" "$remote_log"
     url=grpc+unix://$dir/remote/remote.sock
-  else
-    "$bin" --store "$store" daemon --listen 127.0.0.1:0 > "$remote_log" 2>&1 &
-    remote_pid=$!
-    track "$remote_pid"
-    url=grpc+http://$(wait_log '.* listening on \(127\.0\.0\.1:[0-9]*\).*' "$remote_pid" "remote store daemon" "$remote_log")
   fi
+  remote_metrics_addr=$(wait_log '.* metrics on http:\/\/\([^/]*\)\/metrics.*' "$remote_pid" "remote store daemon" "$remote_log")
   host_sock=$dir/host/daemon.sock
   "$bin" --store "$url" --cache-dir "$dir/cache" daemon --listen "unix:$host_sock" \
     --metrics-listen 127.0.0.1:0 "$@" > "$host_log" 2>&1 &

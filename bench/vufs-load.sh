@@ -11,6 +11,12 @@
 #                filler); per VM, `virtiofs --store grpc+unix://HOST
 #                --cache-dir CACHE` (sandboxed, reads hits from CACHE)
 #   remote-tcp   the same with the remote on loopback TCP (grpc+http://)
+#   remote-s3    the same as remote-unix with the remote store daemon over
+#                a bucket (`daemon --store s3://tvix/vufs?endpoint=...`) of
+#                a three-node Garage cluster on loopback (bench/garage.sh),
+#                started by this script; the trees are imported into the
+#                bucket once, before the first repetition (timed, and the
+#                store paths checked to be those of the embedded store)
 #   virtiofsd    rust-vmm's virtiofsd --shared-dir of the same copies
 #                (--readonly --cache=always --sandbox none)
 # Each load-generator run walks the tree several times on one connection
@@ -30,12 +36,18 @@
 # time the serving process used during the pass (/proc/PID/stat).
 # The page cache is dropped (DROP_CACHES) before each daemon start that
 # begins a cold pass: embedded, virtiofsd, the remote's start (first VM)
-# and the second VM.
+# and the second VM (Garage's data and metadata included for remote-s3).
+# For the remote kinds, the remote store daemon's metrics (its served
+# BlobService/Read and DirectoryService/Get calls: count and summed time
+# to their first message) and, for remote-s3, the CPU time of the Garage
+# nodes are read before and after each VM: where a first VM's time goes.
 #
 # Usage: bench/vufs-load.sh [DIR...]  (default: /usr/share/doc /usr/share/man)
 # Environment:
 #   STORES      contenders, in this order in the table ("embedded remote-unix
-#               remote-tcp virtiofsd"); ratios to a missing one stay empty
+#               remote-tcp virtiofsd"; remote-s3 only when asked for: it
+#               needs `garage`, on PATH or in ~/.cargo/bin); ratios to a
+#               missing one stay empty
 #   RUNS        repetitions (3; medians reported; contenders interleaved,
 #               in reverse order every other repetition)
 #   WARM_PASSES warm passes per run (3); a run's warm figure is its median
@@ -56,6 +68,9 @@
 #               cache directory and get hits as passed descriptors (0)
 #   HOST_ARGS   extra flags for the host daemon (after `daemon`), e.g.
 #               "--cache-size 1G"
+#   GARAGE_NODELAY 1: remote-s3's Garage nodes run with TCP_NODELAY on
+#               their sockets (bench/nodelay.c preloaded; an experiment:
+#               stock Garage 2.5 leaves Nagle's algorithm on)
 #   KEEP        1: keep the work directory (logs, store, cache) at the end
 #               (after a failure it is kept without its caches)
 set -euo pipefail
@@ -76,14 +91,21 @@ read -r -a host_args <<< "${HOST_ARGS:-}"
 tenant_args=()
 for s in $stores; do
   case $s in
-    embedded | remote-unix | remote-tcp | virtiofsd) ;;
-    *) echo "STORES: unknown contender '$s' (embedded remote-unix remote-tcp virtiofsd)" >&2; exit 2 ;;
+    embedded | remote-unix | remote-tcp | remote-s3 | virtiofsd) ;;
+    *) echo "STORES: unknown contender '$s' (embedded remote-unix remote-tcp remote-s3 virtiofsd)" >&2; exit 2 ;;
   esac
 done
 has() { [[ " $stores " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/daemons.sh
 . bench/daemons.sh
+# shellcheck source=bench/garage.sh
+. bench/garage.sh
+export PATH="$PATH:$HOME/.cargo/bin"
+if has remote-s3 && ! command -v garage > /dev/null; then
+  echo "remote-s3 needs garage: cargo install --locked garage --version 2.5.0" >&2
+  exit 1
+fi
 
 if has virtiofsd && [ ! -x "$virtiofsd" ]; then
   echo "installing the reference virtiofsd into $(dirname "$(dirname "$virtiofsd")")" >&2
@@ -93,6 +115,7 @@ if has virtiofsd && [ ! -x "$virtiofsd" ]; then
   cargo install virtiofsd --version 1.14.0 --locked --root "$(dirname "$(dirname "$virtiofsd")")" >&2
 fi
 
+target_dir=${CARGO_TARGET_DIR:-target}
 cargo build --release --quiet
 gen=$(cargo bench --bench vufs_load --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\))$/\1/p' | tail -1)
 [ -x "$gen" ] || { echo "cannot find the vufs_load bench executable" >&2; exit 1; }
@@ -108,7 +131,7 @@ cleanup() {
     echo "work directory kept: $work" >&2
   elif [ "$rc" != 0 ]; then
     # The logs tell what failed; the caches set aside (gigabytes) do not.
-    rm -rf "$work"/trash.* "$work/cache"
+    rm -rf "$work"/trash.* "$work/cache" "$work"/garage/n*/data
     echo "work directory kept (without its caches): $work" >&2
   else
     rm -rf "$work"
@@ -123,7 +146,7 @@ drop() { if [ "$drop_caches" = 1 ]; then sync; echo 3 > /proc/sys/vm/drop_caches
 # Private copies of both programs (a concurrent build cannot swap them
 # mid-run) and of the trees (packages installed meanwhile cannot change them).
 cp "$gen" "$work/vufs_load"
-cp target/release/tvix-virtiofsd "$work/tvix-virtiofsd"
+cp "$target_dir/release/tvix-virtiofsd" "$work/tvix-virtiofsd"
 gen=$work/vufs_load
 B=$work/tvix-virtiofsd
 mkdir -p "$work/src" "$work/logs"
@@ -148,6 +171,31 @@ if [ "$free_kib" -lt "$need_kib" ]; then
   rm -rf "$work"
   trap - EXIT
   exit 1
+fi
+# The bucket holds three copies (replication 3) of what the embedded
+# store holds.
+if has remote-s3; then
+  need_kib=$((need_kib + 3 * store_kib))
+  if [ "$free_kib" -lt "$need_kib" ]; then
+    echo "the bucket's three replicas need $((3 * store_kib >> 20)) GiB more free in /var/tmp" >&2
+    rm -rf "$work"
+    trap - EXIT
+    exit 1
+  fi
+fi
+s3_note=
+if has remote-s3; then
+  start_garage "$work"
+  s3_store="s3://tvix/vufs?endpoint=${garage_endpoints[0]}&region=garage"
+  t0=$(date +%s.%N)
+  $B --store "$s3_store" --log-level warn import "$work"/src/* > "$work/s3-paths" 2> "$work/logs/s3-import.log" ||
+    fail "importing the trees into the bucket failed" "$work/logs/s3-import.log"
+  t1=$(date +%s.%N)
+  cmp -s "$work/store-paths" "$work/s3-paths" ||
+    fail "the bucket's import gave other store paths than the embedded store's: $(paste -d' ' "$work/store-paths" "$work/s3-paths")"
+  garage_alive
+  s3_note="bucket filled by \`import\` in $(printf '%.1f' "$(bc -l <<< "$t1 - $t0")") s ($(garage --version 2>/dev/null | head -n1 | cut -d' ' -f1-2), 3 nodes, replication 3, node 1's S3 endpoint$([ "${GARAGE_NODELAY:-0}" != 1 ] || echo ", TCP_NODELAY preloaded into its nodes"));"
+  echo "$s3_note" >&2
 fi
 entries=$(find "$work/src" -mindepth 1 | wc -l)
 files=$(find "$work/src" -type f | wc -l)
@@ -194,27 +242,56 @@ run_plain() { # embedded|virtiofsd
   finish "$vm_sup" "$vm_srv" "$which" "$log"
 }
 
+# remote_calls: "Read-count Read-seconds Get-count Get-seconds" of the
+# remote store daemon's served BlobService/Read and DirectoryService/Get
+# calls (seconds to each call's first message, summed).
+remote_calls() {
+  local m
+  m=$(curl -sf "http://$remote_metrics_addr/metrics") || fail "cannot read http://$remote_metrics_addr/metrics" "$remote_log"
+  awk '
+    /^tvix_virtiofsd_grpc_call_seconds_count\{method="tvix.castore.v1.BlobService\/Read"\}/ {rc = $2}
+    /^tvix_virtiofsd_grpc_call_seconds_sum\{method="tvix.castore.v1.BlobService\/Read"\}/ {rs = $2}
+    /^tvix_virtiofsd_grpc_call_seconds_count\{method="tvix.castore.v1.DirectoryService\/Get"\}/ {gc = $2}
+    /^tvix_virtiofsd_grpc_call_seconds_sum\{method="tvix.castore.v1.DirectoryService\/Get"\}/ {gs = $2}
+    END {printf "%d %.6f %d %.6f\n", rc, rs, gc, gs}' <<< "$m"
+}
 # One repetition of a remote kind: remote store, host daemon on an empty
 # cache, first VM, second VM.
-run_remote() { # remote-unix|remote-tcp
+run_remote() { # remote-unix|remote-tcp|remote-s3
   local kind=$1 base=$work/logs/$1.r$rep.rs$rs.d$depth vm vlog f0 f1 sock=$work/vm/vfs.sock
+  local rstore=$store c0 c1 g0 g1 remote
+  [ "$kind" = remote-s3 ] && rstore=$s3_store
   mkdir -p "$work/vm"
   drop
-  start_remote "$kind" "$B" "$store" "$work" "$base" "${host_args[@]}"
+  start_remote "$kind" "$B" "$rstore" "$work" "$base" "${host_args[@]}"
   for vm in 1 2; do
     vlog=$base.vm$vm.log
     [ "$vm" = 2 ] && drop
     f0=$(metric tvix_virtiofsd_cache_fetched_bytes_total)
+    c0=$(remote_calls)
+    g0=-1
+    [ "$kind" = remote-s3 ] && g0=$(garage_cpu_ms)
     start_virtiofs "$B" "$sock" "$vlog" --store "grpc+unix://$host_sock" --cache-dir "$work/cache" \
       --log-level info virtiofs "${ours_args[@]}" "${tenant_args[@]}"
     # The bytes this VM made the host fetch are known only after it ran:
     # its SUMMARY lines get a placeholder, filled in below.
     gen_run "$kind-vm$vm" "$sock" "$work/names-ours" "$vlog" " fetched_bytes=FETCHED" \
-      --rss "vm=$vm_srv" --rss "host=$host_pid"
+      --rss "vm=$vm_srv" --rss "host=$host_pid" --rss "remote=$remote_pid"
     finish "$vm_sup" "$vm_srv" "per-VM daemon (VM $vm)" "$vlog"
     remote_alive
     f1=$(metric tvix_virtiofsd_cache_fetched_bytes_total)
-    sed -i "s/ fetched_bytes=FETCHED / fetched_bytes=$((f1 - f0)) /" "$summaries"
+    c1=$(remote_calls)
+    g1=-1
+    if [ "$kind" = remote-s3 ]; then
+      garage_alive
+      g1=$(garage_cpu_ms)
+    fi
+    # what the remote served during this VM (all its passes; only the cold
+    # one asks it anything)
+    remote=$(paste -d' ' <(tr ' ' '\n' <<< "$c0") <(tr ' ' '\n' <<< "$c1") |
+      awk '{d[NR] = $2 - $1} END {printf "remote_reads=%d remote_read_s=%.3f remote_gets=%d remote_get_s=%.3f", d[1], d[2], d[3], d[4]}')
+    [ "$g0" -ge 0 ] && remote="$remote garage_cpu_ms=$((g1 - g0))"
+    sed -i "s/ fetched_bytes=FETCHED / fetched_bytes=$((f1 - f0)) $remote /" "$summaries"
     if [ "$vm" = 2 ] && [ "$f1" != "$f0" ]; then
       echo "WARNING: $kind: the host daemon fetched $((f1 - f0)) bytes from the remote during the second VM" \
         "(read size $rs, depth $depth, repetition $rep)$([ -n "$max_files" ] && [ "$depth" != 1 ] &&
@@ -294,7 +371,7 @@ done
 echo
 echo "tree: ${dirs[*]}: $entries entries, $files files, $((bytes / 1048576)) MiB;" \
   "page cache dropped before each cold start: $([ "$drop_caches" = 1 ] && echo yes || echo no);" \
-  "$(nproc) CPUs; host load at the end: $(cut -d' ' -f1-3 /proc/loadavg); commit $commit;" \
+  "$(nproc) CPUs; host load at the end: $(cut -d' ' -f1-3 /proc/loadavg); commit $commit;" $s3_note \
   "per-VM daemons of the remote kinds scoped to a tenant's closure: $([ ${#tenant_args[@]} -gt 0 ] && echo yes || echo no);" \
   "per-op tables above: repetition 1; below: median of $runs;" \
   "ratios: of the medians (in brackets: the median of the per-repetition ratios)"
@@ -349,6 +426,37 @@ for rs in $read_sizes; do
     done
   done
 done
+
+if [[ " $stores " == *" remote-"* ]]; then
+  echo
+  echo "Where a first VM's time goes (medians over the $runs runs): its cold pass; the remote store daemon's" \
+    "served BlobService/Read and DirectoryService/Get calls during the VM, with their mean time to the first" \
+    "message (a Read's first message comes once the whole blob is fetched and checked) and the Reads in flight" \
+    "on average over the cold pass (summed Read time / pass time); CPU seconds of the remote daemon and (remote-s3)" \
+    "of the three Garage nodes during the cold pass or the VM; the longest single request of the pass."
+  echo
+  echo "| store | read size | depth | cold pass s | remote Reads | Read mean ms | Reads in flight | remote dir Gets | Get mean ms | CPU s remote daemon | CPU s Garage | longest request ms |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  for rs in $read_sizes; do
+    for depth in $depths; do
+      for s in $stores; do
+        case $s in embedded | virtiofsd) continue ;; esac
+        m() { median "$1" "$s-vm1" "$depth" cold "$rs"; }
+        secs=$(m secs)
+        [ -n "$secs" ] || continue
+        rd=$(m remote_reads) rds=$(m remote_read_s) gt=$(m remote_gets) gts=$(m remote_get_s)
+        gcpu=$(m garage_cpu_ms)
+        printf '| %s | %d KiB | %s | %.2f | %s | %s | %s | %s | %s | %.2f | %s | %.0f |\n' "$s" $((rs / 1024)) "$depth" "$secs" \
+          "$rd" "$([ "${rd:-0}" -gt 0 ] && printf '%.2f' "$(bc -l <<< "$rds * 1000 / $rd")")" \
+          "$(printf '%.1f' "$(bc -l <<< "$rds / $secs")")" \
+          "$gt" "$([ "${gt:-0}" -gt 0 ] && printf '%.2f' "$(bc -l <<< "$gts * 1000 / $gt")")" \
+          "$(bc -l <<< "$(m cpu_remote_ms) / 1000")" \
+          "$([ -n "$gcpu" ] && printf '%.2f' "$(bc -l <<< "$gcpu / 1000")")" \
+          "$(bc -l <<< "$(m all_max_us) / 1000")"
+      done
+    done
+  done
+fi
 
 echo
 echo "raw per-run summaries:"

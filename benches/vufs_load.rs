@@ -16,7 +16,7 @@
 //!
 //! Replies: READDIRPLUS asks for one page (4 KiB) like the Linux client;
 //! each chain's writable part is exactly header + what was asked for.
-//! Reported: per op kind count, ops/s (count / pass wall time) and p50/p99
+//! Reported: per op kind count, ops/s (count / pass wall time) and p50/p99/max
 //! latency from making the chain available to seeing it used (it includes
 //! queueing inside the daemon at depth > 1); per pass, all ops/s and MiB/s
 //! = file bytes READ / pass wall time (metadata ops included in the time).
@@ -680,8 +680,8 @@ fn main() -> Result<()> {
         },
         if args.poll { "polling" } else { "call eventfd" }
     );
-    println!("| pass | op | count | ops/s | p50 µs | p99 µs |");
-    println!("| --- | --- | ---: | ---: | ---: | ---: |");
+    println!("| pass | op | count | ops/s | p50 µs | p99 µs | max µs |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: |");
     let mut summaries = Vec::new();
     for pass in 0..args.passes {
         let pname = if pass == 0 {
@@ -708,18 +708,19 @@ fn main() -> Result<()> {
             total += lat.len();
             all.extend_from_slice(lat);
             println!(
-                "| {pname} | {} | {} | {:.0} | {:.1} | {:.1} |",
+                "| {pname} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} |",
                 op.name(),
                 lat.len(),
                 lat.len() as f64 / secs,
                 pct(lat, 0.5),
-                pct(lat, 0.99)
+                pct(lat, 0.99),
+                pct(lat, 1.0)
             );
         }
         all.sort_unstable();
         let mib = st.bytes_read as f64 / (1 << 20) as f64;
         println!(
-            "| {pname} | **all** ({} entries, {} files, {:.1} MiB in {:.2} s = {:.1} MiB/s) | {total} | {:.0} | {:.1} | {:.1} |",
+            "| {pname} | **all** ({} entries, {} files, {:.1} MiB in {:.2} s = {:.1} MiB/s) | {total} | {:.0} | {:.1} | {:.1} | {:.1} |",
             st.entries,
             st.files,
             mib,
@@ -727,7 +728,8 @@ fn main() -> Result<()> {
             mib / secs,
             total as f64 / secs,
             pct(&all, 0.5),
-            pct(&all, 0.99)
+            pct(&all, 0.99),
+            pct(&all, 1.0)
         );
         let mut rss = String::new();
         for (name, pid) in &args.rss {
@@ -745,11 +747,11 @@ fn main() -> Result<()> {
             ));
         }
         if !rss.is_empty() {
-            println!("| {pname} | RssAnon kB after the pass, CPU ms during it:{rss} | | | | |");
+            println!("| {pname} | RssAnon kB after the pass, CPU ms during it:{rss} | | | | | |");
         }
         let read = st.lat.get(&Op::Read).map(Vec::as_slice).unwrap_or(&[]);
         summaries.push(format!(
-            "SUMMARY label={} depth={} pass={pname} ops_per_s={:.0} mib_per_s={:.1} read_p50_us={:.1} read_p99_us={:.1} all_p50_us={:.1} all_p99_us={:.1} ops={total} secs={secs:.3}{rss}",
+            "SUMMARY label={} depth={} pass={pname} ops_per_s={:.0} mib_per_s={:.1} read_p50_us={:.1} read_p99_us={:.1} all_p50_us={:.1} all_p99_us={:.1} all_max_us={:.1} ops={total} secs={secs:.3}{rss}",
             args.label.replace(' ', "_"),
             args.depth,
             total as f64 / secs,
@@ -758,6 +760,7 @@ fn main() -> Result<()> {
             pct(read, 0.99),
             pct(&all, 0.5),
             pct(&all, 0.99),
+            pct(&all, 1.0),
         ));
     }
     if args.linger > 0 {
