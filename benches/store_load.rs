@@ -369,12 +369,7 @@ async fn main() -> Result<()> {
         for t in tasks {
             lat.extend(t.await?);
         }
-        (
-            requests,
-            lat,
-            bytes.load(Relaxed),
-            errors.load(Relaxed),
-        )
+        (requests, lat, bytes.load(Relaxed), errors.load(Relaxed))
     } else {
         let mut lat = Vec::new();
         let mut errors = 0;
