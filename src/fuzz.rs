@@ -964,6 +964,7 @@ fn cache_service_seeds() -> Vec<(&'static str, Vec<u8>)> {
             blobs: fx.resident.iter().map(|d| (*d).into()).collect(),
             directories: vec![vec![0xaa; 32].into(), vec![1, 2, 3].into()],
             path_infos: vec![vec![0x55; 20].into()],
+            fresh_blobs: vec![vec![0x66; 32].into()],
         }
         .encode_to_vec(),
     );

@@ -344,7 +344,8 @@ fn wait_connectable(sock: &Path, child: &mut Child, log: &Path) {
 }
 
 /// `tvix-virtiofsd --store REMOTE --cache-dir DIR daemon` on a unix socket,
-/// with metrics on another; SIGKILLed on drop.
+/// with metrics on another, prefetching nothing unless `extra` says;
+/// SIGKILLed on drop.
 struct Filler {
     child: Child,
     sock: PathBuf,
@@ -368,6 +369,10 @@ impl Filler {
         if !extra.contains(&"--metrics-listen") {
             c.arg("--metrics-listen")
                 .arg(format!("unix:{}", metrics.display()));
+        }
+        // These tests count the fetches guests cause; prefetch has its own.
+        if !extra.contains(&"--prefetch") {
+            c.args(["--prefetch", "none"]);
         }
         let mut child = c.args(extra).stderr(log_file(&log)).spawn().unwrap();
         wait_connectable(&sock, &mut child, &log);
@@ -1978,4 +1983,172 @@ fn a_long_fill_keeps_its_reader_waiting() {
         msgs
     });
     assert_eq!(msgs, vec![(6, true)], "one message for a quick fill");
+}
+
+// ---------------------------------------------------------------------------
+// Prefetch
+
+/// `--prefetch closure`: looking a store path up (a stat, no read) makes
+/// the filler fetch every blob of its tree before the guest reads any;
+/// the guest then reads them from DIR (it asks no fill), each fetched from
+/// the remote once, and its reads count as prefetch hits. A guest read of
+/// a blob whose prefetch is still under way joins it: one fetch.
+#[test]
+fn prefetch_fills_a_looked_up_path_before_the_guest_reads() {
+    if !common::fuse_available("HOST CACHE FUSE TEST") {
+        return;
+    }
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let names: Vec<String> = (0..24).map(|i| format!("d{}/f{i:02}", i % 3)).collect();
+    let datas: Vec<Vec<u8>> = (0..24)
+        .map(|i| pseudo_random(9_000 + i, 100 + i as u64))
+        .collect();
+    let big = pseudo_random(2 * MIB + 3, 99);
+    let mut files: Vec<(&str, &[u8])> = names
+        .iter()
+        .zip(&datas)
+        .map(|(n, d)| (n.as_str(), d.as_slice()))
+        .collect();
+    files.push(("big", &big));
+    let base = remote_tree(t, "pkg", &files);
+    let digests: Vec<B3Digest> = datas.iter().map(|d| B3Digest::of(d)).collect();
+    let big_digest = B3Digest::of(&big);
+    let (remote, ctl) = counting_remote(&rt, &t.join("remote"), &t.join("remote.sock"));
+    let (gate, gated) = watch::channel(false);
+    ctl.set(big_digest, Behaviour::Gated(gated));
+    let dir = t.join("cache");
+    let filler = Filler::start(&remote, &dir, t, "filler", &["--prefetch", "closure"]);
+    let m = Mount::start(&filler.addr(), Some(&dir), &t.join("mnt"), &[]);
+
+    assert!(std::fs::metadata(m.file(&base)).unwrap().is_dir());
+    let cached = |d: &B3Digest| blob_file(&dir, d).exists();
+    wait_until(20, "every small file prefetched", || {
+        digests.iter().all(cached)
+    });
+    let mf = filler.metrics();
+    assert_eq!(mf.get("prefetch_paths_total"), 1);
+    assert!(
+        mf.get("prefetched_blobs_total") >= 24,
+        "{}",
+        mf.get("prefetched_blobs_total")
+    );
+    assert_eq!(mf.get("fill_requests_total"), 0, "the filler asks itself");
+    assert!(!cached(&big_digest), "held back at the remote");
+    assert_eq!(ctl.reads(&big_digest), 1, "its prefetch is under way");
+
+    // the guest reads `big` while its prefetch waits: it joins it
+    let big_path = m.file(&format!("{base}/big"));
+    let reader = std::thread::spawn(move || std::fs::read(big_path));
+    std::thread::sleep(Duration::from_millis(500));
+    gate.send(true).unwrap();
+    let got = reader.join().unwrap().unwrap();
+    assert!(got == big, "big read whole and right");
+    assert_eq!(
+        ctl.reads(&big_digest),
+        1,
+        "one fetch for prefetch and guest"
+    );
+    assert!(filler.metrics().get("dedup_waits_total") >= 1);
+
+    for (n, d) in names.iter().zip(&datas) {
+        assert!(
+            std::fs::read(m.file(&format!("{base}/{n}"))).unwrap() == *d,
+            "{n}"
+        );
+    }
+    for (n, d) in names.iter().zip(&digests) {
+        assert_eq!(ctl.reads(d), 1, "{n} fetched once");
+    }
+    let (_, misses) = summary(&m.stop());
+    assert_eq!(misses[0], 1, "the reader missed only `big`");
+    // the reader reported its reads of fresh blobs as it stopped
+    wait_until(10, "the reads counted as prefetch hits", || {
+        filler.metrics().get("prefetch_hits_total") >= 25
+    });
+    let mf = filler.metrics();
+    assert_eq!(mf.get("prefetch_wasted_bytes_total"), 0);
+    assert_eq!(mf.get("fill_errors_total"), 0);
+}
+
+/// Prefetch follows references: a store path looked up brings its
+/// dependencies' trees and blobs too, though the guest never looked them
+/// up; with `--prefetch none` a lookup fetches no blob at all.
+#[test]
+fn prefetch_follows_references_and_can_be_off() {
+    use tvix_virtiofsd::castore::Node;
+    use tvix_virtiofsd::nix::store_path::StorePath;
+    if !common::fuse_available("HOST CACHE FUSE TEST") {
+        return;
+    }
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let dep_data: Vec<Vec<u8>> = (0..6)
+        .map(|i| pseudo_random(5_000 + i, 200 + i as u64))
+        .collect();
+    let dep_names: Vec<String> = (0..6).map(|i| format!("lib/l{i}")).collect();
+    let dep_files: Vec<(&str, &[u8])> = dep_names
+        .iter()
+        .zip(&dep_data)
+        .map(|(n, d)| (n.as_str(), d.as_slice()))
+        .collect();
+    let dep = remote_tree(t, "dep", &dep_files);
+    let remote_dir = t.join("remote");
+    let top = rt.block_on(async {
+        let a = Addr::Local(remote_dir.clone());
+        let store = Store::open(&a, &a, &a).unwrap();
+        let script = b"#!/bin/sh\nexec dep\n";
+        let digest = tvix_virtiofsd::store::blob::put_bytes(store.blob.as_ref(), script)
+            .await
+            .unwrap();
+        let mut info = common::bare_path_info(
+            StorePath::new([9; 20], "top").unwrap(),
+            Node::File {
+                digest,
+                size: script.len() as u64,
+                executable: true,
+            },
+        );
+        info.references = vec![StorePath::from_basename(&dep).unwrap()];
+        store.path_info.put(info.clone()).await.unwrap();
+        info.store_path.to_basename()
+    });
+    let dep_digests: Vec<B3Digest> = dep_data.iter().map(|d| B3Digest::of(d)).collect();
+
+    for prefetch in ["none", "closure"] {
+        let (remote, ctl) =
+            counting_remote(&rt, &remote_dir, &t.join(format!("remote-{prefetch}.sock")));
+        let dir = t.join(format!("cache-{prefetch}"));
+        let filler = Filler::start(&remote, &dir, t, prefetch, &["--prefetch", prefetch]);
+        let m = Mount::start(
+            &filler.addr(),
+            Some(&dir),
+            &t.join(format!("mnt-{prefetch}")),
+            &[],
+        );
+        assert!(std::fs::metadata(m.file(&top)).unwrap().is_file());
+        let cached = |d: &B3Digest| blob_file(&dir, d).exists();
+        if prefetch == "closure" {
+            wait_until(20, "the reference's blobs prefetched", || {
+                dep_digests.iter().all(cached)
+            });
+            assert_eq!(filler.metrics().get("prefetch_paths_total"), 2);
+            for (n, d) in dep_names.iter().zip(&dep_data) {
+                assert!(
+                    std::fs::read(m.file(&format!("{dep}/{n}"))).unwrap() == *d,
+                    "{n}"
+                );
+            }
+            for d in &dep_digests {
+                assert_eq!(ctl.reads(d), 1);
+            }
+        } else {
+            std::thread::sleep(Duration::from_secs(1));
+            assert_eq!(ctl.all_reads(), 0, "nothing fetched ahead");
+            assert_eq!(filler.metrics().get("prefetch_paths_total"), 0);
+        }
+        m.stop();
+    }
 }

@@ -42,6 +42,12 @@ pub struct DaemonArgs {
     #[arg(long, env = "TVIX_VIRTIOFSD_CACHE_SIZE", default_value = "10G", value_parser = parse_size)]
     pub cache_size: u64,
 
+    /// What --cache-dir fetches ahead of VMs: `closure` (a store path's
+    /// tree and files, then its references', once it is first looked up
+    /// on this host, up to half the cache unread) or `none`.
+    #[arg(long, default_value = "closure")]
+    pub prefetch: crate::store::cache::prefetch::Mode,
+
     /// Seconds a fetch from the remote store may go without progress.
     #[arg(long, default_value_t = 30)]
     pub store_timeout: u64,
@@ -207,6 +213,9 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
     let mut opts = store_args.options(false, cache);
     opts.idle_timeout = std::time::Duration::from_secs(args.store_timeout);
     let (store, cache) = store_args.open_with(&opts)?;
+    if let Some(c) = &cache {
+        c.set_prefetch(args.prefetch)?;
+    }
     // one bound on NAR walks, whichever listener asks for them
     let renders = std::sync::Arc::new(tokio::sync::Semaphore::new(args.max_nar_renders as usize));
     // Metrics first: once the store socket answers, so do they.

@@ -87,6 +87,7 @@ impl crate::wire::cache::cache_service_server::CacheService for CacheServer {
                 Kind::PathInfo,
                 req.path_infos.into_iter().map(|b| b.to_vec()),
             );
+            cache.fresh_reads(req.fresh_blobs.into_iter().map(|b| b.to_vec()));
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;

@@ -83,6 +83,8 @@ impl cpb::cache_service_server::CacheService for ScopedCacheServer {
         };
         req.blobs
             .retain(|b| digest_in(b, &|d| scope.allows_blob(d)));
+        req.fresh_blobs
+            .retain(|b| digest_in(b, &|d| scope.allows_blob(d)));
         req.directories
             .retain(|b| digest_in(b, &|d| scope.allows_directory(d)));
         req.path_infos

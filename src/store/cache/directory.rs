@@ -92,7 +92,7 @@ impl Cache {
     /// A directory from the cache directory, on this thread, counted as a
     /// hit when `hit`; damaged objects count as absent, other errors are
     /// the caller's.
-    fn local_dir(&self, digest: &B3Digest, hit: bool) -> Result<Option<Directory>> {
+    pub(super) fn local_dir(&self, digest: &B3Digest, hit: bool) -> Result<Option<Directory>> {
         self.found(
             self.local.dirs.get_blocking(digest),
             Kind::Directory,
@@ -184,7 +184,11 @@ impl Cache {
     /// (`ENHANCE_YOUR_CALM`), which writing a file per message provoked.
     /// Directories written before a failure stay (each is sound by its
     /// digest) and are charged; the tree is served only once complete.
-    async fn fetch_tree(self: &Arc<Self>, root: B3Digest, rep: &Reporter) -> Result<bool> {
+    pub(super) async fn fetch_tree(
+        self: &Arc<Self>,
+        root: B3Digest,
+        rep: &Reporter,
+    ) -> Result<bool> {
         let f = self.filler()?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(
             B3Digest,
@@ -299,7 +303,7 @@ impl Cache {
     }
 
     /// Runs a directory walk on the blocking pool.
-    async fn blocking<T: Send + 'static>(
+    pub(super) async fn blocking<T: Send + 'static>(
         self: Arc<Self>,
         f: impl FnOnce(&Cache) -> T + Send + 'static,
     ) -> Result<T> {

@@ -111,6 +111,11 @@ impl Flights {
         })
     }
 
+    /// Whether a fetch of `key` is under way.
+    pub fn is_flying(&self, key: &Key) -> bool {
+        lock(&self.map).contains_key(key)
+    }
+
     /// Joins the fetch of `key`, starting `fetch` on a task of its own if
     /// none is under way. Must be called inside the runtime.
     pub fn join<F, Fut>(self: &Arc<Self>, key: Key, fetch: F) -> watch::Receiver<Progress>

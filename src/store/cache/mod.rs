@@ -23,6 +23,7 @@ mod directory;
 pub mod flights;
 pub mod looked_at;
 mod pathinfo;
+pub mod prefetch;
 pub mod scope;
 pub mod space;
 pub mod stats;
@@ -140,6 +141,8 @@ struct Filler {
     /// Places for blobs too large for the cache, served without being
     /// kept ([`blob::MAX_PASS_THROUGH`]).
     pass_through: Arc<tokio::sync::Semaphore>,
+    /// Boxed: its tables are large, and a reader has none.
+    prefetch: Box<prefetch::Prefetcher>,
     /// flock'd for as long as we fill: one filler per directory.
     _lock: std::fs::File,
 }
@@ -222,6 +225,7 @@ impl Cache {
                         directory::TREE_BYTES_IN_FLIGHT as usize,
                     )),
                     pass_through: Arc::new(tokio::sync::Semaphore::new(blob::MAX_PASS_THROUGH)),
+                    prefetch: Box::new(prefetch::Prefetcher::new()),
                     _lock: lock,
                 });
                 (local, role)
@@ -335,6 +339,8 @@ impl Cache {
                 };
                 if stale {
                     r.touches.record(key);
+                } else if let Key::Blob(d) = key {
+                    r.touches.record_fresh(d);
                 }
             }
         }
@@ -402,6 +408,7 @@ impl Cache {
                 || self.local.blobs.path_of(&digest),
                 Key::Blob(digest),
             );
+            self.prefetch_read(&digest, true);
             let (_, rx) = watch::channel(Progress {
                 bytes: size.unwrap_or(0),
                 outcome: Some(Outcome::Stored),
@@ -409,6 +416,7 @@ impl Cache {
             return Ok(rx);
         }
         self.stats.miss(Kind::Blob);
+        self.prefetch_read(&digest, false);
         let max = f.space.max();
         if size.is_some_and(|s| s > max) || lock(&f.too_big).contains(&digest) {
             let (_, rx) = watch::channel(Progress {
@@ -442,6 +450,15 @@ impl Cache {
 
     /// Marks objects as used, for the CacheService's Touch (each object
     /// once per report, however often the reader served it).
+    /// Blobs a reader read while fresh: counted against prefetch only.
+    pub fn fresh_reads(&self, keys: impl Iterator<Item = Vec<u8>>) {
+        for k in keys {
+            if let Ok(d) = B3Digest::try_from(&k[..]) {
+                self.prefetch_read(&d, true);
+            }
+        }
+    }
+
     pub fn touch(&self, kind: Kind, keys: impl Iterator<Item = Vec<u8>>) {
         if self.filler().is_err() {
             return;

@@ -61,10 +61,13 @@ impl Cache {
             })??;
         let Some(info) = got else { return Ok(false) };
         self.store_info(&info).await?;
+        if let Ok(f) = self.filler() {
+            f.prefetch.enqueue(hash);
+        }
         Ok(true)
     }
 
-    async fn get_info(self: &Arc<Self>, hash: &[u8; 20]) -> Result<Option<PathInfo>> {
+    pub(super) async fn get_info(self: &Arc<Self>, hash: &[u8; 20]) -> Result<Option<PathInfo>> {
         let h = *hash;
         let local = self.clone().blocking_info(h, true).await??;
         if local.is_some() {
@@ -109,7 +112,7 @@ impl Cache {
         })
     }
 
-    async fn blocking_info(
+    pub(super) async fn blocking_info(
         self: Arc<Self>,
         hash: [u8; 20],
         hit: bool,

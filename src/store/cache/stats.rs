@@ -50,6 +50,18 @@ pub struct CacheStats {
     /// Readers: of those, asked ahead of the guest's reads (it read their
     /// directory's files in order).
     pub fills_ahead: AtomicU64,
+    /// Filler: store paths prefetched (their trees walked).
+    pub prefetch_paths: AtomicU64,
+    /// Filler: blobs and bytes fetched by prefetch.
+    pub prefetched_blobs: AtomicU64,
+    pub prefetched_bytes: AtomicU64,
+    /// Filler: prefetched blobs a VM then read (or joined while fetched).
+    pub prefetch_hits: AtomicU64,
+    pub prefetch_hit_bytes: AtomicU64,
+    /// Filler: prefetched bytes evicted before any VM read them.
+    pub prefetch_wasted_bytes: AtomicU64,
+    /// Filler: prefetch walks stopped at the bound of unread bytes.
+    pub prefetch_stopped: AtomicU64,
 }
 
 impl CacheStats {
@@ -169,6 +181,48 @@ impl CacheStats {
             "Fills a reader asked ahead of the guest's reads (files read in listed order).",
             &one(&self.fills_ahead),
         );
+        family(
+            "prefetch_paths_total",
+            "counter",
+            "Store paths whose trees prefetch walked.",
+            &one(&self.prefetch_paths),
+        );
+        family(
+            "prefetched_blobs_total",
+            "counter",
+            "Blobs fetched by prefetch, ahead of any VM asking.",
+            &one(&self.prefetched_blobs),
+        );
+        family(
+            "prefetched_bytes_total",
+            "counter",
+            "Blob bytes fetched by prefetch.",
+            &one(&self.prefetched_bytes),
+        );
+        family(
+            "prefetch_hits_total",
+            "counter",
+            "Prefetched blobs a VM then read (or joined while they were fetched).",
+            &one(&self.prefetch_hits),
+        );
+        family(
+            "prefetch_hit_bytes_total",
+            "counter",
+            "Bytes of prefetched blobs a VM then read.",
+            &one(&self.prefetch_hit_bytes),
+        );
+        family(
+            "prefetch_wasted_bytes_total",
+            "counter",
+            "Prefetched bytes evicted before any VM read them.",
+            &one(&self.prefetch_wasted_bytes),
+        );
+        family(
+            "prefetch_stopped_total",
+            "counter",
+            "Prefetch walks stopped because half the cache was prefetched and not yet read.",
+            &one(&self.prefetch_stopped),
+        );
         out
     }
 
@@ -183,7 +237,8 @@ impl CacheStats {
         };
         format!(
             "hits: {}; misses: {}; fill requests {} ({} ahead); fetches {} ({} failed, {} waits joined one \
-             under way); {} bytes fetched; {} evictions ({} bytes)",
+             under way); {} bytes fetched; {} evictions ({} bytes); prefetched {} blobs ({} bytes, \
+             {} read, {} bytes wasted)",
             kinds(&self.hits),
             kinds(&self.misses),
             self.fill_requests.load(Relaxed),
@@ -194,6 +249,10 @@ impl CacheStats {
             self.fetched_bytes.load(Relaxed),
             self.evictions.load(Relaxed),
             self.evicted_bytes.load(Relaxed),
+            self.prefetched_blobs.load(Relaxed),
+            self.prefetched_bytes.load(Relaxed),
+            self.prefetch_hits.load(Relaxed),
+            self.prefetch_wasted_bytes.load(Relaxed),
         )
     }
 }

@@ -39,11 +39,12 @@ struct Held {
     blobs: HashSet<B3Digest>,
     dirs: HashSet<B3Digest>,
     infos: HashSet<[u8; 20]>,
+    fresh: HashSet<B3Digest>,
 }
 
 impl Held {
     fn len(&self) -> usize {
-        self.blobs.len() + self.dirs.len() + self.infos.len()
+        self.blobs.len() + self.dirs.len() + self.infos.len() + self.fresh.len()
     }
 }
 
@@ -89,6 +90,17 @@ impl Touches {
         self.seen.due(prefix(key))
     }
 
+    /// A blob first read while recently fetched (so not marked again).
+    pub fn record_fresh(&self, digest: B3Digest) {
+        let mut h = self.lock();
+        if h.len() < MAX_HELD {
+            h.fresh.insert(digest);
+        }
+        if h.len() == REPORT_SOON {
+            self.wake.notify_one();
+        }
+    }
+
     pub fn record(&self, key: Key) {
         let mut h = self.lock();
         if h.len() < MAX_HELD {
@@ -110,14 +122,25 @@ impl Touches {
         let blobs: Vec<Bytes> = h.blobs.into_iter().map(Bytes::from).collect();
         let dirs: Vec<Bytes> = h.dirs.into_iter().map(Bytes::from).collect();
         let infos: Vec<Bytes> = h.infos.iter().map(|p| Bytes::copy_from_slice(p)).collect();
-        let mut chunks = (blobs.chunks(BATCH), dirs.chunks(BATCH), infos.chunks(BATCH));
+        let fresh: Vec<Bytes> = h.fresh.into_iter().map(Bytes::from).collect();
+        let mut chunks = (
+            blobs.chunks(BATCH),
+            dirs.chunks(BATCH),
+            infos.chunks(BATCH),
+            fresh.chunks(BATCH),
+        );
         loop {
             let req = pb::TouchRequest {
                 blobs: chunks.0.next().map(<[_]>::to_vec).unwrap_or_default(),
                 directories: chunks.1.next().map(<[_]>::to_vec).unwrap_or_default(),
                 path_infos: chunks.2.next().map(<[_]>::to_vec).unwrap_or_default(),
+                fresh_blobs: chunks.3.next().map(<[_]>::to_vec).unwrap_or_default(),
             };
-            if req.blobs.is_empty() && req.directories.is_empty() && req.path_infos.is_empty() {
+            if req.blobs.is_empty()
+                && req.directories.is_empty()
+                && req.path_infos.is_empty()
+                && req.fresh_blobs.is_empty()
+            {
                 return;
             }
             let mut client = client.clone();

@@ -1,0 +1,416 @@
+//! Prefetch: when a store path is first looked up on this host (the
+//! filler fetched its path info), the filler fetches its tree and then its
+//! files' blobs ahead of the guest, in the order a walk of the tree
+//! (`find`, `cp -r`, `tar`) reads them, several at a time, and then does
+//! the same for its references: the closure. Over a remote with a round
+//! trip of milliseconds a guest that reads one file at a time otherwise
+//! pays one round trip per file.
+//!
+//! A guest read of a blob being prefetched joins that fetch
+//! ([`super::flights`]: one fetch per object), and everything prefetched
+//! is checked like any fill. Bounded: the paths queued, the fills at once
+//! (leaving the flights' other slots to guests' misses), the walk (one
+//! directory's entries per level), and the bytes prefetched that no VM has
+//! read yet (half the cache), so that prefetch never pushes out what VMs
+//! use; a closure larger than that prefetches what fits and says so.
+use super::flights::{self, Key, Outcome};
+use super::space::cost;
+use super::Cache;
+use crate::castore::{B3Digest, Node};
+use crate::lock;
+use crate::store::{Error, Result};
+use futures::StreamExt;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, Weak};
+use tokio::sync::{Notify, Semaphore};
+
+/// What the filler prefetches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Nothing: each blob is fetched when a guest reads it.
+    None,
+    /// A store path's tree and blobs, then its references', once it is
+    /// first looked up on this host.
+    Closure,
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" => Ok(Mode::None),
+            "closure" => Ok(Mode::Closure),
+            _ => Err(format!("unknown prefetch mode {s:?} (none, closure)")),
+        }
+    }
+}
+
+/// Store paths waiting to be prefetched; more are not queued (the guest's
+/// own reads fetch them).
+const MAX_QUEUED: usize = 4096;
+/// Store paths prefetched at once (their trees and references are one
+/// round trip each).
+const PATHS_AT_ONCE: usize = 4;
+/// Blob fills prefetch keeps in flight, of the flights' 64.
+const FILLS_AT_ONCE: usize = 24;
+/// Prefetched blobs remembered until a VM reads them (for the hit and
+/// waste counters and the unread bound): 48 bytes each.
+const MAX_UNREAD: usize = 65_536;
+/// Deepest directory a prefetch walks into.
+const MAX_DEPTH: usize = 256;
+
+/// Prefetched blobs no VM has read yet.
+#[derive(Default)]
+struct Unread {
+    sizes: HashMap<B3Digest, u64>,
+    /// Oldest first, to forget when full.
+    order: VecDeque<B3Digest>,
+    bytes: u64,
+}
+
+/// Store paths to prefetch, in order, each once.
+#[derive(Default)]
+struct Queue {
+    order: VecDeque<[u8; 20]>,
+    queued: HashSet<[u8; 20]>,
+}
+
+/// The filler's prefetch queue and its bounds.
+pub(super) struct Prefetcher {
+    on: AtomicBool,
+    queue: Mutex<Queue>,
+    wake: Arc<Notify>,
+    fills: Arc<Semaphore>,
+    unread: Mutex<Unread>,
+    /// Most bytes prefetched and not yet read.
+    budget: AtomicU64,
+    /// The budget was met since it last had room (said once).
+    full: AtomicBool,
+}
+
+impl Prefetcher {
+    pub(super) fn new() -> Self {
+        Self {
+            on: AtomicBool::new(false),
+            queue: Mutex::default(),
+            wake: Arc::new(Notify::new()),
+            fills: Arc::new(Semaphore::new(FILLS_AT_ONCE)),
+            unread: Mutex::default(),
+            budget: AtomicU64::new(0),
+            full: AtomicBool::new(false),
+        }
+    }
+
+    /// Queues a store path (its path info was just fetched).
+    pub(super) fn enqueue(&self, hash: [u8; 20]) {
+        if !self.on.load(Relaxed) {
+            return;
+        }
+        let mut q = lock(&self.queue);
+        if q.order.len() >= MAX_QUEUED || !q.queued.insert(hash) {
+            return;
+        }
+        q.order.push_back(hash);
+        drop(q);
+        self.wake.notify_one();
+    }
+
+    fn next(&self) -> Option<[u8; 20]> {
+        let mut q = lock(&self.queue);
+        let h = q.order.pop_front()?;
+        q.queued.remove(&h);
+        Some(h)
+    }
+
+    fn unread_bytes(&self) -> u64 {
+        lock(&self.unread).bytes
+    }
+
+    /// Notes a blob prefetch is fetching (before it lands, so a guest
+    /// joining the fetch counts as a hit).
+    fn note(&self, digest: B3Digest, size: u64) {
+        let mut u = lock(&self.unread);
+        if u.sizes.len() >= MAX_UNREAD {
+            while let Some(old) = u.order.pop_front() {
+                if let Some(s) = u.sizes.remove(&old) {
+                    u.bytes -= s;
+                    break;
+                }
+            }
+        }
+        if u.sizes.insert(digest, size).is_none() {
+            u.order.push_back(digest);
+            u.bytes += size;
+        }
+    }
+
+    /// Forgets a blob whose prefetch failed.
+    fn forget(&self, digest: &B3Digest) -> Option<u64> {
+        let mut u = lock(&self.unread);
+        let s = u.sizes.remove(digest)?;
+        u.bytes -= s;
+        if u.order.len() > 2 * u.sizes.len() + 64 {
+            let Unread { sizes, order, .. } = &mut *u;
+            order.retain(|d| sizes.contains_key(d));
+        }
+        Some(s)
+    }
+}
+
+impl Cache {
+    /// Turns prefetch on or off (filler only; off by default). Starts the
+    /// task that works the queue, on the cache's runtime.
+    pub fn set_prefetch(self: &Arc<Self>, mode: Mode) -> Result<()> {
+        let f = self.filler()?;
+        let p = &f.prefetch;
+        p.budget.store(f.space.max() / 2, Relaxed);
+        let was = p.on.swap(mode == Mode::Closure, Relaxed);
+        if mode == Mode::Closure && !was {
+            let rt = self
+                .rt
+                .as_ref()
+                .ok_or_else(|| Error::InvalidRequest("prefetch needs a runtime".into()))?;
+            rt.spawn(dispatch(Arc::downgrade(self)));
+        }
+        Ok(())
+    }
+
+    /// A VM read a blob (asked for its fill, or reported a hit on it while
+    /// fresh): a prefetch hit if prefetch fetched it; wasted if prefetch
+    /// fetched it and it is gone already (evicted before anyone read it).
+    pub(super) fn prefetch_read(&self, digest: &B3Digest, present: bool) {
+        let Ok(f) = self.filler() else { return };
+        let Some(size) = f.prefetch.forget(digest) else {
+            return;
+        };
+        if present || f.flights.is_flying(&Key::Blob(*digest)) {
+            self.stats.prefetch_hits.fetch_add(1, Relaxed);
+            self.stats.prefetch_hit_bytes.fetch_add(size, Relaxed);
+        } else {
+            self.stats.prefetch_wasted_bytes.fetch_add(size, Relaxed);
+        }
+    }
+
+    /// Prefetches one store path: its tree and blobs, then queues its
+    /// references (their path infos fetched now, so each is queued in
+    /// turn when it was not cached yet).
+    async fn prefetch_path(self: Arc<Self>, hash: [u8; 20]) -> Result<()> {
+        let Some(info) = self.clone().blocking_info(hash, false).await?? else {
+            return Ok(());
+        };
+        self.stats.prefetch_paths.fetch_add(1, Relaxed);
+        match info.node {
+            Node::Directory { digest, .. } => self.prefetch_tree(digest).await?,
+            Node::File { digest, size, .. } => {
+                self.prefetch_blob(digest, size).await;
+            }
+            Node::Symlink { .. } => {}
+        }
+        let refs: Vec<[u8; 20]> = info
+            .references
+            .iter()
+            .map(|r| *r.digest())
+            .filter(|r| *r != hash)
+            .collect();
+        futures::stream::iter(refs)
+            .for_each_concurrent(PATHS_AT_ONCE, |r| {
+                let me = self.clone();
+                async move {
+                    if let Err(e) = me.get_info(&r).await {
+                        tracing::debug!(
+                            "prefetch: reference {}: {e}",
+                            crate::nix::nixbase32::encode(&r)
+                        );
+                    }
+                }
+            })
+            .await;
+        Ok(())
+    }
+
+    /// Walks a tree depth first in name order (as `find` does), fetching
+    /// the tree first if it is not cached, and prefetches each missing
+    /// blob as the walk meets it.
+    async fn prefetch_tree(self: &Arc<Self>, root: B3Digest) -> Result<()> {
+        let mut fetched = false;
+        let mut stack: Vec<std::vec::IntoIter<Item>> = Vec::new();
+        let mut next = Some(root);
+        loop {
+            if let Some(d) = next.take() {
+                let items = match self
+                    .clone()
+                    .blocking(move |c| c.prefetch_items(&d))
+                    .await??
+                {
+                    Some(items) => items,
+                    None if !fetched => {
+                        fetched = true;
+                        self.ensure_tree(root).await?;
+                        match self
+                            .clone()
+                            .blocking(move |c| c.prefetch_items(&d))
+                            .await??
+                        {
+                            Some(items) => items,
+                            None => return Ok(()),
+                        }
+                    }
+                    None => return Ok(()),
+                };
+                if stack.len() < MAX_DEPTH {
+                    stack.push(items.into_iter());
+                }
+            }
+            let Some(top) = stack.last_mut() else {
+                return Ok(());
+            };
+            match top.next() {
+                None => {
+                    stack.pop();
+                }
+                Some(Item::Dir(d)) => next = Some(d),
+                Some(Item::Blob(d, size)) => {
+                    if !self.prefetch_blob(d, size).await {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// A cached directory's entries as the walk needs them: blobs not in
+    /// the cache, and subdirectories; `None` when the directory is not
+    /// cached.
+    fn prefetch_items(&self, digest: &B3Digest) -> Result<Option<Vec<Item>>> {
+        let Some(dir) = self.local_dir(digest, false)? else {
+            return Ok(None);
+        };
+        let mut items = Vec::new();
+        for (_, node) in dir.entries() {
+            match node {
+                Node::Directory { digest, .. } => items.push(Item::Dir(*digest)),
+                Node::File { digest, size, .. } => {
+                    if !self.local.blobs.path_of(digest).exists() {
+                        items.push(Item::Blob(*digest, *size));
+                    }
+                }
+                Node::Symlink { .. } => {}
+            }
+        }
+        Ok(Some(items))
+    }
+
+    /// Makes a whole tree present (joining a fetch of it under way).
+    async fn ensure_tree(self: &Arc<Self>, root: B3Digest) -> Result<()> {
+        let f = self.filler()?;
+        let this = self.clone();
+        let rx = f.flights.join(Key::Tree(root), move |rep| async move {
+            match this.fetch_tree(root, &rep).await {
+                Ok(true) => Outcome::Stored,
+                Ok(false) => Outcome::Absent,
+                Err(e) => Outcome::failed(&e),
+            }
+        });
+        flights::wait(rx, self.idle).await.into_result().map(|_| ())
+    }
+
+    /// Starts the prefetch of one blob once a fill slot is free; false
+    /// when the budget of unread bytes is met (the walk stops).
+    async fn prefetch_blob(self: &Arc<Self>, digest: B3Digest, size: u64) -> bool {
+        let Ok(f) = self.filler() else { return false };
+        let p = &f.prefetch;
+        let budget = p.budget.load(Relaxed);
+        if cost(size) > budget || !p.on.load(Relaxed) {
+            return true;
+        }
+        if p.unread_bytes() + size > budget {
+            if !p.full.swap(true, Relaxed) {
+                tracing::info!(
+                    "prefetch: {} MiB prefetched and not read yet, half the cache: \
+                     the rest is fetched as VMs read it",
+                    budget >> 20
+                );
+            }
+            self.stats.prefetch_stopped.fetch_add(1, Relaxed);
+            return false;
+        }
+        p.full.store(false, Relaxed);
+        let Ok(permit) = p.fills.clone().acquire_owned().await else {
+            return false;
+        };
+        if self.local.blobs.path_of(&digest).exists() {
+            return true;
+        }
+        let this = self.clone();
+        let rx = f.flights.join(Key::Blob(digest), move |rep| async move {
+            if let Ok(f) = this.filler() {
+                f.prefetch.note(digest, size);
+            }
+            match super::blob::fetch(&this, digest, Some(size), &rep).await {
+                Ok(true) => {
+                    this.stats.prefetched_blobs.fetch_add(1, Relaxed);
+                    this.stats.prefetched_bytes.fetch_add(size, Relaxed);
+                    Outcome::Stored
+                }
+                other => {
+                    if let Ok(f) = this.filler() {
+                        f.prefetch.forget(&digest);
+                    }
+                    match other {
+                        Ok(_) => Outcome::Absent,
+                        Err(e) => Outcome::failed(&e),
+                    }
+                }
+            }
+        });
+        let idle = self.idle;
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Outcome::Failed { message, .. } = flights::wait(rx, idle).await {
+                tracing::debug!("prefetch of blob {digest}: {message}");
+            }
+        });
+        true
+    }
+}
+
+/// One step of a prefetch walk.
+enum Item {
+    Dir(B3Digest),
+    Blob(B3Digest, u64),
+}
+
+/// Works the queue for as long as the cache lives: a few store paths at
+/// a time, each on its own task.
+async fn dispatch(cache: Weak<Cache>) {
+    let paths = Arc::new(Semaphore::new(PATHS_AT_ONCE));
+    loop {
+        let wake = {
+            let Some(c) = cache.upgrade() else { return };
+            let Ok(f) = c.filler() else { return };
+            match f.prefetch.next() {
+                Some(hash) => {
+                    let Ok(permit) = paths.clone().acquire_owned().await else {
+                        return;
+                    };
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        if let Err(e) = c.prefetch_path(hash).await {
+                            tracing::debug!(
+                                "prefetch of {}: {e}",
+                                crate::nix::nixbase32::encode(&hash)
+                            );
+                        }
+                    });
+                    continue;
+                }
+                None => f.prefetch.wake.clone(),
+            }
+        };
+        // Holding no reference to the cache; an enqueue since `next` left
+        // a permit, so this returns at once.
+        wake.notified().await;
+    }
+}
