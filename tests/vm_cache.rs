@@ -89,7 +89,8 @@ impl HostDaemon {
         let child = Command::new(bin())
             .args(["--store", remote, "--cache-dir"])
             .arg(cache)
-            .args(["daemon", "--read-only", "--listen"])
+            // the guests' own misses are what this test counts
+            .args(["daemon", "--read-only", "--prefetch", "none", "--listen"])
             .arg(format!("unix:{}", sock.display()))
             .args(["--metrics-listen", &metrics])
             .stdin(Stdio::null())

@@ -198,6 +198,9 @@ fn a_guest_reads_on_through_faults_in_the_bucket_and_the_store_daemons() {
             cache.to_str().unwrap(),
             "daemon",
             "--read-only",
+            // the faults must meet the guest's own reads, not a prefetch
+            "--prefetch",
+            "none",
             "--store-timeout",
             "45",
             "--listen",
