@@ -14,8 +14,9 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 # GARAGE_NODELAY=1: the nodes run with bench/nodelay.c preloaded (built
 # here with cc), which sets TCP_NODELAY on their TCP sockets: Garage 2.5
 # sets it on none, and on loopback a third of its GETs then wait 40-60 ms
-# for a delayed ACK (see BENCHMARKS.md). GARAGE_PRELOAD: another library
-# to preload into the nodes.
+# for a delayed ACK (see BENCHMARKS.md). GARAGE_NODELAY=s3: the same on
+# the sockets of their S3 API only (not their RPC between nodes).
+# GARAGE_PRELOAD: another library to preload into the nodes.
 #
 # start_garage DIR: the cluster under DIR/garage (node N in DIR/garage/nN,
 # its log nN/log). Sets garage_pids (one per node, also tracked),
@@ -27,7 +28,7 @@ start_garage() {
   command -v garage > /dev/null || fail "needs garage (~/.cargo/bin is searched): cargo install --locked garage --version 2.5.0"
   garage --version 2>/dev/null | grep -q ' cargo:2\.5\.\| v2\.5\.' ||
     echo "note: $(command -v garage) is $(garage --version 2>/dev/null | head -n1), not Garage 2.5" >&2
-  if [ "${GARAGE_NODELAY:-0}" = 1 ]; then
+  if [ "${GARAGE_NODELAY:-0}" != 0 ]; then
     mkdir -p "$root"
     cc -O2 -shared -fPIC -o "$root/nodelay.so" "$(dirname "${BASH_SOURCE[0]}")/nodelay.c" -ldl ||
       fail "cannot build bench/nodelay.c (GARAGE_NODELAY=1)"
@@ -58,7 +59,8 @@ api_bind_addr = "127.0.0.1:$admin"
 EOF
     echo "$admin" > "$d/admin-port"
     garage_endpoints+=("http://127.0.0.1:$s3")
-    LD_PRELOAD=${GARAGE_PRELOAD:-} garage -c "$d/g.toml" server > "$d/log" 2>&1 &
+    NODELAY_ACCEPTED_PORTS=$([ "${GARAGE_NODELAY:-0}" != s3 ] || echo "$s3") \
+      LD_PRELOAD=${GARAGE_PRELOAD:-} garage -c "$d/g.toml" server > "$d/log" 2>&1 &
     garage_pids+=($!)
     track $!
   done

@@ -205,7 +205,7 @@ secs() { [ -n "$1" ] && printf '%.2f' "$(bc -l <<< "$1 / 1000")"; }
 echo
 echo "commit $commit; trees ${dirs[*]}: $files files, $((bytes / 1048576)) MiB; $(cat "$work/listed" 2>/dev/null);" \
   "bucket filled by \`import\` in $(printf '%.1f' "$import_s") s; $(garage --version 2>/dev/null | head -n1 | cut -d' ' -f1-2)," \
-  "3 nodes on loopback, replication 3$([ "${GARAGE_NODELAY:-0}" != 1 ] || echo ", TCP_NODELAY preloaded into its nodes"); $(nproc) CPUs; host load at the end: $(cut -d' ' -f1-3 /proc/loadavg);" \
+  "3 nodes on loopback, replication 3$(case ${GARAGE_NODELAY:-0} in 1) echo ", TCP_NODELAY preloaded into its nodes" ;; s3) echo ", TCP_NODELAY preloaded into their S3 API only" ;; esac); $(nproc) CPUs; host load at the end: $(cut -d' ' -f1-3 /proc/loadavg);" \
   "page cache dropped before each measurement: $([ "$drop_caches" = 1 ] && echo yes || echo no);" \
   "$connections gRPC connection(s) per daemon; medians of $runs"
 echo

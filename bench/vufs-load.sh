@@ -194,7 +194,7 @@ if has remote-s3; then
   cmp -s "$work/store-paths" "$work/s3-paths" ||
     fail "the bucket's import gave other store paths than the embedded store's: $(paste -d' ' "$work/store-paths" "$work/s3-paths")"
   garage_alive
-  s3_note="bucket filled by \`import\` in $(printf '%.1f' "$(bc -l <<< "$t1 - $t0")") s ($(garage --version 2>/dev/null | head -n1 | cut -d' ' -f1-2), 3 nodes, replication 3, node 1's S3 endpoint$([ "${GARAGE_NODELAY:-0}" != 1 ] || echo ", TCP_NODELAY preloaded into its nodes"));"
+  s3_note="bucket filled by \`import\` in $(printf '%.1f' "$(bc -l <<< "$t1 - $t0")") s ($(garage --version 2>/dev/null | head -n1 | cut -d' ' -f1-2), 3 nodes, replication 3, node 1's S3 endpoint$(case ${GARAGE_NODELAY:-0} in 1) echo ", TCP_NODELAY preloaded into its nodes" ;; s3) echo ", TCP_NODELAY preloaded into their S3 API only" ;; esac));"
   echo "$s3_note" >&2
 fi
 entries=$(find "$work/src" -mindepth 1 | wc -l)
