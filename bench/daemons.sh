@@ -9,6 +9,9 @@
 #                 --metrics-listen 127.0.0.1:0 (the one filler of CACHE)
 #   per-VM:       tvix-virtiofsd --store grpc+unix://HOST --cache-dir CACHE
 #                 virtiofs (sandboxed; reads hits from CACHE itself)
+#   relay:        optional, between the host daemon and the remote store
+#                 daemon (see start_remote): a link with a round trip and
+#                 a bandwidth cap (benches/relay.rs; no netem here)
 # Every process started is in `pids` until it has ended, so that the
 # caller's EXIT trap (`stop_all`) ends whatever still runs and never
 # signals a recycled PID. Errors are loud: `fail` prints the message and
@@ -112,11 +115,24 @@ rss_anon() { sed -n 's/^RssAnon:[[:space:]]*\([0-9]*\) kB$/\1/p' "/proc/$1/statu
 # DIR/host/. Both serve their metrics on loopback. Sets remote_pid,
 # host_pid, host_sock, metrics_addr (the host daemon's), remote_metrics_addr,
 # and remote_log, host_log (LOG-PREFIX.remote.log, .host.log).
+# With relay_bin set (the relay program; relay_flags its shaping flags,
+# e.g. "--rtt-ms 10 --mbit 0"), KIND remote-tcp or remote-s3 gets the
+# relay between the host daemon and the remote store daemon: the remote
+# listens on loopback TCP (remote-s3 too, instead of its unix socket) and
+# the host daemon connects to the relay, which connects to it; remote-unix
+# is never relayed. Sets relay_pid (empty when not relayed) and relay_log
+# (LOG-PREFIX.relay.log).
+relay_bin=${relay_bin:-}
+relay_flags=${relay_flags:-}
+relay_pid=
 start_remote() {
-  local kind=$1 bin=$2 store=$3 dir=$4 url
+  local kind=$1 bin=$2 store=$3 dir=$4 url addr relayed=0 flags
   remote_log=$5.remote.log
   host_log=$5.host.log
+  relay_log=$5.relay.log
   shift 5
+  relay_pid=
+  [ -n "$relay_bin" ] && [ "$kind" != remote-unix ] && relayed=1
   # The previous cache is moved aside, not deleted: ext4 skips inodes
   # deleted within the last minutes when it allocates new ones, and tens of
   # thousands deleted just before would slow the next fill down (the work
@@ -126,11 +142,19 @@ start_remote() {
   [ -e "$dir/cache" ] && mv "$dir/cache" "$(mktemp -u "$dir/trash.XXXXXX")"
   rm -rf "$dir/remote" "$dir/host"
   mkdir -p "$dir/remote" "$dir/host"
-  if [ "$kind" = remote-tcp ]; then
+  if [ "$kind" = remote-tcp ] || [ "$relayed" = 1 ]; then
     "$bin" --store "$store" daemon --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 > "$remote_log" 2>&1 &
     remote_pid=$!
     track "$remote_pid"
-    url=grpc+http://$(wait_log '.* listening on \(127\.0\.0\.1:[0-9]*\).*' "$remote_pid" "remote store daemon" "$remote_log")
+    addr=$(wait_log '.* listening on \(127\.0\.0\.1:[0-9]*\).*' "$remote_pid" "remote store daemon" "$remote_log")
+    url=grpc+http://$addr
+    if [ "$relayed" = 1 ]; then
+      read -r -a flags <<< "$relay_flags"
+      "$relay_bin" --to "$addr" "${flags[@]}" > "$relay_log" 2>&1 &
+      relay_pid=$!
+      track "$relay_pid"
+      url=grpc+http://$(wait_log '^listening \(127\.0\.0\.1:[0-9]*\)$' "$relay_pid" "relay" "$relay_log")
+    fi
   else
     "$bin" --store "$store" daemon --listen "unix:$dir/remote/remote.sock" --metrics-listen 127.0.0.1:0 \
       > "$remote_log" 2>&1 &
@@ -148,13 +172,23 @@ start_remote() {
   wait_socket "$host_sock" "$host_pid" "host daemon" "$host_log"
   metrics_addr=$(wait_log '.* metrics on http:\/\/\([^/]*\)\/metrics.*' "$host_pid" "host daemon" "$host_log")
 }
-# remote_alive: both remote-deployment daemons still run.
+# remote_alive: both remote-deployment daemons (and the relay) still run.
 remote_alive() {
   alive "$host_pid" "host daemon" "$host_log"
   alive "$remote_pid" "remote store daemon" "$remote_log"
+  [ -z "$relay_pid" ] || alive "$relay_pid" "relay" "$relay_log"
 }
-# stop_remote: ends both; the host daemon logs its cache counters at exit.
-stop_remote() { stop "$host_pid" "$remote_pid"; }
+# stop_remote: ends both (the host daemon first when relayed, so that the
+# relay's counters, logged at exit, are the host daemon's whole traffic);
+# the host daemon logs its cache counters at exit.
+stop_remote() {
+  if [ -n "$relay_pid" ]; then
+    stop "$host_pid"
+    stop "$relay_pid" "$remote_pid"
+  else
+    stop "$host_pid" "$remote_pid"
+  fi
+}
 # metric NAME: one value from the host daemon's /metrics.
 metric() {
   local v

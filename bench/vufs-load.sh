@@ -68,6 +68,18 @@
 #               cache directory and get hits as passed descriptors (0)
 #   HOST_ARGS   extra flags for the host daemon (after `daemon`), e.g.
 #               "--cache-size 1G"
+#   RTT_MS      a round trip in ms (a decimal) added between each host
+#               daemon (the cache filler) and its remote store daemon, by a
+#               relay (benches/relay.rs, a tokio TCP relay delaying each
+#               direction by half of it: this kernel has no netem), so that
+#               every cache miss pays it; 0: no relay (0). Only remote-tcp
+#               and remote-s3 are relayed (remote-s3's remote store daemon
+#               then listens on loopback TCP instead of a unix socket; the
+#               link from it to Garage is not relayed); remote-unix runs
+#               unrelayed, with a warning, and is refused when it is the
+#               only remote kind
+#   MBIT        the relayed link's bandwidth per direction in Mbit/s (a
+#               decimal); 0: no cap (0). Nonzero relays even at RTT_MS=0
 #   GARAGE_NODELAY 1: remote-s3's Garage nodes run with TCP_NODELAY on
 #               their sockets (bench/nodelay.c preloaded; an experiment:
 #               stock Garage 2.5 leaves Nagle's algorithm on)
@@ -88,6 +100,12 @@ drop_caches=${DROP_CACHES:-$([ -w /proc/sys/vm/drop_caches ] && echo 1 || echo 0
 virtiofsd=${VIRTIOFSD:-/var/tmp/vmtest-virtiofsd/bin/virtiofsd}
 read -r -a ours_args <<< "${OURS_ARGS:-}"
 read -r -a host_args <<< "${HOST_ARGS:-}"
+rtt_ms=${RTT_MS:-0}
+mbit=${MBIT:-0}
+for v in "RTT_MS=$rtt_ms" "MBIT=$mbit"; do
+  [[ ${v#*=} =~ ^[0-9]+(\.[0-9]*)?$ ]] || { echo "$v: not a decimal number >= 0" >&2; exit 2; }
+done
+shaped=$(awk -v r="$rtt_ms" -v b="$mbit" 'BEGIN {print (r > 0 || b > 0) ? 1 : 0}')
 tenant_args=()
 for s in $stores; do
   case $s in
@@ -96,6 +114,13 @@ for s in $stores; do
   esac
 done
 has() { [[ " $stores " == *" $1 "* ]]; }
+if [ "$shaped" = 1 ]; then
+  if ! has remote-tcp && ! has remote-s3; then
+    echo "RTT_MS/MBIT shape the link to the remote store daemon of remote-tcp and remote-s3 only; STORES has neither" >&2
+    exit 2
+  fi
+  has remote-unix && echo "WARNING: RTT_MS/MBIT: remote-unix is not relayed (its remote store stays on a unix socket)" >&2
+fi
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/daemons.sh
 . bench/daemons.sh
@@ -119,6 +144,10 @@ target_dir=${CARGO_TARGET_DIR:-target}
 cargo build --release --quiet
 gen=$(cargo bench --bench vufs_load --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\))$/\1/p' | tail -1)
 [ -x "$gen" ] || { echo "cannot find the vufs_load bench executable" >&2; exit 1; }
+if [ "$shaped" = 1 ]; then
+  relay_bin=$(cargo bench --bench relay --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\))$/\1/p' | tail -1)
+  [ -x "$relay_bin" ] || { echo "cannot find the relay bench executable" >&2; exit 1; }
+fi
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 git diff --quiet HEAD 2>/dev/null || commit="$commit (with uncommitted changes)"
 
@@ -149,6 +178,17 @@ cp "$gen" "$work/vufs_load"
 cp "$target_dir/release/tvix-virtiofsd" "$work/tvix-virtiofsd"
 gen=$work/vufs_load
 B=$work/tvix-virtiofsd
+link_note=
+if [ "$shaped" = 1 ]; then
+  cp "$relay_bin" "$work/relay"
+  relay_bin=$work/relay
+  relay_flags="--rtt-ms $rtt_ms --mbit $mbit"
+  link_note="host daemon to remote store daemon (remote-tcp, remote-s3): through a relay adding RTT $rtt_ms ms,"
+  link_note="$link_note $([ "$(awk -v b="$mbit" 'BEGIN {print (b > 0)}')" = 1 ] && echo "$mbit Mbit/s per direction" || echo "no bandwidth cap");"
+  echo "$link_note" >&2
+elif has remote-tcp || has remote-s3; then
+  link_note="host daemon to remote store daemon: direct (RTT_MS 0, no relay);"
+fi
 mkdir -p "$work/src" "$work/logs"
 for d in "${dirs[@]}"; do cp -a "$d" "$work/src/"; done
 store="local://$work/store"
@@ -303,6 +343,8 @@ run_remote() { # remote-unix|remote-tcp|remote-s3
     sed "s/^/$kind rs=$rs depth=$depth rep=$rep host: /" >> "$work/host-metrics" || true
   stop_remote
   echo "$kind rs=$rs depth=$depth rep=$rep host daemon at exit: $(cache_line "$host_log")" >> "$work/cache-lines"
+  [ -z "$relay_pid" ] ||
+    echo "$kind rs=$rs depth=$depth rep=$rep relay at exit: $(sed -n 's/^relay at exit: //p' "$relay_log" | tail -n1)" >> "$work/cache-lines"
 }
 
 : > "$work/cache-lines"
@@ -372,6 +414,7 @@ echo
 echo "tree: ${dirs[*]}: $entries entries, $files files, $((bytes / 1048576)) MiB;" \
   "page cache dropped before each cold start: $([ "$drop_caches" = 1 ] && echo yes || echo no);" \
   "$(nproc) CPUs; host load at the end: $(cut -d' ' -f1-3 /proc/loadavg); commit $commit;" $s3_note \
+  $link_note \
   "per-VM daemons of the remote kinds scoped to a tenant's closure: $([ ${#tenant_args[@]} -gt 0 ] && echo yes || echo no);" \
   "per-op tables above: repetition 1; below: median of $runs;" \
   "ratios: of the medians (in brackets: the median of the per-repetition ratios)"
@@ -463,7 +506,7 @@ echo "raw per-run summaries:"
 sed 's/^SUMMARY /    /' "$summaries"
 if [ -s "$work/cache-lines" ]; then
   echo
-  echo "cache counters (per-VM daemons at exit, host daemons at exit):"
+  echo "cache counters (per-VM daemons at exit, host daemons at exit; relays' counters at exit):"
   sed 's/^/    /' "$work/cache-lines"
 fi
 # Ours only: virtiofsd's own warnings (e.g. about RLIMIT_NOFILE) stay in its logs.
