@@ -2152,3 +2152,77 @@ fn prefetch_follows_references_and_can_be_off() {
         m.stop();
     }
 }
+
+/// A tenant's closure (a scoped connection, as `virtiofs --closure` with
+/// `--cache-dir` opens) is prefetched for as long as the connection
+/// lasts: with the remote trickling every blob, a tenant that goes away
+/// after its handshake leaves the blobs already asked for to finish, and
+/// no more are started.
+#[test]
+fn a_tenants_prefetch_stops_when_it_goes() {
+    use tvix_virtiofsd::nix::store_path::StorePath;
+    use tvix_virtiofsd::store::cache::tenant;
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    const FILES: usize = 80;
+    let datas: Vec<Vec<u8>> = (0..FILES)
+        .map(|i| pseudo_random(4_000 + i, 300 + i as u64))
+        .collect();
+    let names: Vec<String> = (0..FILES).map(|i| format!("f{i:03}")).collect();
+    let files: Vec<(&str, &[u8])> = names
+        .iter()
+        .zip(&datas)
+        .map(|(n, d)| (n.as_str(), d.as_slice()))
+        .collect();
+    let base = remote_tree(t, "pkg", &files);
+    let (remote, ctl) = counting_remote(&rt, &t.join("remote"), &t.join("remote.sock"));
+    for d in &datas {
+        ctl.set(
+            B3Digest::of(d),
+            Behaviour::Trickle {
+                chunk: 1000,
+                delay: Duration::from_millis(150),
+            },
+        );
+    }
+    let dir = t.join("cache");
+    let filler = Filler::start(&remote, &dir, t, "filler", &["--prefetch", "closure"]);
+    let root = StorePath::from_basename(&base).unwrap();
+    let conn = tenant::connect(&filler.sock, &[root], Duration::from_secs(30)).unwrap();
+    wait_until(10, "the tenant's prefetch started", || ctl.all_reads() > 0);
+    drop(conn);
+    // what was asked for before it went finishes (each blob 5 chunks)
+    std::thread::sleep(Duration::from_secs(3));
+    let after = ctl.all_reads();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        ctl.all_reads(),
+        after,
+        "no fetch started after the tenant went"
+    );
+    assert!(
+        after < FILES as u64 / 2,
+        "{after} of {FILES} blobs fetched for a tenant that went at once"
+    );
+    let m = filler.metrics();
+    assert!(m.get("prefetch_cancelled_total") >= 1);
+    assert_eq!(m.get("prefetch_paths_total"), 1);
+
+    // the next tenant of the same closure gets it all
+    let conn = tenant::connect(
+        &filler.sock,
+        &[StorePath::from_basename(&base).unwrap()],
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    wait_until(30, "the whole closure prefetched", || {
+        datas
+            .iter()
+            .all(|d| blob_file(&dir, &B3Digest::of(d)).exists())
+    });
+    drop(conn);
+    for d in &datas {
+        assert_eq!(ctl.reads(&B3Digest::of(d)), 1, "each blob fetched once");
+    }
+}

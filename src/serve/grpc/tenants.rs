@@ -5,6 +5,7 @@
 //! own with the store's services and the cache service, both scoped.
 use crate::castore::B3Digest;
 use crate::host::fd_pass::{FdStream, Outbox};
+use crate::store::cache::prefetch::Session;
 use crate::store::cache::scope::{
     outside, scoped_store, Scope, HANDSHAKE_TIMEOUT, MAGIC, MAX_REPLY_BYTES, MAX_ROOTS_BYTES,
 };
@@ -32,6 +33,8 @@ pub struct ScopedCacheServer {
     cache: Arc<Cache>,
     scope: Arc<Scope>,
     outbox: Arc<Outbox>,
+    /// The tenant's prefetch: held as long as its connection is served.
+    _prefetch: Arc<Session>,
 }
 
 #[tonic::async_trait]
@@ -132,7 +135,7 @@ pub enum HandshakeError {
 async fn read_handshake(
     s: &mut tokio::net::UnixStream,
     tenants: Option<&Tenants>,
-) -> Result<Arc<Scope>, HandshakeError> {
+) -> Result<(Arc<Scope>, Arc<Session>), HandshakeError> {
     let mut head = [0u8; 12];
     tokio::time::timeout(HANDSHAKE_TIMEOUT, s.read_exact(&mut head))
         .await
@@ -155,16 +158,23 @@ async fn read_handshake(
     if roots.is_empty() {
         return Err(HandshakeError::Empty);
     }
-    let closure = crate::store::closure::Closure::resolve(&tenants.store, &roots)
-        .await
-        .map_err(|e| HandshakeError::Resolve(e.to_string()))?;
+    // What the resolution fetches, and then the whole closure, is
+    // prefetched for this tenant for as long as its connection lasts.
+    let session = Arc::new(Session::default());
+    let closure =
+        crate::store::closure::Closure::resolve(&tenants.cache.store_for(&session), &roots)
+            .await
+            .map_err(|e| HandshakeError::Resolve(e.to_string()))?;
+    tenants
+        .cache
+        .prefetch_closure(&session, closure.members().map(|(sp, _)| *sp.digest()));
     let scope = Scope::of_closure(&closure);
     tracing::info!(
         "a tenant's connection is scoped to {} store paths ({} roots)",
         closure.len(),
         roots.len()
     );
-    Ok(Arc::new(scope))
+    Ok((Arc::new(scope), session))
 }
 
 async fn reply(s: &mut tokio::net::UnixStream, status: u8, msg: &str) -> std::io::Result<()> {
@@ -178,14 +188,19 @@ async fn reply(s: &mut tokio::net::UnixStream, status: u8, msg: &str) -> std::io
 
 /// Serves one scoped connection on its own: the store's three services
 /// (read-only, scoped) and the cache service (scoped, passing blob files).
-fn serve_scoped(s: tokio::net::UnixStream, scope: Arc<Scope>, tenants: &Tenants) {
+fn serve_scoped(
+    s: tokio::net::UnixStream,
+    (scope, session): (Arc<Scope>, Arc<Session>),
+    tenants: &Tenants,
+) {
     let conn = FdStream::new(s);
-    let store = scoped_store(&tenants.store, &scope);
+    let store = scoped_store(&tenants.cache.store_for(&session), &scope);
     let server = super::StoreServer::new(store, true);
     let cache = ScopedCacheServer {
         cache: tenants.cache.clone(),
         scope,
         outbox: conn.outbox(),
+        _prefetch: session,
     };
     let (blobs, directories, path_infos) = server.services();
     let router = tonic::transport::Server::builder()

@@ -282,7 +282,20 @@ impl Cache {
         Store {
             blob: Arc::new(blob::CachedBlobService(self.clone())),
             directory: Arc::new(directory::CachedDirectoryService(self.clone())),
-            path_info: Arc::new(pathinfo::CachedPathInfoService(self.clone())),
+            path_info: Arc::new(pathinfo::CachedPathInfoService(self.clone(), None)),
+        }
+    }
+
+    /// The cached store as [`Cache::store`], whose lookups that fetch
+    /// prefetch for `session` only: once it is dropped (its VM went), they
+    /// stop.
+    pub fn store_for(self: &Arc<Self>, session: &Arc<prefetch::Session>) -> Store {
+        Store {
+            path_info: Arc::new(pathinfo::CachedPathInfoService(
+                self.clone(),
+                Some(Arc::downgrade(session)),
+            )),
+            ..self.store()
         }
     }
 

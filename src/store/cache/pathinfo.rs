@@ -3,6 +3,7 @@
 //! remote or no remote; that the remote lacks a path is remembered only
 //! for a moment, since paths can be added at any time.
 use super::flights::{self, Key, Outcome};
+use super::prefetch::Interest;
 use super::space::cost;
 use super::stats::Kind;
 use super::{lock, Cache, RoleState, ABSENT_TTL, MAX_ABSENT};
@@ -15,7 +16,9 @@ use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Instant;
 
-pub struct CachedPathInfoService(pub(super) Arc<Cache>);
+/// The cached path infos; lookups that fetch queue their store path for
+/// prefetch on behalf of `.1` (a VM's session; the host's when `None`).
+pub struct CachedPathInfoService(pub(super) Arc<Cache>, pub(super) Interest);
 
 impl Cache {
     /// A cached path info, counted as a hit when `hit`; damaged ones
@@ -49,7 +52,7 @@ impl Cache {
         Ok(())
     }
 
-    async fn fetch_info(&self, hash: [u8; 20]) -> Result<bool> {
+    async fn fetch_info(&self, hash: [u8; 20], interest: Interest) -> Result<bool> {
         let got = tokio::time::timeout(self.idle, self.remote.path_info.get(&hash))
             .await
             .map_err(|_| {
@@ -62,12 +65,16 @@ impl Cache {
         let Some(info) = got else { return Ok(false) };
         self.store_info(&info).await?;
         if let Ok(f) = self.filler() {
-            f.prefetch.enqueue(hash);
+            f.prefetch.enqueue(hash, interest);
         }
         Ok(true)
     }
 
-    pub(super) async fn get_info(self: &Arc<Self>, hash: &[u8; 20]) -> Result<Option<PathInfo>> {
+    pub(super) async fn get_info(
+        self: &Arc<Self>,
+        hash: &[u8; 20],
+        interest: Interest,
+    ) -> Result<Option<PathInfo>> {
         let h = *hash;
         let local = self.clone().blocking_info(h, true).await??;
         if local.is_some() {
@@ -86,7 +93,7 @@ impl Cache {
         }
         let this = self.clone();
         let rx = f.flights.join(Key::PathInfo(h), move |_| async move {
-            match this.fetch_info(h).await {
+            match this.fetch_info(h, interest).await {
                 Ok(true) => Outcome::Stored,
                 Ok(false) => Outcome::Absent,
                 Err(e) => Outcome::failed(&e),
@@ -126,7 +133,7 @@ impl Cache {
 #[async_trait]
 impl PathInfoService for CachedPathInfoService {
     async fn get(&self, hash: &[u8; 20]) -> Result<Option<PathInfo>> {
-        self.0.get_info(hash).await
+        self.0.get_info(hash, self.1.clone()).await
     }
 
     /// Hits only: a miss goes the async way, which fetches.

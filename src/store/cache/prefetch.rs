@@ -47,6 +47,21 @@ impl FromStr for Mode {
     }
 }
 
+/// A VM's interest in what it prefetches: held for as long as the VM is
+/// connected; once it is dropped, walks for it stop at their next blob
+/// and its queued paths are skipped.
+#[derive(Debug, Default)]
+pub struct Session(());
+
+/// On whose behalf a path is prefetched: a VM's session, or the host's
+/// (`None`: a lookup by a VM without a session; such walks are bounded by
+/// the path's size and the unread bound).
+pub type Interest = Option<Weak<Session>>;
+
+fn alive(i: &Interest) -> bool {
+    i.as_ref().is_none_or(|w| w.strong_count() > 0)
+}
+
 /// Store paths waiting to be prefetched; more are not queued (the guest's
 /// own reads fetch them).
 const MAX_QUEUED: usize = 4096;
@@ -73,7 +88,8 @@ struct Unread {
 /// Store paths to prefetch, in order, each once.
 #[derive(Default)]
 struct Queue {
-    order: VecDeque<[u8; 20]>,
+    order: VecDeque<([u8; 20], Interest)>,
+    /// Queued or being walked.
     queued: HashSet<[u8; 20]>,
 }
 
@@ -104,24 +120,34 @@ impl Prefetcher {
     }
 
     /// Queues a store path (its path info was just fetched).
-    pub(super) fn enqueue(&self, hash: [u8; 20]) {
+    pub(super) fn enqueue(&self, hash: [u8; 20], interest: Interest) {
         if !self.on.load(Relaxed) {
             return;
         }
         let mut q = lock(&self.queue);
-        if q.order.len() >= MAX_QUEUED || !q.queued.insert(hash) {
+        if q.queued.len() >= MAX_QUEUED || !q.queued.insert(hash) {
             return;
         }
-        q.order.push_back(hash);
+        q.order.push_back((hash, interest));
         drop(q);
         self.wake.notify_one();
     }
 
-    fn next(&self) -> Option<[u8; 20]> {
+    /// The next path whose VM is still there; it stays marked as queued
+    /// until [`Prefetcher::done`], so it is not walked twice at once.
+    fn next(&self) -> Option<([u8; 20], Interest)> {
         let mut q = lock(&self.queue);
-        let h = q.order.pop_front()?;
-        q.queued.remove(&h);
-        Some(h)
+        loop {
+            let (h, i) = q.order.pop_front()?;
+            if alive(&i) {
+                return Some((h, i));
+            }
+            q.queued.remove(&h);
+        }
+    }
+
+    fn done(&self, hash: &[u8; 20]) {
+        lock(&self.queue).queued.remove(hash);
     }
 
     fn unread_bytes(&self) -> u64 {
@@ -177,6 +203,15 @@ impl Cache {
         Ok(())
     }
 
+    /// Queues a VM's closure for prefetch (the paths a lookup already
+    /// queued stay as they are), on behalf of `session`.
+    pub fn prefetch_closure(&self, session: &Arc<Session>, paths: impl Iterator<Item = [u8; 20]>) {
+        let Ok(f) = self.filler() else { return };
+        for h in paths {
+            f.prefetch.enqueue(h, Some(Arc::downgrade(session)));
+        }
+    }
+
     /// A VM read a blob (asked for its fill, or reported a hit on it while
     /// fresh): a prefetch hit if prefetch fetched it; wasted if prefetch
     /// fetched it and it is gone already (evicted before anyone read it).
@@ -196,15 +231,15 @@ impl Cache {
     /// Prefetches one store path: its tree and blobs, then queues its
     /// references (their path infos fetched now, so each is queued in
     /// turn when it was not cached yet).
-    async fn prefetch_path(self: Arc<Self>, hash: [u8; 20]) -> Result<()> {
+    async fn prefetch_path(self: Arc<Self>, hash: [u8; 20], interest: Interest) -> Result<()> {
         let Some(info) = self.clone().blocking_info(hash, false).await?? else {
             return Ok(());
         };
         self.stats.prefetch_paths.fetch_add(1, Relaxed);
         match info.node {
-            Node::Directory { digest, .. } => self.prefetch_tree(digest).await?,
+            Node::Directory { digest, .. } => self.prefetch_tree(digest, &interest).await?,
             Node::File { digest, size, .. } => {
-                self.prefetch_blob(digest, size).await;
+                self.prefetch_blob(digest, size, &interest).await;
             }
             Node::Symlink { .. } => {}
         }
@@ -214,11 +249,14 @@ impl Cache {
             .map(|r| *r.digest())
             .filter(|r| *r != hash)
             .collect();
+        if !alive(&interest) {
+            return Ok(());
+        }
         futures::stream::iter(refs)
             .for_each_concurrent(PATHS_AT_ONCE, |r| {
-                let me = self.clone();
+                let (me, interest) = (self.clone(), interest.clone());
                 async move {
-                    if let Err(e) = me.get_info(&r).await {
+                    if let Err(e) = me.get_info(&r, interest).await {
                         tracing::debug!(
                             "prefetch: reference {}: {e}",
                             crate::nix::nixbase32::encode(&r)
@@ -233,7 +271,7 @@ impl Cache {
     /// Walks a tree depth first in name order (as `find` does), fetching
     /// the tree first if it is not cached, and prefetches each missing
     /// blob as the walk meets it.
-    async fn prefetch_tree(self: &Arc<Self>, root: B3Digest) -> Result<()> {
+    async fn prefetch_tree(self: &Arc<Self>, root: B3Digest, interest: &Interest) -> Result<()> {
         let mut fetched = false;
         let mut stack: Vec<std::vec::IntoIter<Item>> = Vec::new();
         let mut next = Some(root);
@@ -272,7 +310,7 @@ impl Cache {
                 }
                 Some(Item::Dir(d)) => next = Some(d),
                 Some(Item::Blob(d, size)) => {
-                    if !self.prefetch_blob(d, size).await {
+                    if !self.prefetch_blob(d, size, interest).await {
                         return Ok(());
                     }
                 }
@@ -317,9 +355,19 @@ impl Cache {
     }
 
     /// Starts the prefetch of one blob once a fill slot is free; false
-    /// when the budget of unread bytes is met (the walk stops).
-    async fn prefetch_blob(self: &Arc<Self>, digest: B3Digest, size: u64) -> bool {
+    /// when the walk stops: the budget of unread bytes is met, or the VM
+    /// it is for went.
+    async fn prefetch_blob(
+        self: &Arc<Self>,
+        digest: B3Digest,
+        size: u64,
+        interest: &Interest,
+    ) -> bool {
         let Ok(f) = self.filler() else { return false };
+        if !alive(interest) {
+            self.stats.prefetch_cancelled.fetch_add(1, Relaxed);
+            return false;
+        }
         let p = &f.prefetch;
         let budget = p.budget.load(Relaxed);
         if cost(size) > budget || !p.on.load(Relaxed) {
@@ -340,6 +388,10 @@ impl Cache {
         let Ok(permit) = p.fills.clone().acquire_owned().await else {
             return false;
         };
+        if !alive(interest) {
+            self.stats.prefetch_cancelled.fetch_add(1, Relaxed);
+            return false;
+        }
         if self.local.blobs.path_of(&digest).exists() {
             return true;
         }
@@ -391,17 +443,20 @@ async fn dispatch(cache: Weak<Cache>) {
             let Some(c) = cache.upgrade() else { return };
             let Ok(f) = c.filler() else { return };
             match f.prefetch.next() {
-                Some(hash) => {
+                Some((hash, interest)) => {
                     let Ok(permit) = paths.clone().acquire_owned().await else {
                         return;
                     };
                     tokio::spawn(async move {
                         let _permit = permit;
-                        if let Err(e) = c.prefetch_path(hash).await {
+                        if let Err(e) = c.clone().prefetch_path(hash, interest).await {
                             tracing::debug!(
                                 "prefetch of {}: {e}",
                                 crate::nix::nixbase32::encode(&hash)
                             );
+                        }
+                        if let Ok(f) = c.filler() {
+                            f.prefetch.done(&hash);
                         }
                     });
                     continue;

@@ -62,6 +62,8 @@ pub struct CacheStats {
     pub prefetch_wasted_bytes: AtomicU64,
     /// Filler: prefetch walks stopped at the bound of unread bytes.
     pub prefetch_stopped: AtomicU64,
+    /// Filler: prefetch walks stopped because their VM went.
+    pub prefetch_cancelled: AtomicU64,
 }
 
 impl CacheStats {
@@ -222,6 +224,12 @@ impl CacheStats {
             "counter",
             "Prefetch walks stopped because half the cache was prefetched and not yet read.",
             &one(&self.prefetch_stopped),
+        );
+        family(
+            "prefetch_cancelled_total",
+            "counter",
+            "Prefetch walks stopped because the VM they were for went.",
+            &one(&self.prefetch_cancelled),
         );
         out
     }
