@@ -53,6 +53,8 @@ enum Behaviour {
 #[derive(Default)]
 struct Ctl {
     reads: Mutex<HashMap<B3Digest, u64>>,
+    /// Every Read's digest, in the order they came.
+    read_order: Mutex<Vec<B3Digest>>,
     dir_gets: AtomicU64,
     info_gets: AtomicU64,
     /// Bytes of trickled blobs sent so far.
@@ -116,6 +118,7 @@ impl cpb::blob_service_server::BlobService for Remote {
         let digest = B3Digest::try_from(&req.get_ref().digest[..])
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         *self.ctl.reads.lock().unwrap().entry(digest).or_default() += 1;
+        self.ctl.read_order.lock().unwrap().push(digest);
         let behaviour = self.ctl.behaviour.lock().unwrap().get(&digest).cloned();
         let Some(behaviour) = behaviour else {
             return cpb::blob_service_server::BlobService::read(&self.inner, req).await;
@@ -2225,4 +2228,124 @@ fn a_tenants_prefetch_stops_when_it_goes() {
     for d in &datas {
         assert_eq!(ctl.reads(&B3Digest::of(d)), 1, "each blob fetched once");
     }
+}
+
+/// `--prefetch recorded`: a tenant that opens its closure's files in an
+/// order of its own (here backwards) leaves that order behind when it
+/// goes; on a host whose cache was lost, the next tenant of that closure
+/// is prefetched in that order, not in the tree walk's: with every Read
+/// held at the remote, the first fills prefetch asks for are the last
+/// files by name.
+#[test]
+fn a_recorded_order_leads_the_next_tenants_prefetch() {
+    use tvix_virtiofsd::nix::store_path::StorePath;
+    use tvix_virtiofsd::store::cache::tenant;
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    const FILES: usize = 60;
+    let datas: Vec<Vec<u8>> = (0..FILES)
+        .map(|i| pseudo_random(3_000 + i, 500 + i as u64))
+        .collect();
+    let names: Vec<String> = (0..FILES).map(|i| format!("f{i:03}")).collect();
+    let files: Vec<(&str, &[u8])> = names
+        .iter()
+        .zip(&datas)
+        .map(|(n, d)| (n.as_str(), d.as_slice()))
+        .collect();
+    let base = remote_tree(t, "pkg", &files);
+    let digests: Vec<B3Digest> = datas.iter().map(|d| B3Digest::of(d)).collect();
+    let (remote, ctl) = counting_remote(&rt, &t.join("remote"), &t.join("remote.sock"));
+    let orders = t.join("orders");
+    let root = || vec![StorePath::from_basename(&base).unwrap()];
+    let args = [
+        "--prefetch",
+        "recorded",
+        "--prefetch-orders",
+        orders.to_str().unwrap(),
+    ];
+
+    // the first tenant opens every file, last first, through its scoped
+    // connection (as its per-VM daemon does for each file the guest opens)
+    let first = Filler::start(&remote, &t.join("cache1"), t, "first", &args);
+    let conn = tenant::connect(&first.sock, &root(), Duration::from_secs(30)).unwrap();
+    let (ch, _inbox) = {
+        let _g = rt.enter();
+        tenant::channel(conn).unwrap()
+    };
+    rt.block_on(async {
+        // the tree first: a scope learns a closure's blobs as it serves it
+        let mut infos = spb::path_info_service_client::PathInfoServiceClient::new(ch.clone());
+        let got = infos
+            .get(spb::GetPathInfoRequest {
+                by_what: Some(spb::get_path_info_request::ByWhat::ByOutputHash(
+                    bytes::Bytes::copy_from_slice(root()[0].digest()),
+                )),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let node = tvix_virtiofsd::castore::Node::from_proto_root(got.node.as_ref().unwrap())
+            .unwrap()
+            .1;
+        let tvix_virtiofsd::castore::Node::Directory { digest: tree, .. } = node else {
+            panic!("{node:?}")
+        };
+        let mut dirs = cpb::directory_service_client::DirectoryServiceClient::new(ch.clone());
+        let mut s = dirs
+            .get(cpb::GetDirectoryRequest {
+                by_what: Some(cpb::get_directory_request::ByWhat::Digest(tree.into())),
+                recursive: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        while s.message().await.unwrap().is_some() {}
+        let mut fills = CacheServiceClient::new(ch.clone());
+        for (d, data) in digests.iter().zip(&datas).rev() {
+            let mut s = fills
+                .fill_blob(FillBlobRequest {
+                    digest: (*d).into(),
+                    size: data.len() as u64,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            while let Some(p) = s.message().await.unwrap() {
+                if p.done {
+                    break;
+                }
+            }
+        }
+    });
+    drop(ch);
+    wait_until(10, "the order saved as the tenant went", || {
+        std::fs::read_dir(&orders).is_ok_and(|mut d| d.next().is_some())
+    });
+    drop(first);
+
+    // a new host cache (the old one lost), every Read held at the remote
+    let (gate, gated) = watch::channel(false);
+    for d in &digests {
+        ctl.set(*d, Behaviour::Gated(gated.clone()));
+    }
+    ctl.read_order.lock().unwrap().clear();
+    let dir = t.join("cache2");
+    let second = Filler::start(&remote, &dir, t, "second", &args);
+    let conn = tenant::connect(&second.sock, &root(), Duration::from_secs(30)).unwrap();
+    wait_until(10, "prefetch asked the remote", || {
+        ctl.read_order.lock().unwrap().len() >= 24
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let asked: std::collections::HashSet<B3Digest> =
+        ctl.read_order.lock().unwrap().iter().copied().collect();
+    assert_eq!(asked.len(), 24, "prefetch keeps 24 fills in flight");
+    let last: std::collections::HashSet<B3Digest> = digests[FILES - 24..].iter().copied().collect();
+    assert_eq!(asked, last, "the first fills are the last 24 files by name");
+    gate.send(true).unwrap();
+    wait_until(30, "the whole closure prefetched", || {
+        digests.iter().all(|d| blob_file(&dir, d).exists())
+    });
+    drop(conn);
+    assert_eq!(second.metrics().get("fill_errors_total"), 0);
 }

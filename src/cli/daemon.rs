@@ -44,9 +44,16 @@ pub struct DaemonArgs {
 
     /// What --cache-dir fetches ahead of VMs: `closure` (a store path's
     /// tree and files, then its references', once it is first looked up
-    /// on this host, up to half the cache unread) or `none`.
-    #[arg(long, default_value = "closure")]
+    /// on this host, up to half the cache unread), `recorded` (as closure,
+    /// and a tenant's closure first in the order its last VM opened its
+    /// files) or `none`.
+    #[arg(long, default_value = "recorded")]
     pub prefetch: crate::store::cache::prefetch::Mode,
+
+    /// Where --prefetch recorded keeps the order in which each tenant
+    /// closure's blobs were first opened (default: CACHE_DIR/orders).
+    #[arg(long)]
+    pub prefetch_orders: Option<std::path::PathBuf>,
 
     /// Seconds a fetch from the remote store may go without progress.
     #[arg(long, default_value_t = 30)]
@@ -214,7 +221,7 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
     opts.idle_timeout = std::time::Duration::from_secs(args.store_timeout);
     let (store, cache) = store_args.open_with(&opts)?;
     if let Some(c) = &cache {
-        c.set_prefetch(args.prefetch)?;
+        c.set_prefetch(args.prefetch, args.prefetch_orders.clone())?;
     }
     // one bound on NAR walks, whichever listener asks for them
     let renders = std::sync::Arc::new(tokio::sync::Semaphore::new(args.max_nar_renders as usize));

@@ -34,7 +34,7 @@ pub struct ScopedCacheServer {
     scope: Arc<Scope>,
     outbox: Arc<Outbox>,
     /// The tenant's prefetch: held as long as its connection is served.
-    _prefetch: Arc<Session>,
+    prefetch: Arc<Session>,
 }
 
 #[tonic::async_trait]
@@ -50,6 +50,7 @@ impl cpb::cache_service_server::CacheService for ScopedCacheServer {
         if !self.scope.allows_blob(&digest) {
             return Err(outside(format_args!("blob {digest}")).into());
         }
+        self.prefetch.opened(digest, req.get_ref().size);
         let inner = super::CacheServer::new(self.cache.clone());
         let progress =
             <super::CacheServer as cpb::cache_service_server::CacheService>::fill_blob(&inner, req)
@@ -158,16 +159,17 @@ async fn read_handshake(
     if roots.is_empty() {
         return Err(HandshakeError::Empty);
     }
-    // What the resolution fetches, and then the whole closure, is
-    // prefetched for this tenant for as long as its connection lasts.
-    let session = Arc::new(Session::default());
-    let closure =
-        crate::store::closure::Closure::resolve(&tenants.cache.store_for(&session), &roots)
-            .await
-            .map_err(|e| HandshakeError::Resolve(e.to_string()))?;
-    tenants
-        .cache
-        .prefetch_closure(&session, closure.members().map(|(sp, _)| *sp.digest()));
+    // The whole closure is prefetched for this tenant for as long as its
+    // connection lasts (its lookups queue nothing of their own).
+    let session = tenants.cache.prefetch_session(&roots);
+    let closure = crate::store::closure::Closure::resolve(&tenants.cache.store_quiet(), &roots)
+        .await
+        .map_err(|e| HandshakeError::Resolve(e.to_string()))?;
+    tenants.cache.prefetch_closure(
+        &session,
+        &roots,
+        closure.members().map(|(sp, _)| *sp.digest()),
+    );
     let scope = Scope::of_closure(&closure);
     tracing::info!(
         "a tenant's connection is scoped to {} store paths ({} roots)",
@@ -194,13 +196,13 @@ fn serve_scoped(
     tenants: &Tenants,
 ) {
     let conn = FdStream::new(s);
-    let store = scoped_store(&tenants.cache.store_for(&session), &scope);
+    let store = scoped_store(&tenants.cache.store_quiet(), &scope);
     let server = super::StoreServer::new(store, true);
     let cache = ScopedCacheServer {
         cache: tenants.cache.clone(),
         scope,
         outbox: conn.outbox(),
-        _prefetch: session,
+        prefetch: session,
     };
     let (blobs, directories, path_infos) = server.services();
     let router = tonic::transport::Server::builder()

@@ -22,6 +22,7 @@ mod blob;
 mod directory;
 pub mod flights;
 pub mod looked_at;
+pub mod order;
 mod pathinfo;
 pub mod prefetch;
 pub mod scope;
@@ -282,19 +283,16 @@ impl Cache {
         Store {
             blob: Arc::new(blob::CachedBlobService(self.clone())),
             directory: Arc::new(directory::CachedDirectoryService(self.clone())),
-            path_info: Arc::new(pathinfo::CachedPathInfoService(self.clone(), None)),
+            path_info: Arc::new(pathinfo::CachedPathInfoService(self.clone(), Some(None))),
         }
     }
 
-    /// The cached store as [`Cache::store`], whose lookups that fetch
-    /// prefetch for `session` only: once it is dropped (its VM went), they
-    /// stop.
-    pub fn store_for(self: &Arc<Self>, session: &Arc<prefetch::Session>) -> Store {
+    /// The cached store as [`Cache::store`], whose lookups queue nothing
+    /// for prefetch: a tenant's, whose closure is queued whole for as long
+    /// as its VM is there ([`Cache::prefetch_closure`]).
+    pub fn store_quiet(self: &Arc<Self>) -> Store {
         Store {
-            path_info: Arc::new(pathinfo::CachedPathInfoService(
-                self.clone(),
-                Some(Arc::downgrade(session)),
-            )),
+            path_info: Arc::new(pathinfo::CachedPathInfoService(self.clone(), None)),
             ..self.store()
         }
     }

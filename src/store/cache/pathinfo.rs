@@ -17,8 +17,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// The cached path infos; lookups that fetch queue their store path for
-/// prefetch on behalf of `.1` (a VM's session; the host's when `None`).
-pub struct CachedPathInfoService(pub(super) Arc<Cache>, pub(super) Interest);
+/// prefetch on behalf of `.1` (`Some(None)`: the host's), or not at all
+/// (`None`: a tenant's, whose closure is queued whole).
+pub struct CachedPathInfoService(pub(super) Arc<Cache>, pub(super) Option<Interest>);
 
 impl Cache {
     /// A cached path info, counted as a hit when `hit`; damaged ones
@@ -52,7 +53,7 @@ impl Cache {
         Ok(())
     }
 
-    async fn fetch_info(&self, hash: [u8; 20], interest: Interest) -> Result<bool> {
+    async fn fetch_info(&self, hash: [u8; 20], interest: Option<Interest>) -> Result<bool> {
         let got = tokio::time::timeout(self.idle, self.remote.path_info.get(&hash))
             .await
             .map_err(|_| {
@@ -64,7 +65,7 @@ impl Cache {
             })??;
         let Some(info) = got else { return Ok(false) };
         self.store_info(&info).await?;
-        if let Ok(f) = self.filler() {
+        if let (Ok(f), Some(interest)) = (self.filler(), interest) {
             f.prefetch.enqueue(hash, interest);
         }
         Ok(true)
@@ -73,7 +74,7 @@ impl Cache {
     pub(super) async fn get_info(
         self: &Arc<Self>,
         hash: &[u8; 20],
-        interest: Interest,
+        interest: Option<Interest>,
     ) -> Result<Option<PathInfo>> {
         let h = *hash;
         let local = self.clone().blocking_info(h, true).await??;

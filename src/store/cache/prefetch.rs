@@ -18,6 +18,7 @@ use super::space::cost;
 use super::Cache;
 use crate::castore::{B3Digest, Node};
 use crate::lock;
+use crate::nix::store_path::StorePath;
 use crate::store::{Error, Result};
 use futures::StreamExt;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -34,6 +35,10 @@ pub enum Mode {
     /// A store path's tree and blobs, then its references', once it is
     /// first looked up on this host.
     Closure,
+    /// As `closure`, and a tenant's closure is prefetched first in the
+    /// order the last VM of that closure opened its blobs
+    /// ([`super::order`]).
+    Recorded,
 }
 
 impl FromStr for Mode {
@@ -42,7 +47,10 @@ impl FromStr for Mode {
         match s {
             "none" => Ok(Mode::None),
             "closure" => Ok(Mode::Closure),
-            _ => Err(format!("unknown prefetch mode {s:?} (none, closure)")),
+            "recorded" => Ok(Mode::Recorded),
+            _ => Err(format!(
+                "unknown prefetch mode {s:?} (none, closure, recorded)"
+            )),
         }
     }
 }
@@ -50,8 +58,20 @@ impl FromStr for Mode {
 /// A VM's interest in what it prefetches: held for as long as the VM is
 /// connected; once it is dropped, walks for it stop at their next blob
 /// and its queued paths are skipped.
-#[derive(Debug, Default)]
-pub struct Session(());
+#[derive(Default)]
+pub struct Session {
+    /// Where its VM's opens are recorded (`--prefetch recorded`).
+    recorder: Option<super::order::Recorder>,
+}
+
+impl Session {
+    /// The VM opened a blob (its scoped connection asked for it).
+    pub fn opened(&self, digest: B3Digest, size: u64) {
+        if let Some(r) = &self.recorder {
+            r.opened(digest, size);
+        }
+    }
+}
 
 /// On whose behalf a path is prefetched: a VM's session, or the host's
 /// (`None`: a lookup by a VM without a session; such walks are bounded by
@@ -85,10 +105,17 @@ struct Unread {
     bytes: u64,
 }
 
+/// What is queued: a store path to walk, or a recorded order of blobs
+/// and then the closure's store paths.
+enum Job {
+    Path([u8; 20]),
+    Order(Vec<(B3Digest, u64)>, Vec<[u8; 20]>),
+}
+
 /// Store paths to prefetch, in order, each once.
 #[derive(Default)]
 struct Queue {
-    order: VecDeque<([u8; 20], Interest)>,
+    order: VecDeque<(Job, Interest)>,
     /// Queued or being walked.
     queued: HashSet<[u8; 20]>,
 }
@@ -96,6 +123,8 @@ struct Queue {
 /// The filler's prefetch queue and its bounds.
 pub(super) struct Prefetcher {
     on: AtomicBool,
+    /// Where recorded orders are kept (`--prefetch recorded`).
+    orders: Mutex<Option<std::path::PathBuf>>,
     queue: Mutex<Queue>,
     wake: Arc<Notify>,
     fills: Arc<Semaphore>,
@@ -110,6 +139,7 @@ impl Prefetcher {
     pub(super) fn new() -> Self {
         Self {
             on: AtomicBool::new(false),
+            orders: Mutex::default(),
             queue: Mutex::default(),
             wake: Arc::new(Notify::new()),
             fills: Arc::new(Semaphore::new(FILLS_AT_ONCE)),
@@ -128,21 +158,23 @@ impl Prefetcher {
         if q.queued.len() >= MAX_QUEUED || !q.queued.insert(hash) {
             return;
         }
-        q.order.push_back((hash, interest));
+        q.order.push_back((Job::Path(hash), interest));
         drop(q);
         self.wake.notify_one();
     }
 
-    /// The next path whose VM is still there; it stays marked as queued
-    /// until [`Prefetcher::done`], so it is not walked twice at once.
-    fn next(&self) -> Option<([u8; 20], Interest)> {
+    /// The next job whose VM is still there; a path stays marked as
+    /// queued until [`Prefetcher::done`], so it is not walked twice at once.
+    fn next(&self) -> Option<(Job, Interest)> {
         let mut q = lock(&self.queue);
         loop {
-            let (h, i) = q.order.pop_front()?;
+            let (job, i) = q.order.pop_front()?;
             if alive(&i) {
-                return Some((h, i));
+                return Some((job, i));
             }
-            q.queued.remove(&h);
+            if let Job::Path(h) = job {
+                q.queued.remove(&h);
+            }
         }
     }
 
@@ -188,12 +220,26 @@ impl Prefetcher {
 impl Cache {
     /// Turns prefetch on or off (filler only; off by default). Starts the
     /// task that works the queue, on the cache's runtime.
-    pub fn set_prefetch(self: &Arc<Self>, mode: Mode) -> Result<()> {
+    /// `orders`: where recorded orders are kept (`recorded`; default
+    /// `DIR/orders`), created (mode 0700) if missing.
+    pub fn set_prefetch(
+        self: &Arc<Self>,
+        mode: Mode,
+        orders: Option<std::path::PathBuf>,
+    ) -> Result<()> {
         let f = self.filler()?;
         let p = &f.prefetch;
         p.budget.store(f.space.max() / 2, Relaxed);
-        let was = p.on.swap(mode == Mode::Closure, Relaxed);
-        if mode == Mode::Closure && !was {
+        if mode == Mode::Recorded {
+            let dir = orders.unwrap_or_else(|| self.root.join("orders"));
+            super::create_dir(&dir)?;
+            *lock(&p.orders) = Some(dir);
+        } else {
+            *lock(&p.orders) = None;
+        }
+        let on = mode != Mode::None;
+        let was = p.on.swap(on, Relaxed);
+        if on && !was {
             let rt = self
                 .rt
                 .as_ref()
@@ -203,12 +249,71 @@ impl Cache {
         Ok(())
     }
 
+    /// A prefetch session for a tenant's VM whose closure has `roots`:
+    /// with `--prefetch recorded`, what it opens is recorded for the next.
+    pub fn prefetch_session(&self, roots: &[StorePath]) -> Arc<Session> {
+        let recorder = self.filler().ok().and_then(|f| {
+            lock(&f.prefetch.orders)
+                .as_ref()
+                .map(|dir| super::order::Recorder::new(super::order::path_of(dir, roots)))
+        });
+        Arc::new(Session { recorder })
+    }
+
     /// Queues a VM's closure for prefetch (the paths a lookup already
-    /// queued stay as they are), on behalf of `session`.
-    pub fn prefetch_closure(&self, session: &Arc<Session>, paths: impl Iterator<Item = [u8; 20]>) {
+    /// queued stay as they are), on behalf of `session`: first the order
+    /// recorded for these `roots` if there is one, then its store paths.
+    pub fn prefetch_closure(
+        &self,
+        session: &Arc<Session>,
+        roots: &[StorePath],
+        paths: impl Iterator<Item = [u8; 20]>,
+    ) {
         let Ok(f) = self.filler() else { return };
+        let p = &f.prefetch;
+        if !p.on.load(Relaxed) {
+            return;
+        }
+        let interest = Some(Arc::downgrade(session));
+        let dir = lock(&p.orders).clone();
+        if let Some(order) = dir.and_then(|d| super::order::load(&super::order::path_of(&d, roots)))
+        {
+            tracing::debug!("prefetch: a recorded order of {} blobs", order.len());
+            let mut q = lock(&p.queue);
+            q.order
+                .push_back((Job::Order(order, paths.collect()), interest));
+            drop(q);
+            p.wake.notify_one();
+            return;
+        }
         for h in paths {
-            f.prefetch.enqueue(h, Some(Arc::downgrade(session)));
+            p.enqueue(h, interest.clone());
+        }
+    }
+
+    /// Prefetches a recorded order's blobs in their order, then queues the
+    /// closure's paths.
+    async fn prefetch_order(
+        self: Arc<Self>,
+        order: Vec<(B3Digest, u64)>,
+        then: Vec<[u8; 20]>,
+        interest: Interest,
+    ) {
+        for (digest, size) in order {
+            let present = {
+                let path = self.local.blobs.path_of(&digest);
+                tokio::task::spawn_blocking(move || path.exists())
+                    .await
+                    .unwrap_or(false)
+            };
+            if !present && !self.prefetch_blob(digest, size, &interest).await {
+                return;
+            }
+        }
+        if let Ok(f) = self.filler() {
+            for h in then {
+                f.prefetch.enqueue(h, interest.clone());
+            }
         }
     }
 
@@ -256,7 +361,7 @@ impl Cache {
             .for_each_concurrent(PATHS_AT_ONCE, |r| {
                 let (me, interest) = (self.clone(), interest.clone());
                 async move {
-                    if let Err(e) = me.get_info(&r, interest).await {
+                    if let Err(e) = me.get_info(&r, Some(interest)).await {
                         tracing::debug!(
                             "prefetch: reference {}: {e}",
                             crate::nix::nixbase32::encode(&r)
@@ -443,7 +548,11 @@ async fn dispatch(cache: Weak<Cache>) {
             let Some(c) = cache.upgrade() else { return };
             let Ok(f) = c.filler() else { return };
             match f.prefetch.next() {
-                Some((hash, interest)) => {
+                Some((Job::Order(order, then), interest)) => {
+                    tokio::spawn(c.prefetch_order(order, then, interest));
+                    continue;
+                }
+                Some((Job::Path(hash), interest)) => {
                     let Ok(permit) = paths.clone().acquire_owned().await else {
                         return;
                     };
