@@ -86,7 +86,7 @@ pub struct Flights {
 }
 
 /// Most fetches from the remote at once.
-const MAX_RUNNING: usize = 64;
+const MAX_RUNNING: usize = 96;
 
 /// Takes a finished (or panicked) fetch out of the map, so the next miss
 /// starts afresh.

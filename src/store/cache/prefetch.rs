@@ -88,8 +88,9 @@ const MAX_QUEUED: usize = 4096;
 /// Store paths prefetched at once (their trees and references are one
 /// round trip each).
 const PATHS_AT_ONCE: usize = 4;
-/// Blob fills prefetch keeps in flight, of the flights' 64.
-const FILLS_AT_ONCE: usize = 24;
+/// Blob fills prefetch keeps in flight, of the flights' 96: over a bucket
+/// a fill takes tens of ms, and 24 left a stock Garage idle between them.
+const FILLS_AT_ONCE: usize = 48;
 /// Prefetched blobs remembered until a VM reads them (for the hit and
 /// waste counters and the unread bound): 48 bytes each.
 const MAX_UNREAD: usize = 65_536;
