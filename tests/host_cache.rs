@@ -2349,3 +2349,61 @@ fn a_recorded_order_leads_the_next_tenants_prefetch() {
     drop(conn);
     assert_eq!(second.metrics().get("fill_errors_total"), 0);
 }
+
+/// A closure larger than the cache: prefetch takes at most half of
+/// `--cache-size` that no VM has read yet, says so once in the log and in
+/// its counter, and leaves the rest to the guest's reads; the cache stays
+/// within its bound.
+#[test]
+fn prefetch_of_a_closure_larger_than_the_cache_stops_at_half() {
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    const FILES: usize = 64;
+    let datas: Vec<Vec<u8>> = (0..FILES)
+        .map(|i| pseudo_random(100_000 + i, 700 + i as u64))
+        .collect();
+    let names: Vec<String> = (0..FILES).map(|i| format!("f{i:02}")).collect();
+    let files: Vec<(&str, &[u8])> = names
+        .iter()
+        .zip(&datas)
+        .map(|(n, d)| (n.as_str(), d.as_slice()))
+        .collect();
+    // 6.4 MB of files against a 4 MiB cache: 2 MiB may be prefetched
+    let base = remote_tree(t, "big-closure", &files);
+    let (remote, _ctl) = counting_remote(&rt, &t.join("remote"), &t.join("remote.sock"));
+    let dir = t.join("cache");
+    let filler = Filler::start(
+        &remote,
+        &dir,
+        t,
+        "filler",
+        &["--prefetch", "closure", "--cache-size", "4M"],
+    );
+    // a lookup, as a guest's first: the path info through the filler
+    let client = {
+        let _g = rt.enter();
+        common::grpc_store(&filler.addr())
+    };
+    let sp = tvix_virtiofsd::nix::store_path::StorePath::from_basename(&base).unwrap();
+    rt.block_on(client.path_info.get(sp.digest()))
+        .unwrap()
+        .unwrap();
+    wait_until(20, "prefetch stopped at the bound", || {
+        filler.metrics().get("prefetch_stopped_total") >= 1
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let m = filler.metrics();
+    let prefetched = m.get("prefetched_bytes_total");
+    assert!(
+        (1 << 20..=2 << 20).contains(&prefetched),
+        "prefetched {prefetched} bytes of a 2 MiB allowance"
+    );
+    assert!(m.get("used_bytes") <= 4 << 20);
+    let (_, log) = filler.stop();
+    assert_eq!(
+        log.matches("prefetched and not read yet").count(),
+        1,
+        "said once: {log}"
+    );
+}

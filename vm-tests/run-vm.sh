@@ -24,6 +24,9 @@
 #   --tag TAG         virtiofs tag (default: nix-store)
 #   --mem SIZE        guest memory, shared memfd (default: 1G)
 #   --smp N           guest CPUs (default: 1)
+#   --request-queues N  QEMU only: the virtio-fs device's request queues
+#                     (num-request-queues; default 1): the daemon must
+#                     offer as many (--request-queues)
 #   --timeout SECS    kill QEMU after SECS seconds, boot included (default: 120)
 #   --accel tcg|kvm   QEMU only: default tcg; kvm only when asked (the PVM
 #                     /dev/kvm on our machines hangs a stock kernel)
@@ -58,7 +61,7 @@ usage() {
 }
 log() { echo "run-vm: $*" >&2; }
 
-SOCK='' SCRIPT='' TAG=nix-store MEM=1G SMP=1 TIMEOUT=120 ACCEL='' APPEND='' LOGFILE='' REBOOT=''
+SOCK='' SCRIPT='' TAG=nix-store MEM=1G SMP=1 QUEUES=1 TIMEOUT=120 ACCEL='' APPEND='' LOGFILE='' REBOOT=''
 VMM=${VMTEST_VMM:-qemu} SCRIPT_VIA=''
 EXTRA=()
 while [ $# -gt 0 ]; do
@@ -68,6 +71,7 @@ while [ $# -gt 0 ]; do
         --tag) TAG=${2:?}; shift 2 ;;
         --mem) MEM=${2:?}; shift 2 ;;
         --smp) SMP=${2:?}; shift 2 ;;
+        --request-queues) QUEUES=${2:?}; shift 2 ;;
         --timeout) TIMEOUT=${2:?}; shift 2 ;;
         --accel) ACCEL=${2:?}; shift 2 ;;
         --append) APPEND=${2?}; shift 2 ;;
@@ -193,7 +197,7 @@ if [ "$VMM" = qemu ]; then
     FS_ARGS=()
     [ -z "$SOCK" ] || FS_ARGS=(
         -chardev "socket,id=vfs,path=$(qesc "$SOCK")"
-        -device "vhost-user-fs-pci,chardev=vfs,tag=$TAG,queue-size=1024"
+        -device "vhost-user-fs-pci,chardev=vfs,tag=$TAG,queue-size=1024,num-request-queues=$QUEUES"
     )
     VM_CMD=(
         "${QEMU:-qemu-system-x86_64}"

@@ -25,7 +25,7 @@ use queue_poll::PollWindow;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -54,10 +54,6 @@ pub const MAX_QUEUE_SIZE: usize = 1024;
 /// description for libvirt. No optional feature (migration, separate
 /// options) is claimed because none is implemented.
 pub const CAPABILITIES_JSON: &str = r#"{"type":"fs"}"#;
-
-/// The vring thread that serves the high-priority queue; thread 1 serves
-/// every request queue.
-const HIPRIO_THREAD: usize = 0;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -147,6 +143,8 @@ struct Job {
 #[derive(Default)]
 struct Slots {
     in_flight: AtomicUsize,
+    /// Chains popped from this queue, ever: which queues a guest used.
+    popped: AtomicU64,
     /// The vring thread stopped popping for want of a slot.
     full: AtomicBool,
 }
@@ -363,6 +361,7 @@ impl FsBackend {
                 return Some(popped);
             };
             popped += 1;
+            slots.popped.fetch_add(1, Ordering::Relaxed);
             let more = queue != 0 && more_available(vring, &mem);
             let job = Job {
                 queue,
@@ -644,9 +643,12 @@ impl VhostUserBackend for FsBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        // Thread 0: the high-priority queue; thread 1: all request queues.
-        let requests = ((1u64 << self.config.request_queues) - 1) << 1;
-        vec![1, requests]
+        // Thread 0: the high-priority queue; thread N: request queue N, so
+        // a guest that spreads its requests over queues (one per vCPU) is
+        // served by as many threads, besides the worker pool.
+        std::iter::once(1)
+            .chain((1..=self.config.request_queues).map(|q| 1u64 << q))
+            .collect()
     }
 
     fn handle_event(
@@ -663,11 +665,13 @@ impl VhostUserBackend for FsBackend {
             tracing::warn!("vring thread {thread_id}: unexpected event {device_event}");
             return Ok(());
         };
-        let queue = if thread_id == HIPRIO_THREAD {
-            0
-        } else {
-            index + 1
-        };
+        // Each thread has one vring (`queues_per_thread`): thread N's is
+        // queue N.
+        if index != 0 {
+            tracing::warn!("vring thread {thread_id}: unexpected event {device_event}");
+            return Ok(());
+        }
+        let queue = thread_id;
         let Some(poll) = self.polls.get(queue) else {
             tracing::warn!("queue {queue}: no such queue");
             return Ok(());
@@ -742,6 +746,17 @@ pub fn serve_one(
                 Err(e) => Err(Error::Daemon(e.to_string())),
             }
         });
+    let per_queue: Vec<String> = backend
+        .slots
+        .iter()
+        .enumerate()
+        .skip(1)
+        .map(|(q, s)| format!("queue {q}: {}", s.popped.load(Ordering::Relaxed)))
+        .collect();
+    tracing::info!(
+        "requests served per request queue: {}",
+        per_queue.join(", ")
+    );
     if backend.no_exit_event.load(Ordering::Acquire) {
         // Dropping would join a vring thread that cannot be told to stop;
         // the process is about to exit anyway.

@@ -132,9 +132,20 @@ fn request_queue_round_trip() {
     vring.set_queue_ready(true);
     vring.set_enabled(true);
 
-    let backend = FsBackend::new(fs, config("nix-store", 1), atomic.clone()).unwrap();
+    let backend = FsBackend::new(fs.clone(), config("nix-store", 1), atomic.clone()).unwrap();
     assert_eq!(backend.num_queues(), 2);
     assert_eq!(backend.queues_per_thread(), vec![0b1, 0b10]);
+    let four = FsBackend::new(
+        fs,
+        config("nix-store", 4),
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+    )
+    .unwrap();
+    assert_eq!(
+        four.queues_per_thread(),
+        vec![0b1, 0b10, 0b100, 0b1000, 0b10000],
+        "a thread per request queue"
+    );
     backend
         .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 1)
         .unwrap();

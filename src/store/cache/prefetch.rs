@@ -501,11 +501,13 @@ impl Cache {
         if self.local.blobs.path_of(&digest).exists() {
             return true;
         }
+        // Noted now, not when the fetch task starts: the walk checks the
+        // bound before its next blob. A fetch a guest started is its own.
+        if !f.flights.is_flying(&Key::Blob(digest)) {
+            p.note(digest, size);
+        }
         let this = self.clone();
         let rx = f.flights.join(Key::Blob(digest), move |rep| async move {
-            if let Ok(f) = this.filler() {
-                f.prefetch.note(digest, size);
-            }
             match super::blob::fetch(&this, digest, Some(size), &rep).await {
                 Ok(true) => {
                     this.stats.prefetched_blobs.fetch_add(1, Relaxed);
