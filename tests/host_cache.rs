@@ -2168,7 +2168,7 @@ fn a_tenants_prefetch_stops_when_it_goes() {
     let rt = runtime();
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    const FILES: usize = 160;
+    const FILES: usize = 240;
     let datas: Vec<Vec<u8>> = (0..FILES)
         .map(|i| pseudo_random(4_000 + i, 300 + i as u64))
         .collect();
@@ -2243,7 +2243,7 @@ fn a_recorded_order_leads_the_next_tenants_prefetch() {
     let rt = runtime();
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    const FILES: usize = 120;
+    const FILES: usize = 200;
     let datas: Vec<Vec<u8>> = (0..FILES)
         .map(|i| pseudo_random(3_000 + i, 500 + i as u64))
         .collect();
@@ -2334,14 +2334,14 @@ fn a_recorded_order_leads_the_next_tenants_prefetch() {
     let second = Filler::start(&remote, &dir, t, "second", &args);
     let conn = tenant::connect(&second.sock, &root(), Duration::from_secs(30)).unwrap();
     wait_until(10, "prefetch asked the remote", || {
-        ctl.read_order.lock().unwrap().len() >= 48
+        ctl.read_order.lock().unwrap().len() >= 96
     });
     std::thread::sleep(Duration::from_millis(500));
     let asked: std::collections::HashSet<B3Digest> =
         ctl.read_order.lock().unwrap().iter().copied().collect();
-    assert_eq!(asked.len(), 48, "prefetch keeps 48 fills in flight");
-    let last: std::collections::HashSet<B3Digest> = digests[FILES - 48..].iter().copied().collect();
-    assert_eq!(asked, last, "the first fills are the last 48 files by name");
+    assert_eq!(asked.len(), 96, "prefetch keeps 96 fills in flight");
+    let last: std::collections::HashSet<B3Digest> = digests[FILES - 96..].iter().copied().collect();
+    assert_eq!(asked, last, "the first fills are the last 96 files by name");
     gate.send(true).unwrap();
     wait_until(30, "the whole closure prefetched", || {
         digests.iter().all(|d| blob_file(&dir, d).exists())

@@ -86,7 +86,7 @@ pub struct Flights {
 }
 
 /// Most fetches from the remote at once.
-const MAX_RUNNING: usize = 96;
+const MAX_RUNNING: usize = 160;
 
 /// Takes a finished (or panicked) fetch out of the map, so the next miss
 /// starts afresh.

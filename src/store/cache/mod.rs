@@ -339,7 +339,12 @@ impl Cache {
     ) {
         self.stats.hit(kind);
         match &self.role {
-            RoleState::Filler(_) => space::touch(&path()),
+            RoleState::Filler(_) => {
+                if let Key::Blob(d) = key {
+                    self.prefetch_read(&d, true);
+                }
+                space::touch(&path())
+            }
             RoleState::Reader(r) => {
                 if !r.touches.due(&key) {
                     return;

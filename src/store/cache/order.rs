@@ -41,7 +41,20 @@ pub fn path_of(dir: &Path, roots: &[StorePath]) -> PathBuf {
 /// The recorded order at `path`, if there is a sound one.
 pub fn load(path: &Path) -> Option<Vec<(B3Digest, u64)>> {
     use std::io::Read;
-    let f = std::fs::File::open(path).ok()?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Not a link, not a FIFO that would block the reader.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    if !f.metadata().is_ok_and(|m| m.is_file()) {
+        tracing::warn!(
+            "prefetch order {}: not a regular file; ignored",
+            path.display()
+        );
+        return None;
+    }
     let mut bytes = Vec::new();
     let max = (MAGIC.len() + MAX_ORDER * ENTRY) as u64;
     if let Err(e) = f.take(max + 1).read_to_end(&mut bytes) {
@@ -120,10 +133,13 @@ impl Drop for Recorder {
 
 fn save(path: &Path, order: &[(B3Digest, u64)]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // One temporary file per save: two tenants of the same roots may end
+    // at once.
+    static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
     let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .write(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)

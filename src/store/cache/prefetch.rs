@@ -21,10 +21,11 @@ use crate::lock;
 use crate::nix::store_path::StorePath;
 use crate::store::{Error, Result};
 use futures::StreamExt;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
 use tokio::sync::{Notify, Semaphore};
 
 /// What the filler prefetches.
@@ -88,12 +89,16 @@ const MAX_QUEUED: usize = 4096;
 /// Store paths prefetched at once (their trees and references are one
 /// round trip each).
 const PATHS_AT_ONCE: usize = 4;
-/// Blob fills prefetch keeps in flight, of the flights' 96: over a bucket
-/// a fill takes tens of ms, and 24 left a stock Garage idle between them.
-const FILLS_AT_ONCE: usize = 48;
+/// Blob fills prefetch keeps in flight, of the flights' 160: over a
+/// bucket or a 10 ms link a fill takes tens of ms (24 left a stock Garage
+/// idle between them; 48 kept ~30 in flight over a 10 ms round trip).
+const FILLS_AT_ONCE: usize = 96;
 /// Prefetched blobs remembered until a VM reads them (for the hit and
 /// waste counters and the unread bound): 48 bytes each.
 const MAX_UNREAD: usize = 65_536;
+/// How long a prefetched blob counts against the unread bound if no VM
+/// is seen reading it.
+const UNREAD_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 /// Deepest directory a prefetch walks into.
 const MAX_DEPTH: usize = 256;
 
@@ -101,24 +106,59 @@ const MAX_DEPTH: usize = 256;
 #[derive(Default)]
 struct Unread {
     sizes: HashMap<B3Digest, u64>,
-    /// Oldest first, to forget when full.
-    order: VecDeque<B3Digest>,
+    /// Oldest first, with when noted: forgotten when full or old (a read
+    /// no reader reported, an eviction, must not hold the bound forever).
+    order: VecDeque<(B3Digest, Instant)>,
     bytes: u64,
+}
+
+impl Unread {
+    /// Drops the oldest noted blob; false when there is none.
+    fn drop_oldest(&mut self) -> bool {
+        while let Some((old, _)) = self.order.pop_front() {
+            if let Some(s) = self.sizes.remove(&old) {
+                self.bytes = self.bytes.saturating_sub(s);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Forgets what was noted longer than [`UNREAD_TTL`] ago.
+    fn age(&mut self) {
+        while self
+            .order
+            .front()
+            .is_some_and(|(_, t)| t.elapsed() > UNREAD_TTL)
+        {
+            if !self.drop_oldest() {
+                break;
+            }
+        }
+    }
 }
 
 /// What is queued: a store path to walk, or a recorded order of blobs
 /// and then the closure's store paths.
 enum Job {
     Path([u8; 20]),
-    Order(Vec<(B3Digest, u64)>, Vec<[u8; 20]>),
+    /// The order file, and the closure's paths.
+    Order(std::path::PathBuf, Vec<[u8; 20]>),
 }
+
+/// Recorded orders queued at once; more tenants' closures are walked.
+const MAX_ORDERS_QUEUED: usize = 16;
 
 /// Store paths to prefetch, in order, each once.
 #[derive(Default)]
 struct Queue {
     order: VecDeque<(Job, Interest)>,
-    /// Queued or being walked.
-    queued: HashSet<[u8; 20]>,
+    /// Queued or being walked, for whom: a path queued for a VM that
+    /// went is queued again for the next that asks.
+    queued: HashMap<[u8; 20], Interest>,
+    /// Recorded orders queued (each up to [`super::order::MAX_ORDER`]
+    /// blobs).
+    orders: usize,
 }
 
 /// The filler's prefetch queue and its bounds.
@@ -156,9 +196,13 @@ impl Prefetcher {
             return;
         }
         let mut q = lock(&self.queue);
-        if q.queued.len() >= MAX_QUEUED || !q.queued.insert(hash) {
+        if q.queued.get(&hash).is_some_and(alive) {
             return;
         }
+        if q.queued.len() >= MAX_QUEUED {
+            return;
+        }
+        q.queued.insert(hash, interest.clone());
         q.order.push_back((Job::Path(hash), interest));
         drop(q);
         self.wake.notify_one();
@@ -170,38 +214,54 @@ impl Prefetcher {
         let mut q = lock(&self.queue);
         loop {
             let (job, i) = q.order.pop_front()?;
+            match &job {
+                Job::Order(..) => q.orders -= 1,
+                Job::Path(h) if !alive(&i) => {
+                    if q.queued.get(h).is_some_and(|k| !alive(k)) {
+                        q.queued.remove(h);
+                    }
+                }
+                Job::Path(_) => {}
+            }
             if alive(&i) {
                 return Some((job, i));
-            }
-            if let Job::Path(h) = job {
-                q.queued.remove(&h);
             }
         }
     }
 
+    /// A walk of `hash` ended.
     fn done(&self, hash: &[u8; 20]) {
         lock(&self.queue).queued.remove(hash);
     }
 
     fn unread_bytes(&self) -> u64 {
-        lock(&self.unread).bytes
+        let mut u = lock(&self.unread);
+        u.age();
+        u.bytes
     }
 
     /// Notes a blob prefetch is fetching (before it lands, so a guest
     /// joining the fetch counts as a hit).
     fn note(&self, digest: B3Digest, size: u64) {
         let mut u = lock(&self.unread);
-        if u.sizes.len() >= MAX_UNREAD {
-            while let Some(old) = u.order.pop_front() {
-                if let Some(s) = u.sizes.remove(&old) {
-                    u.bytes -= s;
-                    break;
-                }
-            }
+        if u.sizes.contains_key(&digest) {
+            return;
         }
-        if u.sizes.insert(digest, size).is_none() {
-            u.order.push_back(digest);
-            u.bytes += size;
+        if u.sizes.len() >= MAX_UNREAD {
+            u.drop_oldest();
+        }
+        u.sizes.insert(digest, size);
+        u.order.push_back((digest, Instant::now()));
+        u.bytes = u.bytes.saturating_add(size);
+    }
+
+    /// The blob turned out to be `actual` bytes (a recorded size is only
+    /// a hint).
+    fn resize(&self, digest: &B3Digest, actual: u64) {
+        let mut u = lock(&self.unread);
+        if let Some(s) = u.sizes.get_mut(digest) {
+            let old = std::mem::replace(s, actual);
+            u.bytes = u.bytes.saturating_sub(old).saturating_add(actual);
         }
     }
 
@@ -209,10 +269,10 @@ impl Prefetcher {
     fn forget(&self, digest: &B3Digest) -> Option<u64> {
         let mut u = lock(&self.unread);
         let s = u.sizes.remove(digest)?;
-        u.bytes -= s;
+        u.bytes = u.bytes.saturating_sub(s);
         if u.order.len() > 2 * u.sizes.len() + 64 {
             let Unread { sizes, order, .. } = &mut *u;
-            order.retain(|d| sizes.contains_key(d));
+            order.retain(|(d, _)| sizes.contains_key(d));
         }
         Some(s)
     }
@@ -277,39 +337,54 @@ impl Cache {
         }
         let interest = Some(Arc::downgrade(session));
         let dir = lock(&p.orders).clone();
-        if let Some(order) = dir.and_then(|d| super::order::load(&super::order::path_of(&d, roots)))
-        {
-            tracing::debug!("prefetch: a recorded order of {} blobs", order.len());
+        if let Some(dir) = dir {
             let mut q = lock(&p.queue);
-            q.order
-                .push_back((Job::Order(order, paths.collect()), interest));
-            drop(q);
-            p.wake.notify_one();
-            return;
+            if q.orders < MAX_ORDERS_QUEUED {
+                q.orders += 1;
+                let file = super::order::path_of(&dir, roots);
+                q.order
+                    .push_back((Job::Order(file, paths.collect()), interest));
+                drop(q);
+                p.wake.notify_one();
+                return;
+            }
         }
         for h in paths {
             p.enqueue(h, interest.clone());
         }
     }
 
-    /// Prefetches a recorded order's blobs in their order, then queues the
-    /// closure's paths.
+    /// Prefetches a recorded order's blobs in their order (the file read
+    /// off the runtime's threads), then queues the closure's paths.
     async fn prefetch_order(
         self: Arc<Self>,
-        order: Vec<(B3Digest, u64)>,
+        file: std::path::PathBuf,
         then: Vec<[u8; 20]>,
         interest: Interest,
     ) {
+        let order = tokio::task::spawn_blocking(move || super::order::load(&file))
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        if !order.is_empty() {
+            tracing::debug!("prefetch: a recorded order of {} blobs", order.len());
+        }
         for (digest, size) in order {
-            let present = {
-                let path = self.local.blobs.path_of(&digest);
-                tokio::task::spawn_blocking(move || path.exists())
-                    .await
-                    .unwrap_or(false)
-            };
-            if !present && !self.prefetch_blob(digest, size, &interest).await {
+            if !alive(&interest) {
                 return;
             }
+            // The recorded size is the tenant's word: a hint for the
+            // bound, never what the blob is checked against.
+            if !self
+                .prefetch_blob(digest, Size::Hint(size), &interest)
+                .await
+            {
+                return;
+            }
+        }
+        if !alive(&interest) {
+            return;
         }
         if let Ok(f) = self.filler() {
             for h in then {
@@ -345,7 +420,8 @@ impl Cache {
         match info.node {
             Node::Directory { digest, .. } => self.prefetch_tree(digest, &interest).await?,
             Node::File { digest, size, .. } => {
-                self.prefetch_blob(digest, size, &interest).await;
+                self.prefetch_blob(digest, Size::Exact(size), &interest)
+                    .await;
             }
             Node::Symlink { .. } => {}
         }
@@ -416,7 +492,7 @@ impl Cache {
                 }
                 Some(Item::Dir(d)) => next = Some(d),
                 Some(Item::Blob(d, size)) => {
-                    if !self.prefetch_blob(d, size, interest).await {
+                    if !self.prefetch_blob(d, Size::Exact(size), interest).await {
                         return Ok(());
                     }
                 }
@@ -466,7 +542,7 @@ impl Cache {
     async fn prefetch_blob(
         self: &Arc<Self>,
         digest: B3Digest,
-        size: u64,
+        size: Size,
         interest: &Interest,
     ) -> bool {
         let Ok(f) = self.filler() else { return false };
@@ -476,10 +552,11 @@ impl Cache {
         }
         let p = &f.prefetch;
         let budget = p.budget.load(Relaxed);
-        if cost(size) > budget || !p.on.load(Relaxed) {
+        let bytes = size.bytes();
+        if cost(bytes) > budget || !p.on.load(Relaxed) {
             return true;
         }
-        if p.unread_bytes() + size > budget {
+        if p.unread_bytes().saturating_add(bytes) > budget {
             if !p.full.swap(true, Relaxed) {
                 tracing::info!(
                     "prefetch: {} MiB prefetched and not read yet, half the cache: \
@@ -498,20 +575,30 @@ impl Cache {
             self.stats.prefetch_cancelled.fetch_add(1, Relaxed);
             return false;
         }
-        if self.local.blobs.path_of(&digest).exists() {
+        let path = self.local.blobs.path_of(&digest);
+        if tokio::fs::try_exists(path).await.unwrap_or(false) {
             return true;
         }
         // Noted now, not when the fetch task starts: the walk checks the
         // bound before its next blob. A fetch a guest started is its own.
         if !f.flights.is_flying(&Key::Blob(digest)) {
-            p.note(digest, size);
+            p.note(digest, bytes);
         }
         let this = self.clone();
+        let exact = match size {
+            Size::Exact(n) => Some(n),
+            Size::Hint(_) => None,
+        };
         let rx = f.flights.join(Key::Blob(digest), move |rep| async move {
-            match super::blob::fetch(&this, digest, Some(size), &rep).await {
+            let got = super::blob::fetch(&this, digest, exact, &rep).await;
+            let actual = rep.borrow().bytes;
+            match got {
                 Ok(true) => {
+                    if let Ok(f) = this.filler() {
+                        f.prefetch.resize(&digest, actual);
+                    }
                     this.stats.prefetched_blobs.fetch_add(1, Relaxed);
-                    this.stats.prefetched_bytes.fetch_add(size, Relaxed);
+                    this.stats.prefetched_bytes.fetch_add(actual, Relaxed);
                     Outcome::Stored
                 }
                 other => {
@@ -525,14 +612,44 @@ impl Cache {
                 }
             }
         });
-        let idle = self.idle;
+        // The fill slot is held until the fetch ends, however long it
+        // waits for one of the flights' slots: waiting only the idle
+        // limit would let prefetch queue past its bound ahead of guests.
         tokio::spawn(async move {
             let _permit = permit;
-            if let Outcome::Failed { message, .. } = flights::wait(rx, idle).await {
-                tracing::debug!("prefetch of blob {digest}: {message}");
+            let mut rx = rx;
+            loop {
+                if let Some(o) = rx.borrow_and_update().outcome.clone() {
+                    if let Outcome::Failed { message, .. } = o {
+                        tracing::debug!("prefetch of blob {digest}: {message}");
+                    }
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
             }
         });
         true
+    }
+}
+
+/// A blob's size as prefetch knows it.
+#[derive(Clone, Copy)]
+enum Size {
+    /// From a directory entry: the blob is checked against it.
+    Exact(u64),
+    /// Recorded by a tenant: only counted against the bound (at most
+    /// 1 GiB of it); the blob is checked against its digest.
+    Hint(u64),
+}
+
+impl Size {
+    fn bytes(self) -> u64 {
+        match self {
+            Size::Exact(n) => n,
+            Size::Hint(n) => n.min(1 << 30),
+        }
     }
 }
 
@@ -551,8 +668,8 @@ async fn dispatch(cache: Weak<Cache>) {
             let Some(c) = cache.upgrade() else { return };
             let Ok(f) = c.filler() else { return };
             match f.prefetch.next() {
-                Some((Job::Order(order, then), interest)) => {
-                    tokio::spawn(c.prefetch_order(order, then, interest));
+                Some((Job::Order(file, then), interest)) => {
+                    tokio::spawn(c.prefetch_order(file, then, interest));
                     continue;
                 }
                 Some((Job::Path(hash), interest)) => {
