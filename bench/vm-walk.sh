@@ -33,6 +33,9 @@
 #   TIMEOUT     seconds a VM may run, boot included (900)
 #   VIRTIOFSD   reference binary (/var/tmp/vmtest-virtiofsd/bin/virtiofsd;
 #               installed if missing and asked for)
+#   RTT_MS      remote-tcp's host daemon reaches the remote store daemon
+#               through the shaping relay (benches/relay.rs, as in
+#               bench/vufs-load.sh) adding this round trip in ms (0: direct)
 #   KEEP        1: keep the work directory (logs, consoles, cache) at the end
 #   BIN         our binary (default: target/release/tvix-virtiofsd, built
 #               first), e.g. an older build to compare with
@@ -59,6 +62,12 @@ VFSD=${VIRTIOFSD:-/var/tmp/vmtest-virtiofsd/bin/virtiofsd}
 if [[ " $stores " == *" virtiofsd "* ]] && [ ! -x "$VFSD" ]; then
   apt-get install -y -q libseccomp-dev libcap-ng-dev >/dev/null
   cargo install --quiet virtiofsd --version 1.14.0 --locked --root "$(dirname "$(dirname "$VFSD")")"
+fi
+rtt_ms=${RTT_MS:-0}
+if [ "$rtt_ms" != 0 ]; then
+  relay_bin=$(cargo bench --bench relay --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\))$/\1/p' | tail -1)
+  [ -x "$relay_bin" ] || { echo "cannot find the relay bench executable" >&2; exit 1; }
+  relay_flags="--rtt-ms $rtt_ms"
 fi
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 git diff --quiet HEAD 2>/dev/null || commit="$commit (with uncommitted changes)"
@@ -175,7 +184,7 @@ run_vm() {
     "$rss_vm" "${rss_host:--}" "${fetched:--}"
 }
 
-echo "tree: ${dirs[*]}: $files files, $((bytes / 1048576)) MiB; TCG guest, 1 vCPU, 1 GiB; commit $commit"
+echo "tree: ${dirs[*]}: $files files, $((bytes / 1048576)) MiB; TCG guest, 1 vCPU, 1 GiB; commit $commit; remote-tcp through a relay adding RTT ${rtt_ms} ms"
 echo
 echo "| daemon | VM | boot to first command (guest uptime) | find | cat all | find, guest caches dropped | cat all, guest caches dropped | whole run | RssAnon serving (KiB) | RssAnon host daemon (KiB) | bytes fetched from the remote |"
 echo "| --- | --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: |"
