@@ -2407,3 +2407,55 @@ fn prefetch_of_a_closure_larger_than_the_cache_stops_at_half() {
         "said once: {log}"
     );
 }
+
+/// A tenant that goes while its closure is still being prefetched, and
+/// another tenant of the same closure right after it: the path queued
+/// (or walked) for the first is queued again for the second, whose
+/// prefetch then fetches the whole closure.
+#[test]
+fn a_path_left_by_a_tenant_that_went_is_prefetched_for_the_next() {
+    use tvix_virtiofsd::nix::store_path::StorePath;
+    use tvix_virtiofsd::store::cache::tenant;
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    const FILES: usize = 200;
+    let datas: Vec<Vec<u8>> = (0..FILES)
+        .map(|i| pseudo_random(2_000 + i, 1_100 + i as u64))
+        .collect();
+    let names: Vec<String> = (0..FILES).map(|i| format!("g{i:03}")).collect();
+    let files: Vec<(&str, &[u8])> = names
+        .iter()
+        .zip(&datas)
+        .map(|(n, d)| (n.as_str(), d.as_slice()))
+        .collect();
+    let base = remote_tree(t, "pkg", &files);
+    let (remote, ctl) = counting_remote(&rt, &t.join("remote"), &t.join("remote.sock"));
+    for d in &datas {
+        ctl.set(
+            B3Digest::of(d),
+            Behaviour::Trickle {
+                chunk: 1000,
+                delay: Duration::from_millis(100),
+            },
+        );
+    }
+    let dir = t.join("cache");
+    let filler = Filler::start(&remote, &dir, t, "filler", &["--prefetch", "closure"]);
+    let root = || vec![StorePath::from_basename(&base).unwrap()];
+    let first = tenant::connect(&filler.sock, &root(), Duration::from_secs(30)).unwrap();
+    wait_until(10, "the first tenant's prefetch started", || {
+        ctl.all_reads() > 0
+    });
+    drop(first);
+    let second = tenant::connect(&filler.sock, &root(), Duration::from_secs(30)).unwrap();
+    wait_until(60, "the whole closure prefetched for the second", || {
+        datas
+            .iter()
+            .all(|d| blob_file(&dir, &B3Digest::of(d)).exists())
+    });
+    drop(second);
+    for d in &datas {
+        assert_eq!(ctl.reads(&B3Digest::of(d)), 1, "each blob fetched once");
+    }
+}
