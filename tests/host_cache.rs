@@ -2459,3 +2459,65 @@ fn a_path_left_by_a_tenant_that_went_is_prefetched_for_the_next() {
         assert_eq!(ctl.reads(&B3Digest::of(d)), 1, "each blob fetched once");
     }
 }
+
+/// Against a remote daemon of ours, prefetch asks for small blobs in
+/// batches (`CacheService/ReadBlobs`): a tree of 150 small files lands in
+/// the cache in a handful of calls, every blob the right bytes (each is
+/// written through the same digest-checked path as any fill), the large
+/// one fetched alone. The other tests' counting remote has no ReadBlobs:
+/// they prefetch blob by blob, which is the fallback.
+#[test]
+fn prefetch_batches_small_blobs_from_a_daemon_of_ours() {
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    const FILES: usize = 150;
+    let datas: Vec<Vec<u8>> = (0..FILES)
+        .map(|i| pseudo_random(500 + 37 * i, 1_300 + i as u64))
+        .collect();
+    let names: Vec<String> = (0..FILES).map(|i| format!("s{}/b{i:03}", i % 5)).collect();
+    let mut files: Vec<(&str, &[u8])> = names
+        .iter()
+        .zip(&datas)
+        .map(|(n, d)| (n.as_str(), d.as_slice()))
+        .collect();
+    let big = pseudo_random(3 * MIB, 1_299);
+    files.push(("big", &big));
+    let base = remote_tree(t, "pkg", &files);
+    let remote = Daemon::start(
+        &format!("local://{}", t.join("remote").display()),
+        &format!("unix:{}", t.join("remote.sock").display()),
+        &["--read-only"],
+    );
+    let dir = t.join("cache");
+    let filler = Filler::start(&remote.addr, &dir, t, "filler", &["--prefetch", "closure"]);
+    let client = {
+        let _g = rt.enter();
+        common::grpc_store(&filler.addr())
+    };
+    let sp = tvix_virtiofsd::nix::store_path::StorePath::from_basename(&base).unwrap();
+    rt.block_on(client.path_info.get(sp.digest()))
+        .unwrap()
+        .unwrap();
+    wait_until(20, "every blob prefetched", || {
+        datas
+            .iter()
+            .chain([&big])
+            .all(|d| blob_file(&dir, &B3Digest::of(d)).exists())
+    });
+    for (n, d) in names.iter().zip(&datas) {
+        assert!(
+            std::fs::read(blob_file(&dir, &B3Digest::of(d))).unwrap() == *d,
+            "{n}"
+        );
+    }
+    assert!(std::fs::read(blob_file(&dir, &B3Digest::of(&big))).unwrap() == big);
+    let m = filler.metrics();
+    let batches = m.get("prefetch_batches_total");
+    assert!(
+        (5..=20).contains(&batches),
+        "{batches} batches for {FILES} small blobs (32 a batch)"
+    );
+    assert_eq!(m.get("prefetched_blobs_total"), FILES as u64 + 1);
+    assert_eq!(m.get("fill_errors_total"), 0);
+}

@@ -392,6 +392,12 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
             crate::serve::grpc::CacheServer::new(c.clone()),
         )
     });
+    // Without a cache directory: only ReadBlobs, for host caches.
+    let blobs_only = cache.is_none().then(|| {
+        crate::wire::cache::cache_service_server::CacheServiceServer::new(
+            crate::serve::grpc::BlobsOnlyServer::new(tenant_store.blob.clone()),
+        )
+    });
     if let Some(c) = &cache {
         tracing::info!(
             "filling cache {} (at most {} MiB) from the store",
@@ -416,7 +422,8 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
         .add_service(blobs)
         .add_service(directories)
         .add_service(path_infos)
-        .add_optional_service(cache_service);
+        .add_optional_service(cache_service)
+        .add_optional_service(blobs_only);
 
     let ro = match (&listener, read_only) {
         (Listener::Tcp(_), true) => " (read-only; --writable accepts Puts)",

@@ -139,7 +139,9 @@ impl Store {
             return Ok((store, None));
         };
         // A reader asks the store that serves its blobs to fill them.
+        // A filler asks a remote of ours for many small blobs at once.
         let filler = match (c.role, blob) {
+            (cache::Role::Filler, Addr::GrpcUnix(..) | Addr::GrpcHttp(..)) => Some(channel(blob)?),
             (cache::Role::Filler, _) => None,
             (cache::Role::Reader, Addr::GrpcUnix(..) | Addr::GrpcHttp(..)) => Some(channel(blob)?),
             (cache::Role::Reader, Addr::List(_)) => {

@@ -27,6 +27,17 @@ impl CacheServer {
 #[tonic::async_trait]
 impl crate::wire::cache::cache_service_server::CacheService for CacheServer {
     type FillBlobStream = BoxStream<'static, Result<crate::wire::cache::FillProgress, Status>>;
+    type ReadBlobsStream = super::read_blobs::PieceStream;
+
+    /// From the cache (its misses fetched into it), for a host cache in
+    /// front of this one.
+    async fn read_blobs(
+        &self,
+        req: Request<crate::wire::cache::ReadBlobsRequest>,
+    ) -> Result<Response<Self::ReadBlobsStream>, Status> {
+        let blobs = self.cache.store().blob;
+        super::read_blobs::serve(blobs, req.into_inner().digests).map(Response::new)
+    }
 
     async fn fill_blob(
         &self,
@@ -92,5 +103,47 @@ impl crate::wire::cache::cache_service_server::CacheService for CacheServer {
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(crate::wire::cache::TouchResponse {}))
+    }
+}
+
+/// The cache service of a daemon without a cache directory: only
+/// ReadBlobs, from its store (a host cache filling ahead of VMs asks it);
+/// FillBlob and Touch are UNIMPLEMENTED, as readers expect of a store that
+/// does not fill.
+#[derive(Clone)]
+pub struct BlobsOnlyServer {
+    blobs: std::sync::Arc<dyn crate::store::blob::BlobService>,
+}
+
+impl BlobsOnlyServer {
+    pub fn new(blobs: std::sync::Arc<dyn crate::store::blob::BlobService>) -> Self {
+        Self { blobs }
+    }
+}
+
+#[tonic::async_trait]
+impl crate::wire::cache::cache_service_server::CacheService for BlobsOnlyServer {
+    type FillBlobStream = BoxStream<'static, Result<crate::wire::cache::FillProgress, Status>>;
+    type ReadBlobsStream = super::read_blobs::PieceStream;
+
+    async fn fill_blob(
+        &self,
+        _req: Request<crate::wire::cache::FillBlobRequest>,
+    ) -> Result<Response<Self::FillBlobStream>, Status> {
+        Err(Status::unimplemented("this daemon has no --cache-dir"))
+    }
+
+    async fn touch(
+        &self,
+        _req: Request<crate::wire::cache::TouchRequest>,
+    ) -> Result<Response<crate::wire::cache::TouchResponse>, Status> {
+        Err(Status::unimplemented("this daemon has no --cache-dir"))
+    }
+
+    async fn read_blobs(
+        &self,
+        req: Request<crate::wire::cache::ReadBlobsRequest>,
+    ) -> Result<Response<Self::ReadBlobsStream>, Status> {
+        super::read_blobs::serve(self.blobs.clone(), req.into_inner().digests).map(Response::new)
     }
 }

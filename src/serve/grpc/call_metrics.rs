@@ -11,7 +11,7 @@ pub struct CallMetrics {
 
 /// The methods counted by name (tvix's; snix's count as the same); the
 /// slot after them holds every other path.
-const METHODS: [&str; 11] = [
+const METHODS: [&str; 12] = [
     "/tvix.castore.v1.BlobService/Stat",
     "/tvix.castore.v1.BlobService/Read",
     "/tvix.castore.v1.BlobService/Put",
@@ -23,6 +23,7 @@ const METHODS: [&str; 11] = [
     "/tvix.store.v1.PathInfoService/List",
     "/tvix_virtiofsd.cache.v1.CacheService/Fill",
     "/tvix_virtiofsd.cache.v1.CacheService/Touch",
+    "/tvix_virtiofsd.cache.v1.CacheService/ReadBlobs",
 ];
 
 impl CallMetrics {

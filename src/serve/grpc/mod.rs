@@ -11,12 +11,13 @@
 pub mod bounds;
 pub mod cache;
 pub mod call_metrics;
+pub mod read_blobs;
 pub mod reset;
 pub mod routes;
 pub mod store;
 pub mod tenants;
 
-pub use cache::CacheServer;
+pub use cache::{BlobsOnlyServer, CacheServer};
 pub use call_metrics::{CallMetrics, CountLayer, Counted};
 pub use reset::{reset_is_error, ResetIsError};
 pub use routes::{wire_names, Families};

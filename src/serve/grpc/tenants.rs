@@ -40,6 +40,15 @@ pub struct ScopedCacheServer {
 #[tonic::async_trait]
 impl cpb::cache_service_server::CacheService for ScopedCacheServer {
     type FillBlobStream = BoxStream<'static, Result<cpb::FillProgress, Status>>;
+    type ReadBlobsStream = super::read_blobs::PieceStream;
+
+    /// Not on a tenant's connection: its blobs come as files.
+    async fn read_blobs(
+        &self,
+        _req: Request<cpb::ReadBlobsRequest>,
+    ) -> Result<Response<Self::ReadBlobsStream>, Status> {
+        Err(Status::unimplemented("not on a tenant's connection"))
+    }
 
     async fn fill_blob(
         &self,

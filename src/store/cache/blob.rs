@@ -312,16 +312,31 @@ pub(super) async fn fetch(
     // the bytes it sent: a size declared by a directory entry or a reader
     // is a claim, and reserving it up front let one fill of a missing blob
     // evict the whole cache.
-    let mut room = f.space.reserve(0, cache.idle).await?;
+    let room = f.space.reserve(0, cache.idle).await?;
     let opened = tokio::time::timeout(cache.idle, cache.remote.blob.read_stream(&digest))
         .await
         .map_err(|_| stalled(&digest, cache.idle))?;
-    let mut stream = match opened {
+    let stream = match opened {
         Ok(Some(s)) => s,
         Ok(None) => return Ok(false),
         Err(e) if is_not_found(&e) => return Ok(false),
         Err(e) => return Err(e),
     };
+    write_checked(cache, digest, size, rep, room, stream).await
+}
+
+/// Writes a blob's bytes as they come from `stream` into the cache,
+/// checked against its digest (and `size`) before it is renamed into
+/// place; `Ok(false)` when the stream says the blob is absent.
+pub(super) async fn write_checked(
+    cache: &Cache,
+    digest: B3Digest,
+    size: Option<u64>,
+    rep: &Reporter,
+    mut room: super::space::Reservation,
+    mut stream: crate::store::blob::ChunkStream,
+) -> Result<bool> {
+    let dest = cache.local.blobs.path_of(&digest);
     let tmp = crate::store::disk::staged_temp(&cache.root)?;
     // Chunks go straight to the file: they come in tens or hundreds of KiB,
     // and a buffer per fill cost a mapping (and its unmapping) per blob.

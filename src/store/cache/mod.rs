@@ -18,6 +18,7 @@
 //! Readers still check what they serve (directories and path infos on
 //! every read, blobs before their first byte in the view), so not even a
 //! corrupted cache directory makes a guest read wrong bytes.
+mod batch;
 mod blob;
 mod directory;
 pub mod flights;
@@ -144,6 +145,11 @@ struct Filler {
     pass_through: Arc<tokio::sync::Semaphore>,
     /// Boxed: its tables are large, and a reader has none.
     prefetch: Box<prefetch::Prefetcher>,
+    /// The remote's cache service, when the remote is one daemon of ours
+    /// (`CacheService/ReadBlobs`), until it says it has none. Boxed: a
+    /// gRPC client is large.
+    batch: Option<Box<CacheServiceClient<WireChannel>>>,
+    batching: AtomicBool,
     /// flock'd for as long as we fill: one filler per directory.
     _lock: std::fs::File,
 }
@@ -184,7 +190,8 @@ pub struct Cache {
 impl Cache {
     /// Opens the cache at `opts.dir` in front of `remote`. A filler creates
     /// the directory, takes its lock and takes stock of it; a reader needs
-    /// `filler`, the channel to the store that fills the directory.
+    /// `filler`, the channel to the store that fills the directory (for a
+    /// filler: the remote's, when it is one daemon, to batch small blobs).
     pub fn open(
         opts: &CacheOptions,
         remote: Store,
@@ -227,6 +234,13 @@ impl Cache {
                     )),
                     pass_through: Arc::new(tokio::sync::Semaphore::new(blob::MAX_PASS_THROUGH)),
                     prefetch: Box::new(prefetch::Prefetcher::new()),
+                    batching: AtomicBool::new(filler.is_some()),
+                    batch: filler.clone().map(|c| {
+                        Box::new(
+                            CacheServiceClient::new(c)
+                                .max_decoding_message_size(crate::store::channel::MAX_MESSAGE_SIZE),
+                        )
+                    }),
                     _lock: lock,
                 });
                 (local, role)

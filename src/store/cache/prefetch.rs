@@ -79,8 +79,17 @@ impl Session {
 /// the path's size and the unread bound).
 pub type Interest = Option<Weak<Session>>;
 
-fn alive(i: &Interest) -> bool {
+pub(super) fn alive(i: &Interest) -> bool {
     i.as_ref().is_none_or(|w| w.strong_count() > 0)
+}
+
+/// Whether two interests are the same VM's (or both the host's).
+fn same(a: &Interest, b: &Interest) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Weak::ptr_eq(a, b),
+        _ => false,
+    }
 }
 
 /// Store paths waiting to be prefetched; more are not queued (the guest's
@@ -153,9 +162,10 @@ const MAX_ORDERS_QUEUED: usize = 16;
 #[derive(Default)]
 struct Queue {
     order: VecDeque<(Job, Interest)>,
-    /// Queued or being walked, for whom: a path queued for a VM that
-    /// went is queued again for the next that asks.
-    queued: HashMap<[u8; 20], Interest>,
+    /// Queued or being walked, and for whom (one entry per VM that asked,
+    /// the host's `None` once): a walk that stops because its VM went is
+    /// taken up for another that still wants the path.
+    queued: HashMap<[u8; 20], Vec<Interest>>,
     /// Recorded orders queued (each up to [`super::order::MAX_ORDER`]
     /// blobs).
     orders: usize,
@@ -163,15 +173,15 @@ struct Queue {
 
 /// The filler's prefetch queue and its bounds.
 pub(super) struct Prefetcher {
-    on: AtomicBool,
+    pub(super) on: AtomicBool,
     /// Where recorded orders are kept (`--prefetch recorded`).
     orders: Mutex<Option<std::path::PathBuf>>,
     queue: Mutex<Queue>,
     wake: Arc<Notify>,
-    fills: Arc<Semaphore>,
+    pub(super) fills: Arc<Semaphore>,
     unread: Mutex<Unread>,
     /// Most bytes prefetched and not yet read.
-    budget: AtomicU64,
+    pub(super) budget: AtomicU64,
     /// The budget was met since it last had room (said once).
     full: AtomicBool,
 }
@@ -196,13 +206,18 @@ impl Prefetcher {
             return;
         }
         let mut q = lock(&self.queue);
-        if q.queued.get(&hash).is_some_and(alive) {
+        if let Some(list) = q.queued.get_mut(&hash) {
+            // Queued or walked already: this VM's interest keeps it going.
+            list.retain(alive);
+            if !list.iter().any(|i| same(i, &interest)) {
+                list.push(interest);
+            }
             return;
         }
         if q.queued.len() >= MAX_QUEUED {
             return;
         }
-        q.queued.insert(hash, interest.clone());
+        q.queued.insert(hash, vec![interest.clone()]);
         q.order.push_back((Job::Path(hash), interest));
         drop(q);
         self.wake.notify_one();
@@ -215,26 +230,64 @@ impl Prefetcher {
         loop {
             let (job, i) = q.order.pop_front()?;
             match &job {
-                Job::Order(..) => q.orders -= 1,
-                Job::Path(h) if !alive(&i) => {
-                    if q.queued.get(h).is_some_and(|k| !alive(k)) {
-                        q.queued.remove(h);
+                Job::Order(..) => {
+                    q.orders -= 1;
+                    if alive(&i) {
+                        return Some((job, i));
                     }
                 }
-                Job::Path(_) => {}
-            }
-            if alive(&i) {
-                return Some((job, i));
+                Job::Path(h) => {
+                    // Walked for whoever still wants it.
+                    let h = *h;
+                    let wanted = q.queued.get_mut(&h).and_then(|list| {
+                        list.retain(alive);
+                        list.first().cloned()
+                    });
+                    match wanted {
+                        Some(w) => return Some((job, w)),
+                        None => {
+                            q.queued.remove(&h);
+                        }
+                    }
+                }
             }
         }
     }
 
-    /// A walk of `hash` ended.
-    fn done(&self, hash: &[u8; 20]) {
-        lock(&self.queue).queued.remove(hash);
+    /// A walk stops at the bound of unread bytes (said once until there
+    /// is room again).
+    pub(super) fn at_bound(&self, stats: &super::stats::CacheStats) {
+        if !self.full.swap(true, Relaxed) {
+            tracing::info!(
+                "prefetch: {} MiB prefetched and not read yet, half the cache: \
+                 the rest is fetched as VMs read it",
+                self.budget.load(Relaxed) >> 20
+            );
+        }
+        stats.prefetch_stopped.fetch_add(1, Relaxed);
     }
 
-    fn unread_bytes(&self) -> u64 {
+    /// A walk of `hash` for `walked_for` ended: done, or stopped because
+    /// its VM went, in which case another VM that wants the path (if any)
+    /// has it walked again (what the first walk fetched is skipped).
+    fn done(&self, hash: &[u8; 20], walked_for: &Interest) {
+        let mut q = lock(&self.queue);
+        let Some(mut list) = q.queued.remove(hash) else {
+            return;
+        };
+        if alive(walked_for) {
+            return;
+        }
+        list.retain(|i| alive(i) && !same(i, walked_for));
+        if let Some(next) = list.first().cloned() {
+            q.queued.insert(*hash, list);
+            q.order.push_back((Job::Path(*hash), next));
+            drop(q);
+            self.wake.notify_one();
+        }
+    }
+
+    pub(super) fn unread_bytes(&self) -> u64 {
         let mut u = lock(&self.unread);
         u.age();
         u.bytes
@@ -242,7 +295,7 @@ impl Prefetcher {
 
     /// Notes a blob prefetch is fetching (before it lands, so a guest
     /// joining the fetch counts as a hit).
-    fn note(&self, digest: B3Digest, size: u64) {
+    pub(super) fn note(&self, digest: B3Digest, size: u64) {
         let mut u = lock(&self.unread);
         if u.sizes.contains_key(&digest) {
             return;
@@ -266,7 +319,7 @@ impl Prefetcher {
     }
 
     /// Forgets a blob whose prefetch failed.
-    fn forget(&self, digest: &B3Digest) -> Option<u64> {
+    pub(super) fn forget(&self, digest: &B3Digest) -> Option<u64> {
         let mut u = lock(&self.unread);
         let s = u.sizes.remove(digest)?;
         u.bytes = u.bytes.saturating_sub(s);
@@ -457,6 +510,8 @@ impl Cache {
         let mut fetched = false;
         let mut stack: Vec<std::vec::IntoIter<Item>> = Vec::new();
         let mut next = Some(root);
+        // Small blobs go in batches to a remote of ours.
+        let mut batch = super::batch::Batch::default();
         loop {
             if let Some(d) = next.take() {
                 let items = match self
@@ -484,6 +539,7 @@ impl Cache {
                 }
             }
             let Some(top) = stack.last_mut() else {
+                self.prefetch_batch(batch.take(), interest).await;
                 return Ok(());
             };
             match top.next() {
@@ -491,6 +547,11 @@ impl Cache {
                     stack.pop();
                 }
                 Some(Item::Dir(d)) => next = Some(d),
+                Some(Item::Blob(d, size)) if self.batches() && batch.fits(size) => {
+                    if batch.add(d, size) && !self.prefetch_batch(batch.take(), interest).await {
+                        return Ok(());
+                    }
+                }
                 Some(Item::Blob(d, size)) => {
                     if !self.prefetch_blob(d, Size::Exact(size), interest).await {
                         return Ok(());
@@ -557,14 +618,7 @@ impl Cache {
             return true;
         }
         if p.unread_bytes().saturating_add(bytes) > budget {
-            if !p.full.swap(true, Relaxed) {
-                tracing::info!(
-                    "prefetch: {} MiB prefetched and not read yet, half the cache: \
-                     the rest is fetched as VMs read it",
-                    budget >> 20
-                );
-            }
-            self.stats.prefetch_stopped.fetch_add(1, Relaxed);
+            p.at_bound(&self.stats);
             return false;
         }
         p.full.store(false, Relaxed);
@@ -678,14 +732,14 @@ async fn dispatch(cache: Weak<Cache>) {
                     };
                     tokio::spawn(async move {
                         let _permit = permit;
-                        if let Err(e) = c.clone().prefetch_path(hash, interest).await {
+                        if let Err(e) = c.clone().prefetch_path(hash, interest.clone()).await {
                             tracing::debug!(
                                 "prefetch of {}: {e}",
                                 crate::nix::nixbase32::encode(&hash)
                             );
                         }
                         if let Ok(f) = c.filler() {
-                            f.prefetch.done(&hash);
+                            f.prefetch.done(&hash, &interest);
                         }
                     });
                     continue;

@@ -64,6 +64,8 @@ pub struct CacheStats {
     pub prefetch_stopped: AtomicU64,
     /// Filler: prefetch walks stopped because their VM went.
     pub prefetch_cancelled: AtomicU64,
+    /// Filler: batches of small blobs asked of the remote in one call.
+    pub prefetch_batches: AtomicU64,
 }
 
 impl CacheStats {
@@ -230,6 +232,12 @@ impl CacheStats {
             "counter",
             "Prefetch walks stopped because the VM they were for went.",
             &one(&self.prefetch_cancelled),
+        );
+        family(
+            "prefetch_batches_total",
+            "counter",
+            "Batches of small blobs prefetch asked of the remote in one ReadBlobs call.",
+            &one(&self.prefetch_batches),
         );
         out
     }

@@ -1,0 +1,242 @@
+//! Small blobs prefetched in batches: when the remote is one daemon of
+//! ours, the filler asks it for up to [`BATCH_BLOBS`] small blobs in one
+//! `CacheService/ReadBlobs` call instead of one `Read` each, so a link of
+//! milliseconds costs a round trip per batch. Each blob still has its own
+//! flight (a guest's read of it joins), is checked against its digest and
+//! its directory entry's size, and is written like any fill. A remote
+//! that has no ReadBlobs (not ours) is asked blob by blob from then on; a
+//! batch that fails is fetched blob by blob.
+use super::flights::{Key, Outcome, Reporter};
+use super::prefetch::{alive, Interest};
+use super::Cache;
+use crate::castore::B3Digest;
+use crate::lock;
+use crate::store::{Error, Result};
+use crate::wire::cache as pb;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use tokio::sync::oneshot;
+
+/// Blobs in one batch (the remote answers up to 64).
+const BATCH_BLOBS: usize = 32;
+/// Largest blob batched; larger ones are fetched alone.
+const BATCH_BLOB_MAX: u64 = 256 << 10;
+/// Bytes of one batch, by the sizes their directories give.
+const BATCH_BYTES: u64 = 2 << 20;
+
+/// Small blobs a walk has met and not asked for yet.
+#[derive(Default)]
+pub(super) struct Batch {
+    blobs: Vec<(B3Digest, u64)>,
+    bytes: u64,
+}
+
+impl Batch {
+    pub(super) fn fits(&self, size: u64) -> bool {
+        size <= BATCH_BLOB_MAX
+    }
+
+    /// Adds a blob; true when the batch is full.
+    pub(super) fn add(&mut self, digest: B3Digest, size: u64) -> bool {
+        self.blobs.push((digest, size));
+        self.bytes += size;
+        self.blobs.len() >= BATCH_BLOBS || self.bytes >= BATCH_BYTES
+    }
+
+    pub(super) fn take(&mut self) -> Vec<(B3Digest, u64)> {
+        self.bytes = 0;
+        std::mem::take(&mut self.blobs)
+    }
+}
+
+/// One blob of a batch on its way: its flight's reporter, and where its
+/// outcome goes.
+struct Wanted {
+    digest: B3Digest,
+    size: u64,
+    rep: Reporter,
+    done: oneshot::Sender<Result<bool>>,
+}
+
+impl Cache {
+    /// Whether small blobs go to the remote in batches.
+    pub(super) fn batches(&self) -> bool {
+        self.filler()
+            .is_ok_and(|f| f.batch.is_some() && f.batching.load(Relaxed))
+    }
+
+    /// Prefetches `blobs` in one batch once fill slots for all of them are
+    /// free; false when the walk stops (the bound of unread bytes, or the
+    /// VM went). Blobs present or being fetched already are left out.
+    pub(super) async fn prefetch_batch(
+        self: &Arc<Self>,
+        mut blobs: Vec<(B3Digest, u64)>,
+        interest: &Interest,
+    ) -> bool {
+        if blobs.is_empty() {
+            return true;
+        }
+        let Ok(f) = self.filler() else { return false };
+        let p = &f.prefetch;
+        if !alive(interest) {
+            self.stats.prefetch_cancelled.fetch_add(1, Relaxed);
+            return false;
+        }
+        // What fits under the bound of unread bytes; the walk stops after.
+        let mut room = p.budget.load(Relaxed).saturating_sub(p.unread_bytes());
+        let fit = blobs
+            .iter()
+            .take_while(|(_, s)| {
+                let ok = *s <= room;
+                room = room.saturating_sub(*s);
+                ok
+            })
+            .count();
+        let go_on = fit == blobs.len();
+        blobs.truncate(fit);
+        if blobs.is_empty() {
+            p.at_bound(&self.stats);
+            return false;
+        }
+        let n = u32::try_from(blobs.len()).unwrap_or(u32::MAX);
+        let Ok(permit) = p.fills.clone().acquire_many_owned(n).await else {
+            return false;
+        };
+        if !alive(interest) {
+            self.stats.prefetch_cancelled.fetch_add(1, Relaxed);
+            return false;
+        }
+        let mut wanted = Vec::with_capacity(blobs.len());
+        for (digest, size) in blobs {
+            let path = self.local.blobs.path_of(&digest);
+            if tokio::fs::try_exists(path).await.unwrap_or(false)
+                || f.flights.is_flying(&Key::Blob(digest))
+            {
+                continue;
+            }
+            p.note(digest, size);
+            let (done, outcome) = oneshot::channel::<Result<bool>>();
+            let slot: Arc<Mutex<Option<Reporter>>> = Arc::default();
+            let mine = slot.clone();
+            let this = self.clone();
+            // The flight's fetch is the batch's answer for this blob.
+            let _ = f.flights.join(Key::Blob(digest), move |rep| {
+                *lock(&mine) = Some(rep);
+                async move {
+                    let got = outcome.await.unwrap_or_else(|_| {
+                        Err(Error::Fetch(format!("blob {digest}: its batch ended")))
+                    });
+                    match got {
+                        Ok(true) => {
+                            this.stats.prefetched_blobs.fetch_add(1, Relaxed);
+                            this.stats.prefetched_bytes.fetch_add(size, Relaxed);
+                            Outcome::Stored
+                        }
+                        other => {
+                            if let Ok(f) = this.filler() {
+                                f.prefetch.forget(&digest);
+                            }
+                            match other {
+                                Ok(_) => Outcome::Absent,
+                                Err(e) => Outcome::failed(&e),
+                            }
+                        }
+                    }
+                }
+            });
+            // None: a fetch of it started meanwhile, which it joined.
+            let rep = lock(&slot).take();
+            if let Some(rep) = rep {
+                wanted.push(Wanted {
+                    digest,
+                    size,
+                    rep,
+                    done,
+                });
+            }
+        }
+        if !wanted.is_empty() {
+            self.stats.prefetch_batches.fetch_add(1, Relaxed);
+            let this = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                this.run_batch(wanted).await;
+            });
+        }
+        if !go_on {
+            p.at_bound(&self.stats);
+        }
+        go_on
+    }
+
+    /// Asks the remote for a batch and writes what it answers; what it
+    /// does not answer is fetched blob by blob.
+    async fn run_batch(self: Arc<Self>, wanted: Vec<Wanted>) {
+        let Ok(f) = self.filler() else { return };
+        let Some(mut client) = f.batch.as_deref().cloned() else {
+            return self.one_by_one(wanted).await;
+        };
+        let req = pb::ReadBlobsRequest {
+            digests: wanted.iter().map(|w| w.digest.into()).collect(),
+        };
+        let mut stream = match tokio::time::timeout(self.idle, client.read_blobs(req)).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {
+                tracing::info!("the remote store has no ReadBlobs: prefetching blob by blob");
+                f.batching.store(false, Relaxed);
+                return self.one_by_one(wanted).await;
+            }
+            Ok(Err(s)) => {
+                tracing::debug!("prefetch batch: {}", s.message());
+                return self.one_by_one(wanted).await;
+            }
+            Err(_) => return self.one_by_one(wanted).await,
+        };
+        let mut slots: Vec<Option<Wanted>> = wanted.into_iter().map(Some).collect();
+        loop {
+            let piece = match tokio::time::timeout(self.idle, stream.message()).await {
+                Ok(Ok(Some(p))) => p,
+                Ok(Ok(None)) => break,
+                Ok(Err(s)) => {
+                    tracing::debug!("prefetch batch: {}", s.message());
+                    break;
+                }
+                Err(_) => break,
+            };
+            let Some(w) = slots.get_mut(piece.index as usize).and_then(Option::take) else {
+                tracing::warn!(
+                    "prefetch batch: the remote answered blob {} twice or unasked",
+                    piece.index
+                );
+                break;
+            };
+            if piece.missing {
+                let _ = w.done.send(Ok(false));
+                continue;
+            }
+            if piece.too_large {
+                let got = super::blob::fetch(&self, w.digest, Some(w.size), &w.rep).await;
+                let _ = w.done.send(got);
+                continue;
+            }
+            let got = async {
+                let room = f.space.reserve(0, self.idle).await?;
+                let data: crate::store::blob::ChunkStream =
+                    Box::pin(futures::stream::once(async move { Ok(piece.data) }));
+                super::blob::write_checked(&self, w.digest, Some(w.size), &w.rep, room, data).await
+            }
+            .await;
+            let _ = w.done.send(got);
+        }
+        self.one_by_one(slots.into_iter().flatten().collect()).await;
+    }
+
+    /// Fetches each blob alone (all at once: they hold the batch's slots).
+    async fn one_by_one(&self, wanted: Vec<Wanted>) {
+        futures::future::join_all(wanted.into_iter().map(|w| async move {
+            let got = super::blob::fetch(self, w.digest, Some(w.size), &w.rep).await;
+            let _ = w.done.send(got);
+        }))
+        .await;
+    }
+}
