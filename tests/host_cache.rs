@@ -2319,8 +2319,12 @@ fn a_recorded_order_leads_the_next_tenants_prefetch() {
         }
     });
     drop(ch);
+    // renamed into place (not its temporary file)
     wait_until(10, "the order saved as the tenant went", || {
-        std::fs::read_dir(&orders).is_ok_and(|mut d| d.next().is_some())
+        std::fs::read_dir(&orders).is_ok_and(|d| {
+            d.flatten()
+                .any(|e| !e.file_name().to_string_lossy().contains(".tmp"))
+        })
     });
     drop(first);
 
