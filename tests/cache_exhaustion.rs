@@ -59,6 +59,8 @@ impl Filler {
             .arg("--listen")
             .arg(format!("unix:{}", sock.display()))
             .args(["--metrics-listen", &metrics])
+            // these tests count the fills and the memory their own asks cost
+            .args(["--prefetch", "none"])
             .args(extra)
             .stdin(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
