@@ -17,7 +17,12 @@ pub const MAX_DIGESTS: usize = 64;
 /// Largest blob answered in a batch; a larger one is asked alone.
 pub const MAX_BLOB: u64 = 1 << 20;
 /// Blobs read at once for one call.
-const READS_AT_ONCE: usize = 8;
+const READS_AT_ONCE: usize = 4;
+/// Blobs held in memory, read and not yet taken by the transport, across
+/// all calls of the process (each up to [`MAX_BLOB`]): what clients that
+/// ask and never read can pin, 32 MiB. More calls wait for room.
+const HELD_BLOBS: usize = 32;
+static HELD: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(HELD_BLOBS);
 
 pub type PieceStream = BoxStream<'static, Result<pb::BlobPiece, Status>>;
 
@@ -36,12 +41,30 @@ pub fn serve(
         .iter()
         .map(|d| B3Digest::try_from(&d[..]).map_err(|e| Status::invalid_argument(e.to_string())))
         .collect::<Result<Vec<_>, _>>()?;
-    let s = futures::stream::iter(digests.into_iter().enumerate())
+    let pieces = futures::stream::iter(digests.into_iter().enumerate())
         .map(move |(i, d)| {
             let blobs = blobs.clone();
-            async move { piece(blobs.as_ref(), i as u32, &d).await }
+            async move {
+                let held = HELD
+                    .acquire()
+                    .await
+                    .map_err(|_| Status::unavailable("shutting down"))?;
+                Ok::<_, Status>((piece(blobs.as_ref(), i as u32, &d).await?, held))
+            }
         })
         .buffered(READS_AT_ONCE);
+    // A piece's room is given back when the transport asks for the next:
+    // it has taken the piece by then.
+    let s = async_stream::try_stream! {
+        let mut pieces = std::pin::pin!(pieces);
+        let mut last = None;
+        while let Some(next) = pieces.next().await {
+            let (piece, held) = next?;
+            drop(last.replace(held));
+            yield piece;
+        }
+        drop(last);
+    };
     Ok(Box::pin(s))
 }
 
