@@ -6,7 +6,7 @@
 //! its directory entry's size, and is written like any fill. A remote
 //! that has no ReadBlobs (not ours) is asked blob by blob from then on; a
 //! batch that fails is fetched blob by blob.
-use super::flights::{Key, Outcome, Reporter};
+use super::flights::{Key, Reporter};
 use super::prefetch::{alive, Interest};
 use super::Cache;
 use crate::castore::B3Digest;
@@ -126,22 +126,8 @@ impl Cache {
                     let got = outcome.await.unwrap_or_else(|_| {
                         Err(Error::Fetch(format!("blob {digest}: its batch ended")))
                     });
-                    match got {
-                        Ok(true) => {
-                            this.stats.prefetched_blobs.fetch_add(1, Relaxed);
-                            this.stats.prefetched_bytes.fetch_add(size, Relaxed);
-                            Outcome::Stored
-                        }
-                        other => {
-                            if let Ok(f) = this.filler() {
-                                f.prefetch.forget(&digest);
-                            }
-                            match other {
-                                Ok(_) => Outcome::Absent,
-                                Err(e) => Outcome::failed(&e),
-                            }
-                        }
-                    }
+                    // written with its size checked: `size` is what it is
+                    this.prefetched(&digest, size, got)
                 }
             });
             // None: a fetch of it started meanwhile, which it joined.

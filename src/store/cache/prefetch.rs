@@ -646,25 +646,7 @@ impl Cache {
         let rx = f.flights.join(Key::Blob(digest), move |rep| async move {
             let got = super::blob::fetch(&this, digest, exact, &rep).await;
             let actual = rep.borrow().bytes;
-            match got {
-                Ok(true) => {
-                    if let Ok(f) = this.filler() {
-                        f.prefetch.resize(&digest, actual);
-                    }
-                    this.stats.prefetched_blobs.fetch_add(1, Relaxed);
-                    this.stats.prefetched_bytes.fetch_add(actual, Relaxed);
-                    Outcome::Stored
-                }
-                other => {
-                    if let Ok(f) = this.filler() {
-                        f.prefetch.forget(&digest);
-                    }
-                    match other {
-                        Ok(_) => Outcome::Absent,
-                        Err(e) => Outcome::failed(&e),
-                    }
-                }
-            }
+            this.prefetched(&digest, actual, got)
         });
         // The fill slot is held until the fetch ends, however long it
         // waits for one of the flights' slots: waiting only the idle
@@ -703,6 +685,32 @@ impl Size {
         match self {
             Size::Exact(n) => n,
             Size::Hint(n) => n.min(1 << 30),
+        }
+    }
+}
+
+impl Cache {
+    /// How a prefetch fill of `digest` (`bytes` long) ended, counted and
+    /// kept against the unread bound, or forgotten when it failed.
+    pub(super) fn prefetched(&self, digest: &B3Digest, bytes: u64, got: Result<bool>) -> Outcome {
+        let Ok(f) = self.filler() else {
+            return Outcome::failed(&Error::InvalidRequest("not a filler".into()));
+        };
+        match got {
+            Ok(true) => {
+                f.prefetch.resize(digest, bytes);
+                self.stats.prefetched_blobs.fetch_add(1, Relaxed);
+                self.stats.prefetched_bytes.fetch_add(bytes, Relaxed);
+                Outcome::Stored
+            }
+            Ok(false) => {
+                f.prefetch.forget(digest);
+                Outcome::Absent
+            }
+            Err(e) => {
+                f.prefetch.forget(digest);
+                Outcome::failed(&e)
+            }
         }
     }
 }

@@ -25,25 +25,7 @@ pub trait DirectoryService: Send + Sync + 'static {
     /// The tree below `root`: root first, breadth-first, each directory once.
     /// The stream is empty when `root` is unknown.
     fn get_recursive(&self, root: B3Digest) -> BoxStream<'_, Result<Directory>> {
-        Box::pin(async_stream::try_stream! {
-            let mut queue = VecDeque::from([root]);
-            let mut seen = HashSet::from([root]);
-            while let Some(digest) = queue.pop_front() {
-                let Some(dir) = self.get(&digest).await? else {
-                    if digest == root {
-                        return;
-                    }
-                    Err(Error::NotFound(format!("directory {digest} (below {root})")))?;
-                    return;
-                };
-                for (_, child, _) in dir.child_directories() {
-                    if seen.insert(child) {
-                        queue.push_back(child);
-                    }
-                }
-                yield dir;
-            }
-        })
+        walk_tree(self, root, 1)
     }
 
     /// As `get_recursive`, counting the bytes of the answer into
@@ -82,6 +64,45 @@ pub trait DirectoryService: Send + Sync + 'static {
                 ))
             })?
     }
+}
+
+/// The tree below `root` by `get`: root first, breadth-first, each
+/// directory once, with `in_flight` gets ahead of what is handed out
+/// (answered in the order asked); empty when `root` is unknown, an error
+/// when a directory below it is.
+pub fn walk_tree<S: DirectoryService + ?Sized>(
+    svc: &S,
+    root: B3Digest,
+    in_flight: usize,
+) -> BoxStream<'_, Result<Directory>> {
+    use futures::StreamExt;
+    Box::pin(async_stream::try_stream! {
+        let mut pending = VecDeque::from([root]);
+        let mut seen = HashSet::from([root]);
+        let mut flying = futures::stream::FuturesOrdered::new();
+        loop {
+            while flying.len() < in_flight.max(1) {
+                let Some(d) = pending.pop_front() else { break };
+                flying.push_back(async move { (d, svc.get(&d).await) });
+            }
+            let Some((digest, got)) = flying.next().await else {
+                return;
+            };
+            let Some(dir) = got? else {
+                if digest == root {
+                    return;
+                }
+                Err(Error::NotFound(format!("directory {digest} (below {root})")))?;
+                return;
+            };
+            for (_, child, _) in dir.child_directories() {
+                if seen.insert(child) {
+                    pending.push_back(child);
+                }
+            }
+            yield dir;
+        }
+    })
 }
 
 /// Stores one directory whose children are already stored (or that has none).

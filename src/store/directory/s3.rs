@@ -13,7 +13,6 @@ use bytes::{Bytes, BytesMut};
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use object_store::{ObjectStoreExt, PutPayload};
-use std::collections::{HashSet, VecDeque};
 
 /// Directories written at once by one `put_graph`.
 const PUTS_IN_FLIGHT: usize = 16;
@@ -82,33 +81,7 @@ impl DirectoryService for S3DirectoryService {
     /// [`GETS_IN_FLIGHT`] GETs ahead of what is handed out, answered in
     /// the order asked.
     fn get_recursive(&self, root: B3Digest) -> BoxStream<'_, Result<Directory>> {
-        Box::pin(async_stream::try_stream! {
-            let mut pending = VecDeque::from([root]);
-            let mut seen = HashSet::from([root]);
-            let mut flying = futures::stream::FuturesOrdered::new();
-            loop {
-                while flying.len() < GETS_IN_FLIGHT {
-                    let Some(d) = pending.pop_front() else { break };
-                    flying.push_back(async move { (d, self.get(&d).await) });
-                }
-                let Some((digest, got)) = flying.next().await else {
-                    return;
-                };
-                let Some(dir) = got? else {
-                    if digest == root {
-                        return;
-                    }
-                    Err(Error::NotFound(format!("directory {digest} (below {root})")))?;
-                    return;
-                };
-                for (_, child, _) in dir.child_directories() {
-                    if seen.insert(child) {
-                        pending.push_back(child);
-                    }
-                }
-                yield dir;
-            }
-        })
+        super::walk_tree(self, root, GETS_IN_FLIGHT)
     }
 
     async fn put_graph(&self, graph: ValidatedGraph) -> Result<B3Digest> {
