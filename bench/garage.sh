@@ -17,6 +17,11 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 # for a delayed ACK (see BENCHMARKS.md). GARAGE_NODELAY=s3: the same on
 # the sockets of their S3 API only (not their RPC between nodes).
 # GARAGE_PRELOAD: another library to preload into the nodes.
+# GARAGE_DB (sqlite): the nodes' metadata engine (sqlite or lmdb).
+# GARAGE_COMPRESSION: the nodes' `compression_level` (Garage's default,
+# zstd level 1, when unset; "none" stores blocks as they come).
+# GARAGE_CONSISTENCY: the nodes' `consistency_mode` (Garage's default,
+# "consistent", when unset; "degraded" reads from one node).
 #
 # start_garage DIR: the cluster under DIR/garage (node N in DIR/garage/nN,
 # its log nN/log). Sets garage_pids (one per node, also tracked),
@@ -45,8 +50,10 @@ start_garage() {
     cat > "$d/g.toml" <<EOF
 metadata_dir = "$d/meta"
 data_dir = "$d/data"
-db_engine = "sqlite"
+db_engine = "${GARAGE_DB:-sqlite}"
 replication_factor = 3
+${GARAGE_COMPRESSION:+compression_level = \"$GARAGE_COMPRESSION\"}
+${GARAGE_CONSISTENCY:+consistency_mode = \"$GARAGE_CONSISTENCY\"}
 rpc_bind_addr = "127.0.0.1:$rpc"
 rpc_public_addr = "127.0.0.1:$rpc"
 rpc_secret = "$secret"

@@ -221,3 +221,92 @@ fn connections_past_the_bound_are_closed_and_silent_ones_let_go() {
     });
     drop(d);
 }
+
+/// `CacheService/ReadBlobs` holds at most 32 read blobs for the transport
+/// across all calls. A client that asks for batches and never reads a
+/// byte must not keep that room: each of its calls ends once it has taken
+/// no piece for the hold limit (10 s), and an honest client's batch is
+/// answered, every byte right. Before the limit the honest batch waited
+/// for as long as the hostile calls stayed open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_never_read_do_not_starve_other_clients() {
+    use prost::Message;
+    use tvix_virtiofsd::wire::cache::cache_service_client::CacheServiceClient;
+    use tvix_virtiofsd::wire::cache::ReadBlobsRequest;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (_d, addr) = daemon(tmp.path(), &["--writable"]);
+    let store = grpc_store(&format!("grpc+http://{addr}"));
+    let mut datas = Vec::new();
+    let mut digests = Vec::new();
+    for i in 0..48u64 {
+        let data = common::pseudo_random((1 << 20) - 1024, 7_000 + i);
+        let mut w = store.blob.open_write().await.unwrap();
+        w.write(&data).await.unwrap();
+        digests.push(bytes::Bytes::from(w.close().await.unwrap()));
+        datas.push(data);
+    }
+
+    // 12 calls for all 48 on one connection, never reading (h2 keeps its
+    // 64 KiB windows closed): 4 read ahead and 1 sent would pin 60 blobs
+    let req = ReadBlobsRequest {
+        digests: digests.clone(),
+        tree: Default::default(),
+    }
+    .encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(req.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&req);
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut hostile = Vec::new();
+    for _ in 0..12 {
+        let mut client = client.clone().ready().await.unwrap();
+        let r = http::Request::post(format!(
+            "http://{addr}/tvix_virtiofsd.cache.v1.CacheService/ReadBlobs"
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+        let (resp, mut body) = client.send_request(r, false).unwrap();
+        body.send_data(frame.clone().into(), true).unwrap();
+        hostile.push((resp, body));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let started = Instant::now();
+    let mut honest = CacheServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let asked: Vec<usize> = (0..48).step_by(6).collect();
+    let pieces = tokio::time::timeout(Duration::from_secs(40), async {
+        let mut s = honest
+            .read_blobs(ReadBlobsRequest {
+                digests: asked.iter().map(|&i| digests[i].clone()).collect(),
+                tree: Default::default(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut got = Vec::new();
+        while let Some(p) = s.message().await.unwrap() {
+            got.push(p);
+        }
+        got
+    })
+    .await
+    .expect("an honest batch still waited after 40 s behind calls nobody reads");
+    assert_eq!(pieces.len(), asked.len());
+    for p in &pieces {
+        let i = asked[p.index as usize];
+        assert!(!p.missing && !p.too_large, "piece {}", p.index);
+        assert!(p.data[..] == datas[i][..], "blob {i}: other bytes");
+    }
+    eprintln!("honest batch answered after {:?}", started.elapsed());
+    drop(hostile);
+    driver.abort();
+}

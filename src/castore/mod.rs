@@ -5,6 +5,7 @@ pub mod directory;
 pub mod graph;
 pub mod leaves;
 pub mod node;
+pub mod pack;
 
 pub use digest::B3Digest;
 pub use directory::{Directory, DirectoryError};

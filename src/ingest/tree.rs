@@ -6,6 +6,10 @@
 //! on, within a bound on uploads in flight and bytes held; a larger one is
 //! streamed into the store by the walk. The directories are stored only
 //! once every blob is, and the first failed upload fails the import.
+//! Where the store keeps packs (a bucket), the tree's small blobs also go
+//! into them as the walk meets them, so a reader of many pays a request
+//! per run of them; packs that fail to store cost speed, not the import.
+use crate::castore::pack::Packer;
 use crate::castore::{B3Digest, Directory, LeavesFirst, Node};
 use crate::ingest::uploads::{UploadBudget, Uploads};
 use crate::ingest::Ingested;
@@ -27,6 +31,8 @@ struct Walker<'a> {
     uploads: Uploads,
     /// Called with the number of content bytes read, for progress bars.
     progress: &'a (dyn Fn(u64) + Send + Sync),
+    /// The tree's small blobs in walk order, when the store keeps packs.
+    packer: Option<Packer>,
 }
 
 /// Imports `path` (file, directory or symlink) and returns its root node
@@ -55,12 +61,14 @@ pub async fn ingest_path_within(
         graph: LeavesFirst::new(),
         uploads: Uploads::new(store.blob.clone(), budget),
         progress,
+        packer: store.blob.keeps_packs().then(Packer::default),
     };
     let walked = w.node(path).await;
     let Walker {
         nar,
         graph,
         uploads,
+        packer,
         ..
     } = w;
     let node = match walked {
@@ -71,8 +79,13 @@ pub async fn ingest_path_within(
         }
     };
     uploads.finish().await?;
-    if matches!(node, Node::Directory { .. }) {
+    if let Node::Directory { digest, .. } = node {
         store.directory.put_graph(graph.finish()?).await?;
+        if let Some(p) = packer {
+            if let Err(e) = store_pack(store, &digest, p).await {
+                tracing::warn!("the packs of tree {digest} were not stored ({e}): its small blobs are read one by one");
+            }
+        }
     }
     let (nar_size, nar_sha256) = nar.finish().await?.finish();
     Ok(Ingested {
@@ -80,6 +93,18 @@ pub async fn ingest_path_within(
         nar_size,
         nar_sha256,
     })
+}
+
+/// Stores a tree's last pack part and then its index: the index only
+/// names parts already stored.
+async fn store_pack(store: &Store, tree: &B3Digest, mut p: Packer) -> Result<()> {
+    if let Some((d, part)) = p.flush() {
+        store.blob.put_pack_part(&d, Bytes::from(part)).await?;
+    }
+    match p.finish() {
+        Some(index) => store.blob.put_pack_index(tree, &index).await,
+        None => Ok(()),
+    }
 }
 
 fn io_at(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
@@ -156,7 +181,15 @@ impl Walker<'_> {
         self.nar.file_data(&data).await?;
         (self.progress)(size);
         let digest = B3Digest::of(&data);
+        let full = self.packer.as_mut().and_then(|p| p.add(digest, &data));
         self.uploads.spawn(room, Bytes::from(data), digest);
+        if let Some((d, part)) = full {
+            // a part is stored before the walk goes on: one in memory
+            if let Err(e) = self.store.blob.put_pack_part(&d, Bytes::from(part)).await {
+                tracing::warn!("a pack part was not stored ({e}): this tree gets no packs");
+                self.packer = None;
+            }
+        }
         Ok(digest)
     }
 

@@ -6,6 +6,10 @@
 //! - `PREFIX/blobs/<blake3 hex>`: a blob's bytes;
 //! - `PREFIX/directories/<blake3 hex>`: a directory's canonical encoding;
 //! - `PREFIX/pathinfo/<nixbase32 hash>`: a path info (tvix's protobuf);
+//! - `PREFIX/packs/<blake3 hex>`: the pack index of the tree whose root
+//!   directory has that digest, and `PREFIX/packs/parts/<blake3 hex>` its
+//!   parts (see [`crate::castore::pack`]): copies of the tree's small
+//!   blobs, so a reader of many pays a request per run of them;
 //! - `PREFIX/tmp/...`: large blobs while they are uploaded in parts
 //!   (their name is only known once hashed).
 //!
@@ -246,6 +250,15 @@ impl Bucket {
     /// A large blob's leaf list (see [`crate::castore::leaves`]).
     pub(crate) fn leaves_key(&self, digest: &B3Digest) -> Key {
         self.key("leaves", &digest.to_hex())
+    }
+
+    /// The pack index of a tree, by its root directory's digest.
+    pub(crate) fn pack_key(&self, tree: &B3Digest) -> Key {
+        self.key("packs", &tree.to_hex())
+    }
+
+    pub(crate) fn pack_part_key(&self, digest: &B3Digest) -> Key {
+        self.key("packs/parts", &digest.to_hex())
     }
 
     pub(crate) fn directory_key(&self, digest: &B3Digest) -> Key {

@@ -36,7 +36,7 @@ impl crate::wire::cache::cache_service_server::CacheService for CacheServer {
         req: Request<crate::wire::cache::ReadBlobsRequest>,
     ) -> Result<Response<Self::ReadBlobsStream>, Status> {
         let blobs = self.cache.store().blob;
-        super::read_blobs::serve(blobs, req.into_inner().digests).map(Response::new)
+        super::read_blobs::serve(blobs, req.into_inner()).map(Response::new)
     }
 
     async fn fill_blob(
@@ -144,6 +144,6 @@ impl crate::wire::cache::cache_service_server::CacheService for BlobsOnlyServer 
         &self,
         req: Request<crate::wire::cache::ReadBlobsRequest>,
     ) -> Result<Response<Self::ReadBlobsStream>, Status> {
-        super::read_blobs::serve(self.blobs.clone(), req.into_inner().digests).map(Response::new)
+        super::read_blobs::serve(self.blobs.clone(), req.into_inner()).map(Response::new)
     }
 }

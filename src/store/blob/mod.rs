@@ -1,4 +1,5 @@
 //! Blob storage: byte streams addressed by their BLAKE3 digest.
+use crate::castore::pack::PackIndex;
 use crate::castore::B3Digest;
 use crate::store::{Error, Result};
 use async_trait::async_trait;
@@ -193,6 +194,34 @@ pub trait BlobService: Send + Sync + 'static {
     /// start reading their data in the background, a cache may fetch the
     /// ones it lacks. Must not block.
     fn read_ahead(&self, _blobs: &mut dyn Iterator<Item = (B3Digest, u64)>) {}
+
+    /// Whether this store keeps packs ([`crate::castore::pack`]): an
+    /// import then also writes each tree's small blobs into packs. Worth
+    /// it where every object costs a request (a bucket), not on a disk.
+    fn keeps_packs(&self) -> bool {
+        false
+    }
+
+    /// Stores one pack part under its digest (the packer computed it).
+    async fn put_pack_part(&self, _digest: &B3Digest, _part: bytes::Bytes) -> Result<()> {
+        Err(Error::InvalidRequest("this store keeps no packs".into()))
+    }
+
+    /// Stores `tree`'s pack index, once every part it names is stored.
+    async fn put_pack_index(&self, _tree: &B3Digest, _index: &PackIndex) -> Result<()> {
+        Err(Error::InvalidRequest("this store keeps no packs".into()))
+    }
+
+    /// Blobs of the tree whose root directory is `tree`, read from its
+    /// packs, each already checked against its digest; `None` for each
+    /// one not packed (or when the tree has no packs): read it alone.
+    async fn read_packed(
+        &self,
+        _tree: &B3Digest,
+        digests: &[B3Digest],
+    ) -> Result<Vec<Option<bytes::Bytes>>> {
+        Ok(vec![None; digests.len()])
+    }
 }
 
 /// Refuses a reader whose length is at hand (bytes in memory, a file)

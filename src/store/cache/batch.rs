@@ -65,12 +65,14 @@ impl Cache {
             .is_ok_and(|f| f.batch.is_some() && f.batching.load(Relaxed))
     }
 
-    /// Prefetches `blobs` in one batch once fill slots for all of them are
+    /// Prefetches `blobs` (files of the tree whose root is `tree`, which a
+    /// remote that keeps packs reads them from) in one batch once fill slots for all of them are
     /// free; false when the walk stops (the bound of unread bytes, or the
     /// VM went). Blobs present or being fetched already are left out.
     pub(super) async fn prefetch_batch(
         self: &Arc<Self>,
         mut blobs: Vec<(B3Digest, u64)>,
+        tree: Option<B3Digest>,
         interest: &Interest,
     ) -> bool {
         if blobs.is_empty() {
@@ -146,7 +148,7 @@ impl Cache {
             let this = self.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                this.run_batch(wanted).await;
+                this.run_batch(wanted, tree).await;
             });
         }
         if !go_on {
@@ -157,13 +159,14 @@ impl Cache {
 
     /// Asks the remote for a batch and writes what it answers; what it
     /// does not answer is fetched blob by blob.
-    async fn run_batch(self: Arc<Self>, wanted: Vec<Wanted>) {
+    async fn run_batch(self: Arc<Self>, wanted: Vec<Wanted>, tree: Option<B3Digest>) {
         let Ok(f) = self.filler() else { return };
         let Some(mut client) = f.batch.as_deref().cloned() else {
             return self.one_by_one(wanted).await;
         };
         let req = pb::ReadBlobsRequest {
             digests: wanted.iter().map(|w| w.digest.into()).collect(),
+            tree: tree.map(Into::into).unwrap_or_default(),
         };
         let mut stream = match tokio::time::timeout(self.idle, client.read_blobs(req)).await {
             Ok(Ok(r)) => r.into_inner(),

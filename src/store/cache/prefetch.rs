@@ -539,7 +539,8 @@ impl Cache {
                 }
             }
             let Some(top) = stack.last_mut() else {
-                self.prefetch_batch(batch.take(), interest).await;
+                self.prefetch_batch(batch.take(), Some(root), interest)
+                    .await;
                 return Ok(());
             };
             match top.next() {
@@ -548,7 +549,11 @@ impl Cache {
                 }
                 Some(Item::Dir(d)) => next = Some(d),
                 Some(Item::Blob(d, size)) if self.batches() && batch.fits(size) => {
-                    if batch.add(d, size) && !self.prefetch_batch(batch.take(), interest).await {
+                    if batch.add(d, size)
+                        && !self
+                            .prefetch_batch(batch.take(), Some(root), interest)
+                            .await
+                    {
                         return Ok(());
                     }
                 }

@@ -12,6 +12,9 @@
 //! key while they are hashed (one part in memory at a time), then copied
 //! to their digest's key once it is known, their leaf list stored first.
 //! What all writers of one service buffer together is bounded (`room.rs`).
+//! An import also writes each tree's small blobs into packs, which
+//! batches of them are read from (`packs.rs`).
+mod packs;
 mod ranged;
 mod room;
 
@@ -45,6 +48,8 @@ pub struct S3BlobService {
     memfd_spool: bool,
     /// What every writer of this service may buffer, together.
     room: Arc<room::Room>,
+    /// Pack indexes of the trees read lately.
+    packs: Arc<packs::Indexes>,
 }
 
 impl S3BlobService {
@@ -54,6 +59,7 @@ impl S3BlobService {
             bucket,
             memfd_spool: false,
             room,
+            packs: Arc::new(packs::indexes()),
         }
     }
 
@@ -225,6 +231,30 @@ impl BlobService for S3BlobService {
             room: self.room.clone(),
             held: room::Held::default(),
         }))
+    }
+
+    fn keeps_packs(&self) -> bool {
+        true
+    }
+
+    async fn put_pack_part(&self, digest: &B3Digest, part: Bytes) -> Result<()> {
+        packs::put_part(&self.bucket, digest, part).await
+    }
+
+    async fn put_pack_index(
+        &self,
+        tree: &B3Digest,
+        index: &crate::castore::pack::PackIndex,
+    ) -> Result<()> {
+        packs::put_index(&self.bucket, tree, index).await
+    }
+
+    async fn read_packed(
+        &self,
+        tree: &B3Digest,
+        digests: &[B3Digest],
+    ) -> Result<Vec<Option<Bytes>>> {
+        packs::read(&self.bucket, &self.packs, tree, digests).await
     }
 }
 
