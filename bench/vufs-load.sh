@@ -53,6 +53,15 @@
 #   WARM_PASSES warm passes per run (3); a run's warm figure is its median
 #               one, the others are listed as warm1, warm2, ... at the end
 #   DEPTHS      queue depths ("1 64")
+#   QUEUES      request queue counts ("1"): each measurement is run once per
+#               count N, our daemons (embedded and per-VM) started with
+#               --request-queues N and the generator with --queues N (slot
+#               s on queue 1 + s % N, like a guest's threads on N vCPUs; see
+#               benches/vufs_load.rs: at depth 1 only queue 1 is used).
+#               virtiofsd serves one request queue only: it is skipped for
+#               N > 1, its ratio column stays empty there. With some N > 1,
+#               the requests our daemons logged per queue at the VMM's
+#               disconnect are listed at the end
 #   READ_SIZES  READ sizes in bytes ("131072 1048576")
 #   MAX_FILES   read at most this many files per pass (all)
 #   POLL        1: the generator spins on the used ring instead of sleeping
@@ -91,6 +100,10 @@ dirs=("$@")
 [ ${#dirs[@]} -gt 0 ] || dirs=(/usr/share/doc /usr/share/man)
 stores=${STORES:-embedded remote-unix remote-tcp virtiofsd}
 depths=${DEPTHS:-1 64}
+queue_counts=${QUEUES:-1}
+for q in $queue_counts; do
+  [[ $q =~ ^[1-9][0-9]*$ ]] && [ "$q" -le 15 ] || { echo "QUEUES: '$q' is not a queue count 1..15" >&2; exit 2; }
+done
 read_sizes=${READ_SIZES:-131072 1048576}
 max_files=${MAX_FILES:-}
 runs=${RUNS:-3}
@@ -114,6 +127,13 @@ for s in $stores; do
   esac
 done
 has() { [[ " $stores " == *" $1 "* ]]; }
+multi=0
+for q in $queue_counts; do [ "$q" -gt 1 ] && multi=1; done
+queue_note=
+if [ "$multi" = 1 ] && has virtiofsd; then
+  queue_note="virtiofsd not run with more than one request queue (it offers one);"
+  echo "QUEUES: $queue_note" >&2
+fi
 if [ "$shaped" = 1 ]; then
   if ! has remote-tcp && ! has remote-s3; then
     echo "RTT_MS/MBIT shape the link to the remote store daemon of remote-tcp and remote-s3 only; STORES has neither" >&2
@@ -201,7 +221,7 @@ xargs -n1 basename < "$work/store-paths" > "$work/names-ours"
 # fail late, so it is refused now.
 fills=0
 for s in $stores; do case $s in remote-*) fills=$((fills + 1)) ;; esac; done
-fills=$((fills * runs * $(wc -w <<< "$depths") * $(wc -w <<< "$read_sizes")))
+fills=$((fills * runs * $(wc -w <<< "$depths") * $(wc -w <<< "$read_sizes") * $(wc -w <<< "$queue_counts")))
 store_kib=$(du -sk "$work/store" | cut -f1)
 need_kib=$((fills * store_kib + (1 << 20)))
 free_kib=$(df -Pk "$work" | awk 'NR == 2 {print $4}')
@@ -248,14 +268,14 @@ summaries=$work/summaries
 gen_run() {
   local label=$1 sock=$2 names=$3 log=$4 suffix=$5
   shift 5
-  local args=(--socket "$sock" --paths "$names" --depth "$depth" --read-size "$rs" --label "$label" "$@")
+  local args=(--socket "$sock" --paths "$names" --depth "$depth" --read-size "$rs" --queues "$nq" --label "$label" "$@")
   [ -n "$max_files" ] && args+=(--max-files "$max_files")
   [ "$poll" = 1 ] && args+=(--poll)
   "$gen" "${args[@]}" --passes $((1 + warm_passes)) > "$work/out" 2> "$work/err" ||
     fail "load generator failed ($label)" "$work/err" "$log"
   grep -v '^SUMMARY ' "$work/err" >&2 || true
   [ "$rep" = 1 ] && cat "$work/out"
-  grep '^SUMMARY ' "$work/err" | sed "s/\$/$suffix read_size=$rs rep=$rep/" > "$work/sum"
+  grep '^SUMMARY ' "$work/err" | sed "s/\$/$suffix read_size=$rs queues=$nq rep=$rep/" > "$work/sum"
   # This run's warm figure is its median warm pass (by ops/s): a warm
   # pass is short (under a second at depth 64), and one slow spell of the
   # machine would otherwise decide it.
@@ -265,13 +285,22 @@ gen_run() {
   [ -z "$mid" ] || sed -i "s/ pass=$mid / pass=warm /" "$work/sum"
   cat "$work/sum" >> "$summaries"
 }
+# queue_line WHICH LOG: the requests our daemon logged per request queue at
+# the VMM's disconnect, kept for the listing at the end.
+queue_line() {
+  [ "$multi" = 1 ] || return 0
+  echo "$1 rs=$rs depth=$depth queues=$nq rep=$rep: $(sed -n 's/.*requests served per request queue: //p' "$2" | tail -n1)" >> "$work/queue-lines"
+}
 # One run of ours over the embedded store or of virtiofsd.
 run_plain() { # embedded|virtiofsd
-  local which=$1 sock=$work/$1/vfs.sock log=$work/logs/$1.r$rep.rs$rs.d$depth.log names
+  local which=$1 sock=$work/$1/vfs.sock log=$work/logs/$1.r$rep.rs$rs.d$depth.q$nq.log names
   mkdir -p "$work/$which"
   drop
   if [ "$which" = embedded ]; then
-    start_virtiofs "$B" "$sock" "$log" --store "$store" --log-level warn virtiofs "${ours_args[@]}"
+    # warn, but info for the vhost-user device: its per-queue request
+    # counts at the VMM's disconnect (and connect/disconnect lines).
+    start_virtiofs "$B" "$sock" "$log" --store "$store" \
+      --log-level warn,tvix_virtiofsd::serve::vhost_user=info virtiofs --request-queues "$nq" "${ours_args[@]}"
     names=$work/names-ours
   else
     start_virtiofs "$virtiofsd" "$sock" "$log" --shared-dir "$work/src" --readonly \
@@ -280,6 +309,7 @@ run_plain() { # embedded|virtiofsd
   fi
   gen_run "$which" "$sock" "$names" "$log" "" --rss "vm=$vm_srv"
   finish "$vm_sup" "$vm_srv" "$which" "$log"
+  [ "$which" = virtiofsd ] || queue_line "$which" "$log"
 }
 
 # remote_calls: "Read-count Read-seconds Get-count Get-seconds" of the
@@ -298,7 +328,7 @@ remote_calls() {
 # One repetition of a remote kind: remote store, host daemon on an empty
 # cache, first VM, second VM.
 run_remote() { # remote-unix|remote-tcp|remote-s3
-  local kind=$1 base=$work/logs/$1.r$rep.rs$rs.d$depth vm vlog f0 f1 sock=$work/vm/vfs.sock
+  local kind=$1 base=$work/logs/$1.r$rep.rs$rs.d$depth.q$nq vm vlog f0 f1 sock=$work/vm/vfs.sock
   local rstore=$store c0 c1 g0 g1 remote
   [ "$kind" = remote-s3 ] && rstore=$s3_store
   mkdir -p "$work/vm"
@@ -312,12 +342,13 @@ run_remote() { # remote-unix|remote-tcp|remote-s3
     g0=-1
     [ "$kind" = remote-s3 ] && g0=$(garage_cpu_ms)
     start_virtiofs "$B" "$sock" "$vlog" --store "grpc+unix://$host_sock" --cache-dir "$work/cache" \
-      --log-level info virtiofs "${ours_args[@]}" "${tenant_args[@]}"
+      --log-level info virtiofs --request-queues "$nq" "${ours_args[@]}" "${tenant_args[@]}"
     # The bytes this VM made the host fetch are known only after it ran:
     # its SUMMARY lines get a placeholder, filled in below.
     gen_run "$kind-vm$vm" "$sock" "$work/names-ours" "$vlog" " fetched_bytes=FETCHED" \
       --rss "vm=$vm_srv" --rss "host=$host_pid" --rss "remote=$remote_pid"
     finish "$vm_sup" "$vm_srv" "per-VM daemon (VM $vm)" "$vlog"
+    queue_line "$kind-vm$vm" "$vlog"
     remote_alive
     f1=$(metric tvix_virtiofsd_cache_fetched_bytes_total)
     c1=$(remote_calls)
@@ -334,21 +365,22 @@ run_remote() { # remote-unix|remote-tcp|remote-s3
     sed -i "s/ fetched_bytes=FETCHED / fetched_bytes=$((f1 - f0)) $remote /" "$summaries"
     if [ "$vm" = 2 ] && [ "$f1" != "$f0" ]; then
       echo "WARNING: $kind: the host daemon fetched $((f1 - f0)) bytes from the remote during the second VM" \
-        "(read size $rs, depth $depth, repetition $rep)$([ -n "$max_files" ] && [ "$depth" != 1 ] &&
+        "(read size $rs, depth $depth, queues $nq, repetition $rep)$([ -n "$max_files" ] && [ "$depth" != 1 ] &&
           echo "; with MAX_FILES at depth > 1 the files read depend on reply order, so the second VM may read files the first did not")" >&2
     fi
-    echo "$kind rs=$rs depth=$depth rep=$rep VM $vm: $(cache_line "$vlog")" >> "$work/cache-lines"
+    echo "$kind rs=$rs depth=$depth queues=$nq rep=$rep VM $vm: $(cache_line "$vlog")" >> "$work/cache-lines"
   done
   curl -sf "http://$metrics_addr/metrics" | grep -v '^#' |
-    sed "s/^/$kind rs=$rs depth=$depth rep=$rep host: /" >> "$work/host-metrics" || true
+    sed "s/^/$kind rs=$rs depth=$depth queues=$nq rep=$rep host: /" >> "$work/host-metrics" || true
   stop_remote
-  echo "$kind rs=$rs depth=$depth rep=$rep host daemon at exit: $(cache_line "$host_log")" >> "$work/cache-lines"
+  echo "$kind rs=$rs depth=$depth queues=$nq rep=$rep host daemon at exit: $(cache_line "$host_log")" >> "$work/cache-lines"
   [ -z "$relay_pid" ] ||
-    echo "$kind rs=$rs depth=$depth rep=$rep relay at exit: $(sed -n 's/^relay at exit: //p' "$relay_log" | tail -n1)" >> "$work/cache-lines"
+    echo "$kind rs=$rs depth=$depth queues=$nq rep=$rep relay at exit: $(sed -n 's/^relay at exit: //p' "$relay_log" | tail -n1)" >> "$work/cache-lines"
 }
 
 : > "$work/cache-lines"
 : > "$work/host-metrics"
+: > "$work/queue-lines"
 # Repetitions interleave the contenders, so drift in the host's load
 # (other builds) hits all alike, and every other repetition takes them in
 # reverse order: a contender's place in the sequence (right after another
@@ -360,46 +392,49 @@ for rep in $(seq "$runs"); do
   [ $((rep % 2)) = 0 ] && order=$reversed
   for rs in $read_sizes; do
     for depth in $depths; do
-      for which in $order; do
-        case $which in
-          embedded | virtiofsd) run_plain "$which" ;;
-          *) run_remote "$which" ;;
-        esac
+      for nq in $queue_counts; do
+        for which in $order; do
+          case $which in
+            virtiofsd) [ "$nq" -gt 1 ] || run_plain "$which" ;;
+            embedded) run_plain "$which" ;;
+            *) run_remote "$which" ;;
+          esac
+        done
       done
     done
   done
 done
 
-# median FIELD LABEL DEPTH PASS READ_SIZE: over the repetitions
+# median FIELD LABEL DEPTH PASS READ_SIZE QUEUES: over the repetitions
 median() {
-  { grep "label=$2 depth=$3 pass=$4 .* read_size=$5 " "$summaries" || true; } |
+  { grep "label=$2 depth=$3 pass=$4 .* read_size=$5 queues=$6 " "$summaries" || true; } |
     sed -n "s/.* $1=\([^ ]*\).*/\1/p" | sort -g |
     awk '{a[NR] = $1} END {if (NR) print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'
 }
-# maximum FIELD LABEL DEPTH PASS READ_SIZE: over the repetitions
+# maximum FIELD LABEL DEPTH PASS READ_SIZE QUEUES: over the repetitions
 maximum() {
-  { grep "label=$2 depth=$3 pass=$4 .* read_size=$5 " "$summaries" || true; } |
+  { grep "label=$2 depth=$3 pass=$4 .* read_size=$5 queues=$6 " "$summaries" || true; } |
     sed -n "s/.* $1=\([^ ]*\).*/\1/p" | sort -g | tail -n1
 }
 ratio() { if [ -n "$1" ] && [ -n "$2" ]; then printf '%.2f' "$(bc -l <<< "$1 / $2")"; fi; }
-# paired LABEL REFERENCE DEPTH PASS READ_SIZE: the median over the
+# paired LABEL REFERENCE DEPTH PASS READ_SIZE QUEUES: the median over the
 # repetitions of LABEL's ops/s over REFERENCE's in the same repetition. The
 # two ran back to back, so a slow spell of the host (other tenants, disk)
 # that hits both cancels out, where a ratio of two medians keeps it.
 paired() {
-  { grep "depth=$3 pass=$4 .* read_size=$5 " "$summaries" || true; } |
+  { grep "depth=$3 pass=$4 .* read_size=$5 queues=$6 " "$summaries" || true; } |
     sed -n 's/.*label=\([^ ]*\) .* ops_per_s=\([^ ]*\) .* rep=\([0-9]*\).*/\3 \1 \2/p' |
     awk -v l="$1" -v r="$2" '$2 == l {a[$1] = $3} $2 == r {b[$1] = $3}
       END {for (k in a) if ((k in b) && b[k] > 0) print a[k] / b[k]}' | sort -g |
     awk '{a[NR] = $1} END {if (NR) printf "%.2f", (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'
 }
-# both OPS REF_OPS LABEL REFERENCE DEPTH PASS READ_SIZE: "ratio of the
-# medians (median of the paired ratios)"
+# both OPS REF_OPS LABEL REFERENCE DEPTH PASS READ_SIZE QUEUES: "ratio of
+# the medians (median of the paired ratios)"
 both() {
   local r
   r=$(ratio "$1" "$2")
   [ -n "$r" ] || return 0
-  printf '%s (%s)' "$r" "$(paired "$3" "$4" "$5" "$6" "$7")"
+  printf '%s (%s)' "$r" "$(paired "$3" "$4" "$5" "$6" "$7" "$8")"
 }
 # The table's rows: label and pass name per contender.
 rows=()
@@ -414,30 +449,32 @@ echo
 echo "tree: ${dirs[*]}: $entries entries, $files files, $((bytes / 1048576)) MiB;" \
   "page cache dropped before each cold start: $([ "$drop_caches" = 1 ] && echo yes || echo no);" \
   "$(nproc) CPUs; host load at the end: $(cut -d' ' -f1-3 /proc/loadavg); commit $commit;" $s3_note \
-  $link_note \
+  $link_note $queue_note \
   "per-VM daemons of the remote kinds scoped to a tenant's closure: $([ ${#tenant_args[@]} -gt 0 ] && echo yes || echo no);" \
   "per-op tables above: repetition 1; below: median of $runs;" \
   "ratios: of the medians (in brackets: the median of the per-repetition ratios)"
 echo
-echo "| store | read size | depth | pass | ops/s | MiB/s | / virtiofsd | / embedded | READ p50/p99 µs | CPU s, serving process |"
-echo "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+echo "| store | read size | depth | queues | pass | ops/s | MiB/s | / virtiofsd | / embedded | READ p50/p99 µs | CPU s, serving process |"
+echo "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
 for rs in $read_sizes; do
   for depth in $depths; do
-    for pass in cold warm; do
-      m() { median "$1" "$2" "$depth" "$pass" "$rs"; }
-      ref_ops=$(m ops_per_s virtiofsd)
-      emb_ops=$(m ops_per_s embedded)
-      for row in "${rows[@]}"; do
-        IFS=: read -r store label pname <<< "$row"
-        ops=$(m ops_per_s "$label")
-        [ -n "$ops" ] || continue
-        cpu=$(m cpu_vm_ms "$label")
-        case $cpu in '' | -*) ;; *) cpu=$(printf '%.2f' "$(bc -l <<< "$cpu / 1000")") ;; esac
-        printf '| %s | %d KiB | %s | %s | %s | %s | %s | %s | %s / %s | %s |\n' \
-          "$store" $((rs / 1024)) "$depth" "$pname$pass" "$ops" "$(m mib_per_s "$label")" \
-          "$(both "$ops" "$ref_ops" "$label" virtiofsd "$depth" "$pass" "$rs")" \
-          "$(both "$ops" "$emb_ops" "$label" embedded "$depth" "$pass" "$rs")" \
-          "$(m read_p50_us "$label")" "$(m read_p99_us "$label")" "$cpu"
+    for nq in $queue_counts; do
+      for pass in cold warm; do
+        m() { median "$1" "$2" "$depth" "$pass" "$rs" "$nq"; }
+        ref_ops=$(m ops_per_s virtiofsd)
+        emb_ops=$(m ops_per_s embedded)
+        for row in "${rows[@]}"; do
+          IFS=: read -r store label pname <<< "$row"
+          ops=$(m ops_per_s "$label")
+          [ -n "$ops" ] || continue
+          cpu=$(m cpu_vm_ms "$label")
+          case $cpu in '' | -*) ;; *) cpu=$(printf '%.2f' "$(bc -l <<< "$cpu / 1000")") ;; esac
+          printf '| %s | %d KiB | %s | %s | %s | %s | %s | %s | %s | %s / %s | %s |\n' \
+            "$store" $((rs / 1024)) "$depth" "$nq" "$pname$pass" "$ops" "$(m mib_per_s "$label")" \
+            "$(both "$ops" "$ref_ops" "$label" virtiofsd "$depth" "$pass" "$rs" "$nq")" \
+            "$(both "$ops" "$emb_ops" "$label" embedded "$depth" "$pass" "$rs" "$nq")" \
+            "$(m read_p50_us "$label")" "$(m read_p99_us "$label")" "$cpu"
+        done
       done
     done
   done
@@ -447,25 +484,27 @@ echo
 echo "Remote bytes the host daemon fetched (median; second VM: the largest of the $runs runs, must be 0)" \
   "and RssAnon in KiB after the warm pass (median): the VM's serving process and the host daemon."
 echo
-echo "| store | read size | depth | fetched, first VM | fetched, second VM | RssAnon serving, first VM | second VM | RssAnon host daemon, after first VM | after second VM |"
-echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+echo "| store | read size | depth | queues | fetched, first VM | fetched, second VM | RssAnon serving, first VM | second VM | RssAnon host daemon, after first VM | after second VM |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 for rs in $read_sizes; do
   for depth in $depths; do
-    m() { median "$1" "$2" "$depth" warm "$rs"; }
-    for s in $stores; do
-      case $s in
-        embedded | virtiofsd)
-          v=$(m rss_vm_kb "$s")
-          [ -n "$v" ] || continue
-          printf '| %s | %d KiB | %s | | | %s | | | |\n' "$s" $((rs / 1024)) "$depth" "$v" ;;
-        *)
-          f1=$(m fetched_bytes "$s-vm1")
-          [ -n "$f1" ] || continue
-          printf '| %s | %d KiB | %s | %.1f MiB | %s B | %s | %s | %s | %s |\n' "$s" $((rs / 1024)) "$depth" \
-            "$(bc -l <<< "$f1 / 1048576")" "$(maximum fetched_bytes "$s-vm2" "$depth" warm "$rs")" \
-            "$(m rss_vm_kb "$s-vm1")" "$(m rss_vm_kb "$s-vm2")" \
-            "$(m rss_host_kb "$s-vm1")" "$(m rss_host_kb "$s-vm2")" ;;
-      esac
+    for nq in $queue_counts; do
+      m() { median "$1" "$2" "$depth" warm "$rs" "$nq"; }
+      for s in $stores; do
+        case $s in
+          embedded | virtiofsd)
+            v=$(m rss_vm_kb "$s")
+            [ -n "$v" ] || continue
+            printf '| %s | %d KiB | %s | %s | | | %s | | | |\n' "$s" $((rs / 1024)) "$depth" "$nq" "$v" ;;
+          *)
+            f1=$(m fetched_bytes "$s-vm1")
+            [ -n "$f1" ] || continue
+            printf '| %s | %d KiB | %s | %s | %.1f MiB | %s B | %s | %s | %s | %s |\n' "$s" $((rs / 1024)) "$depth" "$nq" \
+              "$(bc -l <<< "$f1 / 1048576")" "$(maximum fetched_bytes "$s-vm2" "$depth" warm "$rs" "$nq")" \
+              "$(m rss_vm_kb "$s-vm1")" "$(m rss_vm_kb "$s-vm2")" \
+              "$(m rss_host_kb "$s-vm1")" "$(m rss_host_kb "$s-vm2")" ;;
+        esac
+      done
     done
   done
 done
@@ -478,24 +517,26 @@ if [[ " $stores " == *" remote-"* ]]; then
     "on average over the cold pass (summed Read time / pass time); CPU seconds of the remote daemon and (remote-s3)" \
     "of the three Garage nodes during the cold pass or the VM; the longest single request of the pass."
   echo
-  echo "| store | read size | depth | cold pass s | remote Reads | Read mean ms | Reads in flight | remote dir Gets | Get mean ms | CPU s remote daemon | CPU s Garage | longest request ms |"
-  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  echo "| store | read size | depth | queues | cold pass s | remote Reads | Read mean ms | Reads in flight | remote dir Gets | Get mean ms | CPU s remote daemon | CPU s Garage | longest request ms |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
   for rs in $read_sizes; do
     for depth in $depths; do
-      for s in $stores; do
-        case $s in embedded | virtiofsd) continue ;; esac
-        m() { median "$1" "$s-vm1" "$depth" cold "$rs"; }
-        secs=$(m secs)
-        [ -n "$secs" ] || continue
-        rd=$(m remote_reads) rds=$(m remote_read_s) gt=$(m remote_gets) gts=$(m remote_get_s)
-        gcpu=$(m garage_cpu_ms)
-        printf '| %s | %d KiB | %s | %.2f | %s | %s | %s | %s | %s | %.2f | %s | %.0f |\n' "$s" $((rs / 1024)) "$depth" "$secs" \
-          "$rd" "$([ "${rd:-0}" -gt 0 ] && printf '%.2f' "$(bc -l <<< "$rds * 1000 / $rd")")" \
-          "$(printf '%.1f' "$(bc -l <<< "$rds / $secs")")" \
-          "$gt" "$([ "${gt:-0}" -gt 0 ] && printf '%.2f' "$(bc -l <<< "$gts * 1000 / $gt")")" \
-          "$(bc -l <<< "$(m cpu_remote_ms) / 1000")" \
-          "$([ -n "$gcpu" ] && printf '%.2f' "$(bc -l <<< "$gcpu / 1000")")" \
-          "$(bc -l <<< "$(m all_max_us) / 1000")"
+      for nq in $queue_counts; do
+        for s in $stores; do
+          case $s in embedded | virtiofsd) continue ;; esac
+          m() { median "$1" "$s-vm1" "$depth" cold "$rs" "$nq"; }
+          secs=$(m secs)
+          [ -n "$secs" ] || continue
+          rd=$(m remote_reads) rds=$(m remote_read_s) gt=$(m remote_gets) gts=$(m remote_get_s)
+          gcpu=$(m garage_cpu_ms)
+          printf '| %s | %d KiB | %s | %s | %.2f | %s | %s | %s | %s | %s | %.2f | %s | %.0f |\n' "$s" $((rs / 1024)) "$depth" "$nq" "$secs" \
+            "$rd" "$([ "${rd:-0}" -gt 0 ] && printf '%.2f' "$(bc -l <<< "$rds * 1000 / $rd")")" \
+            "$(printf '%.1f' "$(bc -l <<< "$rds / $secs")")" \
+            "$gt" "$([ "${gt:-0}" -gt 0 ] && printf '%.2f' "$(bc -l <<< "$gts * 1000 / $gt")")" \
+            "$(bc -l <<< "$(m cpu_remote_ms) / 1000")" \
+            "$([ -n "$gcpu" ] && printf '%.2f' "$(bc -l <<< "$gcpu / 1000")")" \
+            "$(bc -l <<< "$(m all_max_us) / 1000")"
+        done
       done
     done
   done
@@ -504,6 +545,11 @@ fi
 echo
 echo "raw per-run summaries:"
 sed 's/^SUMMARY /    /' "$summaries"
+if [ -s "$work/queue-lines" ]; then
+  echo
+  echo "requests our daemons served per request queue (their logs, at the VMM's disconnect; all passes):"
+  sed 's/^/    /' "$work/queue-lines"
+fi
 if [ -s "$work/cache-lines" ]; then
   echo
   echo "cache counters (per-VM daemons at exit, host daemons at exit; relays' counters at exit):"

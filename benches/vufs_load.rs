@@ -2,9 +2,21 @@
 //!
 //! This program is the vhost-user *frontend* (the part QEMU plays): it
 //! connects to the daemon's socket, hands it a memfd as guest memory, lays
-//! out two split virtqueues in it (0: high priority, set up but unused;
-//! 1: requests) and then speaks FUSE over queue 1, without any guest kernel
-//! in between. It measures the daemon, not a TCG guest.
+//! out split virtqueues in it (0: high priority, set up but unused;
+//! 1..=`--queues`: requests) and then speaks FUSE over the request queues,
+//! without any guest kernel in between. It measures the daemon, not a TCG
+//! guest.
+//!
+//! With `--queues N` (default 1; the daemon must offer N request queues:
+//! tvix-virtiofsd `virtiofs --request-queues N`) the in-flight requests are
+//! spread the way Linux 6.11+ spreads FUSE requests over virtio-fs request
+//! queues: by the CPU the request is issued on. Each of the `--depth`
+//! request slots stands for one guest thread with one request outstanding,
+//! and thread `s` runs on vCPU `s % N`, so slot `s` always uses queue
+//! `1 + s % N` (a thread's successive requests stay on its vCPU's queue,
+//! as a guest's do while the scheduler leaves it there). Not round-robin
+//! per request: at depth 1 a guest's one walking thread uses one queue, not
+//! all of them in turn. Completions are collected from every queue.
 //!
 //! Workload, per pass: INIT (first pass only), LOOKUP of each name from
 //! `--paths` under the root, then for every directory OPENDIR, READDIRPLUS
@@ -32,17 +44,22 @@
 //!
 //! Usage: cargo bench --bench vufs_load -- --socket S --paths FILE
 //! [--depth N] [--read-size BYTES] [--max-files N] [--label TEXT]
-//! [--passes N] [--poll] [--rss NAME=PID]... [--linger SECS]
+//! [--passes N] [--poll] [--queues N] [--rss NAME=PID]... [--linger SECS]
 //!
 //! By default the generator sleeps on the call eventfd like a guest waits
-//! for its interrupt, so its own wake-up latency is part of every
-//! latency; `--poll` spins on the used ring instead (costs a CPU).
+//! for its interrupt (on all request queues' call eventfds at once, with
+//! poll(2), when there are several), so its own wake-up latency is part of
+//! every latency; `--poll` spins on the used rings instead (costs a CPU).
+//! With several queues the table gets a row per pass with the requests
+//! completed on each queue, and `SUMMARY` a `queue_ops=` field (comma
+//! separated, queue 1 first).
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use fuse_backend_rs::abi::fuse_abi::{
     Attr, AttrOut, Direntplus, EntryOut, FsOptions, GetattrIn, InHeader, InitIn, InitIn2, InitOut,
     Opcode, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn,
 };
 use std::collections::{BTreeMap, VecDeque};
+use std::os::fd::AsRawFd as _;
 use std::time::{Duration, Instant};
 use vm_memory::ByteValued;
 
@@ -59,6 +76,8 @@ struct Args {
     label: String,
     passes: usize,
     poll: bool,
+    /// Request queues (1..=queues) the requests are spread over.
+    queues: usize,
     /// (name, pid) whose RssAnon is read after each pass.
     rss: Vec<(String, u32)>,
     /// Seconds to stay connected, idle, after the last pass; the RssAnon
@@ -76,6 +95,7 @@ fn parse_args() -> Result<Args> {
         label: "daemon".into(),
         passes: 2,
         poll: false,
+        queues: 1,
         rss: Vec::new(),
         linger: 0,
     };
@@ -95,6 +115,7 @@ fn parse_args() -> Result<Args> {
             "--label" => a.label = v()?,
             "--passes" => a.passes = v()?.parse().context("--passes")?,
             "--poll" => a.poll = true,
+            "--queues" => a.queues = v()?.parse().context("--queues")?,
             "--linger" => a.linger = v()?.parse().context("--linger")?,
             "--rss" => {
                 let v = v()?;
@@ -121,6 +142,10 @@ fn parse_args() -> Result<Args> {
     ensure!(
         a.read_size > 0 && a.read_size <= 1 << 20,
         "--read-size must be 1..=1048576"
+    );
+    ensure!(
+        (1..=MAX_REQUEST_QUEUES).contains(&a.queues),
+        "--queues must be 1..={MAX_REQUEST_QUEUES}"
     );
     Ok(a)
 }
@@ -323,6 +348,8 @@ struct Stats {
     entries: u64,
     files: usize,
     wall: Duration,
+    /// Requests completed per request queue (index 0: queue 1).
+    per_queue: Vec<u64>,
 }
 
 struct Slot {
@@ -335,7 +362,8 @@ struct Slot {
 
 struct Runner<'a> {
     mem: &'a GuestMem,
-    q: &'a mut Queue,
+    /// The request queues, queue 1 first.
+    qs: &'a mut [Queue],
     args: &'a Args,
     unique: u64,
     slot_size: u64,
@@ -346,15 +374,69 @@ impl Runner<'_> {
         BUF_BASE + slot as u64 * self.slot_size
     }
 
+    /// The request queue (index into `qs`) slot `slot` uses: its guest
+    /// thread's vCPU's (see the module comment).
+    fn queue_of(&self, slot: usize) -> usize {
+        slot % self.qs.len()
+    }
+
+    /// Blocks until some request queue's call eventfd is signalled and
+    /// clears the signalled ones. A stale count only causes one extra look
+    /// at the used rings.
+    fn wait_calls(&self) -> Result<()> {
+        if let [q] = &*self.qs {
+            q.call.read().context("waiting for the call eventfd")?;
+            return Ok(());
+        }
+        let mut fds: Vec<libc::pollfd> = self
+            .qs
+            .iter()
+            .map(|q| libc::pollfd {
+                fd: q.call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        loop {
+            // SAFETY: fds is a valid array of fds.len() pollfds that
+            // outlives the call; the eventfds are open (owned by qs).
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if n >= 0 {
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e).context("poll on the call eventfds");
+            }
+        }
+        for (q, p) in self.qs.iter().zip(&fds) {
+            ensure!(
+                p.revents & (libc::POLLERR | libc::POLLNVAL) == 0,
+                "poll: call eventfd {}: revents {:#x}",
+                p.fd,
+                p.revents
+            );
+            if p.revents & libc::POLLIN != 0 {
+                // Readable: this read does not block (only we read it).
+                q.call.read().context("reading a call eventfd")?;
+            }
+        }
+        Ok(())
+    }
+
     /// Runs `jobs` to completion with up to `depth` requests in flight.
     fn run(&mut self, jobs: Vec<Job>, depth: usize, stats: &mut Stats) -> Result<()> {
         let mut ready: VecDeque<Job> = jobs.into();
         let mut slots: Vec<Option<Slot>> = (0..depth).map(|_| None).collect();
         let mut free: Vec<usize> = (0..depth).rev().collect();
         let mut used = Vec::new();
+        let mut pushed = vec![false; self.qs.len()];
+        let mut first = 0;
+        if stats.per_queue.len() < self.qs.len() {
+            stats.per_queue.resize(self.qs.len(), 0);
+        }
         let t0 = Instant::now();
         loop {
-            let mut pushed = false;
             while let (Some(_), false) = (ready.front(), free.is_empty()) {
                 let (Some(job), Some(s)) = (ready.pop_front(), free.pop()) else {
                     break;
@@ -371,9 +453,11 @@ impl Runner<'_> {
                 let in_gpa = self.in_gpa(s);
                 self.mem.write(in_gpa, hdr.as_slice())?;
                 self.mem.write(in_gpa + IN_HDR as u64, &args)?;
+                // Slot s owns descriptors 2s and 2s + 1 of its queue's
+                // table (depth <= QUEUE_SIZE / 2).
+                let qi = self.queue_of(s);
                 let d = (2 * s) as u16;
-                self.q
-                    .set_desc(self.mem, d, in_gpa, hdr.len, VIRTQ_DESC_F_NEXT, d + 1)?;
+                self.qs[qi].set_desc(self.mem, d, in_gpa, hdr.len, VIRTQ_DESC_F_NEXT, d + 1)?;
                 // The writable part is exactly header + the payload asked
                 // for, as the Linux client sizes it: virtiofsd reads
                 // into the whole buffer and fails a READ with EIO when
@@ -384,7 +468,7 @@ impl Runner<'_> {
                     _ => SMALL_REPLY,
                 };
                 let out_len = OUT_HDR as u64 + payload;
-                self.q.set_desc(
+                self.qs[qi].set_desc(
                     self.mem,
                     d + 1,
                     in_gpa + IN_SIZE,
@@ -399,81 +483,112 @@ impl Runner<'_> {
                     out_len,
                     start: Instant::now(),
                 });
-                self.q.push(self.mem, d)?;
-                pushed = true;
+                self.qs[qi].push(self.mem, d)?;
+                pushed[qi] = true;
             }
-            if pushed {
-                self.q.kick.write(1).context("kick")?;
+            for (q, p) in self.qs.iter().zip(pushed.iter_mut()) {
+                if std::mem::take(p) {
+                    q.kick.write(1).context("kick")?;
+                }
             }
             if free.len() == depth {
                 break;
             }
-            used.clear();
-            self.q.pop_used(self.mem, &mut used)?;
-            if used.is_empty() {
+            // Each round starts at the next queue: the slots freed last are
+            // reused first, and a fixed order would favour the last queue's
+            // whenever fewer jobs are ready than slots are free.
+            let n = self.qs.len();
+            first = (first + 1) % n;
+            let mut any = false;
+            for qi in (0..n).map(|k| (first + k) % n) {
+                used.clear();
+                self.qs[qi].pop_used(self.mem, &mut used)?;
+                any |= !used.is_empty();
+                self.collect(qi, &used, depth, &mut slots, &mut free, &mut ready, stats)?;
+            }
+            if !any {
                 if self.args.poll {
                     std::hint::spin_loop();
                 } else {
-                    // Blocks until the daemon signals; a stale count only
-                    // causes one extra look at the used ring.
-                    self.q.call.read().context("waiting for the call eventfd")?;
+                    // Blocks until the daemon signals.
+                    self.wait_calls()?;
                 }
-                continue;
-            }
-            let now = Instant::now();
-            for &(id, len) in &used {
-                ensure!(
-                    id % 2 == 0 && (id / 2) < depth as u32,
-                    "daemon returned unknown head {id}"
-                );
-                let s = (id / 2) as usize;
-                let slot = slots[s]
-                    .take()
-                    .ok_or_else(|| anyhow!("head {id} returned twice"))?;
-                free.push(s);
-                stats
-                    .lat
-                    .entry(slot.op)
-                    .or_default()
-                    .push((now - slot.start).as_nanos() as u64);
-                let len = len as usize;
-                ensure!(
-                    len >= OUT_HDR && len as u64 <= slot.out_len,
-                    "{}: used length {len}",
-                    slot.op.name()
-                );
-                let mut reply = vec![0u8; len];
-                self.mem.read(self.in_gpa(s) + IN_SIZE, &mut reply)?;
-                let oh: OutHeader = obj(&reply)?;
-                ensure!(
-                    oh.unique == slot.unique,
-                    "{}: reply for unique {} to request {}",
-                    slot.op.name(),
-                    oh.unique,
-                    slot.unique
-                );
-                ensure!(
-                    oh.len as usize == len,
-                    "{}: header length {} != used length {len}",
-                    slot.op.name(),
-                    oh.len
-                );
-                if oh.error != 0 {
-                    bail!(
-                        "{} {:?}: {}",
-                        slot.op.name(),
-                        slot.job,
-                        std::io::Error::from_raw_os_error(-oh.error)
-                    );
-                }
-                let (next, spawned) = self.complete(slot.job, &reply[OUT_HDR..], stats)?;
-                if let Some(n) = next {
-                    ready.push_front(n);
-                }
-                ready.extend(spawned);
             }
         }
         stats.wall += t0.elapsed();
+        Ok(())
+    }
+
+    /// Digests the chains `used` the daemon returned on request queue `qi`
+    /// (index into `qs`): frees their slots, queues the jobs' next steps.
+    #[allow(clippy::too_many_arguments)]
+    fn collect(
+        &self,
+        qi: usize,
+        used: &[(u32, u32)],
+        depth: usize,
+        slots: &mut [Option<Slot>],
+        free: &mut Vec<usize>,
+        ready: &mut VecDeque<Job>,
+        stats: &mut Stats,
+    ) -> Result<()> {
+        if used.is_empty() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        for &(id, len) in used {
+            ensure!(
+                id % 2 == 0 && (id / 2) < depth as u32 && self.queue_of((id / 2) as usize) == qi,
+                "daemon returned unknown head {id} on queue {}",
+                qi + 1
+            );
+            stats.per_queue[qi] += 1;
+            let s = (id / 2) as usize;
+            let slot = slots[s]
+                .take()
+                .ok_or_else(|| anyhow!("head {id} returned twice"))?;
+            free.push(s);
+            stats
+                .lat
+                .entry(slot.op)
+                .or_default()
+                .push((now - slot.start).as_nanos() as u64);
+            let len = len as usize;
+            ensure!(
+                len >= OUT_HDR && len as u64 <= slot.out_len,
+                "{}: used length {len}",
+                slot.op.name()
+            );
+            let mut reply = vec![0u8; len];
+            self.mem.read(self.in_gpa(s) + IN_SIZE, &mut reply)?;
+            let oh: OutHeader = obj(&reply)?;
+            ensure!(
+                oh.unique == slot.unique,
+                "{}: reply for unique {} to request {}",
+                slot.op.name(),
+                oh.unique,
+                slot.unique
+            );
+            ensure!(
+                oh.len as usize == len,
+                "{}: header length {} != used length {len}",
+                slot.op.name(),
+                oh.len
+            );
+            if oh.error != 0 {
+                bail!(
+                    "{} {:?}: {}",
+                    slot.op.name(),
+                    slot.job,
+                    std::io::Error::from_raw_os_error(-oh.error)
+                );
+            }
+            let (next, spawned) = self.complete(slot.job, &reply[OUT_HDR..], stats)?;
+            if let Some(n) = next {
+                ready.push_front(n);
+            }
+            ready.extend(spawned);
+        }
         Ok(())
     }
 
@@ -655,13 +770,14 @@ fn main() -> Result<()> {
         "depth {} x {slot_size} bytes does not fit guest memory",
         args.depth
     );
-    let (_conn, mut queues) = setup(&args.socket, &mem)?;
-    let q = queues
-        .get_mut(REQUEST_QUEUE)
-        .ok_or_else(|| anyhow!("no request queue"))?;
+    let (_conn, mut queues) = setup_queues(&args.socket, &mem, args.queues)?;
+    let qs = queues
+        .get_mut(REQUEST_QUEUE..)
+        .filter(|qs| qs.len() == args.queues)
+        .ok_or_else(|| anyhow!("no request queues"))?;
     let mut r = Runner {
         mem: &mem,
-        q,
+        qs,
         args: &args,
         unique: 0,
         slot_size,
@@ -669,7 +785,7 @@ fn main() -> Result<()> {
     r.run(vec![Job::Init], 1, &mut Stats::default())?;
 
     println!(
-        "\n### {}: depth {}, read size {} KiB, max files {}, completions by {}\n",
+        "\n### {}: depth {}, read size {} KiB, max files {}, completions by {}{}\n",
         args.label,
         args.depth,
         args.read_size >> 10,
@@ -678,7 +794,13 @@ fn main() -> Result<()> {
         } else {
             args.max_files.to_string()
         },
-        if args.poll { "polling" } else { "call eventfd" }
+        if args.poll { "polling" } else { "call eventfd" },
+        // One queue: the header as before this option existed.
+        if args.queues > 1 {
+            format!(", {} request queues", args.queues)
+        } else {
+            String::new()
+        }
     );
     println!("| pass | op | count | ops/s | p50 µs | p99 µs | max µs |");
     println!("| --- | --- | ---: | ---: | ---: | ---: | ---: |");
@@ -749,9 +871,23 @@ fn main() -> Result<()> {
         if !rss.is_empty() {
             println!("| {pname} | RssAnon kB after the pass, CPU ms during it:{rss} | | | | | |");
         }
+        let mut queue_ops = String::new();
+        if args.queues > 1 {
+            let counts: Vec<String> = st.per_queue.iter().map(u64::to_string).collect();
+            let rows: Vec<String> = counts
+                .iter()
+                .enumerate()
+                .map(|(i, n)| format!("queue {}: {n}", i + 1))
+                .collect();
+            println!(
+                "| {pname} | requests completed per queue: {} | | | | | |",
+                rows.join(", ")
+            );
+            queue_ops = format!(" queue_ops={}", counts.join(","));
+        }
         let read = st.lat.get(&Op::Read).map(Vec::as_slice).unwrap_or(&[]);
         summaries.push(format!(
-            "SUMMARY label={} depth={} pass={pname} ops_per_s={:.0} mib_per_s={:.1} read_p50_us={:.1} read_p99_us={:.1} all_p50_us={:.1} all_p99_us={:.1} all_max_us={:.1} ops={total} secs={secs:.3}{rss}",
+            "SUMMARY label={} depth={} pass={pname} ops_per_s={:.0} mib_per_s={:.1} read_p50_us={:.1} read_p99_us={:.1} all_p50_us={:.1} all_p99_us={:.1} all_max_us={:.1} ops={total} secs={secs:.3}{rss}{queue_ops}",
             args.label.replace(' ', "_"),
             args.depth,
             total as f64 / secs,

@@ -1,6 +1,7 @@
 //! The vhost-user frontend (the part QEMU plays) that the load generator
-//! and the hostile-guest tests drive: a memfd as guest memory, two split
-//! virtqueues laid out in it, the handshake QEMU does for vhost-user-fs.
+//! and the hostile-guest tests drive: a memfd as guest memory, split
+//! virtqueues laid out in it (the high-priority queue and one or more
+//! request queues), the handshake QEMU does for vhost-user-fs.
 //! Shared through `#[path]` (a benches/ subdirectory is not a target).
 #![allow(dead_code)]
 use anyhow::{anyhow, ensure, Context as _, Result};
@@ -17,13 +18,16 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 pub const MEM_SIZE: usize = 256 << 20;
 pub const QUEUE_SIZE: u16 = 1024;
-/// Guest-physical offsets of the two queues' rings (each below 64 KiB).
-pub const QUEUE_BASE: [u64; 2] = [0, 0x1_0000];
+/// Guest-physical room of one queue's rings: queue `i` starts at
+/// `i * QUEUE_STRIDE` (its rings end below 64 KiB).
+pub const QUEUE_STRIDE: u64 = 0x1_0000;
 pub const DESC_OFF: u64 = 0;
 pub const AVAIL_OFF: u64 = 0x4000;
 pub const USED_OFF: u64 = 0x5000;
 /// Request buffers start here.
 pub const BUF_BASE: u64 = 1 << 20;
+/// Most request queues whose rings fit below `BUF_BASE` (besides queue 0).
+pub const MAX_REQUEST_QUEUES: usize = (BUF_BASE / QUEUE_STRIDE) as usize - 1;
 /// Bytes for a request (header + args; LOOKUP names are at most 255 bytes).
 pub const IN_SIZE: u64 = 4096;
 /// READDIRPLUS reply size: one page, as the Linux FUSE client asks for.
@@ -281,8 +285,23 @@ pub fn le64s(v: &[u64]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// Connects and sets the device up the way QEMU does for vhost-user-fs.
+/// Connects and sets the device up the way QEMU does for vhost-user-fs,
+/// with one request queue: queues 0 (high priority) and 1.
 pub fn setup(socket: &str, mem: &GuestMem) -> Result<(VuConn, Vec<Queue>)> {
+    setup_queues(socket, mem, 1)
+}
+
+/// As `setup`, with `request_queues` request queues (1..=`request_queues`,
+/// each its own rings and kick/call eventfds); the backend must offer them.
+pub fn setup_queues(
+    socket: &str,
+    mem: &GuestMem,
+    request_queues: usize,
+) -> Result<(VuConn, Vec<Queue>)> {
+    ensure!(
+        (1..=MAX_REQUEST_QUEUES).contains(&request_queues),
+        "{request_queues} request queues: must be 1..={MAX_REQUEST_QUEUES}"
+    );
     let sock = UnixStream::connect(socket).with_context(|| format!("connect {socket}"))?;
     let mut c = VuConn {
         sock,
@@ -311,7 +330,17 @@ pub fn setup(socket: &str, mem: &GuestMem) -> Result<(VuConn, Vec<Queue>)> {
         .context("SET_PROTOCOL_FEATURES")?;
     c.reply_ack = want.contains(VhostUserProtocolFeatures::REPLY_ACK);
     let nq = c.get_u64(GET_QUEUE_NUM).context("GET_QUEUE_NUM")?;
-    ensure!(nq >= 2, "backend has {nq} queues, need 2");
+    let need = 1 + request_queues as u64;
+    ensure!(
+        nq >= need,
+        "backend offers {nq} queues (GET_QUEUE_NUM), need {need}: the high-priority queue and \
+         {request_queues} request queue(s){}",
+        if request_queues > 1 {
+            format!(" (tvix-virtiofsd: start `virtiofs` with --request-queues {request_queues})")
+        } else {
+            String::new()
+        }
+    );
     c.send(SET_OWNER, &[], &[]).context("SET_OWNER")?;
     c.send(
         SET_FEATURES,
@@ -326,9 +355,9 @@ pub fn setup(socket: &str, mem: &GuestMem) -> Result<(VuConn, Vec<Queue>)> {
     c.send(SET_MEM_TABLE, &table, &[mem.fd.as_raw_fd()])
         .context("SET_MEM_TABLE")?;
     let mut queues = Vec::new();
-    for (i, base) in QUEUE_BASE.iter().enumerate() {
+    for i in 0..=request_queues {
         let q = Queue {
-            base: *base,
+            base: i as u64 * QUEUE_STRIDE,
             next_avail: 0,
             last_used: 0,
             kick: EventFd::new(EFD_NONBLOCK).context("eventfd")?,
