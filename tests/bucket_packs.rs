@@ -1,9 +1,11 @@
 //! Packs in a bucket (a real three-node Garage cluster): `import` into
-//! `s3://` also writes each tree's small blobs into packs, a store daemon
-//! over the bucket answers a batch that names its tree from them (proved
-//! by deleting the blobs' own objects), a host cache prefetching the tree
-//! gets them from there, and a pack part or index overwritten with other
-//! bytes costs a fallback read, never a wrong byte.
+//! `s3://` also writes each tree's small blobs into packs and its
+//! directories into one object, a store daemon over the bucket answers a
+//! batch that names its tree from the packs and the tree from that object
+//! (proved by deleting the blobs' and directories' own objects), a host
+//! cache prefetching the tree gets both from there, and a pack part or
+//! index overwritten with other bytes costs a fallback read, never a
+//! wrong byte.
 mod common;
 
 use common::garage::Garage;
@@ -119,11 +121,20 @@ fn batches_naming_their_tree_are_read_from_packs_and_bad_packs_serve_no_wrong_by
     );
     let path = String::from_utf8(out.stdout).unwrap().trim().to_string();
 
-    // one index (named by the tree's root directory) and one part
+    // one index (named by the tree's root directory), one part, and the
+    // tree's 9 directories in one object
     let keys = pack_keys(&garage);
     let parts: Vec<&String> = keys.iter().filter(|k| k.contains("/parts/")).collect();
-    let index: Vec<&String> = keys.iter().filter(|k| !k.contains("/parts/")).collect();
-    assert_eq!((index.len(), parts.len()), (1, 1), "pack keys: {keys:?}");
+    let trees: Vec<&String> = keys.iter().filter(|k| k.contains("/trees/")).collect();
+    let index: Vec<&String> = keys
+        .iter()
+        .filter(|k| !k.contains("/parts/") && !k.contains("/trees/"))
+        .collect();
+    assert_eq!(
+        (index.len(), parts.len(), trees.len()),
+        (1, 1, 1),
+        "pack keys: {keys:?}"
+    );
     let tree_hex = index[0].rsplit('/').next().unwrap();
     let tree =
         B3Digest::try_from(&data_encoding::HEXLOWER.decode(tree_hex.as_bytes()).unwrap()[..])
@@ -135,6 +146,29 @@ fn batches_naming_their_tree_are_read_from_packs_and_bad_packs_serve_no_wrong_by
     for d in &gone {
         let (status, _) = garage.s3(0, "DELETE", &format!("{PREFIX}/blobs/{}", d.to_hex()), b"");
         assert_eq!(status, 204, "deleting blob {d}");
+    }
+    assert!(
+        trees[0].ends_with(tree_hex),
+        "the tree object is named by the root"
+    );
+    // and the directories' own objects are gone: the tree object has them
+    let r = garage.s3_request(
+        0,
+        "GET",
+        &format!("?list-type=2&prefix={PREFIX}%2Fdirectories%2F"),
+        &[],
+        b"",
+    );
+    let dirs: Vec<String> = r
+        .text()
+        .split("<Key>")
+        .skip(1)
+        .filter_map(|s| s.split("</Key>").next())
+        .map(str::to_string)
+        .collect();
+    assert_eq!(dirs.len(), 9, "directories: {dirs:?}");
+    for k in &dirs {
+        assert_eq!(garage.s3(0, "DELETE", k, b"").0, 204, "deleting {k}");
     }
     let log = t.join("store.log");
     let (daemon, addr) = store_daemon(&garage, &store, &log);
@@ -156,7 +190,8 @@ fn batches_naming_their_tree_are_read_from_packs_and_bad_packs_serve_no_wrong_by
         "read alone, the deleted blobs are missing"
     );
 
-    // a host cache prefetching the path gets them from the packs too
+    // a host cache prefetching the path gets the tree from its one object
+    // and the deleted blobs from the packs
     let cache = t.join("cache");
     let hsock = t.join("host.sock");
     let host = Kill(

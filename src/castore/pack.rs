@@ -47,6 +47,10 @@ pub enum PackError {
     Outside(B3Digest),
     #[error("blob {0} of a pack index is {1} bytes, more than a packed blob may be")]
     TooLarge(B3Digest, u64),
+    #[error("blob {0} is named twice in a pack index")]
+    Twice(B3Digest),
+    #[error("blob {0} of a pack index is empty")]
+    Empty(B3Digest),
 }
 
 /// Where a packed blob's bytes are.
@@ -118,6 +122,7 @@ impl PackIndex {
             return Err(PackError::Short);
         }
         let mut entries = Vec::with_capacity(m);
+        let mut seen = std::collections::HashSet::with_capacity(m);
         for _ in 0..m {
             let d = digest(take(&mut b, 32)?);
             let e = Entry {
@@ -127,6 +132,14 @@ impl PackIndex {
             };
             if u64::from(e.len) > MAX_PACKED {
                 return Err(PackError::TooLarge(d, e.len.into()));
+            }
+            // what a packer never writes: refused, so that an index's
+            // weight in memory is what its blobs make it
+            if e.len == 0 {
+                return Err(PackError::Empty(d));
+            }
+            if !seen.insert(d) {
+                return Err(PackError::Twice(d));
             }
             let within = parts
                 .get(e.part as usize)
@@ -144,10 +157,11 @@ impl PackIndex {
 
     /// The entries by blob digest (the first, where one is named twice).
     pub fn by_digest(&self) -> HashMap<B3Digest, Entry> {
-        let mut m = HashMap::with_capacity(self.entries.len());
+        let mut m = HashMap::new();
         for (d, e) in &self.entries {
             m.entry(*d).or_insert(*e);
         }
+        m.shrink_to_fit();
         m
     }
 }
@@ -198,7 +212,9 @@ impl Packer {
     /// part that filled and its digest, for the caller to store before it
     /// stores the index.
     pub fn add(&mut self, digest: B3Digest, data: &[u8]) -> Option<(B3Digest, Vec<u8>)> {
-        if !Self::takes(data.len() as u64)
+        // an empty blob needs no read: its digest says it all
+        if data.is_empty()
+            || !Self::takes(data.len() as u64)
             || self.index.entries.len() >= MAX_ENTRIES
             || self.index.parts.len() >= MAX_PARTS
             || !self.seen.insert(digest)
@@ -295,6 +311,12 @@ mod tests {
         p.add(B3Digest::of(b"a"), b"a");
         p.add(B3Digest::of(b"a"), b"a");
         assert_eq!(p.len(), 1);
+        // empty blobs are not packed: an index whose last entries were
+        // empty would name a part never stored
+        let mut p = Packer::default();
+        assert!(p.add(B3Digest::of(b""), b"").is_none());
+        assert!(p.flush().is_none());
+        assert!(p.finish().is_none());
     }
 
     #[test]
@@ -327,6 +349,18 @@ mod tests {
         assert!(matches!(
             PackIndex::decode(&wrap.encode()),
             Err(PackError::Outside(_))
+        ));
+        let mut twice = index.clone();
+        twice.entries[1].0 = twice.entries[0].0;
+        assert!(matches!(
+            PackIndex::decode(&twice.encode()),
+            Err(PackError::Twice(_))
+        ));
+        let mut empty = index.clone();
+        empty.entries[1].1.len = 0;
+        assert!(matches!(
+            PackIndex::decode(&empty.encode()),
+            Err(PackError::Empty(_))
         ));
         // a count that claims more than is there, or than is allowed
         let mut many = good.clone();

@@ -9,7 +9,9 @@
 //! - `PREFIX/packs/<blake3 hex>`: the pack index of the tree whose root
 //!   directory has that digest, and `PREFIX/packs/parts/<blake3 hex>` its
 //!   parts (see [`crate::castore::pack`]): copies of the tree's small
-//!   blobs, so a reader of many pays a request per run of them;
+//!   blobs, so a reader of many pays a request per run of them; and
+//!   `PREFIX/packs/trees/<blake3 hex>` every directory of the tree whose
+//!   root has that digest, so a first lookup of it is one GET;
 //! - `PREFIX/tmp/...`: large blobs while they are uploaded in parts
 //!   (their name is only known once hashed).
 //!
@@ -259,6 +261,11 @@ impl Bucket {
 
     pub(crate) fn pack_part_key(&self, digest: &B3Digest) -> Key {
         self.key("packs/parts", &digest.to_hex())
+    }
+
+    /// Every directory of a tree in one object, by its root's digest.
+    pub(crate) fn tree_pack_key(&self, root: &B3Digest) -> Key {
+        self.key("packs/trees", &root.to_hex())
     }
 
     pub(crate) fn directory_key(&self, digest: &B3Digest) -> Key {

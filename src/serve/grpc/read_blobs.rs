@@ -29,8 +29,14 @@ const READS_AT_ONCE: usize = 4;
 const HELD_BLOBS: usize = 32;
 static HELD: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(HELD_BLOBS);
 /// Calls reading from packs at once, each holding at most 4 MiB of them
-/// until its client takes them (or [`HOLD_LIMIT`] passes).
+/// until its client takes them (or the call is ended).
 static PACKED: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+/// How long a call waits for room to read from packs before it reads its
+/// blobs alone.
+const PACKED_WAIT: Duration = Duration::from_secs(1);
+/// How long one call may last, however steadily its client takes pieces:
+/// a client taking one piece every few seconds holds its room no longer.
+const CALL_LIMIT: Duration = Duration::from_secs(60);
 /// How long a call may leave a piece untaken before it is ended and its
 /// room given back: a host daemon takes 1 MiB in far less.
 const HOLD_LIMIT: Duration = Duration::from_secs(10);
@@ -64,25 +70,29 @@ pub fn serve(
     // back: otherwise a few calls never read would hold all of it and
     // every other client's batches would wait behind them.
     let (ask, asks) = mpsc::channel::<Answer>(1);
-    tokio::spawn(produce(blobs, digests, tree, asks));
+    let producer = AbortOnDrop(tokio::spawn(produce(blobs, digests, tree, asks)).abort_handle());
     let s = async_stream::try_stream! {
+        let _producer = producer;
         loop {
             let (answer, next) = oneshot::channel();
             if ask.send(answer).await.is_err() {
-                Err(Status::deadline_exceeded(format!(
-                    "no piece was taken for {HOLD_LIMIT:?}"
-                )))?;
+                Err(ended())?;
             }
             match next.await {
                 Ok(Some(piece)) => yield piece?,
                 Ok(None) => break,
-                Err(_) => Err(Status::deadline_exceeded(format!(
-                    "no piece was taken for {HOLD_LIMIT:?}"
-                )))?,
+                Err(_) => Err(ended())?,
             }
         }
     };
     Ok(Box::pin(s))
+}
+
+/// What a client whose call was ended under it gets.
+fn ended() -> Status {
+    Status::deadline_exceeded(format!(
+        "the call was ended: no piece taken for {HOLD_LIMIT:?}, or longer than {CALL_LIMIT:?}"
+    ))
 }
 
 /// Where the producer puts the next piece (`None`: there are no more).
@@ -96,24 +106,33 @@ async fn produce(
     tree: Option<B3Digest>,
     mut asks: mpsc::Receiver<Answer>,
 ) {
+    let deadline = tokio::time::Instant::now() + CALL_LIMIT;
     // Blobs the store has in packs of the tree are read together first
-    // (checked against their digests there); the rest one by one.
-    // The room to read from packs is held until the call ends: what was
-    // read from them waits in memory until the client takes it.
-    let mut _reading = None;
+    // (checked against their digests there); the rest one by one. The
+    // room to read from packs is held until the packed pieces are taken;
+    // a call that finds none free soon reads its blobs alone.
+    let mut reading = None;
     let packed = match tree {
-        Some(t) if blobs.keeps_packs() => match PACKED.acquire().await {
-            Ok(room) => {
-                _reading = Some(room);
-                blobs.read_packed(&t, &digests).await.unwrap_or_else(|e| {
-                    tracing::warn!("ReadBlobs: the packs of tree {t}: {e}; reading blobs alone");
-                    vec![None; digests.len()]
-                })
+        Some(t) if blobs.keeps_packs() && !digests.is_empty() => {
+            match tokio::time::timeout(PACKED_WAIT, PACKED.acquire()).await {
+                Ok(Ok(room)) => {
+                    reading = Some(room);
+                    blobs.read_packed(&t, &digests).await.unwrap_or_else(|e| {
+                        tracing::warn!(
+                            "ReadBlobs: the packs of tree {t}: {e}; reading blobs alone"
+                        );
+                        vec![None; digests.len()]
+                    })
+                }
+                _ => vec![None; digests.len()],
             }
-            Err(_) => return,
-        },
+        }
         _ => vec![None; digests.len()],
     };
+    let mut packed_left = packed.iter().filter(|p| p.is_some()).count();
+    if packed_left == 0 {
+        reading = None;
+    }
     let work: Vec<_> = digests.into_iter().zip(packed).enumerate().collect();
     let pieces = futures::stream::iter(work)
         .map(|(i, (d, p))| one(blobs.clone(), i as u32, d, p))
@@ -121,56 +140,78 @@ async fn produce(
     let mut pieces = std::pin::pin!(pieces);
     let mut taken = None;
     loop {
-        let answer = match tokio::time::timeout(HOLD_LIMIT, asks.recv()).await {
+        let wait = HOLD_LIMIT.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let answer = match tokio::time::timeout(wait, asks.recv()).await {
             Ok(Some(answer)) => answer,
             Ok(None) => return,
             Err(_) => {
-                tracing::warn!(
-                    "ReadBlobs: a client took no piece for {HOLD_LIMIT:?}; its call is ended"
+                tracing::debug!(
+                    "ReadBlobs: a client took no piece for {wait:?} (or its call passed {CALL_LIMIT:?}); the call is ended"
                 );
                 return;
             }
         };
         drop(taken.take());
         let next = match pieces.next().await {
-            Some(Ok((piece, held))) => {
+            Some(Ok((piece, held, from_pack))) => {
                 taken = Some(held);
+                if from_pack {
+                    packed_left -= 1;
+                    if packed_left == 0 {
+                        reading = None;
+                    }
+                }
                 Some(Ok(piece))
             }
-            other => other.map(|e| e.map(|(p, _)| p)),
+            Some(Err(e)) => Some(Err(e)),
+            None => None,
         };
         let last = !matches!(next, Some(Ok(_)));
         let _ = answer.send(next);
         if last {
+            drop(reading);
             return;
         }
     }
 }
 
 /// One piece, once there is room to hold it: from the packs' bytes when
-/// they had it, read alone otherwise.
+/// they had it (true), read alone otherwise.
 fn one(
     blobs: Arc<dyn BlobService>,
     index: u32,
     digest: B3Digest,
     packed: Option<bytes::Bytes>,
-) -> futures::future::BoxFuture<'static, Result<(pb::BlobPiece, Held), Status>> {
+) -> futures::future::BoxFuture<'static, Result<(pb::BlobPiece, Held, bool), Status>> {
     async move {
         let held = HELD
             .acquire()
             .await
             .map_err(|_| Status::unavailable("shutting down"))?;
-        let p = match packed {
-            Some(data) => pb::BlobPiece {
-                index,
-                data,
-                ..Default::default()
-            },
-            None => piece(blobs.as_ref(), index, &digest).await?,
-        };
-        Ok((p, held))
+        Ok(match packed {
+            Some(data) => (
+                pb::BlobPiece {
+                    index,
+                    data,
+                    ..Default::default()
+                },
+                held,
+                true,
+            ),
+            None => (piece(blobs.as_ref(), index, &digest).await?, held, false),
+        })
     }
     .boxed()
+}
+
+/// Aborts the call's producer when its answer stream is dropped (the
+/// client went, or reset the call): nothing is read for nobody.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn piece(

@@ -4,7 +4,7 @@
 //! a few ranged GETs of runs of its parts instead of a GET per blob; every
 //! blob so read is checked against its digest, and one that is not there
 //! or does not match is left to be read alone.
-use crate::castore::pack::{Entry, PackIndex, MAX_PACKED};
+use crate::castore::pack::{Entry, PackIndex};
 use crate::castore::B3Digest;
 use crate::store::bucket::Bucket;
 use crate::store::{Error, Result};
@@ -15,9 +15,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Bytes of pack indexes held in memory (decoded, about 60 bytes a blob):
-/// the trees being read now, not every tree ever read.
-const INDEX_BYTES: u64 = 32 << 20;
+/// Bytes of pack indexes held in memory (decoded, about 100 bytes a
+/// blob; two of the largest fit): the trees being read now, not every
+/// tree ever read.
+const INDEX_BYTES: u64 = 64 << 20;
 /// A tree found without packs is asked again after this long (an import
 /// may write them meanwhile).
 const ABSENT_FOR: Duration = Duration::from_secs(30);
@@ -42,11 +43,19 @@ pub(super) enum Known {
 #[derive(Clone)]
 pub(super) struct Weight;
 
+/// What an index takes in memory: its map's slots (hashbrown keeps a
+/// control byte each) and parts, and what any entry costs around it.
 impl quick_cache::Weighter<B3Digest, Arc<Known>> for Weight {
     fn weight(&self, _: &B3Digest, k: &Arc<Known>) -> u64 {
+        const AROUND: u64 = 256;
         match &**k {
-            Known::Packed { by, parts } => (by.len() as u64 * 64 + parts.len() as u64 * 48).max(1),
-            Known::Absent(_) => 1,
+            Known::Packed { by, parts } => {
+                let slot = std::mem::size_of::<(B3Digest, Entry)>() as u64 + 1;
+                by.capacity() as u64 * slot
+                    + parts.capacity() as u64 * std::mem::size_of::<(B3Digest, u64)>() as u64
+                    + AROUND
+            }
+            Known::Absent(_) => AROUND,
         }
     }
 }
@@ -96,45 +105,57 @@ pub(super) async fn put_index(bucket: &Bucket, tree: &B3Digest, index: &PackInde
 }
 
 /// The tree's index, from memory or the bucket (one GET however many
-/// batches ask at once).
-async fn index(bucket: &Bucket, cache: &Indexes, tree: &B3Digest) -> Result<Arc<Known>> {
-    let guard = match cache.get_value_or_guard_async(tree).await {
+/// batches ask at once). A tree without usable packs (none, refused, or
+/// the bucket failing) is remembered as such for [`ABSENT_FOR`].
+async fn index(bucket: &Bucket, cache: &Indexes, tree: &B3Digest) -> Arc<Known> {
+    match cache.get_value_or_guard_async(tree).await {
         Ok(k) => match &*k {
             Known::Absent(since) if since.elapsed() >= ABSENT_FOR => {
-                cache.remove(tree);
-                return Box::pin(index(bucket, cache, tree)).await;
+                let fresh = Arc::new(load(bucket, tree).await);
+                cache.insert(*tree, fresh.clone());
+                fresh
             }
-            _ => return Ok(k),
+            _ => k,
         },
-        Err(g) => g,
-    };
+        Err(guard) => {
+            let k = Arc::new(load(bucket, tree).await);
+            let _ = guard.insert(k.clone());
+            k
+        }
+    }
+}
+
+async fn load(bucket: &Bucket, tree: &B3Digest) -> Known {
     let what = format!("the pack index of tree {tree}");
-    let known = match bucket
+    let got = match bucket
         .within(&what, bucket.store.get(&bucket.pack_key(tree)))
-        .await?
+        .await
     {
-        None => Known::Absent(Instant::now()),
-        Some(got) if got.meta.size > PackIndex::max_encoded_len() => {
-            tracing::warn!("{what}: {} bytes, more than an index may be", got.meta.size);
+        Ok(Some(got)) => got,
+        Ok(None) => return Known::Absent(Instant::now()),
+        Err(e) => {
+            tracing::warn!("{e}: reading the tree's blobs alone for {ABSENT_FOR:?}");
+            return Known::Absent(Instant::now());
+        }
+    };
+    if got.meta.size > PackIndex::max_encoded_len() {
+        tracing::warn!("{what}: {} bytes, more than an index may be", got.meta.size);
+        return Known::Absent(Instant::now());
+    }
+    let decoded = match bucket.bounded_bytes(&what, got).await {
+        Ok(bytes) => PackIndex::decode(&bytes).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match decoded {
+        Ok(i) => Known::Packed {
+            by: i.by_digest(),
+            parts: i.parts,
+        },
+        Err(e) => {
+            tracing::warn!("{what} is refused ({e}): reading the tree's blobs alone");
             Known::Absent(Instant::now())
         }
-        Some(got) => {
-            let bytes = bucket.bounded_bytes(&what, got).await?;
-            match PackIndex::decode(&bytes) {
-                Ok(i) => Known::Packed {
-                    by: i.by_digest(),
-                    parts: i.parts,
-                },
-                Err(e) => {
-                    tracing::warn!("{what} is refused: {e}");
-                    Known::Absent(Instant::now())
-                }
-            }
-        }
-    };
-    let known = Arc::new(known);
-    let _ = guard.insert(known.clone());
-    Ok(known)
+    }
 }
 
 /// One ranged GET: a run of one part, and the wanted blobs in it (their
@@ -194,7 +215,10 @@ pub(super) async fn read(
     digests: &[B3Digest],
 ) -> Result<Vec<Option<Bytes>>> {
     let mut out = vec![None; digests.len()];
-    let known = index(bucket, cache, tree).await?;
+    if digests.is_empty() {
+        return Ok(out);
+    }
+    let known = index(bucket, cache, tree).await;
     let Known::Packed { parts, by } = &*known else {
         return Ok(out);
     };
@@ -202,8 +226,10 @@ pub(super) async fn read(
         .iter()
         .enumerate()
         .filter_map(|(i, d)| by.get(d).map(|e| (i, *d, *e)))
-        .filter(|(_, _, e)| u64::from(e.len) <= MAX_PACKED)
         .collect();
+    if found.is_empty() {
+        return Ok(out);
+    }
     let fetched = futures::stream::iter(runs(parts, found))
         .map(|run| async move {
             let what = format!("pack part {} (bytes {}..{})", run.part, run.start, run.end);
