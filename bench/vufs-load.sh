@@ -312,9 +312,10 @@ run_plain() { # embedded|virtiofsd
   [ "$which" = virtiofsd ] || queue_line "$which" "$log"
 }
 
-# remote_calls: "Read-count Read-seconds Get-count Get-seconds" of the
-# remote store daemon's served BlobService/Read and DirectoryService/Get
-# calls (seconds to each call's first message, summed).
+# remote_calls: "Read-count Read-seconds Get-count Get-seconds
+# Batch-count Batch-seconds" of the remote store daemon's served
+# BlobService/Read, DirectoryService/Get and CacheService/ReadBlobs calls
+# (seconds to each call's first message, summed).
 remote_calls() {
   local m
   m=$(curl -sf "http://$remote_metrics_addr/metrics") || fail "cannot read http://$remote_metrics_addr/metrics" "$remote_log"
@@ -323,7 +324,9 @@ remote_calls() {
     /^tvix_virtiofsd_grpc_call_seconds_sum\{method="tvix.castore.v1.BlobService\/Read"\}/ {rs = $2}
     /^tvix_virtiofsd_grpc_call_seconds_count\{method="tvix.castore.v1.DirectoryService\/Get"\}/ {gc = $2}
     /^tvix_virtiofsd_grpc_call_seconds_sum\{method="tvix.castore.v1.DirectoryService\/Get"\}/ {gs = $2}
-    END {printf "%d %.6f %d %.6f\n", rc, rs, gc, gs}' <<< "$m"
+    /^tvix_virtiofsd_grpc_call_seconds_count\{method="tvix_virtiofsd.cache.v1.CacheService\/ReadBlobs"\}/ {bc = $2}
+    /^tvix_virtiofsd_grpc_call_seconds_sum\{method="tvix_virtiofsd.cache.v1.CacheService\/ReadBlobs"\}/ {bs = $2}
+    END {printf "%d %.6f %d %.6f %d %.6f\n", rc, rs, gc, gs, bc, bs}' <<< "$m"
 }
 # One repetition of a remote kind: remote store, host daemon on an empty
 # cache, first VM, second VM.
@@ -360,7 +363,7 @@ run_remote() { # remote-unix|remote-tcp|remote-s3
     # what the remote served during this VM (all its passes; only the cold
     # one asks it anything)
     remote=$(paste -d' ' <(tr ' ' '\n' <<< "$c0") <(tr ' ' '\n' <<< "$c1") |
-      awk '{d[NR] = $2 - $1} END {printf "remote_reads=%d remote_read_s=%.3f remote_gets=%d remote_get_s=%.3f", d[1], d[2], d[3], d[4]}')
+      awk '{d[NR] = $2 - $1} END {printf "remote_reads=%d remote_read_s=%.3f remote_gets=%d remote_get_s=%.3f remote_batches=%d remote_batch_s=%.3f", d[1], d[2], d[3], d[4], d[5], d[6]}')
     [ "$g0" -ge 0 ] && remote="$remote garage_cpu_ms=$((g1 - g0))"
     sed -i "s/ fetched_bytes=FETCHED / fetched_bytes=$((f1 - f0)) $remote /" "$summaries"
     if [ "$vm" = 2 ] && [ "$f1" != "$f0" ]; then
@@ -512,13 +515,13 @@ done
 if [[ " $stores " == *" remote-"* ]]; then
   echo
   echo "Where a first VM's time goes (medians over the $runs runs): its cold pass; the remote store daemon's" \
-    "served BlobService/Read and DirectoryService/Get calls during the VM, with their mean time to the first" \
+    "served BlobService/Read, DirectoryService/Get and CacheService/ReadBlobs calls (batches) during the VM, with their mean time to the first" \
     "message (a Read's first message comes once the whole blob is fetched and checked) and the Reads in flight" \
     "on average over the cold pass (summed Read time / pass time); CPU seconds of the remote daemon and (remote-s3)" \
     "of the three Garage nodes during the cold pass or the VM; the longest single request of the pass."
   echo
-  echo "| store | read size | depth | queues | cold pass s | remote Reads | Read mean ms | Reads in flight | remote dir Gets | Get mean ms | CPU s remote daemon | CPU s Garage | longest request ms |"
-  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  echo "| store | read size | depth | queues | cold pass s | remote Reads | Read mean ms | Reads in flight | remote dir Gets | Get mean ms | remote batches | batch mean ms | CPU s remote daemon | CPU s Garage | longest request ms |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
   for rs in $read_sizes; do
     for depth in $depths; do
       for nq in $queue_counts; do
@@ -528,11 +531,13 @@ if [[ " $stores " == *" remote-"* ]]; then
           secs=$(m secs)
           [ -n "$secs" ] || continue
           rd=$(m remote_reads) rds=$(m remote_read_s) gt=$(m remote_gets) gts=$(m remote_get_s)
+          bt=$(m remote_batches) bts=$(m remote_batch_s)
           gcpu=$(m garage_cpu_ms)
-          printf '| %s | %d KiB | %s | %s | %.2f | %s | %s | %s | %s | %s | %.2f | %s | %.0f |\n' "$s" $((rs / 1024)) "$depth" "$nq" "$secs" \
+          printf '| %s | %d KiB | %s | %s | %.2f | %s | %s | %s | %s | %s | %s | %s | %.2f | %s | %.0f |\n' "$s" $((rs / 1024)) "$depth" "$nq" "$secs" \
             "$rd" "$([ "${rd:-0}" -gt 0 ] && printf '%.2f' "$(bc -l <<< "$rds * 1000 / $rd")")" \
             "$(printf '%.1f' "$(bc -l <<< "$rds / $secs")")" \
             "$gt" "$([ "${gt:-0}" -gt 0 ] && printf '%.2f' "$(bc -l <<< "$gts * 1000 / $gt")")" \
+            "${bt:-0}" "$([ "${bt:-0}" -gt 0 ] && printf '%.2f' "$(bc -l <<< "$bts * 1000 / $bt")")" \
             "$(bc -l <<< "$(m cpu_remote_ms) / 1000")" \
             "$([ -n "$gcpu" ] && printf '%.2f' "$(bc -l <<< "$gcpu / 1000")")" \
             "$(bc -l <<< "$(m all_max_us) / 1000")"
