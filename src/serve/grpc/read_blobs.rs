@@ -29,11 +29,12 @@ const READS_AT_ONCE: usize = 4;
 const HELD_BLOBS: usize = 32;
 static HELD: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(HELD_BLOBS);
 /// Calls reading from packs at once, each holding at most 4 MiB of them
-/// until its client takes them (or the call is ended).
-static PACKED: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+/// until its client takes them (or the call is ended): a host cache keeps
+/// a dozen batches in flight over a bucket's latency.
+static PACKED: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(16);
 /// How long a call waits for room to read from packs before it reads its
 /// blobs alone.
-const PACKED_WAIT: Duration = Duration::from_secs(1);
+const PACKED_WAIT: Duration = Duration::from_secs(2);
 /// How long one call may last, however steadily its client takes pieces:
 /// a client taking one piece every few seconds holds its room no longer.
 const CALL_LIMIT: Duration = Duration::from_secs(60);

@@ -23,6 +23,8 @@ const BATCH_BLOBS: usize = 32;
 const BATCH_BLOB_MAX: u64 = 256 << 10;
 /// Bytes of one batch, by the sizes their directories give.
 const BATCH_BYTES: u64 = 2 << 20;
+/// Blobs of a batch per prefetch fill slot it takes.
+const BLOBS_PER_SLOT: usize = 4;
 
 /// Small blobs a walk has met and not asked for yet.
 #[derive(Default)]
@@ -100,7 +102,10 @@ impl Cache {
             p.at_bound(&self.stats);
             return false;
         }
-        let n = u32::try_from(blobs.len()).unwrap_or(u32::MAX);
+        // one call for the whole batch: it costs a quarter of a fill slot
+        // a blob, so a latency-bound remote (a bucket behind a daemon)
+        // gets a dozen batches in flight, not three
+        let n = u32::try_from(blobs.len().div_ceil(BLOBS_PER_SLOT)).unwrap_or(u32::MAX);
         let Ok(permit) = p.fills.clone().acquire_many_owned(n).await else {
             return false;
         };
@@ -122,7 +127,7 @@ impl Cache {
             let mine = slot.clone();
             let this = self.clone();
             // The flight's fetch is the batch's answer for this blob.
-            let _ = f.flights.join(Key::Blob(digest), move |rep| {
+            let _ = f.flights.join_batched(Key::Blob(digest), move |rep| {
                 *lock(&mine) = Some(rep);
                 async move {
                     let got = outcome.await.unwrap_or_else(|_| {

@@ -123,6 +123,32 @@ impl Flights {
         F: FnOnce(Reporter) -> Fut,
         Fut: Future<Output = Outcome> + Send + 'static,
     {
+        self.join_within(key, fetch, true)
+    }
+
+    /// As [`Flights::join`], for a fetch bounded elsewhere: a blob of a
+    /// prefetch batch, which is one remote call however many blobs it
+    /// holds, and whose batch holds prefetch's fill slots. Taking a
+    /// running slot each, a batch's blobs left guests' misses and other
+    /// batches waiting for slots no request was using.
+    pub fn join_batched<F, Fut>(self: &Arc<Self>, key: Key, fetch: F) -> watch::Receiver<Progress>
+    where
+        F: FnOnce(Reporter) -> Fut,
+        Fut: Future<Output = Outcome> + Send + 'static,
+    {
+        self.join_within(key, fetch, false)
+    }
+
+    fn join_within<F, Fut>(
+        self: &Arc<Self>,
+        key: Key,
+        fetch: F,
+        bounded: bool,
+    ) -> watch::Receiver<Progress>
+    where
+        F: FnOnce(Reporter) -> Fut,
+        Fut: Future<Output = Outcome> + Send + 'static,
+    {
         let mut map = lock(&self.map);
         if let Some(rx) = map.get(&key) {
             self.stats.dedup_waits.fetch_add(1, Relaxed);
@@ -142,13 +168,17 @@ impl Flights {
         let running = self.running.clone();
         let stats = self.stats.clone();
         tokio::spawn(async move {
-            let outcome = match running.acquire_owned().await {
-                Ok(_permit) => fut.await,
-                Err(_) => Outcome::Failed {
-                    timeout: false,
-                    exhausted: false,
-                    message: "cache is shutting down".into(),
-                },
+            let outcome = if !bounded {
+                fut.await
+            } else {
+                match running.acquire_owned().await {
+                    Ok(_permit) => fut.await,
+                    Err(_) => Outcome::Failed {
+                        timeout: false,
+                        exhausted: false,
+                        message: "cache is shutting down".into(),
+                    },
+                }
             };
             if let Outcome::Failed { message, .. } = &outcome {
                 stats.fill_errors.fetch_add(1, Relaxed);
