@@ -42,12 +42,16 @@ fn store_daemon(garage: &Garage, store: &str, log: &Path) -> (Kill, String) {
     (Kill(child), addr)
 }
 
-/// The keys under `pk/packs/` (index and parts).
+/// The keys under `PREFIX/packs/` (index, parts, tree).
 fn pack_keys(garage: &Garage) -> Vec<String> {
+    pack_keys_in(garage, PREFIX)
+}
+
+fn pack_keys_in(garage: &Garage, prefix: &str) -> Vec<String> {
     let r = garage.s3_request(
         0,
         "GET",
-        &format!("?list-type=2&prefix={PREFIX}%2Fpacks%2F"),
+        &format!("?list-type=2&prefix={prefix}%2Fpacks%2F"),
         &[],
         b"",
     );
@@ -140,6 +144,60 @@ fn batches_naming_their_tree_are_read_from_packs_and_bad_packs_serve_no_wrong_by
         B3Digest::try_from(&data_encoding::HEXLOWER.decode(tree_hex.as_bytes()).unwrap()[..])
             .unwrap();
 
+    assert!(
+        trees[0].ends_with(tree_hex),
+        "the tree object is named by the root"
+    );
+
+    // import-nar writes the same packs: the tree's NAR and path info, as
+    // this store renders them, into another prefix
+    let out = Command::new(bin())
+        .envs(garage.env())
+        .args(["--store", &store, "nar", &path])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nar: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(t.join("tree.nar"), &out.stdout).unwrap();
+    let out = Command::new(bin())
+        .envs(garage.env())
+        .args(["--store", &store, "path-info", "--json", &path])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "path-info --json");
+    std::fs::write(t.join("pi.json"), &out.stdout).unwrap();
+    let store2 = format!(
+        "s3://{}/pk2?endpoint={}&region=garage",
+        garage.bucket(),
+        garage.endpoint(0)
+    );
+    let out = Command::new(bin())
+        .envs(garage.env())
+        .args(["--store", &store2, "import-nar", "--path-info"])
+        .arg(t.join("pi.json"))
+        .arg(format!("{path}={}", t.join("tree.nar").display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "import-nar: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut keys2: Vec<String> = pack_keys_in(&garage, "pk2")
+        .iter()
+        .map(|k| k.trim_start_matches("pk2/").to_string())
+        .collect();
+    let mut keys1: Vec<String> = keys
+        .iter()
+        .map(|k| k.trim_start_matches(&format!("{PREFIX}/")).to_string())
+        .collect();
+    keys1.sort();
+    keys2.sort();
+    assert_eq!(keys2, keys1, "import-nar wrote the same packs as import");
+
     // the blobs' own objects of the first 40 are gone: only the packs
     // have them now
     let gone: Vec<B3Digest> = small.iter().take(40).map(|(d, _)| *d).collect();
@@ -147,10 +205,6 @@ fn batches_naming_their_tree_are_read_from_packs_and_bad_packs_serve_no_wrong_by
         let (status, _) = garage.s3(0, "DELETE", &format!("{PREFIX}/blobs/{}", d.to_hex()), b"");
         assert_eq!(status, 204, "deleting blob {d}");
     }
-    assert!(
-        trees[0].ends_with(tree_hex),
-        "the tree object is named by the root"
-    );
     // and the directories' own objects are gone: the tree object has them
     let r = garage.s3_request(
         0,

@@ -2,8 +2,10 @@
 //! ([`tree`]) or a NAR ([`nar`]) becomes blobs, directories and a path
 //! info; a tree becomes a NAR again ([`render`]), which is also how the
 //! [`write_policy`] checks that a signed upload's tree is the signed NAR.
-//! Both importers overlap their blob uploads within a bound ([`uploads`]).
+//! Both importers overlap their blob uploads within a bound ([`uploads`]),
+//! and write packs of small blobs where the store keeps them (`packs`).
 pub mod nar;
+mod packs;
 pub mod path_info;
 pub mod render;
 pub mod tree;

@@ -11,6 +11,7 @@
 //! the graph is stored once every blob is.
 use crate::castore::node::{validate_name, validate_target};
 use crate::castore::{B3Digest, Directory, LeavesFirst, Node};
+use crate::ingest::packs::Packing;
 use crate::ingest::uploads::{UploadBudget, Uploads};
 use crate::nar::decode::TooLarge;
 use crate::nar::metered::{Check, Metered};
@@ -131,6 +132,8 @@ struct Parser<'a, R> {
     store: &'a Store,
     graph: LeavesFirst,
     uploads: Uploads,
+    /// The tree's small blobs in NAR order, when the store keeps packs.
+    packing: Packing,
     /// Estimated bytes of listings held: the open directories' entries
     /// and the distinct directories in `graph`.
     held: u64,
@@ -160,13 +163,18 @@ pub async fn ingest_nar_within<R: AsyncRead + Unpin + Send>(
         store,
         graph: LeavesFirst::new(),
         uploads: Uploads::new(store.blob.clone(), &limits.uploads),
+        packing: Packing::new(store),
         held: 0,
         max_held: limits.directory_bytes,
         max_nar: limits.nar_size,
     };
     let parsed = p.parse().await;
     let Parser {
-        r, graph, uploads, ..
+        r,
+        graph,
+        uploads,
+        packing,
+        ..
     } = p;
     let node = match parsed {
         Ok(node) => node,
@@ -176,8 +184,9 @@ pub async fn ingest_nar_within<R: AsyncRead + Unpin + Send>(
         }
     };
     uploads.finish().await?;
-    if matches!(node, Node::Directory { .. }) {
+    if let Node::Directory { digest, .. } = node {
         store.directory.put_graph(graph.finish()?).await?;
+        packing.finish(store, &digest).await;
     }
     let inner = r.into_inner().into_check();
     use sha2::Digest;
@@ -390,7 +399,9 @@ impl<R: AsyncRead + Unpin + Send> Parser<'_, R> {
             got += n;
         }
         let digest = B3Digest::of(&data);
-        self.uploads.spawn(room, Bytes::from(data), digest);
+        let data = Bytes::from(data);
+        self.uploads.spawn(room, data.clone(), digest);
+        self.packing.add(self.store, digest, &data).await;
         Ok(digest)
     }
 

@@ -9,8 +9,8 @@
 //! Where the store keeps packs (a bucket), the tree's small blobs also go
 //! into them as the walk meets them, so a reader of many pays a request
 //! per run of them; packs that fail to store cost speed, not the import.
-use crate::castore::pack::Packer;
 use crate::castore::{B3Digest, Directory, LeavesFirst, Node};
+use crate::ingest::packs::Packing;
 use crate::ingest::uploads::{UploadBudget, Uploads};
 use crate::ingest::Ingested;
 use crate::nar::{NarHasher, NarWriter};
@@ -32,7 +32,7 @@ struct Walker<'a> {
     /// Called with the number of content bytes read, for progress bars.
     progress: &'a (dyn Fn(u64) + Send + Sync),
     /// The tree's small blobs in walk order, when the store keeps packs.
-    packer: Option<Packer>,
+    packing: Packing,
 }
 
 /// Imports `path` (file, directory or symlink) and returns its root node
@@ -61,14 +61,14 @@ pub async fn ingest_path_within(
         graph: LeavesFirst::new(),
         uploads: Uploads::new(store.blob.clone(), budget),
         progress,
-        packer: store.blob.keeps_packs().then(Packer::default),
+        packing: Packing::new(store),
     };
     let walked = w.node(path).await;
     let Walker {
         nar,
         graph,
         uploads,
-        packer,
+        packing,
         ..
     } = w;
     let node = match walked {
@@ -81,11 +81,7 @@ pub async fn ingest_path_within(
     uploads.finish().await?;
     if let Node::Directory { digest, .. } = node {
         store.directory.put_graph(graph.finish()?).await?;
-        if let Some(p) = packer {
-            if let Err(e) = store_pack(store, &digest, p).await {
-                tracing::warn!("the packs of tree {digest} were not stored ({e}): its small blobs are read one by one");
-            }
-        }
+        packing.finish(store, &digest).await;
     }
     let (nar_size, nar_sha256) = nar.finish().await?.finish();
     Ok(Ingested {
@@ -93,18 +89,6 @@ pub async fn ingest_path_within(
         nar_size,
         nar_sha256,
     })
-}
-
-/// Stores a tree's last pack part and then its index: the index only
-/// names parts already stored.
-async fn store_pack(store: &Store, tree: &B3Digest, mut p: Packer) -> Result<()> {
-    if let Some((d, part)) = p.flush() {
-        store.blob.put_pack_part(&d, Bytes::from(part)).await?;
-    }
-    match p.finish() {
-        Some(index) => store.blob.put_pack_index(tree, &index).await,
-        None => Ok(()),
-    }
 }
 
 fn io_at(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
@@ -181,15 +165,9 @@ impl Walker<'_> {
         self.nar.file_data(&data).await?;
         (self.progress)(size);
         let digest = B3Digest::of(&data);
-        let full = self.packer.as_mut().and_then(|p| p.add(digest, &data));
-        self.uploads.spawn(room, Bytes::from(data), digest);
-        if let Some((d, part)) = full {
-            // a part is stored before the walk goes on: one in memory
-            if let Err(e) = self.store.blob.put_pack_part(&d, Bytes::from(part)).await {
-                tracing::warn!("a pack part was not stored ({e}): this tree gets no packs");
-                self.packer = None;
-            }
-        }
+        let data = Bytes::from(data);
+        self.uploads.spawn(room, data.clone(), digest);
+        self.packing.add(self.store, digest, &data).await;
         Ok(digest)
     }
 
