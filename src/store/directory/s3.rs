@@ -91,7 +91,7 @@ impl DirectoryService for S3DirectoryService {
     /// the order asked.
     fn get_recursive(&self, root: B3Digest) -> BoxStream<'_, Result<Directory>> {
         Box::pin(async_stream::try_stream! {
-            match self.tree_pack(&root).await {
+            match self.tree_pack(&root).await? {
                 Some(dirs) => for d in dirs { yield d },
                 None => {
                     let mut walk = super::walk_tree(self, root, GETS_IN_FLIGHT);
@@ -158,37 +158,32 @@ impl S3DirectoryService {
     /// The tree below `root` from its tree pack, root first and
     /// breadth-first as `get_recursive` answers; `None` (walk it) when
     /// there is none, or it is unusable: too large, cut, a directory
-    /// that does not decode, or one below the root missing from it.
-    async fn tree_pack(&self, root: &B3Digest) -> Option<Vec<Directory>> {
+    /// that does not decode, or one below the root missing from it. A
+    /// bucket that fails or does not answer is an error: walking it
+    /// would only wait the store timeout a second time.
+    async fn tree_pack(&self, root: &B3Digest) -> Result<Option<Vec<Directory>>> {
         let b = &self.bucket;
         let what = format!("the tree pack of {root}");
-        let got = match b.within(&what, b.store.get(&b.tree_pack_key(root))).await {
-            Ok(Some(got)) => got,
-            Ok(None) => return None,
-            Err(e) => {
-                tracing::warn!("{e}: walking the tree");
-                return None;
-            }
+        let Some(got) = b.within(&what, b.store.get(&b.tree_pack_key(root))).await? else {
+            return Ok(None);
         };
         if got.meta.size > TREE_PACK_MAX {
-            tracing::warn!(
-                "{what}: {} bytes, more than a tree pack may be",
-                got.meta.size
-            );
-            return None;
+            tracing::warn!("{what}: {} bytes, more than a tree pack may be", got.meta.size);
+            return Ok(None);
         }
         let bytes = match b.bounded_bytes(&what, got).await {
             Ok(bytes) => bytes,
+            Err(e @ Error::Timeout(_)) => return Err(e),
             Err(e) => {
                 tracing::warn!("{e}: walking the tree");
-                return None;
+                return Ok(None);
             }
         };
         match tree_from_pack(root, bytes) {
-            Ok(dirs) => Some(dirs),
+            Ok(dirs) => Ok(Some(dirs)),
             Err(why) => {
                 tracing::warn!("{what} is refused ({why}): walking the tree");
-                None
+                Ok(None)
             }
         }
     }
