@@ -445,6 +445,7 @@ pub fn binary_cache_http(data: &[u8]) {
                 policy: crate::ingest::write_policy::WritePolicy::new(vec![]),
                 priority: 30,
                 min_free: None,
+                nar_urls: None,
                 limits: crate::serve::binary_cache::Limits {
                     max_connections: 1,
                     max_nar_size: 1 << 20,

@@ -91,8 +91,13 @@ struct Cache {
 }
 
 fn start(dir: &Path, extra: &[&str]) -> Cache {
+    start_on(dir, &format!("127.0.0.1:{}", free_port()), extra)
+}
+
+/// As [`start`], the binary cache on `http` (HOST:PORT).
+fn start_on(dir: &Path, http: &str, extra: &[&str]) -> Cache {
     let (sk, public) = keypair(dir, "tvix-test-1");
-    let http = format!("127.0.0.1:{}", free_port());
+    let http = http.to_string();
     let store = format!("local://{}", dir.join("store").display());
     let mut args = vec![
         "--http-listen",
@@ -554,4 +559,78 @@ fn free_bytes(dir: &Path) -> u64 {
     // SAFETY: a valid C string and out-pointer.
     assert_eq!(unsafe { libc::statvfs(p.as_ptr(), &mut st) }, 0);
     st.f_bavail * st.f_frsize
+}
+
+/// A client that pushed pulls back on the same machine: Nix keeps the
+/// narinfos it uploaded in its own disk cache, with the NAR URL it chose
+/// (`nar/<hash of the .nar.xz>.nar.xz`), and asks for that URL without
+/// asking for the narinfo again. We serve the NAR under it (rendered and
+/// compressed again: Nix checks the NarHash of what it decompressed), and
+/// still after a restart of the daemon.
+#[test]
+fn a_client_that_pushed_pulls_back_by_the_urls_it_chose() {
+    require_tools(&[NIX]);
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let c = start(t, &["--http-writable", "--sign-unverified-uploads"]);
+    let url = format!("http://{}", c.http);
+    let app = fixture_app();
+    let closure = closure_of(&[&app]);
+    let xdg = t.join("xdg");
+    ok(
+        nix(&xdg, "nix", &["copy", "--to", &url, &app]),
+        "nix copy --to",
+    );
+    // the client's own narinfos name NARs by their file hash, not ours
+    let cached = std::fs::read_dir(xdg.join("nix"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert!(
+        cached > 0,
+        "Nix keeps a disk cache of narinfos under XDG_CACHE_HOME"
+    );
+    let pull = |into: &Path| {
+        ok(
+            nix(
+                &xdg,
+                "nix",
+                &[
+                    "copy",
+                    "--from",
+                    &url,
+                    "--to",
+                    into.to_str().unwrap(),
+                    "--no-check-sigs",
+                    &app,
+                ],
+            ),
+            "nix copy --from, on the client that pushed",
+        );
+        for p in &closure {
+            ok(
+                nix(
+                    &xdg,
+                    "nix-store",
+                    &["--store", into.to_str().unwrap(), "--verify-path", p],
+                ),
+                "verify-path",
+            );
+        }
+    };
+    pull(&t.join("root1"));
+    // the names are kept with the store: the daemon restarted on the same
+    // address serves them to the same client (its narinfo cache is per URL)
+    let names: Vec<String> = std::fs::read_dir(t.join("store").join("nar-urls"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.len() >= closure.len() && names.iter().all(|n| n.ends_with(".nar.xz")),
+        "the chosen names kept beside the store: {names:?}"
+    );
+    let http = c.http.clone();
+    let Cache { daemon, .. } = c;
+    assert!(daemon.stop().success());
+    let _c = start_on(t, &http, &["--http-writable", "--sign-unverified-uploads"]);
+    pull(&t.join("root2"));
 }

@@ -345,6 +345,10 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
                 policy: policy.clone(),
                 priority: args.http_priority,
                 min_free: min_free.clone(),
+                nar_urls: match &store_args.addrs()?[0] {
+                    crate::store::Addr::Local(dir) => Some(dir.join("nar-urls")),
+                    _ => None,
+                },
                 limits: crate::serve::binary_cache::Limits {
                     max_connections: args.http_max_connections as usize,
                     max_nar_size: args.max_nar_size,

@@ -64,6 +64,9 @@ pub struct Options {
     pub priority: u32,
     /// Uploads are refused while this directory's disk has less room.
     pub min_free: Option<(std::path::PathBuf, u64)>,
+    /// Where the NAR URLs of accepted narinfos are kept across restarts
+    /// (in memory when `None`): see [`crate::serve::nar_urls`].
+    pub nar_urls: Option<std::path::PathBuf>,
     pub limits: Limits,
 }
 
@@ -93,6 +96,8 @@ pub struct BinaryCache {
     store: Store,
     opts: Options,
     pending: Mutex<HashMap<String, (Ingested, Instant)>>,
+    /// NAR URLs that clients chose, by the name after `nar/`.
+    nar_urls: crate::serve::nar_urls::NarUrls,
     uploads: tokio::sync::Semaphore,
     /// Blob uploads in flight of every NAR upload together.
     blob_uploads: crate::ingest::uploads::UploadBudget,
@@ -148,6 +153,7 @@ fn hash_part(s: &str) -> Option<[u8; 20]> {
 impl BinaryCache {
     pub fn new(store: Store, opts: Options) -> Self {
         Self {
+            nar_urls: crate::serve::nar_urls::NarUrls::new(opts.nar_urls.clone()),
             store,
             opts,
             pending: Mutex::new(HashMap::new()),
@@ -238,6 +244,13 @@ impl BinaryCache {
             Some((h, ".xz")) => (h, Some("xz")),
             _ => return Ok(text(StatusCode::NOT_FOUND, "not found\n")),
         };
+        // A name a client chose for its upload (Nix keeps its narinfo and
+        // asks for that name again) serves the path it was accepted for.
+        let chosen = match hash_part(hash) {
+            Some(_) => None,
+            None => self.nar_urls.get(name).await,
+        };
+        let hash = chosen.as_deref().unwrap_or(hash);
         let Some(info) = self.info(hash).await? else {
             return Ok(text(StatusCode::NOT_FOUND, "no such store path\n"));
         };
@@ -503,6 +516,9 @@ impl BinaryCache {
         match self.store.path_info.put(info).await {
             Ok(_) => {
                 tracing::info!("binary cache: added {path}");
+                if let Some(name) = url.strip_prefix("nar/") {
+                    self.nar_urls.put(name, &hash).await;
+                }
                 Ok(text(StatusCode::OK, ""))
             }
             Err(Error::Conflict(m)) => Ok(refuse(StatusCode::CONFLICT, m)),

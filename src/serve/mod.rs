@@ -6,4 +6,5 @@ pub mod fuse;
 pub mod grpc;
 pub mod http_conn;
 pub mod metrics;
+pub mod nar_urls;
 pub mod vhost_user;

@@ -168,7 +168,10 @@ impl S3DirectoryService {
             return Ok(None);
         };
         if got.meta.size > TREE_PACK_MAX {
-            tracing::warn!("{what}: {} bytes, more than a tree pack may be", got.meta.size);
+            tracing::warn!(
+                "{what}: {} bytes, more than a tree pack may be",
+                got.meta.size
+            );
             return Ok(None);
         }
         let bytes = match b.bounded_bytes(&what, got).await {
