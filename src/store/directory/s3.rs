@@ -20,6 +20,11 @@ use object_store::{ObjectStoreExt, PutPayload};
 
 /// A tree of this many directories or more is also written as one object.
 const TREE_PACK_FROM: usize = 8;
+/// How long a tree pack may take to arrive before the tree is walked
+/// instead: an object of blocks can wait on a frozen node for the
+/// bucket's own RPC timeout, where directories (small, kept inline by
+/// Garage) do not.
+const TREE_PACK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// Most bytes of one tree pack (written or read); larger trees are read
 /// directory by directory.
 const TREE_PACK_MAX: u64 = 32 << 20;
@@ -158,10 +163,22 @@ impl S3DirectoryService {
     /// The tree below `root` from its tree pack, root first and
     /// breadth-first as `get_recursive` answers; `None` (walk it) when
     /// there is none, or it is unusable: too large, cut, a directory
-    /// that does not decode, or one below the root missing from it. A
-    /// bucket that fails or does not answer is an error: walking it
-    /// would only wait the store timeout a second time.
+    /// that does not decode, or one below the root missing from it, or no
+    /// answer within [`TREE_PACK_WAIT`]. A bucket that fails is an error:
+    /// walking it would only fail again.
     async fn tree_pack(&self, root: &B3Digest) -> Result<Option<Vec<Directory>>> {
+        match tokio::time::timeout(TREE_PACK_WAIT, self.tree_pack_now(root)).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!(
+                    "the tree pack of {root}: no answer within {TREE_PACK_WAIT:?}; walking the tree"
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    async fn tree_pack_now(&self, root: &B3Digest) -> Result<Option<Vec<Directory>>> {
         let b = &self.bucket;
         let what = format!("the tree pack of {root}");
         let Some(got) = b.within(&what, b.store.get(&b.tree_pack_key(root))).await? else {

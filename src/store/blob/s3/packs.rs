@@ -28,6 +28,8 @@ const GAP: u64 = 64 << 10;
 /// Most bytes one ranged GET of a part asks for, and one batch reads
 /// from packs: what a batch can make the daemon hold.
 const RUN: u64 = 4 << 20;
+/// How long a pack index may take to arrive.
+const INDEX_WAIT: Duration = Duration::from_secs(3);
 /// Ranged GETs of one batch at once.
 const GETS_AT_ONCE: usize = 4;
 
@@ -111,16 +113,31 @@ async fn index(bucket: &Bucket, cache: &Indexes, tree: &B3Digest) -> Arc<Known> 
     match cache.get_value_or_guard_async(tree).await {
         Ok(k) => match &*k {
             Known::Absent(since) if since.elapsed() >= ABSENT_FOR => {
-                let fresh = Arc::new(load(bucket, tree).await);
+                let fresh = Arc::new(load_within(bucket, tree).await);
                 cache.insert(*tree, fresh.clone());
                 fresh
             }
             _ => k,
         },
         Err(guard) => {
-            let k = Arc::new(load(bucket, tree).await);
+            let k = Arc::new(load_within(bucket, tree).await);
             let _ = guard.insert(k.clone());
             k
+        }
+    }
+}
+
+/// [`load`] within [`INDEX_WAIT`]: an index is an object of blocks, which
+/// a frozen node can hold for the bucket's own RPC timeout; the batch
+/// then reads its blobs alone rather than wait.
+async fn load_within(bucket: &Bucket, tree: &B3Digest) -> Known {
+    match tokio::time::timeout(INDEX_WAIT, load(bucket, tree)).await {
+        Ok(k) => k,
+        Err(_) => {
+            tracing::warn!(
+                "the pack index of tree {tree}: no answer within {INDEX_WAIT:?}; reading its blobs alone for {ABSENT_FOR:?}"
+            );
+            Known::Absent(Instant::now())
         }
     }
 }
