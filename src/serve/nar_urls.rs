@@ -5,18 +5,23 @@
 //! the narinfo again. The store keeps no such name: this map does, from
 //! the name after `nar/` to the store path hash it serves. With a
 //! directory (the embedded store's) it is one small file per name,
-//! written whole and kept across restarts; without one it is in memory,
-//! at most [`MAX_IN_MEMORY`] names.
+//! written whole and kept across restarts, at most [`MAX_ON_DISK`];
+//! without one it is in memory, at most [`MAX_IN_MEMORY`] names.
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
 /// Names kept in memory when there is no directory to keep them in.
 pub const MAX_IN_MEMORY: usize = 100_000;
+/// Names kept on disk: an uploader re-sending a path's narinfo under ever
+/// new NAR names adds a file each; past this, new names are not kept.
+pub const MAX_ON_DISK: usize = 1_000_000;
 
 pub struct NarUrls {
     dir: Option<PathBuf>,
     mem: Mutex<HashMap<String, String>>,
+    /// Names on disk (counted once at start, then as they are added).
+    on_disk: std::sync::atomic::AtomicUsize,
 }
 
 /// Whether `name` (what follows `nar/`) is one Nix writes and we take: a
@@ -53,9 +58,14 @@ impl NarUrls {
                 }
             }
         });
+        let on_disk = dir
+            .as_ref()
+            .and_then(|d| std::fs::read_dir(d).ok())
+            .map_or(0, |entries| entries.take(MAX_ON_DISK + 1).count());
         Self {
             dir,
             mem: Mutex::new(HashMap::new()),
+            on_disk: on_disk.into(),
         }
     }
 
@@ -75,6 +85,15 @@ impl NarUrls {
             m.insert(name.to_string(), hash.to_string());
             return;
         };
+        use std::sync::atomic::Ordering::Relaxed;
+        if dir.join(name).exists() {
+            return; // a name is content-addressed by Nix: the same path
+        }
+        if self.on_disk.fetch_add(1, Relaxed) >= MAX_ON_DISK {
+            self.on_disk.fetch_sub(1, Relaxed);
+            tracing::warn!("binary cache: {MAX_ON_DISK} NAR URLs kept already; {name} is not");
+            return;
+        }
         let (dir, name, hash) = (dir.clone(), name.to_string(), hash.to_string());
         let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             use std::io::Write;

@@ -25,6 +25,8 @@ const TREE_PACK_FROM: usize = 8;
 /// bucket's own RPC timeout, where directories (small, kept inline by
 /// Garage) do not.
 const TREE_PACK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+/// Trees read from their packs at once (each held whole until handed out).
+static TREE_PACK_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
 /// Most bytes of one tree pack (written or read); larger trees are read
 /// directory by directory.
 const TREE_PACK_MAX: u64 = 32 << 20;
@@ -96,9 +98,20 @@ impl DirectoryService for S3DirectoryService {
     /// the order asked.
     fn get_recursive(&self, root: B3Digest) -> BoxStream<'_, Result<Directory>> {
         Box::pin(async_stream::try_stream! {
-            match self.tree_pack(&root).await? {
-                Some(dirs) => for d in dirs { yield d },
+            // a tree read from its pack is held whole (up to 32 MiB, and
+            // decoded) until handed out: a few at once, the rest walk
+            let reading = TREE_PACK_READS.try_acquire().ok();
+            let packed = match reading {
+                Some(_) => self.tree_pack(&root).await?,
+                None => None,
+            };
+            match packed {
+                Some(dirs) => {
+                    let _held = reading;
+                    for d in dirs { yield d }
+                }
                 None => {
+                    drop(reading);
                     let mut walk = super::walk_tree(self, root, GETS_IN_FLIGHT);
                     while let Some(d) = walk.next().await {
                         yield d?;
