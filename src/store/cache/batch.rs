@@ -105,7 +105,14 @@ impl Cache {
         // one call for the whole batch: it costs a quarter of a fill slot
         // a blob, so a latency-bound remote (a bucket behind a daemon)
         // gets a dozen batches in flight, not three
-        let n = u32::try_from(blobs.len().div_ceil(BLOBS_PER_SLOT)).unwrap_or(u32::MAX);
+        // (until the remote has answered one: a remote without ReadBlobs
+        // gets each blob fetched alone, which must hold a slot each)
+        let per_slot = if f.batch_answered.load(Relaxed) {
+            BLOBS_PER_SLOT
+        } else {
+            1
+        };
+        let n = u32::try_from(blobs.len().div_ceil(per_slot)).unwrap_or(u32::MAX);
         let Ok(permit) = p.fills.clone().acquire_many_owned(n).await else {
             return false;
         };
@@ -174,7 +181,10 @@ impl Cache {
             tree: tree.map(Into::into).unwrap_or_default(),
         };
         let mut stream = match tokio::time::timeout(self.idle, client.read_blobs(req)).await {
-            Ok(Ok(r)) => r.into_inner(),
+            Ok(Ok(r)) => {
+                f.batch_answered.store(true, Relaxed);
+                r.into_inner()
+            }
             Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {
                 tracing::info!("the remote store has no ReadBlobs: prefetching blob by blob");
                 f.batching.store(false, Relaxed);

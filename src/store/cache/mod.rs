@@ -150,6 +150,9 @@ struct Filler {
     /// gRPC client is large.
     batch: Option<Box<CacheServiceClient<WireChannel>>>,
     batching: AtomicBool,
+    /// The remote has answered a ReadBlobs: until then a batch holds a
+    /// fill slot per blob, as the blob-by-blob fetches it falls back to do.
+    batch_answered: AtomicBool,
     /// flock'd for as long as we fill: one filler per directory.
     _lock: std::fs::File,
 }
@@ -235,6 +238,7 @@ impl Cache {
                     pass_through: Arc::new(tokio::sync::Semaphore::new(blob::MAX_PASS_THROUGH)),
                     prefetch: Box::new(prefetch::Prefetcher::new()),
                     batching: AtomicBool::new(filler.is_some()),
+                    batch_answered: AtomicBool::new(false),
                     batch: filler.clone().map(|c| {
                         Box::new(
                             CacheServiceClient::new(c)
