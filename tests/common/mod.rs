@@ -3,6 +3,7 @@
 //! plumbing is in [`vm`], the Garage cluster of the S3 tests in [`garage`].
 #![allow(dead_code)]
 pub mod garage;
+pub mod static_http;
 pub mod vm;
 
 use std::path::{Path, PathBuf};
