@@ -168,13 +168,15 @@ impl NixCache {
         let info = PathInfo::from_nix(&n.info, ingested)
             .map_err(|e| self.refuse(&path, Error::Protocol(e.to_string())))?;
         let moved = stage.commit().await?;
+        let (blobs, dirs) = (moved.blobs.len(), moved.directories.len());
+        self.record_origins(*hash, moved).await;
         tracing::info!(
             "{}: fetched {path}: {} NAR bytes, {} bytes carried, {} new blobs, {} new directories",
             self.what,
             info.nar_size,
             carried.load(Relaxed),
-            moved.blobs.len(),
-            moved.directories.len()
+            blobs,
+            dirs
         );
         Ok(Some(info))
     }

@@ -11,10 +11,11 @@
 //! that the cache lacks a path is believed for `negative-ttl`.
 //!
 //! What a Nix cache cannot give is an object by its castore digest: a blob
-//! or directory the host cache evicted is found again only by looking its
-//! store path up again (it is then fetched whole), so this store answers
-//! none by digest.
+//! or directory the host cache evicted (while the path info naming its
+//! tree stayed) is found again through the store path it came with
+//! ([`origins`]), whose NAR is then fetched again, once however many ask.
 mod fetch;
+pub mod origins;
 mod source;
 
 use crate::castore::{B3Digest, Directory, ValidatedGraph};
@@ -52,6 +53,9 @@ pub struct NixCache {
     uploads: UploadBudget,
     /// The address, for messages.
     what: String,
+    origins: OnceLock<Arc<origins::Origins>>,
+    /// Store paths being fetched again for an evicted object: one fetch.
+    refetching: Mutex<HashMap<[u8; 20], Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Opens the host cache (`opts.cache`, a filler's) in front of the Nix
@@ -99,6 +103,8 @@ pub fn open(
             .next()
             .unwrap_or_default()
             .to_string(),
+        origins: OnceLock::new(),
+        refetching: Mutex::new(HashMap::new()),
     });
     if !nix.check_signatures {
         tracing::warn!(
@@ -113,6 +119,11 @@ pub fn open(
     };
     let cache = Cache::open(c, remote, None, opts.idle_timeout)?;
     let _ = nix.cache.set(Arc::downgrade(&cache));
+    let origins = origins::Origins::open(cache.dir())?;
+    if tokio::runtime::Handle::try_current().is_ok() {
+        origins.take_stock(cache.clone());
+    }
+    let _ = nix.origins.set(origins);
     Ok((cache.store(), cache))
 }
 
@@ -129,6 +140,64 @@ impl NixCache {
         crate::lock(&self.absent)
             .get(hash)
             .is_some_and(|t| t.elapsed() < self.negative_ttl)
+    }
+
+    /// Notes where the objects a fetch moved into the cache came from.
+    async fn record_origins(&self, hash: [u8; 20], moved: crate::store::cache::sink::Committed) {
+        let (Some(o), Ok(cache)) = (self.origins.get().cloned(), self.cache()) else {
+            return;
+        };
+        let _ = tokio::task::spawn_blocking(move || {
+            o.record(&cache, &hash, &moved.blobs, &moved.directories)
+        })
+        .await;
+    }
+
+    /// Fetches the store path an evicted object came with again, unless
+    /// `back` says it is back already; one fetch however many ask.
+    async fn fetch_again(
+        &self,
+        digest: &B3Digest,
+        directory: bool,
+        back: impl Fn() -> bool,
+    ) -> Result<bool> {
+        let Some(o) = self.origins.get() else {
+            return Ok(false);
+        };
+        let Some(hash) = o.of(digest, directory) else {
+            tracing::warn!(
+                "{} {digest} is not in the host cache, and no store path it came with is \
+                 recorded: it cannot be fetched from {} again",
+                if directory { "directory" } else { "blob" },
+                self.what
+            );
+            return Ok(false);
+        };
+        let turn = crate::lock(&self.refetching)
+            .entry(hash)
+            .or_default()
+            .clone();
+        let got = {
+            let _turn = turn.lock().await;
+            if back() {
+                Ok(true)
+            } else {
+                tracing::info!(
+                    "{}: fetching {} again: its {} {digest} was evicted",
+                    self.what,
+                    crate::nix::nixbase32::encode(&hash),
+                    if directory { "directory" } else { "blob" },
+                );
+                self.fetch(&hash, &|_| {})
+                    .await
+                    .map(|i| i.is_some() && back())
+            }
+        };
+        let mut map = crate::lock(&self.refetching);
+        if Arc::strong_count(&turn) <= 2 {
+            map.remove(&hash);
+        }
+        got
     }
 
     fn remember_absent(&self, hash: [u8; 20]) {
@@ -183,21 +252,31 @@ impl PathInfoService for NixCache {
     }
 }
 
-/// By digest, a Nix cache has nothing: its objects come with their store
-/// path's NAR (see the module's notes).
+/// By digest: what the host cache holds, and what it evicted fetched again
+/// through its store path (see the module's notes).
 #[async_trait]
 impl BlobService for NixCache {
-    async fn has(&self, _digest: &B3Digest) -> Result<bool> {
-        Ok(false)
+    async fn has(&self, digest: &B3Digest) -> Result<bool> {
+        let cache = self.cache()?;
+        Ok(cache.holds(digest, false)
+            || self
+                .origins
+                .get()
+                .is_some_and(|o| o.of(digest, false).is_some()))
     }
 
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
-        tracing::warn!(
-            "blob {digest} is not in the host cache, and {} is read by store path: look \
-             the path up again (or give the cache more room, --cache-size)",
-            self.what
-        );
-        Ok(None)
+        let cache = self.cache()?;
+        if let Some(r) = cache.held_blob(digest).await? {
+            return Ok(Some(r));
+        }
+        if !self
+            .fetch_again(digest, false, || cache.holds(digest, false))
+            .await?
+        {
+            return Ok(None);
+        }
+        cache.held_blob(digest).await
     }
 
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
@@ -211,11 +290,17 @@ impl BlobService for NixCache {
 #[async_trait]
 impl DirectoryService for NixCache {
     async fn get(&self, digest: &B3Digest) -> Result<Option<Directory>> {
-        tracing::warn!(
-            "directory {digest} is not in the host cache, and {} is read by store path",
-            self.what
-        );
-        Ok(None)
+        let cache = self.cache()?;
+        if let Some(d) = cache.held_directory(digest).await? {
+            return Ok(Some(d));
+        }
+        if !self
+            .fetch_again(digest, true, || cache.holds(digest, true))
+            .await?
+        {
+            return Ok(None);
+        }
+        cache.held_directory(digest).await
     }
 
     async fn put_graph(&self, _graph: ValidatedGraph) -> Result<B3Digest> {

@@ -69,6 +69,30 @@ impl Cache {
     }
 }
 
+impl Cache {
+    /// A blob the cache holds, without fetching it or counting a hit.
+    pub async fn held_blob(&self, digest: &B3Digest) -> Result<Option<Box<dyn BlobReader>>> {
+        self.local.blobs.open_read(digest).await
+    }
+
+    /// A directory the cache holds, as [`Cache::held_blob`].
+    pub async fn held_directory(self: &Arc<Self>, digest: &B3Digest) -> Result<Option<Directory>> {
+        let d = *digest;
+        self.clone()
+            .blocking(move |c| c.local_dir(&d, false))
+            .await?
+    }
+
+    /// Whether the cache holds this blob or directory (a cheap look).
+    pub fn holds(&self, digest: &B3Digest, directory: bool) -> bool {
+        if directory {
+            self.local.dirs.path_of(digest).exists()
+        } else {
+            self.local.blobs.path_of(digest).exists()
+        }
+    }
+}
+
 impl Stage {
     /// The stage as a store to write into.
     pub fn store(&self) -> Store {
