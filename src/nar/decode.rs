@@ -86,7 +86,11 @@ where
         Compression::None => Box::pin(r),
         // bzip2's blocks are at most 900 kB: its decoder's memory is
         // bounded by the format itself (under 4 MiB).
-        Compression::Bzip2 => Box::pin(BzDecoder::new(r)),
+        Compression::Bzip2 => Box::pin(MemoryLimit {
+            inner: BzDecoder::new(r),
+            what: "bzip2",
+            limit: 4 << 20,
+        }),
         Compression::Xz => Box::pin(MemoryLimit {
             inner: XzDecoder::with_mem_limit(r, XZ_MEMORY),
             what: "xz",
@@ -114,10 +118,10 @@ struct MemoryLimit<D> {
     limit: u64,
 }
 
+/// Only the libraries' text says so: an `OutOfMemory` kind is what the
+/// xz and bzip2 decoders answer when their input stops making progress
+/// (liblzma's LZMA_BUF_ERROR: a stream cut short), not a memory limit.
 fn is_memory_limit(e: &std::io::Error) -> bool {
-    if e.kind() == std::io::ErrorKind::OutOfMemory {
-        return true;
-    }
     let msg = e.to_string().to_ascii_lowercase();
     msg.contains("memory limit") || msg.contains("too much memory")
 }
@@ -135,6 +139,12 @@ impl<D: AsyncRead + Unpin> AsyncRead for MemoryLimit<D> {
                     self.what,
                     self.limit >> 20
                 ))))
+            }
+            Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::OutOfMemory => {
+                Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("the {} stream ends early or is corrupt", self.what),
+                )))
             }
             other => other,
         }

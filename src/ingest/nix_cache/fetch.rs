@@ -24,11 +24,33 @@ fn max_carried(nar_size: u64, c: Compression) -> u64 {
     }
 }
 
+/// Whether a read error is the decompressor's or the NAR reader's
+/// verdict on the bytes (rather than the transfer's failure).
+fn is_decoding(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+    ) || e.get_ref().is_some_and(|i| {
+        let m = i.to_string().to_ascii_lowercase();
+        m.contains("corrupt") || m.contains("format") || m.contains("decompress")
+    })
+}
+
 impl NixCache {
     /// A refusal: logged once, here, for the operator, and answered as
     /// `e` (the guest sees the lookup fail).
     fn refuse(&self, path: &str, e: Error) -> Error {
         tracing::warn!("{}: {path}: refused: {e}", self.what);
+        if let Ok(c) = self.cache() {
+            c.stats().upstream_refused.fetch_add(1, Relaxed);
+        }
+        e
+    }
+
+    /// A fetch that failed (the cache is down, slow or cut the transfer),
+    /// logged for the operator.
+    fn fail(&self, path: &str, e: Error) -> Error {
+        tracing::warn!("{}: {path}: fetch failed: {e}", self.what);
         e
     }
 
@@ -45,6 +67,9 @@ impl NixCache {
             .small(&format!("{name}.narinfo"), MAX_NARINFO)
             .await?
         else {
+            if let Ok(c) = self.cache() {
+                c.stats().upstream_absent.fetch_add(1, Relaxed);
+            }
             return Ok(None);
         };
         let text = std::str::from_utf8(&text)
@@ -153,22 +178,29 @@ impl NixCache {
                 Err(_) => progress(carried.load(Relaxed)),
             }
         };
-        let ingested = ingested.map_err(|e| {
-            self.refuse(
-                &path,
-                match e {
-                    Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => {
-                        Error::Timeout(io.to_string())
-                    }
-                    Error::Io(io) => Error::Fetch(format!("its NAR {}: {io}", n.url)),
-                    e => e,
-                },
-            )
+        let ingested = ingested.map_err(|e| match e {
+            // the transfer failed: nothing is said about the NAR
+            Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => {
+                self.fail(&path, Error::Timeout(io.to_string()))
+            }
+            Error::Io(io) if TooLarge::of(&io).is_none() && !is_decoding(&io) => {
+                self.fail(&path, Error::Fetch(format!("its NAR {}: {io}", n.url)))
+            }
+            e @ (Error::Timeout(_) | Error::Fetch(_)) => self.fail(&path, e),
+            Error::Io(io) => {
+                self.refuse(&path, Error::Protocol(format!("its NAR {}: {io}", n.url)))
+            }
+            e => self.refuse(&path, e),
         })?;
         let info = PathInfo::from_nix(&n.info, ingested)
             .map_err(|e| self.refuse(&path, Error::Protocol(e.to_string())))?;
         let moved = stage.commit().await?;
         let (blobs, dirs) = (moved.blobs.len(), moved.directories.len());
+        let stats = cache.stats();
+        stats.upstream_paths.fetch_add(1, Relaxed);
+        stats
+            .upstream_carried_bytes
+            .fetch_add(carried.load(Relaxed), Relaxed);
         self.record_origins(*hash, moved).await;
         tracing::info!(
             "{}: fetched {path}: {} NAR bytes, {} bytes carried, {} new blobs, {} new directories",

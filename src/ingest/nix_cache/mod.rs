@@ -182,6 +182,11 @@ impl NixCache {
             if back() {
                 Ok(true)
             } else {
+                if let Ok(c) = self.cache() {
+                    c.stats()
+                        .upstream_refetches
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 tracing::info!(
                     "{}: fetching {} again: its {} {digest} was evicted",
                     self.what,
