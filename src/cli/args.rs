@@ -13,7 +13,11 @@ pub struct StoreArgs {
     /// Store for all three services: local:///PATH, memory://, grpc+unix:///PATH
     /// or grpc+http://HOST:PORT (tvix or snix names, found out; ?wire=tvix or
     /// ?wire=snix pins one), or several gRPC daemons of one store separated
-    /// by commas (the first that answers, failing over to the next)
+    /// by commas (the first that answers, failing over to the next), an S3
+    /// bucket s3://BUCKET[/PREFIX]?endpoint=URL&region=R, or a Nix binary
+    /// cache read through `daemon --cache-dir`: nix+http(s)://HOST[/PATH],
+    /// nix+file:///DIR or nix+s3://BUCKET, with
+    /// ?trusted-public-keys=NAME:KEY,... (or check-signatures=false)
     /// [default: local:// in $TVIX_VIRTIOFSD_STORE,
     /// else /var/lib/tvix-virtiofsd for root, else $XDG_DATA_HOME/tvix-virtiofsd].
     #[arg(long, global = true, env = "TVIX_VIRTIOFSD_STORE_URL")]
@@ -239,6 +243,17 @@ impl StoreArgs {
         opts: &StoreOptions,
     ) -> anyhow::Result<(Store, Option<std::sync::Arc<crate::store::cache::Cache>>)> {
         let addrs = self.addrs()?;
+        if let Some(Addr::Nix(n)) = addrs.iter().find(|a| matches!(a, Addr::Nix(_))) {
+            anyhow::ensure!(
+                addrs.iter().all(|a| a == &addrs[0]),
+                "a Nix binary cache serves blobs, directories and path infos together: give it \
+                 as --store alone, without --blob-service-addr, --directory-service-addr or \
+                 --path-info-service-addr"
+            );
+            let (store, cache) = crate::ingest::nix_cache::open(n, &opts.upstream_keys, opts)
+                .context("opening the store")?;
+            return Ok((store, Some(cache)));
+        }
         Store::open_with(&addrs, opts).context("opening the store")
     }
 }

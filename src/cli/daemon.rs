@@ -107,7 +107,7 @@ pub struct DaemonArgs {
     /// Add a store path, whatever way it comes in (gRPC Put, binary cache
     /// upload), only when one of these keys (NAME:BASE64, space-separated,
     /// as Nix's trusted-public-keys) signed it and its tree hashes to the
-    /// NAR it signed.
+    /// NAR it signed; a Nix binary cache --store trusts them too.
     #[arg(long, value_name = "KEYS")]
     pub trusted_public_keys: Option<String>,
 
@@ -217,8 +217,17 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
         max_bytes: args.cache_size,
         role: Role::Filler,
     });
+    let trusted = args
+        .trusted_public_keys
+        .iter()
+        .flat_map(|k| k.split_whitespace())
+        .map(crate::nix::signing::PublicKey::parse)
+        .collect::<Result<Vec<_>, _>>()
+        .context("--trusted-public-keys")?;
     let mut opts = store_args.options(false, cache);
     opts.idle_timeout = std::time::Duration::from_secs(args.store_timeout);
+    // what uploads must be signed by also vouches for a Nix cache upstream
+    opts.upstream_keys = trusted.clone();
     let (store, cache) = store_args.open_with(&opts)?;
     if let Some(c) = &cache {
         c.set_prefetch(args.prefetch, args.prefetch_orders.clone())?;
@@ -260,13 +269,6 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
     };
     let read_only = listener.as_ref().is_none_or(|l| l.read_only(&args));
     // One write policy for every way in; see `write_policy`.
-    let trusted = args
-        .trusted_public_keys
-        .iter()
-        .flat_map(|k| k.split_whitespace())
-        .map(crate::nix::signing::PublicKey::parse)
-        .collect::<Result<Vec<_>, _>>()
-        .context("--trusted-public-keys")?;
     let policy = crate::ingest::write_policy::WritePolicy::new(trusted);
     let store = policy.guard(store);
     // Who else can add paths: a writable TCP or binary cache listener, or a

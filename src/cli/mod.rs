@@ -19,7 +19,7 @@ pub mod virtiofs;
 const LONG_VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     "\nwire: tvix.castore.v1 and snix.castore.v1 (BlobService, DirectoryService), tvix.store.v1 and snix.store.v1 (PathInfoService), tvix_virtiofsd.cache.v1",
-    "\nstores: local://, memory://, grpc+unix://, grpc+http://, a list of gRPC daemons (failover); host cache directory (--cache-dir)",
+    "\nstores: local://, memory://, grpc+unix://, grpc+http://, a list of gRPC daemons (failover), s3://, Nix binary caches (nix+http://, nix+https://, nix+file://, nix+s3://); host cache directory (--cache-dir)",
     "\nserves: vhost-user virtio-fs (virtiofs), FUSE (mount), gRPC (daemon)",
     "\nsandbox: namespaces, chroot, seccomp, capabilities",
     "\nbuild: ",

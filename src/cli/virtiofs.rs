@@ -349,6 +349,7 @@ pub fn main(store_args: &StoreArgs, mut args: VirtiofsArgs) -> anyhow::Result<Ex
             max_bytes: 0,
             role: cache::Role::Reader,
         }),
+        upstream_keys: Vec::new(),
     };
     // gRPC channels start their tasks on the runtime they are opened in
     let (store, cache) = {
@@ -461,6 +462,9 @@ fn place(a: &Addr) -> Place {
         Addr::S3(b) => b
             .endpoint_host()
             .map_or(Place::Host("s3.amazonaws.com:443".into()), Place::Host),
+        // Refused when the store is opened: a per-VM daemon reads a Nix
+        // cache through the host daemon.
+        Addr::Nix(_) => Place::Nowhere,
     }
 }
 

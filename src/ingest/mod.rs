@@ -4,7 +4,10 @@
 //! [`write_policy`] checks that a signed upload's tree is the signed NAR.
 //! Both importers overlap their blob uploads within a bound ([`uploads`]),
 //! and write packs of small blobs where the store keeps them (`packs`).
+//! A Nix binary cache upstream ([`nix_cache`]) is a store whose path
+//! infos are NARs read into the host cache as they are looked up.
 pub mod nar;
+pub mod nix_cache;
 mod packs;
 pub mod path_info;
 pub mod render;

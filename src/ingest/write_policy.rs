@@ -27,7 +27,7 @@ const MAX_VOUCHED: usize = 1024;
 const RENDERS_AT_ONCE: usize = 2;
 /// Signatures looked at per path info (Nix's carry one or two): more only
 /// cost Ed25519 checks.
-const MAX_SIGNATURES: usize = 16;
+pub(crate) const MAX_SIGNATURES: usize = 16;
 
 /// See the module header.
 pub struct WritePolicy {

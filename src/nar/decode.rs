@@ -43,6 +43,9 @@ pub enum Compression {
     None,
     Xz,
     Zstd,
+    /// Only from a binary cache's narinfo (`Compression: bzip2`, Nix's
+    /// oldest default); never accepted as an upload.
+    Bzip2,
 }
 
 impl Compression {
@@ -59,6 +62,17 @@ impl Compression {
             None
         }
     }
+
+    /// From a narinfo's `Compression:` value (absent: none).
+    pub fn from_narinfo(value: &str) -> Option<Self> {
+        match value {
+            "" | "none" => Some(Self::None),
+            "xz" => Some(Self::Xz),
+            "zstd" => Some(Self::Zstd),
+            "bzip2" => Some(Self::Bzip2),
+            _ => None,
+        }
+    }
 }
 
 /// `r` decompressed as `c` says, the decoder's memory bounded by
@@ -67,9 +81,16 @@ pub fn decoder<R>(c: Compression, r: R) -> Pin<Box<dyn AsyncRead + Send>>
 where
     R: AsyncBufRead + Unpin + Send + 'static,
 {
-    use async_compression::tokio::bufread::{XzDecoder, ZstdDecoder};
+    use async_compression::tokio::bufread::{BzDecoder, XzDecoder, ZstdDecoder};
     match c {
         Compression::None => Box::pin(r),
+        // bzip2's blocks are at most 900 kB: its decoder's memory is
+        // bounded by the format itself (under 4 MiB).
+        Compression::Bzip2 => Box::pin(MemoryLimit {
+            inner: BzDecoder::new(r),
+            what: "bzip2",
+            limit: 4 << 20,
+        }),
         Compression::Xz => Box::pin(MemoryLimit {
             inner: XzDecoder::with_mem_limit(r, XZ_MEMORY),
             what: "xz",
@@ -97,10 +118,10 @@ struct MemoryLimit<D> {
     limit: u64,
 }
 
+/// Only the libraries' text says so: an `OutOfMemory` kind is what the
+/// xz and bzip2 decoders answer when their input stops making progress
+/// (liblzma's LZMA_BUF_ERROR: a stream cut short), not a memory limit.
 fn is_memory_limit(e: &std::io::Error) -> bool {
-    if e.kind() == std::io::ErrorKind::OutOfMemory {
-        return true;
-    }
     let msg = e.to_string().to_ascii_lowercase();
     msg.contains("memory limit") || msg.contains("too much memory")
 }
@@ -119,6 +140,12 @@ impl<D: AsyncRead + Unpin> AsyncRead for MemoryLimit<D> {
                     self.limit >> 20
                 ))))
             }
+            Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::OutOfMemory => {
+                Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("the {} stream ends early or is corrupt", self.what),
+                )))
+            }
             other => other,
         }
     }
@@ -130,7 +157,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn compress(c: Compression, data: &[u8]) -> Vec<u8> {
-        use async_compression::tokio::write::{XzEncoder, ZstdEncoder};
+        use async_compression::tokio::write::{BzEncoder, XzEncoder, ZstdEncoder};
         let mut out = Vec::new();
         match c {
             Compression::Xz => {
@@ -143,6 +170,11 @@ mod tests {
                 w.write_all(data).await.unwrap();
                 w.shutdown().await.unwrap();
             }
+            Compression::Bzip2 => {
+                let mut w = BzEncoder::new(&mut out);
+                w.write_all(data).await.unwrap();
+                w.shutdown().await.unwrap();
+            }
             Compression::None => out.extend_from_slice(data),
         }
         out
@@ -151,7 +183,12 @@ mod tests {
     #[tokio::test]
     async fn bounded_decoders_read_what_the_encoders_wrote() {
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        for c in [Compression::None, Compression::Xz, Compression::Zstd] {
+        for c in [
+            Compression::None,
+            Compression::Xz,
+            Compression::Zstd,
+            Compression::Bzip2,
+        ] {
             let packed = compress(c, &data).await;
             let mut out = Vec::new();
             decoder(c, std::io::Cursor::new(packed))

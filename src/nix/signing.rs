@@ -78,6 +78,7 @@ impl SecretKey {
     }
 }
 
+#[derive(Clone, Debug)]
 pub struct PublicKey {
     pub name: String,
     key: ed25519_dalek::VerifyingKey,

@@ -5,6 +5,7 @@
 use crate::store::bucket::BucketAddr;
 use crate::store::channel::Wire;
 use crate::store::error::{Error, Result};
+use crate::store::nix_cache_addr::NixCacheAddr;
 use std::path::PathBuf;
 
 /// A parsed store address. A gRPC one may pin the wire family
@@ -21,6 +22,9 @@ pub enum Addr {
     List(Vec<Addr>),
     /// An S3-compatible bucket (`s3://BUCKET[/PREFIX]?endpoint=URL&region=R`).
     S3(BucketAddr),
+    /// A Nix binary cache (`nix+http://`, `nix+https://`, `nix+file://`,
+    /// `nix+s3://`), read through the host cache.
+    Nix(NixCacheAddr),
 }
 
 /// As it is written on the command line.
@@ -36,6 +40,7 @@ impl std::fmt::Display for Addr {
                 write!(f, "{}", all.join(","))
             }
             Addr::S3(b) => write!(f, "{b}"),
+            Addr::Nix(n) => write!(f, "{n}"),
         }
     }
 }
@@ -44,10 +49,16 @@ impl std::str::FromStr for Addr {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
+        let bad = |why: &str| Error::InvalidAddress(s.into(), why.into());
+        // before lists: a Nix cache's trusted keys are separated by commas
+        if let Some(rest) = s.strip_prefix("nix+") {
+            return NixCacheAddr::parse(rest)
+                .map(Addr::Nix)
+                .map_err(|why| bad(&why));
+        }
         if s.contains(',') {
             return parse_list(s);
         }
-        let bad = |why: &str| Error::InvalidAddress(s.into(), why.into());
         let abs = |p: &str| -> Result<PathBuf> {
             if p.starts_with('/') {
                 Ok(PathBuf::from(p))
@@ -85,7 +96,8 @@ impl std::str::FromStr for Addr {
         } else {
             Err(bad(
                 "unknown scheme (memory://, local:///PATH, grpc+unix:///PATH, grpc+http://HOST:PORT, \
-                 s3://BUCKET[/PREFIX]?endpoint=URL&region=R)",
+                 s3://BUCKET[/PREFIX]?endpoint=URL&region=R, nix+http(s)://HOST[/PATH], \
+                 nix+file:///DIR, nix+s3://BUCKET)",
             ))
         }
     }

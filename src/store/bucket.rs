@@ -245,6 +245,15 @@ impl Bucket {
         }
     }
 
+    /// `name` under the bucket's prefix, as it is.
+    pub(crate) fn key_at(&self, name: &str) -> Key {
+        if self.prefix.is_empty() {
+            Key::from(name)
+        } else {
+            Key::from(format!("{}/{name}", self.prefix))
+        }
+    }
+
     pub(crate) fn blob_key(&self, digest: &B3Digest) -> Key {
         self.key("blobs", &digest.to_hex())
     }

@@ -4,8 +4,9 @@
 //! client over several gRPC daemons of one store, their health in
 //! [`endpoints`]), the addresses that pick one ([`addr`], [`open`]), the
 //! on-disk layout the embedded store and the host cache share ([`disk`]),
-//! the host cache in front of a remote ([`cache`]), and closures of store
-//! paths ([`closure`]).
+//! the host cache in front of a remote ([`cache`]), closures of store
+//! paths ([`closure`]), and the address of a Nix binary cache upstream
+//! ([`nix_cache_addr`], opened by `crate::ingest::nix_cache`).
 pub mod addr;
 pub mod blob;
 pub mod bucket;
@@ -16,6 +17,7 @@ pub mod directory;
 pub mod disk;
 pub mod endpoints;
 mod error;
+pub mod nix_cache_addr;
 pub mod open;
 pub mod pathinfo;
 

@@ -48,6 +48,13 @@ impl Store {
         addrs: &[Addr; 3],
         opts: &StoreOptions,
     ) -> Result<(Self, Option<Arc<cache::Cache>>)> {
+        if let Some(a) = addrs.iter().find(|a| matches!(a, Addr::Nix(_))) {
+            return Err(Error::InvalidAddress(
+                a.to_string(),
+                "a Nix binary cache is read through a host cache: give it to                  `daemon --cache-dir DIR` as its --store, and the per-VM daemons that daemon"
+                    .into(),
+            ));
+        }
         let ro = opts.sandboxed;
         let mut channels: HashMap<Addr, WireChannel> = HashMap::new();
         let mut channel = |a: &Addr| -> Result<WireChannel> {
@@ -201,6 +208,9 @@ pub struct StoreOptions {
     pub idle_timeout: std::time::Duration,
     /// A cache directory in front of the store.
     pub cache: Option<cache::CacheOptions>,
+    /// Keys trusted to sign what a Nix binary cache upstream answers,
+    /// besides those its address names (`daemon --trusted-public-keys`).
+    pub upstream_keys: Vec<crate::nix::signing::PublicKey>,
 }
 
 impl Default for StoreOptions {
@@ -209,6 +219,7 @@ impl Default for StoreOptions {
             sandboxed: false,
             idle_timeout: std::time::Duration::from_secs(30),
             cache: None,
+            upstream_keys: Vec::new(),
         }
     }
 }

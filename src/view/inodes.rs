@@ -73,8 +73,10 @@ struct Table {
     generations: Vec<u32>,
     free: Vec<u32>,
     live: usize,
-    /// Inode numbers by (parent, name), hashed without storing the key twice.
-    index: HashTable<u64>,
+    /// Slot indices by (parent, name), hashed without storing the key
+    /// twice; 4 bytes a bucket rather than an inode number's 8 (a 53,000
+    /// entry walk holds 65,536 buckets).
+    index: HashTable<u32>,
     hasher: DefaultHashBuilder,
 }
 
@@ -172,11 +174,13 @@ impl Inodes {
         let found = {
             let tt: &Table = t;
             tt.index
-                .find(hash, |&ino| {
-                    tt.slot(ino)
+                .find(hash, |&i| {
+                    tt.slots
+                        .get(i as usize)
+                        .and_then(Option::as_ref)
                         .is_some_and(|s| s.parent == parent && *s.name == *name)
                 })
-                .copied()
+                .map(|&i| FIRST_INO + u64::from(i))
         };
         if let Some(ino) = found {
             if let Some(s) = t.slot_mut(ino) {
@@ -205,14 +209,18 @@ impl Inodes {
         };
         t.live += 1;
         let ino = FIRST_INO + i as u64;
-        let (slots, hasher) = (&t.slots, &t.hasher);
-        t.index.insert_unique(hash, ino, |&other| {
-            let s = usize::try_from(other - FIRST_INO)
-                .ok()
-                .and_then(|i| slots.get(i)?.as_ref());
-            s.map(|s| hasher.hash_one((s.parent, &*s.name)))
-                .unwrap_or_default()
-        });
+        // Slot indices fit u32 (more live inodes would be hundreds of GiB
+        // of table); one that does not is simply not found by name again.
+        if let Ok(i) = u32::try_from(i) {
+            let (slots, hasher) = (&t.slots, &t.hasher);
+            t.index.insert_unique(hash, i, |&other| {
+                slots
+                    .get(other as usize)
+                    .and_then(Option::as_ref)
+                    .map(|s| hasher.hash_one((s.parent, &*s.name)))
+                    .unwrap_or_default()
+            });
+        }
         ino
     }
 
@@ -234,7 +242,7 @@ impl Inodes {
             return;
         }
         let hash = t.hasher.hash_one((s.parent, &*s.name));
-        if let Ok(e) = t.index.find_entry(hash, |&i| i == ino) {
+        if let Ok(e) = t.index.find_entry(hash, |&x| x as usize == i) {
             e.remove();
         }
         t.slots[i] = None;

@@ -27,6 +27,7 @@ fn cached_as(addrs: &[Addr; 3], dir: &TempDir, role: Role) -> (Store, Arc<Cache>
             max_bytes: 256 << 20,
             role,
         }),
+        ..Default::default()
     };
     let (store, cache) = Store::open_with(addrs, &opts).expect("open cached store");
     let cache = cache.expect("a cache was asked for");

@@ -27,6 +27,7 @@ pub mod order;
 mod pathinfo;
 pub mod prefetch;
 pub mod scope;
+pub mod sink;
 pub mod space;
 pub mod stats;
 pub mod tenant;
@@ -226,6 +227,7 @@ impl Cache {
                 dir.area("tmp", 0o755)
                     .map_err(std::io::Error::from)?
                     .remove_files(|_| true);
+                remove_stages(&root.join("tmp"));
                 let space = Space::open(&root, opts.max_bytes, stats.clone())?;
                 let role = RoleState::Filler(Filler {
                     space,
@@ -317,6 +319,14 @@ impl Cache {
 
     pub fn stats(&self) -> &Arc<CacheStats> {
         &self.stats
+    }
+
+    /// The size bound (a reader has none of its own).
+    pub fn max_bytes(&self) -> u64 {
+        match &self.role {
+            RoleState::Filler(f) => f.space.max(),
+            RoleState::Reader(_) => u64::MAX,
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -535,6 +545,24 @@ async fn touch_reporter(cache: Weak<Cache>, wake: Arc<tokio::sync::Notify>) {
         let _ = tokio::time::timeout(touches::PERIOD, wake.notified()).await;
         let Some(c) = cache.upgrade() else { return };
         c.report_touches().await;
+    }
+}
+
+/// What a killed filler was staging ([`sink::Stage`]): best effort.
+fn remove_stages(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let staged = e
+            .file_name()
+            .to_string_lossy()
+            .starts_with(sink::STAGE_PREFIX);
+        if staged && e.file_type().is_ok_and(|t| t.is_dir()) {
+            if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                tracing::warn!("removing {}: {err}", e.path().display());
+            }
+        }
     }
 }
 

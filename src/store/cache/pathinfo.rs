@@ -53,16 +53,17 @@ impl Cache {
         Ok(())
     }
 
-    async fn fetch_info(&self, hash: [u8; 20], interest: Option<Interest>) -> Result<bool> {
-        let got = tokio::time::timeout(self.idle, self.remote.path_info.get(&hash))
-            .await
-            .map_err(|_| {
-                Error::Timeout(format!(
-                    "path info {}: no answer from the remote store for {:?}",
-                    crate::nix::nixbase32::encode(&hash),
-                    self.idle
-                ))
-            })??;
+    async fn fetch_info(
+        &self,
+        hash: [u8; 20],
+        interest: Option<Interest>,
+        rep: &flights::Reporter,
+    ) -> Result<bool> {
+        let got = self
+            .remote
+            .path_info
+            .get_watched(&hash, self.idle, &|n| rep.send_modify(|p| p.bytes = n))
+            .await?;
         let Some(info) = got else { return Ok(false) };
         self.store_info(&info).await?;
         if let (Ok(f), Some(interest)) = (self.filler(), interest) {
@@ -93,8 +94,8 @@ impl Cache {
             return Ok(None);
         }
         let this = self.clone();
-        let rx = f.flights.join(Key::PathInfo(h), move |_| async move {
-            match this.fetch_info(h, interest).await {
+        let rx = f.flights.join(Key::PathInfo(h), move |rep| async move {
+            match this.fetch_info(h, interest, &rep).await {
                 Ok(true) => Outcome::Stored,
                 Ok(false) => Outcome::Absent,
                 Err(e) => Outcome::failed(&e),

@@ -66,6 +66,16 @@ pub struct CacheStats {
     pub prefetch_cancelled: AtomicU64,
     /// Filler: batches of small blobs asked of the remote in one call.
     pub prefetch_batches: AtomicU64,
+    /// Filler over a Nix binary cache: store paths read in (their NARs
+    /// checked and moved into the cache), the NAR bytes as the cache
+    /// carried them (compressed), lookups the cache had no narinfo for,
+    /// and paths refused (signature, NarHash, NarSize, malformed).
+    pub upstream_paths: AtomicU64,
+    pub upstream_carried_bytes: AtomicU64,
+    pub upstream_absent: AtomicU64,
+    pub upstream_refused: AtomicU64,
+    /// Of the paths read in, those read again for an evicted object.
+    pub upstream_refetches: AtomicU64,
 }
 
 impl CacheStats {
@@ -238,6 +248,36 @@ impl CacheStats {
             "counter",
             "Batches of small blobs prefetch asked of the remote in one ReadBlobs call.",
             &one(&self.prefetch_batches),
+        );
+        family(
+            "upstream_paths_total",
+            "counter",
+            "Store paths read in from a Nix binary cache upstream (NAR checked, moved into the cache).",
+            &one(&self.upstream_paths),
+        );
+        family(
+            "upstream_carried_bytes_total",
+            "counter",
+            "NAR bytes as a Nix binary cache upstream carried them (compressed).",
+            &one(&self.upstream_carried_bytes),
+        );
+        family(
+            "upstream_absent_total",
+            "counter",
+            "Lookups a Nix binary cache upstream had no narinfo for.",
+            &one(&self.upstream_absent),
+        );
+        family(
+            "upstream_refused_total",
+            "counter",
+            "Store paths refused from a Nix binary cache upstream (signature, NarHash, NarSize, malformed).",
+            &one(&self.upstream_refused),
+        );
+        family(
+            "upstream_refetches_total",
+            "counter",
+            "Store paths read in again from a Nix binary cache upstream for an evicted object.",
+            &one(&self.upstream_refetches),
         );
         out
     }
