@@ -345,11 +345,13 @@ fn command() -> Command {
 }
 
 /// The host daemon: `--store UPSTREAM --cache-dir DIR daemon --listen
-/// unix:SOCK`, its stderr in a log. Killed on drop.
+/// unix:SOCK --metrics-listen 127.0.0.1:PORT`, its stderr in a log.
+/// Killed on drop.
 struct Host {
     child: Child,
     sock: PathBuf,
     log: PathBuf,
+    metrics: String,
 }
 
 impl Host {
@@ -364,18 +366,22 @@ impl Host {
         let sock = work.join(format!("{name}.sock"));
         let log = work.join(format!("{name}.log"));
         let _ = std::fs::remove_file(&sock);
+        let metrics = format!("127.0.0.1:{}", free_port());
         let mut child = command()
             .args(["--store", upstream, "--cache-dir"])
             .arg(cache)
             .args(["daemon", "--min-free-space", "16M", "--listen"])
             .arg(format!("unix:{}", sock.display()))
+            .args(["--metrics-listen", &metrics])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        while std::os::unix::net::UnixStream::connect(&sock).is_err()
+            || std::net::TcpStream::connect(&metrics).is_err()
+        {
             if let Some(st) = child.try_wait().unwrap() {
                 return Err((st, read_log(&log)));
             }
@@ -386,7 +392,18 @@ impl Host {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(Host { child, sock, log })
+        Ok(Host {
+            child,
+            sock,
+            log,
+            metrics,
+        })
+    }
+
+    /// A sample of the cache's metrics, e.g. `upstream_paths_total`.
+    fn metric(&self, name: &str) -> u64 {
+        let text = common::scrape_metrics(&self.metrics);
+        common::metric(&text, &format!("tvix_virtiofsd_cache_{name}"))
     }
 
     fn start(upstream: &str, cache: &Path, work: &Path, name: &str, extra: &[&str]) -> Host {
@@ -505,6 +522,11 @@ fn same_as_host(m: &Mount, paths: &[&str]) {
 /// `p` looked up and read through the mount fails with ENOENT or EIO,
 /// within `within`; answers the errno and how long it took.
 fn absent(m: &Mount, p: &str, within: Duration) -> (i32, Duration) {
+    absent_with(m, p, within, &[libc::ENOENT, libc::EIO])
+}
+
+/// As [`absent`], failing with one of `errnos`.
+fn absent_with(m: &Mount, p: &str, within: Duration, errnos: &[i32]) -> (i32, Duration) {
     let t0 = Instant::now();
     let r = std::fs::symlink_metadata(m.of(p));
     let took = t0.elapsed();
@@ -519,8 +541,8 @@ fn absent(m: &Mount, p: &str, within: Duration) -> (i32, Duration) {
     };
     let errno = e.raw_os_error().unwrap_or(0);
     assert!(
-        errno == libc::ENOENT || errno == libc::EIO,
-        "{p}: {e} (want ENOENT or EIO)"
+        errnos.contains(&errno),
+        "{p}: {e} after {took:?} (want one of errnos {errnos:?})"
     );
     assert!(took <= within, "{p}: failed only after {took:?} (> {within:?})");
     // nor do its bytes come by another way
@@ -529,17 +551,18 @@ fn absent(m: &Mount, p: &str, within: Duration) -> (i32, Duration) {
     (errno, took)
 }
 
-/// The warn line of `log` naming `p` (its `<hash>-<name>`) and every one
-/// of `words` (ignoring case); waits up to 10 s for it.
+/// The warn line of `log` naming `p` (its `<hash>-<name>`) and, after
+/// it, every one of `words` (ignoring case); waits up to 10 s for it.
 fn warn_line(log: impl Fn() -> String, p: &str, words: &[&str]) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = log();
         let found = text.lines().find(|l| {
-            let lower = l.to_lowercase();
-            l.contains("WARN")
-                && l.contains(base(p))
-                && words.iter().all(|w| lower.contains(&w.to_lowercase()))
+            let Some(at) = l.find(base(p)).filter(|_| l.contains(" WARN ")) else {
+                return false;
+            };
+            let reason = l[at..].to_lowercase();
+            words.iter().all(|w| reason.contains(&w.to_lowercase()))
         });
         if let Some(l) = found {
             return l.to_string();
@@ -733,6 +756,17 @@ fn a_guest_reads_a_closure_nix_copied_to_a_binary_cache() {
             "{nar} never fetched: {reqs:?}"
         );
     }
+    assert_eq!(host.metric("upstream_paths_total"), closure.len() as u64);
+    assert_eq!(host.metric("upstream_refused_total"), 0);
+    let nar_bytes: u64 = closure
+        .iter()
+        .map(|p| std::fs::metadata(nar_file(&bc, p)).unwrap().len())
+        .sum();
+    assert_eq!(
+        host.metric("upstream_carried_bytes_total"),
+        nar_bytes,
+        "the NAR files' bytes, once each"
+    );
     let (st, log) = host.stop();
     assert!(st.success(), "host daemon: {st}: {log}");
     drop(py);
@@ -874,23 +908,32 @@ fn refused_narinfos_and_nars_leave_nothing_behind() {
         },
     ];
     let control_bytes = std::fs::read(&control).unwrap();
-    let mut lines = Vec::new();
-    for case in &cases {
+    let mut unclear = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
         let what = case.name;
-        let bc = t.join(format!("bc-{what}"));
+        // numbered: the reason words must come from the daemon, not a name
+        let bc = t.join(format!("bc-{i}"));
         sh(&format!("cp -a {} {}", pristine(case.from).display(), bc.display()));
         (case.spoil)(&bc, &target);
         let upstream = format!("nix+file://{}?trusted-public-keys={pk}", bc.display());
-        let cache = t.join(format!("cache-{what}"));
-        let host = Host::start(&upstream, &cache, t, &format!("host-{what}"), &["--prefetch", "none", "--store-timeout", "10"]);
-        let m = Mount::start(&host, &cache, &t.join(format!("mnt-{what}")));
+        let cache = t.join(format!("cache-{i}"));
+        let host = Host::start(&upstream, &cache, t, &format!("host-{i}"), &["--prefetch", "none", "--store-timeout", "10"]);
+        let m = Mount::start(&host, &cache, &t.join(format!("mnt-{i}")));
         same_as_host(&m, &[&control]);
         let (errno, took) = absent(&m, &target, Duration::from_secs(15));
         // asked again (a remembered refusal, or a second fetch): the same
         absent(&m, &target, Duration::from_secs(15));
-        let line = warn_line(|| host.log(), &target, case.words);
+        // a warn line names the path; the reason's words are checked once
+        // every case has run, so that one unclear message hides no other
+        // failure
+        let line = warn_line(|| host.log(), &target, &[]);
         eprintln!("{what}: errno {errno} after {took:?}; {line}");
-        lines.push(format!("{what}: {line}"));
+        assert_eq!(host.metric("upstream_paths_total"), 1, "{what}: the control path");
+        assert!(host.metric("upstream_refused_total") >= 1, "{what}: refusals counted");
+        let reason = line[line.find(base(&target)).unwrap()..].to_lowercase();
+        if !case.words.iter().all(|w| reason.contains(&w.to_lowercase())) {
+            unclear.push(format!("{what} (want {:?}): {line}", case.words));
+        }
         m.stop();
         let (st, log) = host.stop();
         assert!(st.success(), "{what}: host daemon: {st}: {log}");
@@ -900,8 +943,8 @@ fn refused_narinfos_and_nars_leave_nothing_behind() {
 
         // the same cache directory, the upstream down
         let down = format!("nix+http://127.0.0.1:{}?trusted-public-keys={pk}", free_port());
-        let host = Host::start(&down, &cache, t, &format!("host-{what}-down"), &["--prefetch", "none", "--store-timeout", "3"]);
-        let m = Mount::start(&host, &cache, &t.join(format!("mnt-{what}-down")));
+        let host = Host::start(&down, &cache, t, &format!("host-{i}-down"), &["--prefetch", "none", "--store-timeout", "3"]);
+        let m = Mount::start(&host, &cache, &t.join(format!("mnt-{i}-down")));
         same_as_host(&m, &[&control]);
         absent(&m, &target, Duration::from_secs(10));
         m.stop();
@@ -909,13 +952,15 @@ fn refused_narinfos_and_nars_leave_nothing_behind() {
         assert!(st.success(), "{what}, upstream down: host daemon: {st}: {log}");
         nothing_kept(&cache, &target, what);
     }
-    for l in &lines {
-        eprintln!("{l}");
-    }
     eprintln!(
         "{} refused caches: {:.1} s",
         cases.len(),
         started.elapsed().as_secs_f64()
+    );
+    assert!(
+        unclear.is_empty(),
+        "warn lines that do not say the reason:\n{}",
+        unclear.join("\n")
     );
 }
 
@@ -927,12 +972,13 @@ fn truncate_half(f: &Path) {
     h.set_len(len / 2).unwrap();
 }
 
-/// 4 KiB in the middle of the file replaced by other bytes: the same length.
+/// A quarter of the file, in its middle (at most 4 KiB), replaced by
+/// other bytes: the same length.
 fn garble_middle(f: &Path) {
     let mut b = std::fs::read(f).unwrap();
-    assert!(b.len() > 16 << 10, "{}: {} bytes", f.display(), b.len());
-    let mid = b.len() / 2;
-    for (i, x) in b[mid..mid + 4096].iter_mut().enumerate() {
+    assert!(b.len() > 1000, "{}: {} bytes", f.display(), b.len());
+    let (mid, n) = (b.len() / 2, (b.len() / 4).min(4096));
+    for (i, x) in b[mid..mid + n].iter_mut().enumerate() {
         *x ^= 0x5a ^ (i as u8);
     }
     let len = b.len();
@@ -1006,8 +1052,10 @@ fn a_cache_down_or_hung_fails_fast_and_what_was_fetched_stays() {
     let host = Host::start(&hung, &cache, t, "host3", &timeout);
     let m = Mount::start(&host, &cache, &t.join("mnt4"));
     same_as_host(&m, &read);
-    let (_, took) = absent(&m, &x.uncached, Duration::from_secs(3 + 5));
-    eprintln!("upstream hung: the uncached lookup failed in {took:?}");
+    // ETIMEDOUT is as honest as EIO here: the daemon gave up waiting
+    let errnos = [libc::ENOENT, libc::EIO, libc::ETIMEDOUT];
+    let (errno, took) = absent_with(&m, &x.uncached, Duration::from_secs(3 + 5), &errnos);
+    eprintln!("upstream hung: the uncached lookup failed (errno {errno}) in {took:?}");
     assert!(
         hole.accepted() >= 1,
         "the daemon never connected to the hung upstream: {}",
@@ -1147,10 +1195,11 @@ fn serves(
 }
 
 /// How the upstream's trusted keys are given: raw in the URL,
-/// percent-encoded, one of several (`,`), by the daemon's own
-/// `--trusted-public-keys`; none but `check-signatures=false` serves an
-/// unsigned cache; a key that did not sign refuses (with a warn line), and
-/// no key at all is refused at start with a message naming what to give.
+/// percent-encoded, one of several (`,`), or by the daemon's own
+/// `--trusted-public-keys` beside another key in the URL; none but
+/// `check-signatures=false` serves an unsigned cache; a key that did not
+/// sign refuses (with a warn line), and no key at all is refused at start
+/// with a message naming what to give.
 #[test]
 fn the_upstreams_trusted_keys() {
     require_tools(&[NIX]);
@@ -1191,7 +1240,6 @@ fn the_upstreams_trusted_keys() {
         ),
         &[],
     );
-    yes("daemon-flag", file(&bc, ""), &["--trusted-public-keys", &pk]);
     yes(
         "daemon-flag-and-url",
         file(&bc, &format!("?trusted-public-keys={other}")),
@@ -1348,4 +1396,24 @@ fn the_static_server_honours_ranges() {
     assert_eq!(log.iter().filter(|l| l.status == 416).count(), 1);
     assert_eq!(log.len(), 10, "{log:?}");
     drop(srv);
+}
+
+/// The daemon's own `--trusted-public-keys` counts as trusted for its
+/// upstream: an address without keys of its own is then not "no trusted
+/// key", and the path its key signed is served.
+#[test]
+fn the_daemons_own_trusted_keys_suffice_for_an_upstream() {
+    require_tools(&[NIX]);
+    let tmp = tempfile::tempdir().unwrap();
+    let t = &std::fs::canonicalize(tmp.path()).unwrap();
+    let x = extras(&closure_of(&[fixture_app()]));
+    let (sk, pk) = keypair(t, "upstream-test-1");
+    let bc = t.join("bc");
+    nix_copy(&bc, &sk, "", &[&x.control]);
+    let url = format!("nix+file://{}", bc.display());
+    let (served, log) = serves(&url, t, "flag", &["--trusted-public-keys", &pk], &x.control)
+        .unwrap_or_else(|log| {
+            panic!("{url} with --trusted-public-keys {pk}: the daemon did not start: {log}")
+        });
+    assert!(served, "{} not served: {log}", x.control);
 }
