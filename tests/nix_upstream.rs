@@ -81,7 +81,11 @@ fn keypair(dir: &Path, name: &str) -> (PathBuf, String) {
 /// `nix copy --to file://DIR?secret-key=SK[&PARAMS]` of `paths` (and
 /// their closures): a binary cache as Nix writes one.
 fn nix_copy(dir: &Path, sk: &Path, params: &str, paths: &[&str]) {
-    let url = format!("file://{}?secret-key={}{params}", dir.display(), sk.display());
+    let url = format!(
+        "file://{}?secret-key={}{params}",
+        dir.display(),
+        sk.display()
+    );
     let xdg = dir.with_extension("xdg");
     let mut args = vec!["copy", "--to", url.as_str()];
     args.extend(paths);
@@ -225,10 +229,9 @@ fn resigned(narinfo: &str, sk: &Path) -> String {
         field(narinfo, "NarSize"),
         refs.join(",")
     );
-    let key = tvix_virtiofsd::nix::signing::SecretKey::parse(
-        std::fs::read_to_string(sk).unwrap().trim(),
-    )
-    .unwrap();
+    let key =
+        tvix_virtiofsd::nix::signing::SecretKey::parse(std::fs::read_to_string(sk).unwrap().trim())
+            .unwrap();
     format!("{}Sig: {}\n", unsigned(narinfo), key.sign(&fingerprint))
 }
 
@@ -482,7 +485,11 @@ impl Mount {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let st = self.child.wait().unwrap();
-        assert!(st.success(), "mount exited with {st}: {}", read_log(&self.log));
+        assert!(
+            st.success(),
+            "mount exited with {st}: {}",
+            read_log(&self.log)
+        );
         std::mem::forget(self);
     }
 }
@@ -544,7 +551,10 @@ fn absent_with(m: &Mount, p: &str, within: Duration, errnos: &[i32]) -> (i32, Du
         errnos.contains(&errno),
         "{p}: {e} after {took:?} (want one of errnos {errnos:?})"
     );
-    assert!(took <= within, "{p}: failed only after {took:?} (> {within:?})");
+    assert!(
+        took <= within,
+        "{p}: failed only after {took:?} (> {within:?})"
+    );
     // nor do its bytes come by another way
     let r = std::fs::read(m.of(p));
     assert!(r.is_err(), "{p}: read {} bytes", r.unwrap().len());
@@ -605,9 +615,35 @@ fn tree(dir: &Path) -> Vec<String> {
     out
 }
 
+/// Entries anywhere under `dir` whose name, or symlink target, has
+/// `needle` in it; and staging directories (`.stage*`) left behind.
+fn traces(dir: &Path, needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let target = std::fs::read_link(&p)
+                .map(|t| t.display().to_string())
+                .unwrap_or_default();
+            if name.contains(needle) || target.contains(needle) || name.starts_with(".stage") {
+                out.push(format!("{} -> {target}", p.display()));
+            }
+            if e.file_type().unwrap().is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out
+}
+
 /// Nothing of `p` is in the cache directory: no path info, no blob of its
-/// file's bytes (`p` being a single file).
+/// file's bytes (`p` being a single file), nothing named after it (an
+/// origin) and no stage left.
 fn nothing_kept(cache: &Path, p: &str, what: &str) {
+    let left = traces(cache, hash_of(p));
+    assert!(left.is_empty(), "{what}: left of the refused {p}: {left:?}");
     assert!(
         !cached_info(cache, p),
         "{what}: the refused {p} has a path info in the cache: {:?}",
@@ -642,7 +678,14 @@ fn start_vm_daemon(host: &Host, cache: &Path, app: &str, vsock: &Path, log: &Pat
 /// Boots a guest over `host` that runs the fixture app, lists /nix/store
 /// and checksums the closure; asserts all three against the host's
 /// /nix/store; returns the seconds the boot took.
-fn guest_reads_the_closure(host: &Host, cache: &Path, closure: &[String], app: &str, work: &Path, what: &str) -> f64 {
+fn guest_reads_the_closure(
+    host: &Host,
+    cache: &Path,
+    closure: &[String],
+    app: &str,
+    work: &Path,
+    what: &str,
+) -> f64 {
     let t = Instant::now();
     let vsock = work.join(format!("{what}-vm.sock"));
     let vlog = work.join(format!("{what}-vm.log"));
@@ -656,7 +699,11 @@ fn guest_reads_the_closure(host: &Host, cache: &Path, closure: &[String], app: &
                 host.log()
             );
         }
-        assert!(Instant::now() < deadline, "{what}: no per-VM socket: {}", read_log(&vlog));
+        assert!(
+            Instant::now() < deadline,
+            "{what}: no per-VM socket: {}",
+            read_log(&vlog)
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let guest = format!(
@@ -750,7 +797,13 @@ fn a_guest_reads_a_closure_nix_copied_to_a_binary_cache() {
         let narinfo = format!("/{}.narinfo", hash_of(p));
         let n = reqs.iter().filter(|(_, r)| *r == narinfo).count();
         assert_eq!(n, 1, "{narinfo} fetched {n} times: {reqs:?}");
-        let nar = format!("/{}", field(&std::fs::read_to_string(narinfo_file(&bc, p)).unwrap(), "URL"));
+        let nar = format!(
+            "/{}",
+            field(
+                &std::fs::read_to_string(narinfo_file(&bc, p)).unwrap(),
+                "URL"
+            )
+        );
         assert!(
             reqs.iter().any(|(s, r)| *s == 200 && *r == nar),
             "{nar} never fetched: {reqs:?}"
@@ -833,7 +886,12 @@ fn refused_narinfos_and_nars_leave_nothing_behind() {
     let (other_sk, _) = keypair(t, "someone-else-1");
     let pristine = |c: &str| t.join(format!("pristine-{c}"));
     nix_copy(&pristine("xz"), &sk, "", &[&target, &control]);
-    nix_copy(&pristine("none"), &sk, "&compression=none", &[&target, &control]);
+    nix_copy(
+        &pristine("none"),
+        &sk,
+        "&compression=none",
+        &[&target, &control],
+    );
     // what the cases sign anew is signed as Nix signs: the same Sig line
     for c in ["xz", "none"] {
         let nix_wrote = std::fs::read_to_string(narinfo_file(&pristine(c), &target)).unwrap();
@@ -913,11 +971,21 @@ fn refused_narinfos_and_nars_leave_nothing_behind() {
         let what = case.name;
         // numbered: the reason words must come from the daemon, not a name
         let bc = t.join(format!("bc-{i}"));
-        sh(&format!("cp -a {} {}", pristine(case.from).display(), bc.display()));
+        sh(&format!(
+            "cp -a {} {}",
+            pristine(case.from).display(),
+            bc.display()
+        ));
         (case.spoil)(&bc, &target);
         let upstream = format!("nix+file://{}?trusted-public-keys={pk}", bc.display());
         let cache = t.join(format!("cache-{i}"));
-        let host = Host::start(&upstream, &cache, t, &format!("host-{i}"), &["--prefetch", "none", "--store-timeout", "10"]);
+        let host = Host::start(
+            &upstream,
+            &cache,
+            t,
+            &format!("host-{i}"),
+            &["--prefetch", "none", "--store-timeout", "10"],
+        );
         let m = Mount::start(&host, &cache, &t.join(format!("mnt-{i}")));
         same_as_host(&m, &[&control]);
         let (errno, took) = absent(&m, &target, Duration::from_secs(15));
@@ -928,28 +996,55 @@ fn refused_narinfos_and_nars_leave_nothing_behind() {
         // failure
         let line = warn_line(|| host.log(), &target, &[]);
         eprintln!("{what}: errno {errno} after {took:?}; {line}");
-        assert_eq!(host.metric("upstream_paths_total"), 1, "{what}: the control path");
-        assert!(host.metric("upstream_refused_total") >= 1, "{what}: refusals counted");
+        assert_eq!(
+            host.metric("upstream_paths_total"),
+            1,
+            "{what}: the control path"
+        );
+        assert!(
+            host.metric("upstream_refused_total") >= 1,
+            "{what}: refusals counted"
+        );
         let reason = line[line.find(base(&target)).unwrap()..].to_lowercase();
-        if !case.words.iter().all(|w| reason.contains(&w.to_lowercase())) {
+        if !case
+            .words
+            .iter()
+            .all(|w| reason.contains(&w.to_lowercase()))
+        {
             unclear.push(format!("{what} (want {:?}): {line}", case.words));
         }
         m.stop();
         let (st, log) = host.stop();
         assert!(st.success(), "{what}: host daemon: {st}: {log}");
         assert!(cached_info(&cache, &control), "{what}: {:?}", tree(&cache));
-        assert!(cached_blob(&cache, &control_bytes), "{what}: {:?}", tree(&cache));
+        assert!(
+            cached_blob(&cache, &control_bytes),
+            "{what}: {:?}",
+            tree(&cache)
+        );
         nothing_kept(&cache, &target, what);
 
         // the same cache directory, the upstream down
-        let down = format!("nix+http://127.0.0.1:{}?trusted-public-keys={pk}", free_port());
-        let host = Host::start(&down, &cache, t, &format!("host-{i}-down"), &["--prefetch", "none", "--store-timeout", "3"]);
+        let down = format!(
+            "nix+http://127.0.0.1:{}?trusted-public-keys={pk}",
+            free_port()
+        );
+        let host = Host::start(
+            &down,
+            &cache,
+            t,
+            &format!("host-{i}-down"),
+            &["--prefetch", "none", "--store-timeout", "3"],
+        );
         let m = Mount::start(&host, &cache, &t.join(format!("mnt-{i}-down")));
         same_as_host(&m, &[&control]);
         absent(&m, &target, Duration::from_secs(10));
         m.stop();
         let (st, log) = host.stop();
-        assert!(st.success(), "{what}, upstream down: host daemon: {st}: {log}");
+        assert!(
+            st.success(),
+            "{what}, upstream down: host daemon: {st}: {log}"
+        );
         nothing_kept(&cache, &target, what);
     }
     eprintln!(
@@ -1137,7 +1232,12 @@ fn our_binary_cache_as_the_upstream() {
     let _ours = common::Daemon::start_with(
         &store,
         &format!("unix:{}", t.join("ours.sock").display()),
-        &["--http-listen", &http, "--signing-key", sk.to_str().unwrap()],
+        &[
+            "--http-listen",
+            &http,
+            "--signing-key",
+            sk.to_str().unwrap(),
+        ],
     );
     common::wait_listening(&http);
 
@@ -1224,7 +1324,10 @@ fn the_upstreams_trusted_keys() {
     yes("raw", file(&bc, &format!("?trusted-public-keys={pk}")), &[]);
     yes(
         "percent-encoded",
-        file(&bc, &format!("?trusted-public-keys={}", percent_encoded(&pk))),
+        file(
+            &bc,
+            &format!("?trusted-public-keys={}", percent_encoded(&pk)),
+        ),
         &[],
     );
     yes(
@@ -1236,7 +1339,11 @@ fn the_upstreams_trusted_keys() {
         "second-of-two-encoded",
         file(
             &bc,
-            &format!("?trusted-public-keys={},{}", percent_encoded(&other), percent_encoded(&pk)),
+            &format!(
+                "?trusted-public-keys={},{}",
+                percent_encoded(&other),
+                percent_encoded(&pk)
+            ),
         ),
         &[],
     );
@@ -1245,20 +1352,39 @@ fn the_upstreams_trusted_keys() {
         file(&bc, &format!("?trusted-public-keys={other}")),
         &["--trusted-public-keys", &pk],
     );
-    yes("unchecked", file(&unsigned_bc, "?check-signatures=false"), &[]);
+    yes(
+        "unchecked",
+        file(&unsigned_bc, "?check-signatures=false"),
+        &[],
+    );
 
     // refused
-    let (served, log) = serves(&file(&bc, &format!("?trusted-public-keys={other}")), t, "other-key", &[], p)
-        .unwrap_or_else(|log| panic!("other key: the daemon did not start: {log}"));
+    let (served, log) = serves(
+        &file(&bc, &format!("?trusted-public-keys={other}")),
+        t,
+        "other-key",
+        &[],
+        p,
+    )
+    .unwrap_or_else(|log| panic!("other key: the daemon did not start: {log}"));
     assert!(!served, "served with only another key trusted: {log}");
     warn_line(|| log.clone(), p, &["signature"]);
-    let (served, log) = serves(&file(&unsigned_bc, &format!("?trusted-public-keys={pk}")), t, "unsigned", &[], p)
-        .unwrap_or_else(|log| panic!("unsigned: the daemon did not start: {log}"));
+    let (served, log) = serves(
+        &file(&unsigned_bc, &format!("?trusted-public-keys={pk}")),
+        t,
+        "unsigned",
+        &[],
+        p,
+    )
+    .unwrap_or_else(|log| panic!("unsigned: the daemon did not start: {log}"));
     assert!(!served, "an unsigned narinfo served: {log}");
     warn_line(|| log.clone(), p, &["signature"]);
     for (what, url) in [
         ("no-key-file", file(&bc, "")),
-        ("no-key-http", format!("nix+http://127.0.0.1:{}", free_port())),
+        (
+            "no-key-http",
+            format!("nix+http://127.0.0.1:{}", free_port()),
+        ),
     ] {
         let t0 = Instant::now();
         let log = serves(&url, t, what, &[], p)
@@ -1274,7 +1400,9 @@ fn the_upstreams_trusted_keys() {
 
 /// A cache Nix wrote with each compression it offers besides xz (`zstd`,
 /// `bzip2`, `none`) is read back byte-identical: every store path's NAR
-/// through the host daemon is `nix-store --dump`'s.
+/// through the host daemon is `nix-store --dump`'s. The zstd cache is
+/// served over HTTP/1.1 with keep-alive (tests/common/static_http.rs), the
+/// others read from their directories.
 #[test]
 fn every_compression_nix_writes() {
     require_tools(&[NIX]);
@@ -1283,7 +1411,11 @@ fn every_compression_nix_writes() {
     let app = fixture_app();
     let closure = closure_of(&[&app]);
     let (sk, pk) = keypair(t, "upstream-test-1");
-    for (compression, ext) in [("zstd", ".nar.zst"), ("bzip2", ".nar.bz2"), ("none", ".nar")] {
+    for (compression, ext) in [
+        ("zstd", ".nar.zst"),
+        ("bzip2", ".nar.bz2"),
+        ("none", ".nar"),
+    ] {
         let bc = t.join(format!("bc-{compression}"));
         nix_copy(&bc, &sk, &format!("&compression={compression}"), &[&app]);
         for p in &closure {
@@ -1291,12 +1423,39 @@ fn every_compression_nix_writes() {
             assert_eq!(field(&info, "Compression"), compression);
             assert!(field(&info, "URL").ends_with(ext), "{info}");
         }
-        let upstream = format!("nix+file://{}?trusted-public-keys={pk}", bc.display());
+        let srv = (compression == "zstd")
+            .then(|| StaticServer::start(&bc, &t.join(format!("{compression}.requests"))));
+        let upstream = match &srv {
+            Some(srv) => format!("nix+{}?trusted-public-keys={pk}", srv.url()),
+            None => format!("nix+file://{}?trusted-public-keys={pk}", bc.display()),
+        };
         let cache = t.join(format!("cache-{compression}"));
         let host = Host::start(&upstream, &cache, t, compression, &["--prefetch", "none"]);
         for p in &closure {
-            let nar = ok(cli(&host.addr(), &["nar", p]), &format!("{compression}: nar {p}"));
-            assert!(nar == dump(p), "{compression}: {p}: the NAR differs from nix-store --dump");
+            let nar = ok(
+                cli(&host.addr(), &["nar", p]),
+                &format!("{compression}: nar {p}"),
+            );
+            assert!(
+                nar == dump(p),
+                "{compression}: {p}: the NAR differs from nix-store --dump"
+            );
+        }
+        if let Some(srv) = srv {
+            let reqs = srv.requests();
+            for p in &closure {
+                let info = std::fs::read_to_string(narinfo_file(&bc, p)).unwrap();
+                for want in [
+                    format!("/{}.narinfo", hash_of(p)),
+                    format!("/{}", field(&info, "URL")),
+                ] {
+                    assert!(
+                        reqs.iter()
+                            .any(|r| r.path == want && (r.status == 200 || r.status == 206)),
+                        "{want} never fetched: {reqs:?}"
+                    );
+                }
+            }
         }
         let (st, log) = host.stop();
         assert!(st.success(), "{compression}: {st}: {log}");
@@ -1311,7 +1470,11 @@ fn get(addr: &str, path: &str, range: Option<&str>) -> (u16, String, Vec<u8>) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     let range = range.map_or(String::new(), |r| format!("Range: {r}\r\n"));
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n{range}Connection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\n{range}Connection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut resp = Vec::new();
     s.read_to_end(&mut resp).unwrap();
     let at = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
@@ -1336,7 +1499,10 @@ fn the_static_server_honours_ranges() {
     assert!(head.contains("Accept-Ranges: bytes"), "{head}");
     let (s, head, body) = get(&srv.addr, "/nar/x.nar", Some("bytes=1000-1999"));
     assert_eq!(s, 206, "{head}");
-    assert!(head.contains("Content-Range: bytes 1000-1999/100000"), "{head}");
+    assert!(
+        head.contains("Content-Range: bytes 1000-1999/100000"),
+        "{head}"
+    );
     assert_eq!(body, &data[1000..2000]);
     let (s, _, body) = get(&srv.addr, "/nar/x.nar", Some("bytes=99990-"));
     assert_eq!((s, &body[..]), (206, &data[99_990..]));
@@ -1356,7 +1522,11 @@ fn the_static_server_honours_ranges() {
         let mut s = std::net::TcpStream::connect(&srv.addr).unwrap();
         let mut r = BufReader::new(s.try_clone().unwrap());
         for (a, b) in [(0u64, 9u64), (50_000, 50_099)] {
-            write!(s, "GET /nar/x.nar HTTP/1.1\r\nHost: x\r\nRange: bytes={a}-{b}\r\n\r\n").unwrap();
+            write!(
+                s,
+                "GET /nar/x.nar HTTP/1.1\r\nHost: x\r\nRange: bytes={a}-{b}\r\n\r\n"
+            )
+            .unwrap();
             let mut len = 0;
             loop {
                 let mut l = String::new();
@@ -1392,7 +1562,10 @@ fn the_static_server_honours_ranges() {
         ]
     );
     assert_eq!(log[0].path, "/nar/x.nar");
-    assert_eq!((log[0].status, log[0].bytes, log[0].range.as_deref()), (200, 100_000, None));
+    assert_eq!(
+        (log[0].status, log[0].bytes, log[0].range.as_deref()),
+        (200, 100_000, None)
+    );
     assert_eq!(log.iter().filter(|l| l.status == 416).count(), 1);
     assert_eq!(log.len(), 10, "{log:?}");
     drop(srv);
@@ -1416,4 +1589,74 @@ fn the_daemons_own_trusted_keys_suffice_for_an_upstream() {
             panic!("{url} with --trusted-public-keys {pk}: the daemon did not start: {log}")
         });
     assert!(served, "{} not served: {log}", x.control);
+}
+
+/// A store path the upstream has no narinfo for is ENOENT-like ("not in
+/// the store") and believed absent for the address's `negative-ttl`: added
+/// to the cache meanwhile, it is still absent until then, and served after.
+#[test]
+fn an_absent_path_is_believed_absent_for_negative_ttl() {
+    require_tools(&[NIX]);
+    let tmp = tempfile::tempdir().unwrap();
+    let t = &std::fs::canonicalize(tmp.path()).unwrap();
+    let x = extras(&closure_of(&[fixture_app()]));
+    let (sk, pk) = keypair(t, "upstream-test-1");
+    let bc = t.join("bc");
+    nix_copy(&bc, &sk, "", &[&x.control]);
+    let ttl = 6;
+    let upstream = format!(
+        "nix+file://{}?trusted-public-keys={pk}&negative-ttl={ttl}",
+        bc.display()
+    );
+    let host = Host::start(
+        &upstream,
+        &t.join("cache"),
+        t,
+        "host",
+        &["--prefetch", "none"],
+    );
+    let info = |p: &str| cli(&host.addr(), &["path-info", p]);
+    assert!(info(&x.control).status.success(), "{}", host.log());
+    let t0 = Instant::now();
+    let o = info(&x.target);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("is not in the store"), "{err}");
+    assert_eq!(host.metric("upstream_absent_total"), 1);
+
+    // Nix adds it to the cache
+    nix_copy(&bc, &sk, "", &[&x.target]);
+    let added = t0.elapsed();
+    if added < Duration::from_secs(ttl - 2) {
+        let o = info(&x.target);
+        assert!(
+            !o.status.success(),
+            "{} served {added:?} after it was found absent (negative-ttl={ttl})",
+            x.target
+        );
+    } else {
+        eprintln!("!!! the still-absent check not run: nix copy took {added:?} !!!");
+    }
+    let deadline = Duration::from_secs(ttl + 5);
+    loop {
+        if info(&x.target).status.success() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < deadline,
+            "{} still absent {:?} after it was first found absent (negative-ttl={ttl}): {}",
+            x.target,
+            t0.elapsed(),
+            host.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_secs(ttl) - Duration::from_millis(500),
+        "served after {took:?}, before negative-ttl={ttl} ran out"
+    );
+    eprintln!("absent, then served {took:?} after (negative-ttl={ttl})");
+    let (st, log) = host.stop();
+    assert!(st.success(), "{st}: {log}");
 }
