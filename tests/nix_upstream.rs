@@ -845,6 +845,8 @@ fn a_guest_reads_a_closure_nix_copied_to_a_binary_cache() {
 // ---------------------------------------------------------------------------
 // 2. Signatures and bad bytes
 
+type Spoil = Box<dyn Fn(&Path, &str)>;
+
 /// One way a cache can be wrong about `target`.
 struct Case {
     name: &'static str,
@@ -852,7 +854,8 @@ struct Case {
     from: &'static str,
     /// What the daemon's warn line names besides the store path.
     words: &'static [&'static str],
-    spoil: Box<dyn Fn(&Path, &str)>,
+    /// Spoils (cache directory, store path).
+    spoil: Spoil,
 }
 
 /// Copies of a cache Nix wrote and signed, each wrong about one store path
