@@ -1572,6 +1572,71 @@ fn the_static_server_honours_ranges() {
     assert_eq!(log.iter().filter(|l| l.status == 416).count(), 1);
     assert_eq!(log.len(), 10, "{log:?}");
     drop(srv);
+
+    // chunked: whole files without a length, ranges as before
+    let srv = StaticServer::start_with(
+        &root,
+        &tmp.path().join("chunked.log"),
+        common::static_http::Options { chunked: true },
+    );
+    let (s, head, body) = get(&srv.addr, "/nar/x.nar", None);
+    assert_eq!(s, 200);
+    assert!(head.contains("Transfer-Encoding: chunked"), "{head}");
+    assert!(!head.contains("Content-Length"), "{head}");
+    assert_eq!(dechunk(&body), data);
+    let (s, _, body) = get(&srv.addr, "/nar/x.nar", Some("bytes=10-19"));
+    assert_eq!((s, &body[..]), (206, &data[10..20]));
+    assert_eq!(srv.requests()[0].bytes, 100_000);
+}
+
+/// The body of a chunked HTTP/1.1 response.
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let nl = b.windows(2).position(|w| w == b"\r\n").unwrap();
+        let n = usize::from_str_radix(std::str::from_utf8(&b[..nl]).unwrap().trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[nl + 2..nl + 2 + n]);
+        b = &b[nl + 2 + n + 2..];
+    }
+}
+
+/// A server that streams whole files chunked, without `Content-Length`
+/// (as our own binary cache, harmonia and nix-serve stream NARs), is read
+/// as well as one that gives lengths: every NAR of the closure through the
+/// host daemon is `nix-store --dump`'s.
+#[test]
+fn a_chunked_upstream_is_read() {
+    require_tools(&[NIX]);
+    let tmp = tempfile::tempdir().unwrap();
+    let t = &std::fs::canonicalize(tmp.path()).unwrap();
+    let app = fixture_app();
+    let closure = closure_of(&[&app]);
+    let (sk, pk) = keypair(t, "upstream-test-1");
+    let bc = t.join("bc");
+    nix_copy(&bc, &sk, "", &[&app]);
+    let srv = StaticServer::start_with(
+        &bc,
+        &t.join("requests.log"),
+        common::static_http::Options { chunked: true },
+    );
+    let upstream = format!("nix+{}?trusted-public-keys={pk}", srv.url());
+    let host = Host::start(
+        &upstream,
+        &t.join("cache"),
+        t,
+        "host",
+        &["--prefetch", "none"],
+    );
+    for p in &closure {
+        let o = cli(&host.addr(), &["nar", p]);
+        let nar = ok(o, &format!("nar {p} from a chunked upstream"));
+        assert!(nar == dump(p), "{p}: the NAR differs from nix-store --dump");
+    }
+    let (st, log) = host.stop();
+    assert!(st.success(), "{st}: {log}");
 }
 
 /// The daemon's own `--trusted-public-keys` counts as trusted for its

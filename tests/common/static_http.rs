@@ -29,8 +29,18 @@ pub struct Logged {
     pub bytes: u64,
 }
 
+/// How a [`StaticServer`] answers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Whole files (200) are sent with `Transfer-Encoding: chunked` and no
+    /// `Content-Length`, as servers that stream NARs (ours, harmonia,
+    /// nix-serve) send them; ranges (206) still carry a length.
+    pub chunked: bool,
+}
+
 struct Shared {
     root: PathBuf,
+    opts: Options,
     log: Mutex<std::fs::File>,
     stop: AtomicBool,
     /// Open connections by number, shut down when the server stops.
@@ -54,10 +64,16 @@ pub struct StaticServer {
 impl StaticServer {
     /// Serves the files under `root`, logging to `log` (created anew).
     pub fn start(root: &Path, log: &Path) -> StaticServer {
+        Self::start_with(root, log, Options::default())
+    }
+
+    /// As [`StaticServer::start`], answering as `opts` say.
+    pub fn start_with(root: &Path, log: &Path, opts: Options) -> StaticServer {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind the static server");
         let addr = l.local_addr().unwrap().to_string();
         let shared = Arc::new(Shared {
             root: root.to_path_buf(),
+            opts,
             log: Mutex::new(std::fs::File::create(log).expect("create the server log")),
             stop: AtomicBool::new(false),
             conns: Mutex::new(Default::default()),
@@ -272,6 +288,26 @@ fn serve_requests(shared: &Shared, c: TcpStream) -> std::io::Result<()> {
                 let mut fh = std::fs::File::open(&f)?;
                 let len = fh.metadata()?.len();
                 match pick_range(range.as_deref(), len) {
+                    Ok(None) if shared.opts.chunked => {
+                        write!(
+                            w,
+                            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nAccept-Ranges: bytes\r\nContent-Type: application/octet-stream\r\n{}\r\n",
+                            if close { "Connection: close\r\n" } else { "" }
+                        )?;
+                        let mut n = 0;
+                        let mut buf = vec![0; 64 << 10];
+                        while !head {
+                            let got = fh.read(&mut buf)?;
+                            write!(w, "{got:x}\r\n")?;
+                            w.write_all(&buf[..got])?;
+                            w.write_all(b"\r\n")?;
+                            n += got as u64;
+                            if got == 0 {
+                                break;
+                            }
+                        }
+                        (200, None, n)
+                    }
                     Ok(None) => {
                         write!(
                             w,
