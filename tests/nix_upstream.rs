@@ -586,6 +586,20 @@ fn warn_line(log: impl Fn() -> String, p: &str, words: &[&str]) -> String {
     }
 }
 
+/// The daemon's warn line about a failed fetch for `p` (it names `p`'s
+/// hash: all a lookup knows before the narinfo comes).
+fn failed_fetch(log: &str, p: &str) -> String {
+    log.lines()
+        .find(|l| l.contains(" WARN ") && l.contains(hash_of(p)))
+        .unwrap_or_else(|| {
+            panic!(
+                "no WARN line names {} in the daemon's log:\n{log}",
+                hash_of(p)
+            )
+        })
+        .to_string()
+}
+
 /// Whether the cache directory holds a path info for `p`.
 fn cached_info(cache: &Path, p: &str) -> bool {
     cache.join("pathinfo").join(hash_of(p)).exists()
@@ -1131,6 +1145,7 @@ fn a_cache_down_or_hung_fails_fast_and_what_was_fetched_stays() {
     same_as_host(&m, &read);
     let (_, took) = absent(&m, &x.uncached, Duration::from_secs(3 + 5));
     eprintln!("upstream down: the uncached lookup failed in {took:?}");
+    eprintln!("upstream down: {}", failed_fetch(&host.log(), &x.uncached));
     m.stop();
     // 2. and the host daemon restarted
     let (st, log) = host.stop();
@@ -1154,6 +1169,7 @@ fn a_cache_down_or_hung_fails_fast_and_what_was_fetched_stays() {
     let errnos = [libc::ENOENT, libc::EIO, libc::ETIMEDOUT];
     let (errno, took) = absent_with(&m, &x.uncached, Duration::from_secs(3 + 5), &errnos);
     eprintln!("upstream hung: the uncached lookup failed (errno {errno}) in {took:?}");
+    eprintln!("upstream hung: {}", failed_fetch(&host.log(), &x.uncached));
     assert!(
         hole.accepted() >= 1,
         "the daemon never connected to the hung upstream: {}",
