@@ -296,15 +296,15 @@ fn serve_requests(shared: &Shared, c: TcpStream) -> std::io::Result<()> {
                         )?;
                         let mut n = 0;
                         let mut buf = vec![0; 64 << 10];
-                        while !head {
+                        // the last chunk is the empty one
+                        let mut more = !head;
+                        while more {
                             let got = fh.read(&mut buf)?;
                             write!(w, "{got:x}\r\n")?;
                             w.write_all(&buf[..got])?;
                             w.write_all(b"\r\n")?;
                             n += got as u64;
-                            if got == 0 {
-                                break;
-                            }
+                            more = got > 0;
                         }
                         (200, None, n)
                     }
