@@ -149,6 +149,21 @@ impl NixCacheAddr {
         })
     }
 
+    /// The address for logs: without its parameters, and without a user
+    /// or password an http(s) URL may carry.
+    pub fn shown(&self) -> String {
+        let s = self.to_string();
+        let s = s.split('?').next().unwrap_or_default();
+        match s.split_once("://") {
+            Some((scheme, rest)) if matches!(self.location, NixCacheLocation::Http(_)) => {
+                let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+                let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+                format!("{scheme}://{host}{path}")
+            }
+            _ => s.to_string(),
+        }
+    }
+
     /// `host:port` the cache is reached at, for the sandbox.
     pub fn endpoint_host(&self) -> Option<String> {
         match &self.location {
@@ -217,6 +232,9 @@ mod tests {
         assert_eq!(a.trusted_public_keys, vec![KEY.to_string()]);
         assert!(a.check_signatures);
         assert_eq!(a.endpoint_host().as_deref(), Some("h:8080"));
+        assert_eq!(a.shown(), "nix+http://h:8080/c");
+        let a = NixCacheAddr::parse("https://u:secret@h/c?check-signatures=false").unwrap();
+        assert_eq!(a.shown(), "nix+https://h/c");
         // escaped, and two keys
         let esc = KEY.replace('=', "%3D").replace(':', "%3A");
         let a =

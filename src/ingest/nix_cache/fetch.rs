@@ -10,6 +10,7 @@ use crate::nix::signing::fingerprint;
 use crate::store::{Error, Result};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Largest narinfo read (Nix's own uploads are a few hundred bytes; a
 /// path with thousands of references a few hundred KiB).
@@ -36,20 +37,51 @@ fn is_decoding(e: &std::io::Error) -> bool {
     })
 }
 
+/// Most characters of a cache's own text shown in a log line or error.
+const MAX_SHOWN: usize = 300;
+
+/// `e` with its message cut to [`MAX_SHOWN`] characters (a narinfo's
+/// bad line may be a megabyte).
+fn clip(e: Error) -> Error {
+    let cut = |m: String| -> String {
+        match m.char_indices().nth(MAX_SHOWN) {
+            Some((i, _)) => format!("{}...", &m[..i]),
+            None => m,
+        }
+    };
+    match e {
+        Error::Protocol(m) => Error::Protocol(cut(m)),
+        Error::Untrusted(m) => Error::Untrusted(cut(m)),
+        Error::Fetch(m) => Error::Fetch(cut(m)),
+        Error::Timeout(m) => Error::Timeout(cut(m)),
+        Error::ResourceExhausted(m) => Error::ResourceExhausted(cut(m)),
+        e => e,
+    }
+}
+
+/// Slowest a NAR may arrive on average before it is given up (besides
+/// the store timeout between any two bytes): 64 KiB/s.
+const MIN_RATE: u64 = 64 << 10;
+
 impl NixCache {
     /// A refusal: logged once, here, for the operator, and answered as
     /// `e` (the guest sees the lookup fail).
-    fn refuse(&self, path: &str, e: Error) -> Error {
+    /// The path is remembered as refused for a while, and what the cache
+    /// wrote is cut to [`MAX_SHOWN`] characters.
+    fn refuse(&self, hash: &[u8; 20], path: &str, e: Error) -> Error {
+        let e = clip(e);
         tracing::warn!("{}: {path}: refused: {e}", self.what);
         if let Ok(c) = self.cache() {
             c.stats().upstream_refused.fetch_add(1, Relaxed);
         }
+        self.remember_refused(*hash, e.to_string());
         e
     }
 
     /// A fetch that failed (the cache is down, slow or cut the transfer),
     /// logged for the operator.
     fn fail(&self, path: &str, e: Error) -> Error {
+        let e = clip(e);
         tracing::warn!("{}: {path}: fetch failed: {e}", self.what);
         e
     }
@@ -65,20 +97,30 @@ impl NixCache {
         let Some(text) = self
             .source
             .small(&format!("{name}.narinfo"), MAX_NARINFO)
-            .await?
+            .await
+            .map_err(|e| match e {
+                e @ Error::ResourceExhausted(_) => self.refuse(hash, &name, e),
+                e => self.fail(&name, e),
+            })?
         else {
             if let Ok(c) = self.cache() {
                 c.stats().upstream_absent.fetch_add(1, Relaxed);
             }
             return Ok(None);
         };
-        let text = std::str::from_utf8(&text)
-            .map_err(|_| self.refuse(&name, Error::Protocol("its narinfo is not UTF-8".into())))?;
+        let text = std::str::from_utf8(&text).map_err(|_| {
+            self.refuse(
+                hash,
+                &name,
+                Error::Protocol("its narinfo is not UTF-8".into()),
+            )
+        })?;
         let n = NarInfo::parse(text)
-            .map_err(|e| self.refuse(&name, Error::Protocol(format!("its narinfo: {e}"))))?;
+            .map_err(|e| self.refuse(hash, &name, Error::Protocol(format!("its narinfo: {e}"))))?;
         let path = n.info.path.to_absolute_path();
         if n.info.path.digest() != hash {
             return Err(self.refuse(
+                hash,
                 &name,
                 Error::Protocol(format!("{name}.narinfo describes {path}")),
             ));
@@ -87,7 +129,11 @@ impl NixCache {
             .then(|| n.info.nar_hash.digest().try_into().ok())
             .flatten()
             .ok_or_else(|| {
-                self.refuse(&path, Error::Protocol("its NarHash is not SHA-256".into()))
+                self.refuse(
+                    hash,
+                    &path,
+                    Error::Protocol("its NarHash is not SHA-256".into()),
+                )
             })?;
         if self.check_signatures {
             let fp = fingerprint(&n.info.path, &sha, n.info.nar_size, &n.info.references);
@@ -101,6 +147,7 @@ impl NixCache {
             if !signed {
                 let names: Vec<&str> = self.trusted.iter().map(|k| k.name.as_str()).collect();
                 return Err(self.refuse(
+                    hash,
                     &path,
                     Error::Untrusted(format!(
                         "its narinfo has no valid signature by a trusted key ({}) over its \
@@ -112,6 +159,7 @@ impl NixCache {
         }
         let Some(compression) = Compression::from_narinfo(&n.compression) else {
             return Err(self.refuse(
+                hash,
                 &path,
                 Error::Protocol(format!(
                     "Compression: {:?} (none, xz, zstd or bzip2)",
@@ -123,6 +171,7 @@ impl NixCache {
         let room = cache.max_bytes();
         if n.info.nar_size > room {
             return Err(self.refuse(
+                hash,
                 &path,
                 Error::ResourceExhausted(format!(
                     "its NAR is {} bytes, more than the whole cache ({room} bytes)",
@@ -130,12 +179,27 @@ impl NixCache {
                 )),
             ));
         }
+        // a place among the NARs read in at once
+        let _turn = tokio::time::timeout(self.idle, self.ingests.acquire())
+            .await
+            .map_err(|_| {
+                self.fail(
+                    &path,
+                    Error::Timeout(format!(
+                        "{} NARs were being read in for {:?}",
+                        super::NAR_INGESTS,
+                        self.idle
+                    )),
+                )
+            })?
+            .map_err(|_| Error::Fetch("shutting down".into()))?;
         let Some(body) = self.source.stream(&n.url).await.map_err(|e| match e {
-            e @ Error::Protocol(_) => self.refuse(&path, e),
+            e @ Error::Protocol(_) => self.refuse(hash, &path, e),
             e => e,
         })?
         else {
             return Err(self.refuse(
+                hash,
                 &path,
                 Error::Protocol(format!("its NAR {} is not in the cache", n.url)),
             ));
@@ -171,11 +235,34 @@ impl NixCache {
             &limits,
         );
         tokio::pin!(ingest);
+        // progress (bytes arrived since the last look) is told to those
+        // waiting for this path; the whole NAR has a deadline besides
         let tick = self.idle / 4;
+        let deadline = tokio::time::Instant::now()
+            + self.idle
+            + Duration::from_secs(n.info.nar_size / MIN_RATE);
+        let mut told = 0;
         let ingested = loop {
             match tokio::time::timeout(tick, &mut ingest).await {
                 Ok(r) => break r,
-                Err(_) => progress(carried.load(Relaxed)),
+                Err(_) => {
+                    let now = carried.load(Relaxed);
+                    if now != told {
+                        told = now;
+                        progress(now);
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(self.fail(
+                            &path,
+                            Error::Timeout(format!(
+                                "its NAR {} did not arrive at {} KiB/s ({now} of {} bytes so far)",
+                                n.url,
+                                MIN_RATE >> 10,
+                                n.info.nar_size
+                            )),
+                        ));
+                    }
+                }
             }
         };
         let ingested = ingested.map_err(|e| match e {
@@ -187,13 +274,15 @@ impl NixCache {
                 self.fail(&path, Error::Fetch(format!("its NAR {}: {io}", n.url)))
             }
             e @ (Error::Timeout(_) | Error::Fetch(_)) => self.fail(&path, e),
-            Error::Io(io) => {
-                self.refuse(&path, Error::Protocol(format!("its NAR {}: {io}", n.url)))
-            }
-            e => self.refuse(&path, e),
+            Error::Io(io) => self.refuse(
+                hash,
+                &path,
+                Error::Protocol(format!("its NAR {}: {io}", n.url)),
+            ),
+            e => self.refuse(hash, &path, e),
         })?;
         let info = PathInfo::from_nix(&n.info, ingested)
-            .map_err(|e| self.refuse(&path, Error::Protocol(e.to_string())))?;
+            .map_err(|e| self.refuse(hash, &path, Error::Protocol(e.to_string())))?;
         let moved = stage.commit().await?;
         let (blobs, dirs) = (moved.blobs.len(), moved.directories.len());
         let stats = cache.stats();

@@ -36,8 +36,14 @@ use std::time::{Duration, Instant};
 
 pub use source::valid_name;
 
-/// Most store paths remembered as absent.
+/// Most store paths remembered as absent (and as refused).
 const MAX_ABSENT: usize = 65_536;
+/// How long a refused path stays refused without being fetched again:
+/// a guest retrying in a loop must not fetch (and stage) its NAR each time.
+const REFUSED_TTL: Duration = Duration::from_secs(60);
+/// NARs read in at once: each may hold a decoder's memory (up to 128 MiB
+/// for xz) and its directory listings (up to 64 MiB estimated).
+const NAR_INGESTS: usize = 4;
 
 /// A Nix binary cache read into a host cache.
 pub struct NixCache {
@@ -54,8 +60,13 @@ pub struct NixCache {
     /// The address, for messages.
     what: String,
     origins: OnceLock<Arc<origins::Origins>>,
-    /// Store paths being fetched again for an evicted object: one fetch.
-    refetching: Mutex<HashMap<[u8; 20], Arc<tokio::sync::Mutex<()>>>>,
+    /// Store paths being fetched again for an evicted object: one fetch,
+    /// on a task of its own; its outcome (whether it was read in).
+    refetching: Mutex<HashMap<[u8; 20], tokio::sync::watch::Receiver<Option<bool>>>>,
+    /// Store paths refused lately, and why.
+    refused: Mutex<HashMap<[u8; 20], (Instant, String)>>,
+    ingests: tokio::sync::Semaphore,
+    me: OnceLock<Weak<NixCache>>,
 }
 
 /// Opens the host cache (`opts.cache`, a filler's) in front of the Nix
@@ -97,15 +108,14 @@ pub fn open(
         idle: opts.idle_timeout,
         uploads: UploadBudget::default(),
         // the cache's place, without its keys
-        what: addr
-            .to_string()
-            .split('?')
-            .next()
-            .unwrap_or_default()
-            .to_string(),
+        what: addr.shown(),
         origins: OnceLock::new(),
         refetching: Mutex::new(HashMap::new()),
+        refused: Mutex::new(HashMap::new()),
+        ingests: tokio::sync::Semaphore::new(NAR_INGESTS),
+        me: OnceLock::new(),
     });
+    let _ = nix.me.set(Arc::downgrade(&nix));
     if !nix.check_signatures {
         tracing::warn!(
             "{}: check-signatures=false: every narinfo the cache answers is trusted",
@@ -154,7 +164,9 @@ impl NixCache {
     }
 
     /// Fetches the store path an evicted object came with again, unless
-    /// `back` says it is back already; one fetch however many ask.
+    /// `back` says it is back already. The fetch runs on its own task, one
+    /// however many ask: a caller that stops waiting (its own timeout, for
+    /// a large NAR) does not stop it, and the next read finds the object.
     async fn fetch_again(
         &self,
         digest: &B3Digest,
@@ -165,7 +177,7 @@ impl NixCache {
             return Ok(false);
         };
         let Some(hash) = o.of(digest, directory) else {
-            tracing::warn!(
+            tracing::debug!(
                 "{} {digest} is not in the host cache, and no store path it came with is \
                  recorded: it cannot be fetched from {} again",
                 if directory { "directory" } else { "blob" },
@@ -173,36 +185,69 @@ impl NixCache {
             );
             return Ok(false);
         };
-        let turn = crate::lock(&self.refetching)
-            .entry(hash)
-            .or_default()
-            .clone();
-        let got = {
-            let _turn = turn.lock().await;
-            if back() {
-                Ok(true)
-            } else {
-                if let Ok(c) = self.cache() {
-                    c.stats()
-                        .upstream_refetches
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if back() {
+            return Ok(true);
+        }
+        let mut rx = {
+            let mut map = crate::lock(&self.refetching);
+            match map.get(&hash) {
+                Some(rx) => rx.clone(),
+                None => {
+                    let Some(me) = self.me.get().and_then(Weak::upgrade) else {
+                        return Ok(false);
+                    };
+                    let (tx, rx) = tokio::sync::watch::channel(None);
+                    map.insert(hash, rx.clone());
+                    if let Ok(c) = self.cache() {
+                        c.stats()
+                            .upstream_refetches
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    tracing::info!(
+                        "{}: fetching {} again: its {} {digest} was evicted",
+                        self.what,
+                        crate::nix::nixbase32::encode(&hash),
+                        if directory { "directory" } else { "blob" },
+                    );
+                    tokio::spawn(async move {
+                        let got = me.fetch(&hash, &|_| {}).await;
+                        crate::lock(&me.refetching).remove(&hash);
+                        let _ = tx.send(Some(matches!(got, Ok(Some(_)))));
+                    });
+                    rx
                 }
-                tracing::info!(
-                    "{}: fetching {} again: its {} {digest} was evicted",
-                    self.what,
-                    crate::nix::nixbase32::encode(&hash),
-                    if directory { "directory" } else { "blob" },
-                );
-                self.fetch(&hash, &|_| {})
-                    .await
-                    .map(|i| i.is_some() && back())
             }
         };
-        let mut map = crate::lock(&self.refetching);
-        if Arc::strong_count(&turn) <= 2 {
-            map.remove(&hash);
+        loop {
+            if let Some(fetched) = *rx.borrow_and_update() {
+                return Ok(fetched && back());
+            }
+            if rx.changed().await.is_err() {
+                return Ok(back());
+            }
         }
-        got
+    }
+
+    /// Whether `hash` was refused moments ago (the same bytes would be
+    /// fetched and refused again): its refusal.
+    fn refused_lately(&self, hash: &[u8; 20]) -> Option<Error> {
+        let refused = crate::lock(&self.refused);
+        let (at, why) = refused.get(hash)?;
+        // the reason without its kind's prefix ("not trusted: ...")
+        let why = why.split_once(": ").map_or(why.as_str(), |(_, w)| w);
+        (at.elapsed() < REFUSED_TTL)
+            .then(|| Error::Protocol(format!("refused {:.1?} ago: {why}", at.elapsed())))
+    }
+
+    fn remember_refused(&self, hash: [u8; 20], why: String) {
+        let mut refused = crate::lock(&self.refused);
+        if refused.len() >= MAX_ABSENT {
+            refused.retain(|_, (t, _)| t.elapsed() < REFUSED_TTL);
+            if refused.len() >= MAX_ABSENT {
+                refused.clear();
+            }
+        }
+        refused.insert(hash, (Instant::now(), why));
     }
 
     fn remember_absent(&self, hash: [u8; 20]) {
@@ -236,6 +281,9 @@ impl PathInfoService for NixCache {
         let _ = idle; // the source's own limit is the store timeout
         if self.known_absent(hash) {
             return Ok(None);
+        }
+        if let Some(e) = self.refused_lately(hash) {
+            return Err(e);
         }
         let got = self.fetch(hash, progress).await;
         if let Ok(None) = got {

@@ -7,8 +7,9 @@
 //!
 //! Bounded: an origin outlives its object (that is its use), so origins
 //! of objects no longer cached are removed whenever there are more than
-//! [`MAX_ORIGINS`] (counted at start and as they are written); past that,
-//! none are written until there is room, and a miss is logged.
+//! [`MAX_ORIGINS`] (counted at start and as they are written), and again
+//! each time a tenth of the bound more were written: what is left is at
+//! most one origin per cached object plus that tenth.
 use crate::castore::B3Digest;
 use crate::nix::nixbase32;
 use crate::store::cache::Cache;
@@ -23,6 +24,10 @@ pub const MAX_ORIGINS: u64 = 4_000_000;
 pub struct Origins {
     dir: PathBuf,
     count: AtomicU64,
+    /// The count at which the next prune runs: the bound, or a tenth of
+    /// it above what the last prune left (a cache holding more objects
+    /// than the bound would prune on every fetch).
+    next_prune: AtomicU64,
     pruning: AtomicBool,
     full_logged: AtomicBool,
 }
@@ -48,6 +53,7 @@ impl Origins {
         Ok(Arc::new(Self {
             dir,
             count: AtomicU64::new(0),
+            next_prune: AtomicU64::new(MAX_ORIGINS),
             pruning: AtomicBool::new(false),
             full_logged: AtomicBool::new(false),
         }))
@@ -73,6 +79,10 @@ impl Origins {
             return 0;
         };
         for shard in shards.flatten() {
+            // only our own shard directories, never a link out of here
+            if !shard.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
             let Ok(entries) = std::fs::read_dir(shard.path()) else {
                 continue;
             };
@@ -91,19 +101,25 @@ impl Origins {
     /// Removes the origins of objects the cache no longer holds, on a
     /// blocking thread, when there are more than the bound.
     fn prune_if_full(self: &Arc<Self>, cache: &Arc<Cache>) {
-        if self.count.load(Relaxed) <= MAX_ORIGINS || self.pruning.swap(true, Relaxed) {
+        if self.count.load(Relaxed) <= self.next_prune.load(Relaxed)
+            || self.pruning.swap(true, Relaxed)
+        {
             return;
         }
         let (me, cache) = (self.clone(), cache.clone());
         let prune = move || {
             let left = me.walk(|_, n| {
-                let (kind, hex) = n.split_at(n.len().min(1));
+                let (directory, hex) = match (n.strip_prefix('d'), n.strip_prefix('b')) {
+                    (Some(hex), _) => (true, hex),
+                    (_, Some(hex)) => (false, hex),
+                    _ => return true,
+                };
                 let digest = data_encoding::HEXLOWER
                     .decode(hex.as_bytes())
                     .ok()
                     .and_then(|b| B3Digest::try_from(&b[..]).ok());
                 match digest {
-                    Some(d) => !cache.holds(&d, kind == "d"),
+                    Some(d) => !cache.holds(&d, directory),
                     None => true,
                 }
             });
@@ -111,7 +127,8 @@ impl Origins {
                 "nix cache origins: {left} left after removing those of evicted objects"
             );
             me.count.store(left, Relaxed);
-            me.full_logged.store(false, Relaxed);
+            me.next_prune
+                .store(MAX_ORIGINS.max(left + MAX_ORIGINS / 10), Relaxed);
             me.pruning.store(false, Relaxed);
         };
         if tokio::runtime::Handle::try_current().is_ok() {
@@ -136,15 +153,15 @@ impl Origins {
             .map(|d| (d, false))
             .chain(directories.iter().map(|d| (d, true)));
         for (d, is_dir) in all {
-            if self.count.load(Relaxed) >= MAX_ORIGINS {
+            if self.count.load(Relaxed) >= self.next_prune.load(Relaxed) {
+                self.prune_if_full(cache);
                 if !self.full_logged.swap(true, Relaxed) {
                     tracing::warn!(
-                        "nix cache origins: {MAX_ORIGINS} kept; objects evicted from now on \
-                         are found again only once the origins of evicted ones are removed"
+                        "nix cache origins: {} kept, more than {MAX_ORIGINS}: the cache holds \
+                         that many objects; origins of evicted ones are removed now and then",
+                        self.count.load(Relaxed)
                     );
                 }
-                self.prune_if_full(cache);
-                return;
             }
             let (shard, file) = name(d, is_dir);
             let shard = self.dir.join(shard);

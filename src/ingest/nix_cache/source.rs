@@ -122,24 +122,30 @@ impl Source {
         }
     }
 
-    /// A small file whole (a narinfo): refused past `max` bytes, however
-    /// much the server declared; `None` when absent.
+    /// A small file whole (a narinfo), within the store timeout in all:
+    /// refused past `max` bytes, however much the server declared; `None`
+    /// when absent.
     pub async fn small(&self, name: &str, max: usize) -> Result<Option<Bytes>> {
-        let Some(mut body) = self.stream(name).await? else {
-            return Ok(None);
-        };
-        let mut out = bytes::BytesMut::new();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk?;
-            if out.len() + chunk.len() > max {
-                return Err(Error::ResourceExhausted(format!(
-                    "{}/{name} is larger than {max} bytes",
-                    self.what
-                )));
+        let whole = async {
+            let Some(mut body) = self.stream(name).await? else {
+                return Ok(None);
+            };
+            let mut out = bytes::BytesMut::new();
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk?;
+                if out.len() + chunk.len() > max {
+                    return Err(Error::ResourceExhausted(format!(
+                        "{}/{name} is larger than {max} bytes",
+                        self.what
+                    )));
+                }
+                out.extend_from_slice(&chunk);
             }
-            out.extend_from_slice(&chunk);
-        }
-        Ok(Some(out.freeze()))
+            Ok(Some(out.freeze()))
+        };
+        tokio::time::timeout(self.idle, whole)
+            .await
+            .map_err(|_| self.timeout(name))?
     }
 
     /// A file's bytes as they come, each chunk waited for at most the
@@ -153,13 +159,23 @@ impl Source {
         };
         let (idle, what) = (self.idle, format!("{}/{name}", self.what));
         let body = got.into_stream();
+        // Only bytes count as progress: a server (or a file that shrank)
+        // handing out empty chunks is as stalled as a silent one.
         Ok(Some(Box::pin(futures::stream::unfold(
             Some(body),
             move |body| {
                 let what = what.clone();
                 async move {
                     let mut body = body?;
-                    match tokio::time::timeout(idle, body.next()).await {
+                    let next = async {
+                        loop {
+                            match body.next().await {
+                                Some(Ok(c)) if c.is_empty() => continue,
+                                other => return other,
+                            }
+                        }
+                    };
+                    match tokio::time::timeout(idle, next).await {
                         Err(_) => Some((
                             Err(std::io::Error::new(
                                 std::io::ErrorKind::TimedOut,

@@ -6,6 +6,12 @@
 //! its directory entry's size, and is written like any fill. A remote
 //! that has no ReadBlobs (not ours) is asked blob by blob from then on; a
 //! batch that fails is fetched blob by blob.
+//!
+//! Guests' misses of small blobs go in batches too ([`Misses`]): a miss
+//! is asked at once while fewer than [`MISS_BATCHES`] batches are out, and
+//! the misses that come meanwhile wait for the next one. A guest reading
+//! one file at a time pays nothing for it; 64 readers at once send a few
+//! calls instead of 64.
 use super::flights::{Key, Reporter};
 use super::prefetch::{alive, Interest};
 use super::Cache;
@@ -25,6 +31,21 @@ const BATCH_BLOB_MAX: u64 = 256 << 10;
 const BATCH_BYTES: u64 = 2 << 20;
 /// Blobs of a batch per prefetch fill slot it takes.
 const BLOBS_PER_SLOT: usize = 4;
+
+/// Batches of guests' misses out at once.
+const MISS_BATCHES: usize = 4;
+
+/// Guests' misses waiting for a batch, and the batches out.
+#[derive(Default)]
+pub(super) struct Misses {
+    inner: Mutex<MissQueue>,
+}
+
+#[derive(Default)]
+struct MissQueue {
+    waiting: Vec<Wanted>,
+    out: usize,
+}
 
 /// Small blobs a walk has met and not asked for yet.
 #[derive(Default)]
@@ -61,6 +82,55 @@ struct Wanted {
 }
 
 impl Cache {
+    /// Whether a guest's miss of a blob of `size` goes in a batch.
+    pub(super) fn batches_miss(&self, size: Option<u64>) -> bool {
+        size.is_some_and(|s| s <= BATCH_BLOB_MAX) && self.batches()
+    }
+
+    /// A guest's miss, to be fetched in the next batch of misses; its
+    /// outcome comes on `done` (see [`Misses`]).
+    pub(super) fn queue_miss(
+        self: &Arc<Self>,
+        digest: B3Digest,
+        size: u64,
+        rep: Reporter,
+        done: oneshot::Sender<Result<bool>>,
+    ) {
+        let Ok(f) = self.filler() else {
+            let _ = done.send(Err(Error::InvalidRequest("not a filler".into())));
+            return;
+        };
+        let mut q = lock(&f.misses.inner);
+        q.waiting.push(Wanted {
+            digest,
+            size,
+            rep,
+            done,
+        });
+        if q.out < MISS_BATCHES {
+            self.send_misses(&mut q);
+        }
+    }
+
+    /// Sends the waiting misses (up to a batch) as one batch.
+    fn send_misses(self: &Arc<Self>, q: &mut MissQueue) {
+        let n = q.waiting.len().min(BATCH_BLOBS);
+        if n == 0 {
+            return;
+        }
+        let batch: Vec<Wanted> = q.waiting.drain(..n).collect();
+        q.out += 1;
+        let this = self.clone();
+        tokio::spawn(async move {
+            this.clone().run_batch(batch, None).await;
+            if let Ok(f) = this.filler() {
+                let mut q = lock(&f.misses.inner);
+                q.out -= 1;
+                this.send_misses(&mut q);
+            }
+        });
+    }
+
     /// Whether small blobs go to the remote in batches.
     pub(super) fn batches(&self) -> bool {
         self.filler()

@@ -322,6 +322,11 @@ pub(super) async fn fetch(
         Err(e) if is_not_found(&e) => return Ok(false),
         Err(e) => return Err(e),
     };
+    if dest.exists() {
+        // put in place while the remote answered (an upstream that reads
+        // whole store paths into the cache): not copied onto itself
+        return Ok(true);
+    }
     write_checked(cache, digest, size, rep, room, stream).await
 }
 

@@ -14,13 +14,25 @@ use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
 
 /// What is being fetched.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Key {
     Blob(B3Digest),
     Directory(B3Digest),
     /// A directory and everything below it.
     Tree(B3Digest),
     PathInfo([u8; 20]),
+}
+
+/// As logs name them: digests as elsewhere, store paths by their hash.
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Key::Blob(d) => write!(f, "blob {d}"),
+            Key::Directory(d) => write!(f, "directory {d}"),
+            Key::Tree(d) => write!(f, "directory tree {d}"),
+            Key::PathInfo(h) => write!(f, "path info {}", crate::nix::nixbase32::encode(h)),
+        }
+    }
 }
 
 /// How a fetch ended.

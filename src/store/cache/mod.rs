@@ -154,6 +154,8 @@ struct Filler {
     /// The remote has answered a ReadBlobs: until then a batch holds a
     /// fill slot per blob, as the blob-by-blob fetches it falls back to do.
     batch_answered: AtomicBool,
+    /// Guests' misses of small blobs waiting for a batch.
+    misses: batch::Misses,
     /// flock'd for as long as we fill: one filler per directory.
     _lock: std::fs::File,
 }
@@ -241,6 +243,7 @@ impl Cache {
                     prefetch: Box::new(prefetch::Prefetcher::new()),
                     batching: AtomicBool::new(filler.is_some()),
                     batch_answered: AtomicBool::new(false),
+                    misses: batch::Misses::default(),
                     batch: filler.clone().map(|c| {
                         Box::new(
                             CacheServiceClient::new(c)
@@ -472,8 +475,19 @@ impl Cache {
             return Ok(rx);
         }
         let this = self.clone();
+        let batched = self.batches_miss(size);
         Ok(f.flights.join(Key::Blob(digest), move |rep| async move {
-            match blob::fetch(&this, digest, size, &rep).await {
+            let got = match (batched, size) {
+                (true, Some(size)) => {
+                    let (done, outcome) = tokio::sync::oneshot::channel();
+                    this.queue_miss(digest, size, rep.clone(), done);
+                    outcome.await.unwrap_or_else(|_| {
+                        Err(Error::Fetch(format!("blob {digest}: its batch ended")))
+                    })
+                }
+                _ => blob::fetch(&this, digest, size, &rep).await,
+            };
+            match got {
                 Ok(true) => Outcome::Stored,
                 Ok(false) => Outcome::Absent,
                 Err(e) => {

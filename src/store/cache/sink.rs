@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 /// How stage directories' names start (in the cache's `tmp`).
@@ -45,6 +45,15 @@ pub struct Stage {
     cache: Arc<Cache>,
     dir: Arc<tempfile::TempDir>,
     staged: Arc<Mutex<Staged>>,
+    /// Room the stage's closed objects hold.
+    held: Arc<AtomicU64>,
+}
+
+/// A stage may hold at most this share of the cache (1/2): a NAR of a
+/// million tiny files, each charged a block, cannot evict the whole cache
+/// before its NarHash is found wrong.
+fn stage_cap(cache: &Cache) -> u64 {
+    cache.max_bytes() / 2
 }
 
 /// What a stage put into the cache.
@@ -65,6 +74,7 @@ impl Cache {
             cache: self.clone(),
             dir: Arc::new(dir),
             staged: Arc::default(),
+            held: Arc::default(),
         })
     }
 }
@@ -100,6 +110,7 @@ impl Stage {
             cache: self.cache.clone(),
             dir: self.dir.clone(),
             staged: self.staged.clone(),
+            held: self.held.clone(),
         });
         Store {
             blob: s.clone(),
@@ -109,7 +120,8 @@ impl Stage {
     }
 
     /// Moves everything staged into the cache (what it holds already
-    /// stays as it is); answers what was moved.
+    /// stays as it is, charged once); answers every object of the stage,
+    /// moved or already there.
     pub async fn commit(self) -> Result<Committed> {
         let staged = std::mem::take(&mut *crate::lock(&self.staged));
         let cache = self.cache.clone();
@@ -120,25 +132,19 @@ impl Stage {
                 let _dir = dir;
                 let mut out = Committed::default();
                 for (digest, file, len, room) in staged.blobs {
-                    let dest = c.local.blobs.path_of(&digest);
-                    if dest.exists() {
-                        continue;
-                    }
-                    std::fs::rename(&file, &dest)?;
-                    room.commit(cost(len));
-                    c.stats.fetched_bytes.fetch_add(len, Relaxed);
                     out.blobs.push(digest);
+                    if place(&file, &c.local.blobs.path_of(&digest))? {
+                        room.commit(cost(len));
+                        c.stats.fetched_bytes.fetch_add(len, Relaxed);
+                    }
                 }
                 for (dirs, room) in staged.graphs {
                     let mut moved = 0;
                     for (digest, file, len) in dirs {
-                        let dest = c.local.dirs.path_of(&digest);
-                        if dest.exists() {
-                            continue;
-                        }
-                        std::fs::rename(&file, &dest)?;
-                        moved += cost(len);
                         out.directories.push(digest);
+                        if place(&file, &c.local.dirs.path_of(&digest))? {
+                            moved += cost(len);
+                        }
                     }
                     room.commit(moved);
                 }
@@ -149,10 +155,50 @@ impl Stage {
     }
 }
 
+/// Renames a staged object into place unless one is there already (one
+/// atomic step: two stages of one object charge it once); marks it as
+/// just used, as the evictor goes by use and its file is as old as the
+/// stage. Answers whether it moved.
+fn place(file: &std::path::Path, dest: &std::path::Path) -> std::io::Result<bool> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    match renameat_with(CWD, file, CWD, dest, RenameFlags::NOREPLACE) {
+        Ok(()) => {
+            super::space::touch(dest);
+            Ok(true)
+        }
+        Err(rustix::io::Errno::EXIST) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl Drop for Stage {
+    /// What is left (a refused NAR's files) is removed off the runtime's
+    /// threads: a NAR of many files takes a while.
+    fn drop(&mut self) {
+        let dir = self.dir.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn_blocking(move || drop(dir));
+        }
+    }
+}
+
 struct StageStore {
     cache: Arc<Cache>,
     dir: Arc<tempfile::TempDir>,
     staged: Arc<Mutex<Staged>>,
+    held: Arc<AtomicU64>,
+}
+
+/// Refuses room past the stage's cap.
+fn within_cap(cache: &Cache, held: &AtomicU64, more: u64) -> Result<()> {
+    let cap = stage_cap(cache);
+    let total = held.load(Relaxed).saturating_add(more);
+    if total > cap {
+        return Err(Error::ResourceExhausted(format!(
+            "the objects being read in take more than {cap} bytes, half the cache"
+        )));
+    }
+    Ok(())
 }
 
 impl StageStore {
@@ -168,6 +214,8 @@ impl StageStore {
 
 /// A blob being written: a staged file, hashed and charged as it grows.
 struct StageWriter {
+    cache: Arc<Cache>,
+    held: Arc<AtomicU64>,
     idle: std::time::Duration,
     file: tempfile::NamedTempFile,
     hasher: blake3::Hasher,
@@ -180,6 +228,7 @@ struct StageWriter {
 impl BlobWriter for StageWriter {
     async fn write(&mut self, data: &[u8]) -> Result<()> {
         self.len += data.len() as u64;
+        within_cap(&self.cache, &self.held, cost(self.len))?;
         self.room.grow(cost(self.len), self.idle).await?;
         self.hasher.update(data);
         self.file.write_all(data)?;
@@ -189,6 +238,7 @@ impl BlobWriter for StageWriter {
     async fn close(self: Box<Self>) -> Result<B3Digest> {
         let digest = B3Digest::from(self.hasher.finalize());
         let (_, path) = self.file.keep().map_err(|e| e.error)?;
+        self.held.fetch_add(cost(self.len), Relaxed);
         crate::lock(&self.staged)
             .blobs
             .push((digest, path, self.len, self.room));
@@ -210,6 +260,8 @@ impl BlobService for StageStore {
     async fn open_write(&self) -> Result<Box<dyn BlobWriter>> {
         let room = self.room()?.reserve(0, self.cache.idle).await?;
         Ok(Box::new(StageWriter {
+            cache: self.cache.clone(),
+            held: self.held.clone(),
             idle: self.cache.idle,
             file: tempfile::NamedTempFile::new_in(self.dir.path())?,
             hasher: blake3::Hasher::new(),
@@ -241,6 +293,8 @@ impl DirectoryService for StageStore {
             .map(|(d, dir)| (d, dir.encode()))
             .collect();
         let total: u64 = encoded.iter().map(|(_, b)| cost(b.len() as u64)).sum();
+        within_cap(&self.cache, &self.held, total)?;
+        self.held.fetch_add(total, Relaxed);
         let mut room = self.room()?.reserve(0, self.cache.idle).await?;
         room.grow(total, self.cache.idle).await?;
         let dir = self.dir.clone();
