@@ -98,6 +98,15 @@ pub fn open(
         })?);
     }
     trusted.extend(extra_keys.iter().cloned());
+    if addr.check_signatures && trusted.is_empty() {
+        return Err(Error::InvalidAddress(
+            addr.shown(),
+            "no trusted key: every narinfo must be signed by one (give the cache's public key \
+             as ?trusted-public-keys=NAME:KEY or --trusted-public-keys, or \
+             ?check-signatures=false to trust the cache unsigned)"
+                .into(),
+        ));
+    }
     let nix = Arc::new(NixCache {
         source: source::Source::open(&addr.location, opts.idle_timeout)?,
         trusted,

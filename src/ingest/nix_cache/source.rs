@@ -1,8 +1,11 @@
-//! The files of a Nix binary cache, wherever it keeps them: over HTTP(S),
-//! in a directory, or in an S3 bucket, through one object-store client
-//! (`object_store`, already the bucket tier's). Every request is bounded
-//! in time by the store timeout, as long as bytes keep coming; every name
-//! asked for is one the cache's own files gave, checked to stay inside it.
+//! The files of a Nix binary cache, wherever it keeps them: over HTTP(S)
+//! (reqwest, the client `object_store` builds on: its own HTTP store wants
+//! a Content-Length, which a cache rendering NARs on the fly cannot send),
+//! in a directory or in an S3 bucket (`object_store`, the bucket tier's
+//! client). Every request is bounded in time by the store timeout, as long
+//! as bytes keep coming; every name asked for is one the cache's own files
+//! gave, checked to stay inside it; redirects are followed only to https
+//! or to the cache's own host, five at most.
 use crate::store::bucket::Bucket;
 use crate::store::nix_cache_addr::NixCacheLocation;
 use crate::store::{Error, Result};
@@ -16,13 +19,20 @@ use std::time::Duration;
 
 /// Where a cache's files are read from.
 pub struct Source {
-    store: Arc<dyn ObjectStore>,
-    /// The key of a name: the bucket's prefix, or none.
-    prefix: Option<Bucket>,
+    backend: Backend,
     idle: Duration,
     /// The cache, for messages.
     what: String,
 }
+
+enum Backend {
+    /// The client and the cache's URL, without a trailing slash.
+    Http(reqwest::Client, String),
+    /// A directory or a bucket; the bucket knows its key prefix.
+    Objects(Arc<dyn ObjectStore>, Option<Bucket>),
+}
+
+type Body = BoxStream<'static, std::io::Result<Bytes>>;
 
 /// A name a narinfo may give for its NAR: relative, inside the cache, in
 /// the characters Nix uses (`nar/<hash>.nar.xz`); anything else (`..`, an
@@ -43,56 +53,55 @@ pub fn valid_name(name: &str) -> bool {
 
 impl Source {
     pub fn open(loc: &NixCacheLocation, idle: Duration) -> Result<Self> {
-        let bad = |e: object_store::Error| Error::InvalidAddress(format!("{loc:?}"), e.to_string());
-        let options = || {
-            object_store::ClientOptions::new()
-                .with_connect_timeout(idle)
-                // a NAR takes as long as it keeps coming: watched below
-                .with_timeout_disabled()
-                .with_allow_http(true)
-                .with_pool_idle_timeout(Duration::from_secs(30))
-        };
-        let retry = || object_store::RetryConfig {
-            max_retries: 2,
-            retry_timeout: idle,
-            ..Default::default()
-        };
-        let (store, prefix, what): (Arc<dyn ObjectStore>, _, _) = match loc {
-            NixCacheLocation::Http(url) => (
-                Arc::new(
-                    object_store::http::HttpBuilder::new()
-                        .with_url(url.as_str())
-                        .with_client_options(options())
-                        .with_retry(retry())
-                        .build()
-                        .map_err(bad)?,
-                ),
-                None,
-                url.clone(),
-            ),
+        let bad = |e: String| Error::InvalidAddress(format!("{loc:?}"), e);
+        let (backend, what) = match loc {
+            NixCacheLocation::Http(url) => {
+                let host = reqwest::Url::parse(url)
+                    .map_err(|e| bad(e.to_string()))?
+                    .host_str()
+                    .map(str::to_string);
+                let redirects = reqwest::redirect::Policy::custom(move |a| {
+                    let ok = a.url().scheme() == "https"
+                        || a.url().host_str().map(str::to_string) == host;
+                    if a.previous().len() >= 5 {
+                        a.error("more than 5 redirects")
+                    } else if ok {
+                        a.follow()
+                    } else {
+                        a.error("a redirect to plain http on another host")
+                    }
+                });
+                let client = reqwest::Client::builder()
+                    .connect_timeout(idle)
+                    .pool_idle_timeout(Duration::from_secs(30))
+                    .redirect(redirects)
+                    .build()
+                    .map_err(|e| bad(e.to_string()))?;
+                (Backend::Http(client, url.clone()), url.clone())
+            }
             NixCacheLocation::File(dir) => (
-                Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir).map_err(bad)?),
-                None,
+                Backend::Objects(
+                    Arc::new(
+                        object_store::local::LocalFileSystem::new_with_prefix(dir)
+                            .map_err(|e| bad(e.to_string()))?,
+                    ),
+                    None,
+                ),
                 format!("file://{}", dir.display()),
             ),
             NixCacheLocation::S3(b) => {
                 let bucket = Bucket::open(b, idle)?;
-                (bucket.store.clone(), Some(bucket), b.to_string())
+                (
+                    Backend::Objects(bucket.store.clone(), Some(bucket)),
+                    b.to_string(),
+                )
             }
         };
         Ok(Self {
-            store,
-            prefix,
+            backend,
             idle,
             what,
         })
-    }
-
-    fn key(&self, name: &str) -> Key {
-        match &self.prefix {
-            Some(b) => b.key_at(name),
-            None => Key::from(name),
-        }
     }
 
     fn error(&self, name: &str, e: object_store::Error) -> Error {
@@ -107,19 +116,58 @@ impl Source {
     }
 
     /// Opens `name`; `None` when the cache has no such file.
-    async fn get(&self, name: &str) -> Result<Option<object_store::GetResult>> {
+    async fn get(&self, name: &str) -> Result<Option<Body>> {
         if !valid_name(name) {
             return Err(Error::Protocol(format!(
                 "{}: {name:?} is not a file name inside the cache",
                 self.what
             )));
         }
-        match tokio::time::timeout(self.idle, self.store.get(&self.key(name))).await {
-            Err(_) => Err(self.timeout(name)),
-            Ok(Ok(g)) => Ok(Some(g)),
-            Ok(Err(object_store::Error::NotFound { .. })) => Ok(None),
-            Ok(Err(e)) => Err(self.error(name, e)),
-        }
+        let opened = async {
+            match &self.backend {
+                Backend::Http(client, url) => {
+                    let resp = client
+                        .get(format!("{url}/{name}"))
+                        .send()
+                        .await
+                        .map_err(|e| Error::Fetch(format!("{}/{name}: {e}", self.what)))?;
+                    let status = resp.status();
+                    if status == reqwest::StatusCode::NOT_FOUND
+                        || status == reqwest::StatusCode::GONE
+                        || status == reqwest::StatusCode::FORBIDDEN
+                    {
+                        // (S3 answers 403 for a missing key without ListBucket)
+                        return Ok(None);
+                    }
+                    if !status.is_success() {
+                        return Err(Error::Fetch(format!("{}/{name}: HTTP {status}", self.what)));
+                    }
+                    let body: Body = Box::pin(
+                        resp.bytes_stream()
+                            .map(|r| r.map_err(std::io::Error::other)),
+                    );
+                    Ok(Some(body))
+                }
+                Backend::Objects(store, bucket) => {
+                    let key = match bucket {
+                        Some(b) => b.key_at(name),
+                        None => Key::from(name),
+                    };
+                    match store.get(&key).await {
+                        Ok(g) => {
+                            let body: Body =
+                                Box::pin(g.into_stream().map(|r| r.map_err(std::io::Error::other)));
+                            Ok(Some(body))
+                        }
+                        Err(object_store::Error::NotFound { .. }) => Ok(None),
+                        Err(e) => Err(self.error(name, e)),
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(self.idle, opened)
+            .await
+            .map_err(|_| self.timeout(name))?
     }
 
     /// A small file whole (a narinfo), within the store timeout in all:
@@ -150,15 +198,12 @@ impl Source {
 
     /// A file's bytes as they come, each chunk waited for at most the
     /// store timeout; `None` when absent.
-    pub async fn stream(
-        &self,
-        name: &str,
-    ) -> Result<Option<BoxStream<'static, std::io::Result<Bytes>>>> {
+    pub async fn stream(&self, name: &str) -> Result<Option<Body>> {
         let Some(got) = self.get(name).await? else {
             return Ok(None);
         };
         let (idle, what) = (self.idle, format!("{}/{name}", self.what));
-        let body = got.into_stream();
+        let body = got;
         // Only bytes count as progress: a server (or a file that shrank)
         // handing out empty chunks is as stalled as a silent one.
         Ok(Some(Box::pin(futures::stream::unfold(
