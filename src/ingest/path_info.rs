@@ -11,7 +11,7 @@ use bytes::Bytes;
 pub enum NarMismatch {
     #[error("{0}: NAR hash is not SHA-256")]
     NotSha256(StorePath),
-    #[error("{path}: NAR mismatch: expected {expected} ({expected_size} bytes), got {actual} ({actual_size} bytes)")]
+    #[error("{path}: NAR mismatch: NarHash {expected} and NarSize {expected_size} were expected, the NAR is {actual} and {actual_size} bytes")]
     Differs {
         path: StorePath,
         expected: String,
