@@ -1744,3 +1744,79 @@ fn an_absent_path_is_believed_absent_for_negative_ttl() {
     let (st, log) = host.stop();
     assert!(st.success(), "{st}: {log}");
 }
+
+// ---------------------------------------------------------------------------
+// 5. Eviction
+
+/// Blobs and directories the host cache lost while their path infos
+/// stayed (evicted; here removed under the running daemon) come back
+/// through the store path each came with: every path's NAR fetched once
+/// more however many of its objects are read, the closure byte-identical,
+/// the refetches counted.
+#[test]
+fn an_evicted_object_comes_back_through_its_store_path() {
+    require_tools(&[NIX, PYTHON]);
+    if !common::fuse_available("NIX UPSTREAM EVICTION TEST") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = &std::fs::canonicalize(tmp.path()).unwrap();
+    let app = fixture_app();
+    let closure = closure_of(&[&app]);
+    let paths: Vec<&str> = closure.iter().map(String::as_str).collect();
+    let (sk, pk) = keypair(t, "upstream-test-1");
+    let bc = t.join("bc");
+    nix_copy(&bc, &sk, "", &paths);
+    let py = PyServer::start(&bc, free_port(), &t.join("http.log"));
+    let upstream = format!("nix+http://{}?trusted-public-keys={pk}", py.addr);
+    let cache = t.join("cache");
+    let host = Host::start(&upstream, &cache, t, "host", &["--prefetch", "none"]);
+    let m = Mount::start(&host, &cache, &t.join("mnt1"));
+    same_as_host(&m, &paths);
+    m.stop();
+    let nar_gets = |p: &str| {
+        let url = field(
+            &std::fs::read_to_string(narinfo_file(&bc, p)).unwrap(),
+            "URL",
+        )
+        .to_string();
+        py.requests()
+            .iter()
+            .filter(|(st, path)| *st == 200 && path.trim_start_matches('/') == url)
+            .count()
+    };
+    for p in &paths {
+        assert_eq!(nar_gets(p), 1, "{p}: its NAR fetched once on first read");
+    }
+    assert_eq!(host.metric("upstream_refetches_total"), 0);
+    // every blob and directory gone, the path infos kept
+    let mut removed = 0;
+    for area in ["blobs", "directories"] {
+        for f in tree(&cache.join(area)) {
+            std::fs::remove_file(cache.join(area).join(f)).unwrap();
+            removed += 1;
+        }
+    }
+    assert!(removed > paths.len(), "{:?}", tree(&cache));
+    for p in &paths {
+        assert!(cached_info(&cache, p), "{p}");
+    }
+    let m = Mount::start(&host, &cache, &t.join("mnt2"));
+    same_as_host(&m, &paths);
+    m.stop();
+    for p in &paths {
+        assert_eq!(
+            nar_gets(p),
+            2,
+            "{p}: its NAR fetched once more for all its lost objects: {}",
+            host.log()
+        );
+    }
+    assert_eq!(
+        host.metric("upstream_refetches_total"),
+        paths.len() as u64,
+        "{}",
+        host.log()
+    );
+    assert!(host.log().contains("again: its"), "{}", host.log());
+}
