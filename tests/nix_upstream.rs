@@ -366,11 +366,24 @@ impl Host {
         name: &str,
         extra: &[&str],
     ) -> Result<Host, (ExitStatus, String)> {
+        Self::try_start_env(upstream, cache, work, name, extra, &[])
+    }
+
+    /// As `try_start`, with these variables set (a bucket's credentials).
+    fn try_start_env(
+        upstream: &str,
+        cache: &Path,
+        work: &Path,
+        name: &str,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Result<Host, (ExitStatus, String)> {
         let sock = work.join(format!("{name}.sock"));
         let log = work.join(format!("{name}.log"));
         let _ = std::fs::remove_file(&sock);
         let metrics = format!("127.0.0.1:{}", free_port());
         let mut child = command()
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .args(["--store", upstream, "--cache-dir"])
             .arg(cache)
             .args(["daemon", "--min-free-space", "16M", "--listen"])
@@ -1819,4 +1832,76 @@ fn an_evicted_object_comes_back_through_its_store_path() {
         host.log()
     );
     assert!(host.log().contains("again: its"), "{}", host.log());
+}
+
+// ---------------------------------------------------------------------------
+// 6. A cache in a bucket
+
+/// `nix+s3://`: the files `nix copy --to file://` wrote, put into a bucket
+/// of a three-node Garage cluster under a prefix, are read through the
+/// object-storage tier's S3 client and the bucket's credentials: the
+/// closure byte-identical; an unsigned narinfo put over one is refused
+/// (EIO, a warning, nothing kept).
+#[test]
+fn a_cache_in_a_bucket() {
+    require_tools(&[NIX]);
+    if !common::fuse_available("NIX UPSTREAM S3 TEST") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = &std::fs::canonicalize(tmp.path()).unwrap();
+    let app = fixture_app();
+    let closure = closure_of(&[&app]);
+    let paths: Vec<&str> = closure.iter().map(String::as_str).collect();
+    let x = extras(&closure);
+    let (sk, pk) = keypair(t, "upstream-test-1");
+    let bc = t.join("bc");
+    nix_copy(&bc, &sk, "", &paths);
+    nix_copy(&bc, &sk, "", &[&x.control]);
+    let garage = common::garage::Garage::start_in(&t.join("garage"));
+    for f in tree(&bc) {
+        let (st, body) = garage.s3(
+            0,
+            "PUT",
+            &format!("nixcache/{f}"),
+            &std::fs::read(bc.join(&f)).unwrap(),
+        );
+        assert_eq!(st, 200, "PUT {f}: {}", String::from_utf8_lossy(&body));
+    }
+    // the control path's narinfo, unsigned, in the bucket only
+    let unsigned_info = unsigned(&std::fs::read_to_string(narinfo_file(&bc, &x.control)).unwrap());
+    let (st, _) = garage.s3(
+        0,
+        "PUT",
+        &format!("nixcache/{}.narinfo", hash_of(&x.control)),
+        unsigned_info.as_bytes(),
+    );
+    assert_eq!(st, 200);
+    let upstream = format!(
+        "nix+s3://{}/nixcache?endpoint={}&region=garage&trusted-public-keys={pk}",
+        garage.bucket(),
+        garage.endpoint(0)
+    );
+    let cache = t.join("cache");
+    let host = Host::try_start_env(
+        &upstream,
+        &cache,
+        t,
+        "host",
+        &["--prefetch", "none"],
+        &garage.env(),
+    )
+    .unwrap_or_else(|(st, log)| panic!("host daemon over {upstream} exited ({st}): {log}"));
+    let m = Mount::start(&host, &cache, &t.join("mnt"));
+    same_as_host(&m, &paths);
+    assert_eq!(
+        host.metric("upstream_paths_total"),
+        paths.len() as u64,
+        "{}",
+        host.log()
+    );
+    absent_with(&m, &x.control, Duration::from_secs(10), &[libc::EIO]);
+    warn_line(|| host.log(), &x.control, &["signature"]);
+    m.stop();
+    nothing_kept(&cache, &x.control, "unsigned narinfo in a bucket");
 }
