@@ -12,6 +12,10 @@
 #   relay:        optional, between the host daemon and the remote store
 #                 daemon (see start_remote): a link with a round trip and
 #                 a bandwidth cap (benches/relay.rs; no netem here)
+#   Nix cache:    instead of the remote store daemon (nix-http-*), a static
+#                 HTTP server on loopback serving a Nix binary cache's
+#                 directory; the host daemon's store is then
+#                 nix+http://127.0.0.1:PORT?trusted-public-keys=...
 # Every process started is in `pids` until it has ended, so that the
 # caller's EXIT trap (`stop_all`) ends whatever still runs and never
 # signals a recycled PID. Errors are loud: `fail` prints the message and
@@ -120,11 +124,53 @@ rss_anon() { sed -n 's/^RssAnon:[[:space:]]*\([0-9]*\) kB$/\1/p' "/proc/$1/statu
 # relay between the host daemon and the remote store daemon: the remote
 # listens on loopback TCP (remote-s3 too, instead of its unix socket) and
 # the host daemon connects to the relay, which connects to it; remote-unix
-# is never relayed. Sets relay_pid (empty when not relayed) and relay_log
-# (LOG-PREFIX.relay.log).
+# and nix-http-* are never relayed. Sets relay_pid (empty when not
+# relayed) and relay_log (LOG-PREFIX.relay.log).
+# KIND nix-http-* (a Nix binary cache as the host daemon's upstream):
+# STORE is DIR?QUERY, a binary cache's directory (what `nix copy --to
+# file://DIR` wrote) and the query of the host daemon's address (e.g.
+# trusted-public-keys=NAME:KEY); a static HTTP server (start_httpd) serves
+# DIR on a loopback port and takes the remote store daemon's place:
+# remote_pid is the server's, remote_log its log, remote_metrics_addr empty.
+# The host daemon's store is nix+http://127.0.0.1:PORT?QUERY.
 relay_bin=${relay_bin:-}
 relay_flags=${relay_flags:-}
 relay_pid=
+# The static HTTP server of the nix-http-* kinds: python (python3 -m
+# http.server, a ThreadingHTTPServer: a thread per connection) or busybox
+# (busybox httpd, a process per connection).
+httpd=${HTTPD:-python}
+# start_httpd DIR LOG: serves DIR on 127.0.0.1, an ephemeral port; sets
+# httpd_pid and httpd_addr (127.0.0.1:PORT).
+start_httpd() {
+  local dir=$1 log=$2 port n
+  case $httpd in
+    python)
+      # -u: the line with the port it bound is written at once
+      python3 -u -m http.server --bind 127.0.0.1 --directory "$dir" 0 > "$log" 2>&1 &
+      httpd_pid=$!
+      track "$httpd_pid"
+      port=$(wait_log '^Serving HTTP on [^ ]* port \([0-9]*\) .*' "$httpd_pid" "python3 -m http.server" "$log")
+      ;;
+    busybox)
+      # busybox httpd binds the port it is given: a free one, asked of
+      # the kernel (a race with other programs binding ports is possible,
+      # and fails loudly below).
+      port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+      busybox httpd -f -v -p "127.0.0.1:$port" -h "$dir" > "$log" 2>&1 &
+      httpd_pid=$!
+      track "$httpd_pid"
+      for n in $(seq 200); do
+        curl -sf -o /dev/null "http://127.0.0.1:$port/nix-cache-info" && break
+        kill -0 "$httpd_pid" 2>/dev/null || fail "busybox httpd (pid $httpd_pid) died at start" "$log"
+        [ "$n" = 200 ] && fail "busybox httpd: no answer on 127.0.0.1:$port after 10 s" "$log"
+        sleep 0.05
+      done
+      ;;
+    *) fail "HTTPD: '$httpd' is not python or busybox" ;;
+  esac
+  httpd_addr=127.0.0.1:$port
+}
 start_remote() {
   local kind=$1 bin=$2 store=$3 dir=$4 url addr relayed=0 flags
   remote_log=$5.remote.log
@@ -132,7 +178,7 @@ start_remote() {
   relay_log=$5.relay.log
   shift 5
   relay_pid=
-  [ -n "$relay_bin" ] && [ "$kind" != remote-unix ] && relayed=1
+  case $kind in remote-tcp | remote-s3) [ -n "$relay_bin" ] && relayed=1 ;; esac
   # The previous cache is moved aside, not deleted: ext4 skips inodes
   # deleted within the last minutes when it allocates new ones, and tens of
   # thousands deleted just before would slow the next fill down (the work
@@ -142,7 +188,12 @@ start_remote() {
   [ -e "$dir/cache" ] && mv "$dir/cache" "$(mktemp -u "$dir/trash.XXXXXX")"
   rm -rf "$dir/remote" "$dir/host"
   mkdir -p "$dir/remote" "$dir/host"
-  if [ "$kind" = remote-tcp ] || [ "$relayed" = 1 ]; then
+  remote_metrics_addr=
+  if [[ $kind == nix-http-* ]]; then
+    start_httpd "${store%%\?*}" "$remote_log"
+    remote_pid=$httpd_pid
+    url="nix+http://$httpd_addr?${store#*\?}"
+  elif [ "$kind" = remote-tcp ] || [ "$relayed" = 1 ]; then
     "$bin" --store "$store" daemon --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 > "$remote_log" 2>&1 &
     remote_pid=$!
     track "$remote_pid"
@@ -163,7 +214,8 @@ start_remote() {
     wait_socket "$dir/remote/remote.sock" "$remote_pid" "remote store daemon" "$remote_log"
     url=grpc+unix://$dir/remote/remote.sock
   fi
-  remote_metrics_addr=$(wait_log '.* metrics on http:\/\/\([^/]*\)\/metrics.*' "$remote_pid" "remote store daemon" "$remote_log")
+  [[ $kind == nix-http-* ]] ||
+    remote_metrics_addr=$(wait_log '.* metrics on http:\/\/\([^/]*\)\/metrics.*' "$remote_pid" "remote store daemon" "$remote_log")
   host_sock=$dir/host/daemon.sock
   "$bin" --store "$url" --cache-dir "$dir/cache" daemon --listen "unix:$host_sock" \
     --metrics-listen 127.0.0.1:0 "$@" > "$host_log" 2>&1 &
@@ -172,10 +224,11 @@ start_remote() {
   wait_socket "$host_sock" "$host_pid" "host daemon" "$host_log"
   metrics_addr=$(wait_log '.* metrics on http:\/\/\([^/]*\)\/metrics.*' "$host_pid" "host daemon" "$host_log")
 }
-# remote_alive: both remote-deployment daemons (and the relay) still run.
+# remote_alive: both remote-deployment daemons (or the host daemon and the
+# HTTP server; and the relay) still run.
 remote_alive() {
   alive "$host_pid" "host daemon" "$host_log"
-  alive "$remote_pid" "remote store daemon" "$remote_log"
+  alive "$remote_pid" "remote store daemon (or HTTP server)" "$remote_log"
   [ -z "$relay_pid" ] || alive "$relay_pid" "relay" "$relay_log"
 }
 # stop_remote: ends both (the host daemon first when relayed, so that the

@@ -17,6 +17,17 @@
 #                started by this script; the trees are imported into the
 #                bucket once, before the first repetition (timed, and the
 #                store paths checked to be those of the embedded store)
+#   nix-http-xz  the same as remote-unix with a Nix binary cache as the
+#                host daemon's upstream instead of a remote store daemon:
+#                `daemon --store nix+http://127.0.0.1:PORT?trusted-public-
+#                keys=...`, the cache's directory served by a static HTTP
+#                server on loopback (HTTPD); its NARs xz-compressed. The
+#                binary cache is made once, before the first repetition
+#                (timed): our daemon serves the embedded store on
+#                --http-listen, signing its narinfos (--signing-key), and
+#                Debian's Nix copies the store paths from it (`nix copy
+#                --from http://... --to file://DIR?compression=xz`)
+#   nix-http-none the same with uncompressed NARs (compression=none)
 #   virtiofsd    rust-vmm's virtiofsd --shared-dir of the same copies
 #                (--readonly --cache=always --sandbox none)
 # Each load-generator run walks the tree several times on one connection
@@ -41,13 +52,18 @@
 # BlobService/Read and DirectoryService/Get calls: count and summed time
 # to their first message) and, for remote-s3, the CPU time of the Garage
 # nodes are read before and after each VM: where a first VM's time goes.
+# For the nix-http kinds, the host daemon's upstream counters (store paths
+# read in from the binary cache, bytes carried) are read instead, and the
+# CPU time of the host daemon and of the HTTP server during the cold pass.
 #
 # Usage: bench/vufs-load.sh [DIR...]  (default: /usr/share/doc /usr/share/man)
 # Environment:
 #   STORES      contenders, in this order in the table ("embedded remote-unix
 #               remote-tcp virtiofsd"; remote-s3 only when asked for: it
-#               needs `garage`, on PATH or in ~/.cargo/bin); ratios to a
-#               missing one stay empty
+#               needs `garage`, on PATH or in ~/.cargo/bin; nix-http-xz and
+#               nix-http-none only when asked for: they need `nix` and
+#               `nix-store`, e.g. Debian's nix-bin); ratios to a missing
+#               one stay empty
 #   RUNS        repetitions (3; medians reported; contenders interleaved,
 #               in reverse order every other repetition)
 #   WARM_PASSES warm passes per run (3); a run's warm figure is its median
@@ -86,9 +102,13 @@
 #               then listens on loopback TCP instead of a unix socket; the
 #               link from it to Garage is not relayed); remote-unix runs
 #               unrelayed, with a warning, and is refused when it is the
-#               only remote kind
+#               only remote kind; the nix-http kinds are never relayed
 #   MBIT        the relayed link's bandwidth per direction in Mbit/s (a
 #               decimal); 0: no cap (0). Nonzero relays even at RTT_MS=0
+#   HTTPD       the nix-http kinds' static HTTP server: python (`python3 -m
+#               http.server`, a thread per connection; the default) or
+#               busybox (`busybox httpd`, a process per connection: the
+#               CPU time of its children is not counted)
 #   GARAGE_NODELAY 1: remote-s3's Garage nodes run with TCP_NODELAY on
 #               their sockets (bench/nodelay.c preloaded; an experiment:
 #               stock Garage 2.5 leaves Nagle's algorithm on)
@@ -122,8 +142,8 @@ shaped=$(awk -v r="$rtt_ms" -v b="$mbit" 'BEGIN {print (r > 0 || b > 0) ? 1 : 0}
 tenant_args=()
 for s in $stores; do
   case $s in
-    embedded | remote-unix | remote-tcp | remote-s3 | virtiofsd) ;;
-    *) echo "STORES: unknown contender '$s' (embedded remote-unix remote-tcp remote-s3 virtiofsd)" >&2; exit 2 ;;
+    embedded | remote-unix | remote-tcp | remote-s3 | nix-http-xz | nix-http-none | virtiofsd) ;;
+    *) echo "STORES: unknown contender '$s' (embedded remote-unix remote-tcp remote-s3 nix-http-xz nix-http-none virtiofsd)" >&2; exit 2 ;;
   esac
 done
 has() { [[ " $stores " == *" $1 "* ]]; }
@@ -140,7 +160,12 @@ if [ "$shaped" = 1 ]; then
     exit 2
   fi
   has remote-unix && echo "WARNING: RTT_MS/MBIT: remote-unix is not relayed (its remote store stays on a unix socket)" >&2
+  if has nix-http-xz || has nix-http-none; then
+    echo "WARNING: RTT_MS/MBIT: the nix-http kinds are not relayed (their HTTP server is reached directly)" >&2
+  fi
 fi
+has_nix=0
+if has nix-http-xz || has nix-http-none; then has_nix=1; fi
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/daemons.sh
 . bench/daemons.sh
@@ -150,6 +175,17 @@ export PATH="$PATH:$HOME/.cargo/bin"
 if has remote-s3 && ! command -v garage > /dev/null; then
   echo "remote-s3 needs garage: cargo install --locked garage --version 2.5.0" >&2
   exit 1
+fi
+
+if [ "$has_nix" = 1 ]; then
+  for c in nix nix-store curl; do
+    command -v "$c" > /dev/null || { echo "the nix-http kinds need $c (Debian: nix-bin)" >&2; exit 1; }
+  done
+  case $httpd in
+    python) command -v python3 > /dev/null || { echo "HTTPD=python needs python3" >&2; exit 1; } ;;
+    busybox) busybox --list 2>/dev/null | grep -qx httpd || { echo "HTTPD=busybox needs busybox with httpd" >&2; exit 1; } ;;
+    *) echo "HTTPD: '$httpd' is not python or busybox" >&2; exit 2 ;;
+  esac
 fi
 
 if has virtiofsd && [ ! -x "$virtiofsd" ]; then
@@ -220,7 +256,7 @@ xargs -n1 basename < "$work/store-paths" > "$work/names-ours"
 # start_remote in bench/daemons.sh): a run that cannot hold them all would
 # fail late, so it is refused now.
 fills=0
-for s in $stores; do case $s in remote-*) fills=$((fills + 1)) ;; esac; done
+for s in $stores; do case $s in remote-* | nix-http-*) fills=$((fills + 1)) ;; esac; done
 fills=$((fills * runs * $(wc -w <<< "$depths") * $(wc -w <<< "$read_sizes") * $(wc -w <<< "$queue_counts")))
 store_kib=$(du -sk "$work/store" | cut -f1)
 need_kib=$((fills * store_kib + (1 << 20)))
@@ -234,6 +270,18 @@ if [ "$free_kib" -lt "$need_kib" ]; then
 fi
 # The bucket holds three copies (replication 3) of what the embedded
 # store holds.
+# A binary cache holds at most what the embedded store holds (uncompressed
+# NARs), plus its narinfos.
+for s in nix-http-xz nix-http-none; do
+  has "$s" && need_kib=$((need_kib + store_kib + (64 << 10)))
+done
+if [ "$free_kib" -lt "$need_kib" ]; then
+  echo "the runs' cache fills and binary caches need $((need_kib >> 20)) GiB free in /var/tmp;" \
+    "it has $((free_kib >> 20)) GiB" >&2
+  rm -rf "$work"
+  trap - EXIT
+  exit 1
+fi
 if has remote-s3; then
   need_kib=$((need_kib + 3 * store_kib))
   if [ "$free_kib" -lt "$need_kib" ]; then
@@ -256,6 +304,49 @@ if has remote-s3; then
   garage_alive
   s3_note="bucket filled by \`import\` in $(printf '%.1f' "$(bc -l <<< "$t1 - $t0")") s ($(garage --version 2>/dev/null | head -n1 | cut -d' ' -f1-2), 3 nodes, replication 3, node 1's S3 endpoint$(case ${GARAGE_NODELAY:-0} in 1) echo ", TCP_NODELAY preloaded into its nodes" ;; s3) echo ", TCP_NODELAY preloaded into their S3 API only" ;; esac));"
   echo "$s3_note" >&2
+fi
+# The nix-http kinds' binary caches: our daemon serves the embedded store
+# as a Nix binary cache on loopback, signing its narinfos with a key made
+# for this run, and Nix copies the store paths from it into one file://
+# cache per compression (timed). Nix gets a store of its own nowhere: both
+# ends of `nix copy` are binary caches (NIX_REMOTE empty, its narinfo disk
+# cache under a private XDG_CACHE_HOME).
+nix_note=
+nix_query=
+nar_total=0
+if [ "$has_nix" = 1 ]; then
+  mkdir -p "$work/nix"
+  nix-store --generate-binary-cache-key vufs-bench-1 "$work/nix/sk" "$work/nix/pk"
+  nix_query="trusted-public-keys=$(cat "$work/nix/pk")"
+  serve_log=$work/logs/nix-serve.log
+  $B --store "$store" daemon --listen "unix:$work/nix/serve.sock" --http-listen 127.0.0.1:0 \
+    --signing-key "$work/nix/sk" > "$serve_log" 2>&1 &
+  serve_pid=$!
+  track "$serve_pid"
+  serve_addr=$(wait_log '.* Nix binary cache on http:\/\/\([^ ]*\) .*' "$serve_pid" "binary cache daemon" "$serve_log")
+  mapfile -t nix_paths < "$work/store-paths"
+  nix_note="binary caches made once by \`nix copy\` ($(nix --version | sed 's/^nix (Nix) /Nix /')) of ${#nix_paths[@]} store paths from our daemon's --http-listen on the embedded store:"
+  for s in nix-http-xz nix-http-none; do
+    has "$s" || continue
+    c=${s#nix-http-}
+    t0=$(date +%s.%N)
+    NIX_REMOTE='' XDG_CACHE_HOME=$work/nix/xdg-$c nix --extra-experimental-features nix-command \
+      copy --from "http://$serve_addr" --to "file://$work/nix/cache-$c?compression=$c" "${nix_paths[@]}" \
+      > "$work/nix/copy-$c.log" 2>&1 || fail "nix copy into the $c binary cache failed" "$work/nix/copy-$c.log" "$serve_log"
+    t1=$(date +%s.%N)
+    n=$(find "$work/nix/cache-$c" -maxdepth 1 -name '*.narinfo' | wc -l)
+    [ "$n" = ${#nix_paths[@]} ] || fail "the $c binary cache has $n narinfos for ${#nix_paths[@]} store paths" "$work/nix/copy-$c.log"
+    nar_total=$(cat "$work/nix/cache-$c"/*.narinfo | awk '$1 == "NarSize:" {s += $2} END {printf "%d", s}')
+    file_bytes=$(find "$work/nix/cache-$c/nar" -type f -printf '%s\n' | awk '{s += $1} END {printf "%d", s}')
+    nix_note="$nix_note $c in $(printf '%.1f' "$(bc -l <<< "$t1 - $t0")") s ($((file_bytes >> 20)) MiB of NAR files),"
+  done
+  stop "$serve_pid"
+  nix_note="$nix_note $((nar_total >> 20)) MiB of NAR;"
+  case $httpd in
+    python) nix_note="$nix_note served by \`python3 -m http.server\` ($(python3 --version)) on loopback;" ;;
+    busybox) nix_note="$nix_note served by \`busybox httpd\` ($(busybox 2>&1 | head -n1 | cut -d' ' -f1-2)) on loopback;" ;;
+  esac
+  echo "$nix_note" >&2
 fi
 entries=$(find "$work/src" -mindepth 1 | wc -l)
 files=$(find "$work/src" -type f | wc -l)
@@ -328,12 +419,22 @@ remote_calls() {
     /^tvix_virtiofsd_grpc_call_seconds_sum\{method="tvix_virtiofsd.cache.v1.CacheService\/ReadBlobs"\}/ {bs = $2}
     END {printf "%d %.6f %d %.6f %d %.6f\n", rc, rs, gc, gs, bc, bs}' <<< "$m"
 }
-# One repetition of a remote kind: remote store, host daemon on an empty
-# cache, first VM, second VM.
-run_remote() { # remote-unix|remote-tcp|remote-s3
+# upstream_counts: "paths carried-bytes NAR-bytes" the host daemon read in
+# from its Nix binary cache upstream (its /metrics; NAR bytes from its
+# log's "fetched" lines).
+upstream_counts() {
+  local p c
+  p=$(metric tvix_virtiofsd_cache_upstream_paths_total)
+  c=$(metric tvix_virtiofsd_cache_upstream_carried_bytes_total)
+  echo "$p $c $(sed -n 's/.*: fetched .*: \([0-9]*\) NAR bytes, .*/\1/p' "$host_log" | awk '{s += $1} END {printf "%d", s}')"
+}
+# One repetition of a remote kind: remote store (or the HTTP server of a
+# Nix binary cache), host daemon on an empty cache, first VM, second VM.
+run_remote() { # remote-unix|remote-tcp|remote-s3|nix-http-xz|nix-http-none
   local kind=$1 base=$work/logs/$1.r$rep.rs$rs.d$depth.q$nq vm vlog f0 f1 sock=$work/vm/vfs.sock
   local rstore=$store c0 c1 g0 g1 remote
   [ "$kind" = remote-s3 ] && rstore=$s3_store
+  [[ $kind == nix-http-* ]] && rstore="$work/nix/cache-${kind#nix-http-}?$nix_query"
   mkdir -p "$work/vm"
   drop
   start_remote "$kind" "$B" "$rstore" "$work" "$base" "${host_args[@]}"
@@ -341,7 +442,7 @@ run_remote() { # remote-unix|remote-tcp|remote-s3
     vlog=$base.vm$vm.log
     [ "$vm" = 2 ] && drop
     f0=$(metric tvix_virtiofsd_cache_fetched_bytes_total)
-    c0=$(remote_calls)
+    if [[ $kind == nix-http-* ]]; then c0=$(upstream_counts); else c0=$(remote_calls); fi
     g0=-1
     [ "$kind" = remote-s3 ] && g0=$(garage_cpu_ms)
     start_virtiofs "$B" "$sock" "$vlog" --store "grpc+unix://$host_sock" --cache-dir "$work/cache" \
@@ -354,7 +455,7 @@ run_remote() { # remote-unix|remote-tcp|remote-s3
     queue_line "$kind-vm$vm" "$vlog"
     remote_alive
     f1=$(metric tvix_virtiofsd_cache_fetched_bytes_total)
-    c1=$(remote_calls)
+    if [[ $kind == nix-http-* ]]; then c1=$(upstream_counts); else c1=$(remote_calls); fi
     g1=-1
     if [ "$kind" = remote-s3 ]; then
       garage_alive
@@ -362,8 +463,13 @@ run_remote() { # remote-unix|remote-tcp|remote-s3
     fi
     # what the remote served during this VM (all its passes; only the cold
     # one asks it anything)
-    remote=$(paste -d' ' <(tr ' ' '\n' <<< "$c0") <(tr ' ' '\n' <<< "$c1") |
-      awk '{d[NR] = $2 - $1} END {printf "remote_reads=%d remote_read_s=%.3f remote_gets=%d remote_get_s=%.3f remote_batches=%d remote_batch_s=%.3f", d[1], d[2], d[3], d[4], d[5], d[6]}')
+    if [[ $kind == nix-http-* ]]; then
+      remote=$(paste -d' ' <(tr ' ' '\n' <<< "$c0") <(tr ' ' '\n' <<< "$c1") |
+        awk '{d[NR] = $2 - $1} END {printf "upstream_paths=%d upstream_carried=%d upstream_nar=%d", d[1], d[2], d[3]}')
+    else
+      remote=$(paste -d' ' <(tr ' ' '\n' <<< "$c0") <(tr ' ' '\n' <<< "$c1") |
+        awk '{d[NR] = $2 - $1} END {printf "remote_reads=%d remote_read_s=%.3f remote_gets=%d remote_get_s=%.3f remote_batches=%d remote_batch_s=%.3f", d[1], d[2], d[3], d[4], d[5], d[6]}')
+    fi
     [ "$g0" -ge 0 ] && remote="$remote garage_cpu_ms=$((g1 - g0))"
     sed -i "s/ fetched_bytes=FETCHED / fetched_bytes=$((f1 - f0)) $remote /" "$summaries"
     if [ "$vm" = 2 ] && [ "$f1" != "$f0" ]; then
@@ -451,7 +557,7 @@ done
 echo
 echo "tree: ${dirs[*]}: $entries entries, $files files, $((bytes / 1048576)) MiB;" \
   "page cache dropped before each cold start: $([ "$drop_caches" = 1 ] && echo yes || echo no);" \
-  "$(nproc) CPUs; host load at the end: $(cut -d' ' -f1-3 /proc/loadavg); commit $commit;" $s3_note \
+  "$(nproc) CPUs; host load at the end: $(cut -d' ' -f1-3 /proc/loadavg); commit $commit;" $s3_note $nix_note \
   $link_note $queue_note \
   "per-VM daemons of the remote kinds scoped to a tenant's closure: $([ ${#tenant_args[@]} -gt 0 ] && echo yes || echo no);" \
   "per-op tables above: repetition 1; below: median of $runs;" \
@@ -526,7 +632,7 @@ if [[ " $stores " == *" remote-"* ]]; then
     for depth in $depths; do
       for nq in $queue_counts; do
         for s in $stores; do
-          case $s in embedded | virtiofsd) continue ;; esac
+          case $s in embedded | virtiofsd | nix-http-*) continue ;; esac
           m() { median "$1" "$s-vm1" "$depth" cold "$rs" "$nq"; }
           secs=$(m secs)
           [ -n "$secs" ] || continue
@@ -540,6 +646,38 @@ if [[ " $stores " == *" remote-"* ]]; then
             "${bt:-0}" "$([ "${bt:-0}" -gt 0 ] && printf '%.2f' "$(bc -l <<< "$bts * 1000 / $bt")")" \
             "$(bc -l <<< "$(m cpu_remote_ms) / 1000")" \
             "$([ -n "$gcpu" ] && printf '%.2f' "$(bc -l <<< "$gcpu / 1000")")" \
+            "$(bc -l <<< "$(m all_max_us) / 1000")"
+        done
+      done
+    done
+  done
+fi
+
+if [ "$has_nix" = 1 ]; then
+  echo
+  echo "Where a first VM's time goes over a Nix binary cache (medians over the $runs runs), beside the remote kinds:" \
+    "its cold pass; the store paths the host daemon read in from the binary cache during the VM, the bytes" \
+    "the HTTP server carried for them (NAR files as stored: compressed or not) and the NAR bytes they" \
+    "made, each over the cold pass's time; CPU seconds during the cold pass of the host daemon (fetch," \
+    "decompression, NAR parsing and hashing, writing blobs and directories into the cache) and of its" \
+    "upstream (the HTTP server, or the remote store daemon); the longest single request of the pass."
+  echo
+  echo "| store | read size | depth | queues | cold pass s | paths read in | carried MiB | carried MiB/s | NAR MiB/s | CPU s host daemon | CPU s upstream | longest request ms |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  for rs in $read_sizes; do
+    for depth in $depths; do
+      for nq in $queue_counts; do
+        for s in $stores; do
+          case $s in embedded | virtiofsd) continue ;; esac
+          m() { median "$1" "$s-vm1" "$depth" cold "$rs" "$nq"; }
+          secs=$(m secs)
+          [ -n "$secs" ] || continue
+          up=$(m upstream_paths) car=$(m upstream_carried) nar=$(m upstream_nar)
+          printf '| %s | %d KiB | %s | %s | %.2f | %s | %s | %s | %s | %.2f | %.2f | %.0f |\n' "$s" $((rs / 1024)) "$depth" "$nq" "$secs" \
+            "$up" "$([ -n "$car" ] && printf '%.1f' "$(bc -l <<< "$car / 1048576")")" \
+            "$([ -n "$car" ] && printf '%.1f' "$(bc -l <<< "$car / 1048576 / $secs")")" \
+            "$([ -n "$nar" ] && printf '%.1f' "$(bc -l <<< "$nar / 1048576 / $secs")")" \
+            "$(bc -l <<< "$(m cpu_host_ms) / 1000")" "$(bc -l <<< "$(m cpu_remote_ms) / 1000")" \
             "$(bc -l <<< "$(m all_max_us) / 1000")"
         done
       done
@@ -562,5 +700,6 @@ if [ -s "$work/cache-lines" ]; then
 fi
 # Ours only: virtiofsd's own warnings (e.g. about RLIMIT_NOFILE) stay in its logs.
 ours_logs=()
-for f in "$work"/logs/*.log; do [[ $f == */virtiofsd.r* ]] || ours_logs+=("$f"); done
+# The nix-http kinds' "remote" logs are their HTTP servers'.
+for f in "$work"/logs/*.log; do [[ $f == */virtiofsd.r* || $f == */nix-http-*.remote.log ]] || ours_logs+=("$f"); done
 [ ${#ours_logs[@]} -eq 0 ] || our_complaints "${ours_logs[@]}"
