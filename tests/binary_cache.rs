@@ -9,34 +9,9 @@ use common::vm::{closure_of, fixture_app, NIX};
 use common::{cli_ok, free_port, pseudo_random, require_tools, Daemon};
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
-/// Nix, with its own disk cache of narinfos (a client that uploaded
-/// remembers its own narinfos; the others here must ask us).
-fn nix(xdg: &Path, prog: &str, args: &[&str]) -> Output {
-    common::nix_db_ready();
-    Command::new(prog)
-        .env("NIX_REMOTE", "")
-        .env("XDG_CACHE_HOME", xdg)
-        .args(
-            ["--extra-experimental-features", "nix-command"]
-                .iter()
-                .filter(|_| prog == "nix"),
-        )
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog}: {e}"))
-}
-
-fn ok(o: Output, what: &str) -> Vec<u8> {
-    assert!(
-        o.status.success(),
-        "{what}: {}\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o.stdout
-}
+use common::{nix_in as nix, output_ok as ok};
 
 /// One HTTP/1.1 request; answers (status, body).
 fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, String) {

@@ -28,31 +28,7 @@ const PYTHON: (&str, &str) = ("python3", "python3");
 // ---------------------------------------------------------------------------
 // Nix
 
-/// Nix with its own narinfo disk cache (XDG_CACHE_HOME) and no daemon.
-fn nix(xdg: &Path, prog: &str, args: &[&str]) -> Output {
-    common::nix_db_ready();
-    Command::new(prog)
-        .env("NIX_REMOTE", "")
-        .env("XDG_CACHE_HOME", xdg)
-        .args(
-            ["--extra-experimental-features", "nix-command"]
-                .iter()
-                .filter(|_| prog == "nix"),
-        )
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog}: {e}"))
-}
-
-fn ok(o: Output, what: &str) -> Vec<u8> {
-    assert!(
-        o.status.success(),
-        "{what}: {}\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o.stdout
-}
+use common::{nix_in as nix, output_ok as ok};
 
 /// A Nix signing key pair in `dir`, the same for the same `name` on every
 /// run: (secret key file, public key). Its public key's base64 has a `+`

@@ -401,3 +401,34 @@ pub fn parse_response(resp: &[u8]) -> (u16, String) {
         .to_string();
     (status, body)
 }
+
+/// Debian's Nix (`nix` or `nix-store`), daemonless, with its own narinfo
+/// disk cache in `xdg` (a client that uploaded remembers its own narinfos;
+/// the others must ask).
+#[allow(dead_code)]
+pub fn nix_in(xdg: &Path, prog: &str, args: &[&str]) -> std::process::Output {
+    nix_db_ready();
+    std::process::Command::new(prog)
+        .env("NIX_REMOTE", "")
+        .env("XDG_CACHE_HOME", xdg)
+        .args(
+            ["--extra-experimental-features", "nix-command"]
+                .iter()
+                .filter(|_| prog == "nix"),
+        )
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog}: {e}"))
+}
+
+/// The output of a command that must have succeeded (`what` says which).
+#[allow(dead_code)]
+pub fn output_ok(o: std::process::Output, what: &str) -> Vec<u8> {
+    assert!(
+        o.status.success(),
+        "{what}: {}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o.stdout
+}
