@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
 
-use common::{nix_in as nix, output_ok as ok};
+use common::{dechunk, nix_in as nix, output_ok as ok};
 
 /// One HTTP/1.1 request; answers (status, body).
 fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, String) {
@@ -262,20 +262,6 @@ fn nix_copies_to_us_and_substitutes_from_us() {
         rows
     };
     assert_eq!(key(&theirs), key(&ours), "nix path-info vs ours");
-}
-
-/// The body of a chunked HTTP/1.1 response.
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let nl = b.windows(2).position(|w| w == b"\r\n").unwrap();
-        let n = usize::from_str_radix(std::str::from_utf8(&b[..nl]).unwrap().trim(), 16).unwrap();
-        if n == 0 {
-            return out;
-        }
-        out.extend_from_slice(&b[nl + 2..nl + 2 + n]);
-        b = &b[nl + 2 + n + 2..];
-    }
 }
 
 /// A NAR and narinfo Nix would upload for the store path `p` (its

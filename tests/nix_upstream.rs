@@ -28,7 +28,7 @@ const PYTHON: (&str, &str) = ("python3", "python3");
 // ---------------------------------------------------------------------------
 // Nix
 
-use common::{nix_in as nix, output_ok as ok};
+use common::{dechunk, nix_in as nix, output_ok as ok};
 
 /// A Nix signing key pair in `dir`, the same for the same `name` on every
 /// run: (secret key file, public key). Its public key's base64 has a `+`
@@ -1592,20 +1592,6 @@ fn the_static_server_honours_ranges() {
     let (s, _, body) = get(&srv.addr, "/nar/x.nar", Some("bytes=10-19"));
     assert_eq!((s, &body[..]), (206, &data[10..20]));
     assert_eq!(srv.requests()[0].bytes, 100_000);
-}
-
-/// The body of a chunked HTTP/1.1 response.
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let nl = b.windows(2).position(|w| w == b"\r\n").unwrap();
-        let n = usize::from_str_radix(std::str::from_utf8(&b[..nl]).unwrap().trim(), 16).unwrap();
-        if n == 0 {
-            return out;
-        }
-        out.extend_from_slice(&b[nl + 2..nl + 2 + n]);
-        b = &b[nl + 2 + n + 2..];
-    }
 }
 
 /// A server that streams whole files chunked, without `Content-Length`

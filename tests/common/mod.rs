@@ -432,3 +432,18 @@ pub fn output_ok(o: std::process::Output, what: &str) -> Vec<u8> {
     );
     o.stdout
 }
+
+/// The body of a chunked HTTP/1.1 response.
+#[allow(dead_code)]
+pub fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let nl = b.windows(2).position(|w| w == b"\r\n").unwrap();
+        let n = usize::from_str_radix(std::str::from_utf8(&b[..nl]).unwrap().trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[nl + 2..nl + 2 + n]);
+        b = &b[nl + 2 + n + 2..];
+    }
+}
