@@ -31,7 +31,7 @@ use tvix_virtiofsd::nix::store_path::StorePath;
 use tvix_virtiofsd::store::blob::read_to_vec;
 use tvix_virtiofsd::store::cache::tenant;
 use tvix_virtiofsd::wire::cache::cache_service_client::CacheServiceClient;
-use tvix_virtiofsd::wire::cache::{FillBlobRequest, TouchRequest};
+use tvix_virtiofsd::wire::cache::{FillBlobRequest, FillBlobsRequest, TouchRequest};
 use tvix_virtiofsd::wire::castore as cpb;
 use tvix_virtiofsd::wire::store as spb;
 
@@ -417,6 +417,15 @@ fn a_scoped_connection_answers_only_for_its_closure() {
             Ok(r) => r.into_inner().message().await.unwrap_err(),
         };
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "FillBlob: {e}");
+        // in a batch too, however many of ours are beside it
+        let batch = FillBlobsRequest {
+            blobs: vec![fill(ours_blob), fill(theirs_blob)],
+        };
+        let e = match fills.fill_blobs(batch).await {
+            Err(e) => e,
+            Ok(r) => r.into_inner().message().await.unwrap_err(),
+        };
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "FillBlobs: {e}");
         // a directory digest never served on this connection
         let get = cpb::GetDirectoryRequest {
             by_what: Some(cpb::get_directory_request::ByWhat::Digest(
@@ -471,5 +480,28 @@ fn a_scoped_connection_answers_only_for_its_closure() {
         let mut data = Vec::new();
         std::io::Read::read_to_end(&mut &f, &mut data).unwrap();
         assert!(data == h.ours_data, "the passed file holds the blob");
+
+        // and in a batch: its answer names another passed descriptor
+        let batch = FillBlobsRequest {
+            blobs: vec![fill(ours_blob)],
+        };
+        let mut s = fills.fill_blobs(batch).await.unwrap().into_inner();
+        let mut batch_seq = 0;
+        while let Some(a) = s.message().await.unwrap() {
+            if a.done {
+                batch_seq = a.fd_seq;
+            }
+        }
+        assert!(batch_seq > seq, "the batch names a new passed descriptor");
+        let f = std::fs::File::from(inbox.take(batch_seq).unwrap());
+        // SAFETY: fcntl(F_GETFL) on a descriptor we own.
+        let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(flags & libc::O_ACCMODE, libc::O_RDONLY, "read-only");
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut &f, &mut data).unwrap();
+        assert!(
+            data == h.ours_data,
+            "the batch's passed file holds the blob"
+        );
     });
 }

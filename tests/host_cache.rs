@@ -26,7 +26,7 @@ use tvix_virtiofsd::serve::grpc::StoreServer;
 use tvix_virtiofsd::store::channel::WireChannel;
 use tvix_virtiofsd::store::{blob::read_to_vec, Addr, Store};
 use tvix_virtiofsd::wire::cache::cache_service_client::CacheServiceClient;
-use tvix_virtiofsd::wire::cache::FillBlobRequest;
+use tvix_virtiofsd::wire::cache::{FillBlobRequest, FillBlobsRequest};
 use tvix_virtiofsd::wire::castore as cpb;
 use tvix_virtiofsd::wire::store as spb;
 
@@ -432,6 +432,16 @@ impl Drop for Filler {
 struct Metrics(HashMap<String, u64>);
 
 impl Metrics {
+    /// Calls of a CacheService method served.
+    fn cache_calls(&self, method: &str) -> u64 {
+        let label = format!("method=\"tvix_virtiofsd.cache.v1.CacheService/{method}\"");
+        self.0
+            .iter()
+            .filter(|(k, _)| k.starts_with("grpc_call_seconds_count{") && k.contains(&label))
+            .map(|(_, v)| *v)
+            .sum()
+    }
+
     fn get(&self, name: &str) -> u64 {
         *self
             .0
@@ -469,6 +479,11 @@ fn parse_metrics(resp: &str) -> Metrics {
     {
         let (name, value) = line.rsplit_once(' ').expect("sample line");
         if let Some(n) = name.strip_prefix("tvix_virtiofsd_cache_") {
+            m.insert(n.to_string(), value.parse().expect("integer sample"));
+        } else if let Some(n) = name
+            .strip_prefix("tvix_virtiofsd_")
+            .filter(|n| n.starts_with("grpc_call_seconds_count{"))
+        {
             m.insert(n.to_string(), value.parse().expect("integer sample"));
         }
     }
@@ -1986,6 +2001,162 @@ fn a_long_fill_keeps_its_reader_waiting() {
         msgs
     });
     assert_eq!(msgs, vec![(6, true)], "one message for a quick fill");
+}
+
+/// A guest reading 48 small files at once through a reader (48 FUSE
+/// threads) while the remote holds them back: its misses reach the filler in FillBlobs calls
+/// (a few, not one per file, and no FillBlob), each blob is read from the
+/// remote once, and every file reads byte-identical.
+#[test]
+fn a_guests_many_misses_go_in_fill_batches() {
+    if !common::fuse_available("HOST CACHE FUSE TEST") {
+        return;
+    }
+    const FILES: usize = 48;
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let datas: Vec<Vec<u8>> = (0..FILES)
+        .map(|i| pseudo_random(3_000 + 91 * i, 4_100 + i as u64))
+        .collect();
+    let names: Vec<String> = (0..FILES).map(|i| format!("f{i:02}")).collect();
+    let files: Vec<(&str, &[u8])> = names
+        .iter()
+        .zip(&datas)
+        .map(|(n, d)| (n.as_str(), d.as_slice()))
+        .collect();
+    let base = remote_tree(t, "many", &files);
+    let (remote, ctl) = counting_remote(&rt, &t.join("remote"), &t.join("remote.sock"));
+    let (gate, gated) = watch::channel(false);
+    for d in &datas {
+        ctl.set(B3Digest::of(d), Behaviour::Gated(gated.clone()));
+    }
+    let dir = t.join("cache");
+    let filler = Filler::start(&remote, &dir, t, "filler", &[]);
+    // a thread per reader: the misses reach the daemon together, as a
+    // virtio-fs guest's do
+    let m = Mount::start(
+        &filler.addr(),
+        Some(&dir),
+        &t.join("mnt"),
+        &["--threads", "48"],
+    );
+    for n in &names {
+        // path info and tree now; only the blobs are held back
+        std::fs::metadata(m.file(&format!("{base}/{n}"))).unwrap();
+    }
+    let readers: Vec<_> = names
+        .iter()
+        .map(|n| {
+            let p = m.file(&format!("{base}/{n}"));
+            std::thread::spawn(move || std::fs::read(p))
+        })
+        .collect();
+    wait_until(30, "the first misses at the remote", || {
+        ctl.reads.lock().unwrap().values().sum::<u64>() >= 1
+    });
+    // the other readers' misses pile up behind the batches out
+    std::thread::sleep(Duration::from_millis(500));
+    gate.send(true).unwrap();
+    for ((r, d), n) in readers.into_iter().zip(&datas).zip(&names) {
+        let got = r.join().unwrap().unwrap_or_else(|e| panic!("{n}: {e}"));
+        assert!(got == *d, "{n} read other bytes");
+        assert_eq!(
+            ctl.reads(&B3Digest::of(d)),
+            1,
+            "{n} read from the remote once"
+        );
+    }
+    let metrics = filler.metrics();
+    let (batches, alone) = (
+        metrics.cache_calls("FillBlobs"),
+        metrics.cache_calls("FillBlob"),
+    );
+    assert!(
+        (1..=FILES as u64 / 4).contains(&batches),
+        "{batches} FillBlobs calls for {FILES} files"
+    );
+    assert_eq!(alone, 0, "no small blob asked alone");
+    assert_eq!(metrics.get("fill_errors_total"), 0);
+    m.stop();
+}
+
+/// FillBlobs asked directly: each blob answered once by its index (in
+/// the cache, or missing), a slow one kept alive by signs of life while
+/// its bytes arrive, and more than 64 blobs refused.
+#[test]
+fn fill_blobs_answers_each_blob() {
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let small = pseudo_random(5_000, 8_801);
+    let slow = pseudo_random(MIB, 8_802);
+    remote_tree(t, "pkg", &[("small", &small), ("slow", &slow)]);
+    let (remote, ctl) = counting_remote(&rt, &t.join("remote"), &t.join("remote.sock"));
+    let slow_digest = B3Digest::of(&slow);
+    ctl.set(
+        slow_digest,
+        Behaviour::Trickle {
+            chunk: 64 << 10,
+            delay: Duration::from_millis(60),
+        },
+    );
+    let dir = t.join("cache");
+    let filler = Filler::start(&remote, &dir, t, "filler", &[]);
+    let missing = B3Digest::of(b"no such blob");
+    let asked = [
+        (B3Digest::of(&small), small.len()),
+        (missing, 12),
+        (slow_digest, slow.len()),
+    ];
+    let req = FillBlobsRequest {
+        blobs: asked
+            .iter()
+            .map(|(d, n)| FillBlobRequest {
+                digest: (*d).into(),
+                size: *n as u64,
+            })
+            .collect(),
+    };
+    let mut client = filler.cache_client(&rt);
+    let answers = rt.block_on(async {
+        let mut s = client.fill_blobs(req).await.unwrap().into_inner();
+        let mut out = Vec::new();
+        while let Some(a) = s.message().await.unwrap() {
+            out.push(a);
+        }
+        out
+    });
+    let ends: Vec<_> = answers.iter().filter(|a| !a.alive).collect();
+    assert_eq!(ends.len(), 3, "one answer a blob: {answers:?}");
+    for (i, (d, _)) in asked.iter().enumerate() {
+        let a = ends.iter().find(|a| a.index == i as u32).expect("answered");
+        if *d == missing {
+            assert!(a.missing && !a.done, "{a:?}");
+        } else {
+            assert!(a.done && !a.missing && a.code == 0, "{a:?}");
+            assert_eq!(b3_of_file(&blob_file(&dir, d)).unwrap(), *d);
+        }
+    }
+    let slow_end = answers
+        .iter()
+        .position(|a| !a.alive && a.index == 2)
+        .unwrap();
+    assert!(
+        answers[..slow_end].iter().any(|a| a.alive),
+        "signs of life while the slow blob arrived: {answers:?}"
+    );
+
+    let too_many = FillBlobsRequest {
+        blobs: (0..65)
+            .map(|i| FillBlobRequest {
+                digest: B3Digest::of(&[i as u8]).into(),
+                size: 1,
+            })
+            .collect(),
+    };
+    let e = rt.block_on(client.fill_blobs(too_many)).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
 }
 
 // ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 /// Most time between a cache fill's progress messages while its bytes
 /// move: well under any reader's idle limit (whole seconds).
-const FILL_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+pub(super) const FILL_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The host cache's own service (`tvix_virtiofsd.cache.v1`), served by a
 /// `daemon --cache-dir`: per-VM daemons reading the same cache directory
@@ -28,6 +28,15 @@ impl CacheServer {
 impl crate::wire::cache::cache_service_server::CacheService for CacheServer {
     type FillBlobStream = BoxStream<'static, Result<crate::wire::cache::FillProgress, Status>>;
     type ReadBlobsStream = super::read_blobs::PieceStream;
+    type FillBlobsStream = super::fill_blobs::DoneStream;
+
+    async fn fill_blobs(
+        &self,
+        req: Request<crate::wire::cache::FillBlobsRequest>,
+    ) -> Result<Response<Self::FillBlobsStream>, Status> {
+        let blobs = super::fill_blobs::blobs_of(req.get_ref())?;
+        super::fill_blobs::serve(&self.cache, &blobs).map(Response::new)
+    }
 
     /// From the cache (its misses fetched into it), for a host cache in
     /// front of this one.
@@ -108,7 +117,7 @@ impl crate::wire::cache::cache_service_server::CacheService for CacheServer {
 
 /// The cache service of a daemon without a cache directory: only
 /// ReadBlobs, from its store (a host cache filling ahead of VMs asks it);
-/// FillBlob and Touch are UNIMPLEMENTED, as readers expect of a store that
+/// FillBlob(s) and Touch are UNIMPLEMENTED, as readers expect of a store that
 /// does not fill.
 #[derive(Clone)]
 pub struct BlobsOnlyServer {
@@ -125,11 +134,19 @@ impl BlobsOnlyServer {
 impl crate::wire::cache::cache_service_server::CacheService for BlobsOnlyServer {
     type FillBlobStream = BoxStream<'static, Result<crate::wire::cache::FillProgress, Status>>;
     type ReadBlobsStream = super::read_blobs::PieceStream;
+    type FillBlobsStream = super::fill_blobs::DoneStream;
 
     async fn fill_blob(
         &self,
         _req: Request<crate::wire::cache::FillBlobRequest>,
     ) -> Result<Response<Self::FillBlobStream>, Status> {
+        Err(Status::unimplemented("this daemon has no --cache-dir"))
+    }
+
+    async fn fill_blobs(
+        &self,
+        _req: Request<crate::wire::cache::FillBlobsRequest>,
+    ) -> Result<Response<Self::FillBlobsStream>, Status> {
         Err(Status::unimplemented("this daemon has no --cache-dir"))
     }
 

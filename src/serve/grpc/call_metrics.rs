@@ -11,7 +11,7 @@ pub struct CallMetrics {
 
 /// The methods counted by name (tvix's; snix's count as the same); the
 /// slot after them holds every other path.
-const METHODS: [&str; 12] = [
+const METHODS: [&str; 13] = [
     "/tvix.castore.v1.BlobService/Stat",
     "/tvix.castore.v1.BlobService/Read",
     "/tvix.castore.v1.BlobService/Put",
@@ -21,7 +21,8 @@ const METHODS: [&str; 12] = [
     "/tvix.store.v1.PathInfoService/Put",
     "/tvix.store.v1.PathInfoService/CalculateNAR",
     "/tvix.store.v1.PathInfoService/List",
-    "/tvix_virtiofsd.cache.v1.CacheService/Fill",
+    "/tvix_virtiofsd.cache.v1.CacheService/FillBlob",
+    "/tvix_virtiofsd.cache.v1.CacheService/FillBlobs",
     "/tvix_virtiofsd.cache.v1.CacheService/Touch",
     "/tvix_virtiofsd.cache.v1.CacheService/ReadBlobs",
 ];

@@ -3,6 +3,7 @@
 //! - [`store`]: the three store services, and the [`Limits`] a client is
 //!   held to;
 //! - [`cache`]: the host cache's fill and touch service;
+//! - [`fill_blobs`]: many small fills in one call;
 //! - [`reset`]: request bodies that fail when a client breaks them off;
 //! - [`routes`]: tvix's and snix's wire names to the same services;
 //! - [`call_metrics`]: calls by method, counted by a tower layer;
@@ -11,6 +12,7 @@
 pub mod bounds;
 pub mod cache;
 pub mod call_metrics;
+pub mod fill_blobs;
 pub mod read_blobs;
 pub mod reset;
 pub mod routes;

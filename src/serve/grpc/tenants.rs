@@ -41,6 +41,50 @@ pub struct ScopedCacheServer {
 impl cpb::cache_service_server::CacheService for ScopedCacheServer {
     type FillBlobStream = BoxStream<'static, Result<cpb::FillProgress, Status>>;
     type ReadBlobsStream = super::read_blobs::PieceStream;
+    type FillBlobsStream = super::fill_blobs::DoneStream;
+
+    /// As FillBlob, for many: the whole call is refused if one blob is
+    /// outside the scope; each blob filled is answered with its file.
+    async fn fill_blobs(
+        &self,
+        req: Request<cpb::FillBlobsRequest>,
+    ) -> Result<Response<Self::FillBlobsStream>, Status> {
+        let blobs = super::fill_blobs::blobs_of(req.get_ref())?;
+        if let Some((d, _)) = blobs.iter().find(|(d, _)| !self.scope.allows_blob(d)) {
+            return Err(outside(format_args!("blob {d}")).into());
+        }
+        for &(d, size) in &blobs {
+            self.prefetch.opened(d, size.unwrap_or(0));
+        }
+        let answers = super::fill_blobs::serve(&self.cache, &blobs)?;
+        let (cache, outbox) = (self.cache.clone(), self.outbox.clone());
+        Ok(Response::new(Box::pin(answers.map(move |a| {
+            let mut a = a?;
+            let Some(&(digest, _)) = blobs.get(a.index as usize).filter(|_| a.done) else {
+                return Ok(a);
+            };
+            // Opened after the fill: an eviction in between is a
+            // NOT_FOUND the reader asks again for.
+            let passed = match cache.open_blob_file(&digest) {
+                Ok(file) => outbox
+                    .push(file.into())
+                    .map_err(|e| Status::resource_exhausted(e.to_string())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Status::not_found(
+                    format!("blob {digest} was evicted at once"),
+                )),
+                Err(e) => Err(Status::internal(format!("opening blob {digest}: {e}"))),
+            };
+            match passed {
+                Ok(seq) => a.fd_seq = seq,
+                Err(s) => {
+                    a.done = false;
+                    a.code = s.code() as i32;
+                    a.message = s.message().to_owned();
+                }
+            }
+            Ok(a)
+        }))))
+    }
 
     /// Not on a tenant's connection: its blobs come as files.
     async fn read_blobs(

@@ -8,8 +8,9 @@
 //! batch that fails is fetched blob by blob.
 //!
 //! Guests' misses of small blobs go in batches too ([`Misses`]): a miss
-//! is asked at once while fewer than [`MISS_BATCHES`] batches are out, and
-//! the misses that come meanwhile wait for the next one. A guest reading
+//! is asked at once while fewer than [`MISS_BATCHES`] batches are out (a
+//! batch counts as out for 100 ms at most), and the misses that come
+//! meanwhile wait for the next one. A guest reading
 //! one file at a time pays nothing for it; 64 readers at once send a few
 //! calls instead of 64.
 use super::flights::{Key, Reporter};
@@ -34,6 +35,9 @@ const BLOBS_PER_SLOT: usize = 4;
 
 /// Batches of guests' misses out at once.
 const MISS_BATCHES: usize = 4;
+/// How long a batch of misses counts as out: one blob the remote trickles
+/// must not hold back every other miss behind its batch.
+const MISS_BATCH_OUT_AT_MOST: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Guests' misses waiting for a batch, and the batches out.
 #[derive(Default)]
@@ -122,11 +126,19 @@ impl Cache {
         q.out += 1;
         let this = self.clone();
         tokio::spawn(async move {
-            this.clone().run_batch(batch, None).await;
+            let run = this.clone().run_batch(batch, None);
+            tokio::pin!(run);
+            let ended = tokio::select! {
+                _ = &mut run => true,
+                _ = tokio::time::sleep(MISS_BATCH_OUT_AT_MOST) => false,
+            };
             if let Ok(f) = this.filler() {
                 let mut q = lock(&f.misses.inner);
                 q.out -= 1;
                 this.send_misses(&mut q);
+            }
+            if !ended {
+                run.await;
             }
         });
     }

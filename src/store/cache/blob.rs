@@ -2,6 +2,7 @@
 //! remote into a temporary file, hashing as it goes, and renames it into
 //! place once digest and size match; nothing is held in memory. A reader
 //! asks the filler for it and then opens the file like any hit.
+use super::fill_batch::Answer;
 use super::flights::{self, Key, Reporter};
 use super::space::cost;
 use super::stats::Kind;
@@ -261,6 +262,15 @@ impl Cache {
             return Err(Error::InvalidRequest("no store to ask".into()));
         };
         self.stats.fill_requests.fetch_add(1, Relaxed);
+        if let Some(b) = r.batches.as_ref().filter(|b| b.takes(size)) {
+            match b.ask(*digest, size.unwrap_or(0)).await {
+                Answer::Done { .. } => return Ok(true),
+                Answer::Missing => return Ok(false),
+                Answer::Failed(e) if is_not_found(&e) => return Ok(false),
+                Answer::Failed(e) => return Err(e),
+                Answer::Alone => {}
+            }
+        }
         let req = pb::FillBlobRequest {
             digest: (*digest).into(),
             size: size.unwrap_or(0),

@@ -21,6 +21,7 @@
 mod batch;
 mod blob;
 mod directory;
+mod fill_batch;
 pub mod flights;
 pub mod looked_at;
 pub mod order;
@@ -167,6 +168,8 @@ struct Reader {
     touches: touches::Touches,
     /// Fills asked ahead of the guest and not yet answered.
     ahead: Arc<tokio::sync::Semaphore>,
+    /// Small blobs' fills, asked many in one call.
+    batches: Option<Arc<fill_batch::FillBatches>>,
 }
 
 /// Fills a reader asks ahead of the guest at once: enough to keep a
@@ -263,12 +266,16 @@ impl Cache {
                     dirs: LocalDirectoryService::open_existing(&root)?,
                     infos: LocalPathInfoService::open_existing(&root)?,
                 };
+                let client = filler.map(|c| {
+                    CacheServiceClient::new(c)
+                        .max_decoding_message_size(crate::store::channel::MAX_MESSAGE_SIZE)
+                });
                 let role = RoleState::Reader(Box::new(Reader {
-                    fills: AtomicBool::new(filler.is_some()),
-                    client: filler.map(|c| {
-                        CacheServiceClient::new(c)
-                            .max_decoding_message_size(crate::store::channel::MAX_MESSAGE_SIZE)
-                    }),
+                    fills: AtomicBool::new(client.is_some()),
+                    batches: client
+                        .clone()
+                        .map(|c| fill_batch::FillBatches::new(c, idle)),
+                    client,
                     touches: touches::Touches::default(),
                     ahead: Arc::new(tokio::sync::Semaphore::new(FILLS_AHEAD)),
                 }));

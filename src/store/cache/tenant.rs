@@ -5,6 +5,7 @@
 //! asked to be filled and arrives as the cache's file, opened read-only by
 //! the host daemon and passed over the socket, which the view checks
 //! against the blob's digest before serving a byte, as any blob.
+use super::fill_batch::{Answer, FillBatches};
 use super::scope::{HANDSHAKE_TIMEOUT, MAGIC, MAX_REPLY_BYTES, MAX_ROOTS_BYTES};
 use crate::castore::B3Digest;
 use crate::host::fd_pass::{FdStream, Inbox};
@@ -141,11 +142,12 @@ pub fn open_store(conn: UnixStream, idle: Duration, fd_limit: usize) -> Result<S
     let blobs = GrpcBlobService::new(ch.clone())
         .with_idle_timeout(idle)
         .with_memfd_spool();
+    let client = CacheServiceClient::new(ch.clone()).max_decoding_message_size(MAX_MESSAGE_SIZE);
     Ok(Store {
         blob: Arc::new(TenantBlobs {
             asker: Asker {
-                client: CacheServiceClient::new(ch.clone())
-                    .max_decoding_message_size(MAX_MESSAGE_SIZE),
+                batches: FillBatches::new(client.clone(), idle),
+                client,
                 inbox,
                 idle,
             },
@@ -179,6 +181,8 @@ struct TenantBlobs {
 #[derive(Clone)]
 struct Asker {
     client: CacheServiceClient<WireChannel>,
+    /// Small blobs' fills, many in one call.
+    batches: Arc<FillBatches>,
     inbox: Arc<Inbox>,
     idle: Duration,
 }
@@ -248,6 +252,17 @@ impl Asker {
     /// The blob's file from the host daemon; `None` when the store lacks
     /// it (or it was evicted as soon as filled).
     async fn ask(&self, digest: &B3Digest, size: Option<u64>) -> Result<Option<std::fs::File>> {
+        if self.batches.takes(size) {
+            match self.batches.ask(*digest, size.unwrap_or(0)).await {
+                Answer::Done { fd_seq } => return self.passed(digest, fd_seq).map(Some),
+                Answer::Missing => return Ok(None),
+                Answer::Failed(Error::Remote(s)) if s.code() == tonic::Code::NotFound => {
+                    return Ok(None)
+                }
+                Answer::Failed(e) => return Err(e),
+                Answer::Alone => {}
+            }
+        }
         let req = pb::FillBlobRequest {
             digest: (*digest).into(),
             size: size.unwrap_or(0),
@@ -269,18 +284,9 @@ impl Asker {
             match tokio::time::timeout(self.idle, stream.message()).await {
                 Err(_) => return Err(stalled(digest, self.idle)),
                 Ok(Ok(Some(p))) if p.done => {
-                    let fd = self
-                        .inbox
-                        .take(p.fd_seq)
-                        .map_err(|e| Error::Protocol(format!("blob {digest}: {e}")))?;
+                    let f = self.passed(digest, p.fd_seq)?;
                     // the end of the stream too: a dropped stream is reset
                     let _ = tokio::time::timeout(self.idle, stream.message()).await;
-                    let f = std::fs::File::from(fd);
-                    if !f.metadata()?.is_file() {
-                        return Err(Error::Protocol(format!(
-                            "blob {digest}: the host daemon passed something not a file"
-                        )));
-                    }
                     return Ok(Some(f));
                 }
                 Ok(Ok(Some(_))) => {}
@@ -292,6 +298,21 @@ impl Asker {
                 Ok(Err(s)) => return not_found(s),
             }
         }
+    }
+
+    /// The file the host daemon passed as its `fd_seq`-th descriptor.
+    fn passed(&self, digest: &B3Digest, fd_seq: u64) -> Result<std::fs::File> {
+        let fd = self
+            .inbox
+            .take(fd_seq)
+            .map_err(|e| Error::Protocol(format!("blob {digest}: {e}")))?;
+        let f = std::fs::File::from(fd);
+        if !f.metadata()?.is_file() {
+            return Err(Error::Protocol(format!(
+                "blob {digest}: the host daemon passed something not a file"
+            )));
+        }
+        Ok(f)
     }
 }
 

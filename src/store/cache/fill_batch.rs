@@ -1,0 +1,215 @@
+//! A per-VM daemon's fills in batches: its guest misses many small files
+//! at once (64 readers, or a directory's files asked ahead), and each was
+//! one `FillBlob` call to the host daemon, a stream of its own on both
+//! sides. Here misses go in `CacheService/FillBlobs` calls instead: one is
+//! sent at once while fewer than [`BATCHES_OUT`] are out (a call counts as
+//! out for [`OUT_AT_MOST`] at most), and the misses that come meanwhile
+//! wait for the next one, so a guest reading one file at a time pays
+//! nothing and 64 at once pay a few calls. The host still
+//! fills each blob as its own flight and answers each as soon as it ends.
+//! A host daemon without the call (an older one) is asked blob by blob.
+use crate::castore::B3Digest;
+use crate::lock;
+use crate::store::channel::WireChannel;
+use crate::store::Error;
+use crate::wire::cache as pb;
+use crate::wire::cache::cache_service_client::CacheServiceClient;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// Largest blob asked in a batch: a larger one's bytes dwarf its call.
+pub(super) const BATCH_FILL_MAX: u64 = 256 << 10;
+/// Blobs in one call (the host answers up to 64).
+const BATCH_FILLS: usize = 32;
+/// Calls out at once.
+const BATCHES_OUT: usize = 4;
+/// How long a call counts as out: one slow blob (a remote that trickles
+/// it) must not hold back every miss behind its batch.
+const OUT_AT_MOST: Duration = Duration::from_millis(100);
+
+/// How a batch answered one blob.
+pub(super) enum Answer {
+    /// In the cache directory; on a tenant's connection, its file is the
+    /// `fd_seq`-th descriptor passed (0 otherwise).
+    Done {
+        fd_seq: u64,
+    },
+    /// The store has no such blob.
+    Missing,
+    Failed(Error),
+    /// Not answered in a batch (the host has no FillBlobs, or the call
+    /// failed as a whole): ask for it alone.
+    Alone,
+}
+
+/// The batches of one connection to the host daemon.
+pub(super) struct FillBatches {
+    client: CacheServiceClient<WireChannel>,
+    idle: Duration,
+    queue: Mutex<Queue>,
+    /// The host answered UNIMPLEMENTED: everything is asked alone.
+    off: AtomicBool,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<Asked>,
+    out: usize,
+}
+
+struct Asked {
+    digest: B3Digest,
+    size: u64,
+    answer: oneshot::Sender<Answer>,
+}
+
+fn stalled(idle: Duration) -> Error {
+    Error::Timeout(format!(
+        "a batch of fills: no answer from the host daemon for {idle:?}"
+    ))
+}
+
+impl FillBatches {
+    pub(super) fn new(client: CacheServiceClient<WireChannel>, idle: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            idle,
+            queue: Mutex::default(),
+            off: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether a fill of a blob of `size` goes in a batch.
+    pub(super) fn takes(&self, size: Option<u64>) -> bool {
+        size.is_some_and(|s| s <= BATCH_FILL_MAX) && !self.off.load(Relaxed)
+    }
+
+    /// Asks for `digest` in the next batch and waits for its answer. Must
+    /// run on a runtime (batches are spawned).
+    pub(super) async fn ask(self: &Arc<Self>, digest: B3Digest, size: u64) -> Answer {
+        let (answer, rx) = oneshot::channel();
+        {
+            let mut q = lock(&self.queue);
+            q.waiting.push(Asked {
+                digest,
+                size,
+                answer,
+            });
+            if q.out < BATCHES_OUT {
+                self.send(&mut q);
+            }
+        }
+        rx.await.unwrap_or(Answer::Alone)
+    }
+
+    fn send(self: &Arc<Self>, q: &mut Queue) {
+        let n = q.waiting.len().min(BATCH_FILLS);
+        if n == 0 {
+            return;
+        }
+        let batch: Vec<Asked> = q.waiting.drain(..n).collect();
+        q.out += 1;
+        let this = self.clone();
+        tokio::spawn(async move {
+            let run = this.run(batch);
+            tokio::pin!(run);
+            let ended = tokio::select! {
+                _ = &mut run => true,
+                _ = tokio::time::sleep(OUT_AT_MOST) => false,
+            };
+            {
+                let mut q = lock(&this.queue);
+                q.out -= 1;
+                this.send(&mut q);
+            }
+            if !ended {
+                run.await;
+            }
+        });
+    }
+
+    async fn run(&self, batch: Vec<Asked>) {
+        let req = pb::FillBlobsRequest {
+            blobs: batch
+                .iter()
+                .map(|a| pb::FillBlobRequest {
+                    digest: a.digest.into(),
+                    size: a.size,
+                })
+                .collect(),
+        };
+        let all = |batch: Vec<Asked>, answer: &dyn Fn() -> Answer| {
+            for a in batch {
+                let _ = a.answer.send(answer());
+            }
+        };
+        let mut stream =
+            match tokio::time::timeout(self.idle, self.client.clone().fill_blobs(req)).await {
+                Ok(Ok(r)) => r.into_inner(),
+                Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {
+                    if !self.off.swap(true, Relaxed) {
+                        tracing::info!("the host daemon has no FillBlobs: filling blob by blob");
+                    }
+                    return all(batch, &|| Answer::Alone);
+                }
+                // asked alone, each gets its own answer (a scope refusing
+                // one blob refuses the whole call)
+                Ok(Err(s)) => {
+                    tracing::debug!("a batch of fills: {}", s.message());
+                    return all(batch, &|| Answer::Alone);
+                }
+                Err(_) => return all(batch, &|| Answer::Failed(stalled(self.idle))),
+            };
+        let mut slots: Vec<Option<Asked>> = batch.into_iter().map(Some).collect();
+        let rest = loop {
+            let done = match tokio::time::timeout(self.idle, stream.message()).await {
+                Err(_) => break Some(stalled(self.idle)),
+                Ok(Ok(Some(d))) => d,
+                Ok(Ok(None)) => break None,
+                Ok(Err(s)) => break Some(Error::from(s)),
+            };
+            if done.alive {
+                continue;
+            }
+            let Some(a) = slots.get_mut(done.index as usize).and_then(Option::take) else {
+                break Some(Error::Protocol(format!(
+                    "the host daemon answered fill {} of a batch twice or unasked",
+                    done.index
+                )));
+            };
+            let answer = if done.done {
+                Answer::Done {
+                    fd_seq: done.fd_seq,
+                }
+            } else if done.missing {
+                Answer::Missing
+            } else {
+                let code = tonic::Code::from(done.code);
+                if code == tonic::Code::Ok {
+                    Answer::Failed(Error::Protocol(format!(
+                        "the host daemon's answer for blob {} says nothing",
+                        a.digest
+                    )))
+                } else {
+                    Answer::Failed(Error::from(tonic::Status::new(code, done.message)))
+                }
+            };
+            let _ = a.answer.send(answer);
+        };
+        // the call ended early: what it did not answer is asked alone,
+        // unless it ended in a timeout (asking again would wait as long)
+        let timed_out = rest.as_ref().is_some_and(Error::is_timeout);
+        if let Some(e) = &rest {
+            tracing::debug!("a batch of fills ended early: {e}");
+        }
+        for a in slots.into_iter().flatten() {
+            let answer = match &rest {
+                Some(e) if timed_out => Answer::Failed(Error::Timeout(e.to_string())),
+                _ => Answer::Alone,
+            };
+            let _ = a.answer.send(answer);
+        }
+    }
+}
