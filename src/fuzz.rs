@@ -884,8 +884,45 @@ async fn cache_fuzz_fill(
     Ok(())
 }
 
+/// One FillBlobs through the service, its answers read to the end; each
+/// blob is answered once.
+async fn cache_fuzz_fills(
+    server: &crate::serve::grpc::CacheServer,
+    req: crate::wire::cache::FillBlobsRequest,
+) -> Result<(), tonic::Status> {
+    use crate::wire::cache::cache_service_server::CacheService;
+    use futures::StreamExt;
+    let asked = req.blobs.len();
+    let mut s = server
+        .fill_blobs(tonic::Request::new(req))
+        .await?
+        .into_inner();
+    let mut answered = vec![false; asked];
+    while let Some(a) = s.next().await {
+        let a = a?;
+        if a.alive {
+            continue;
+        }
+        let slot = answered.get_mut(a.index as usize);
+        assert!(
+            slot.as_ref().is_some_and(|s| !**s),
+            "blob {} answered twice or unasked",
+            a.index
+        );
+        if let Some(s) = slot {
+            *s = true;
+        }
+    }
+    assert!(
+        answered.iter().all(|a| *a),
+        "a blob of the batch went unanswered"
+    );
+    Ok(())
+}
+
 /// The host cache's own service as a compromised per-VM daemon would call
-/// it: frames of a kind byte (even: FillBlob, odd: Touch), a u16 length
+/// it: frames of a kind byte (0 mod 4: FillBlob, 2 mod 4: FillBlobs, odd:
+/// Touch), a u16 length
 /// and the message, decoded and sent to a filler. Whatever they say (sizes
 /// that lie, digests of missing blobs, garbage keys), nothing panics, no
 /// object is evicted (what the remote holds fits the cache many times
@@ -893,7 +930,7 @@ async fn cache_fuzz_fill(
 pub fn cache_service(data: &[u8]) {
     use crate::store::cache::space::cost;
     use crate::wire::cache::cache_service_server::CacheService;
-    use crate::wire::cache::{FillBlobRequest, TouchRequest};
+    use crate::wire::cache::{FillBlobRequest, FillBlobsRequest, TouchRequest};
     use std::sync::atomic::Ordering::Relaxed;
     let f = fixture();
     let fx = cache_fixture();
@@ -907,9 +944,13 @@ pub fn cache_service(data: &[u8]) {
         let msg = &body[..take];
         rest = &body[take..];
         sent += 1;
-        if kind.is_multiple_of(2) {
+        if kind % 4 == 0 {
             if let Ok(req) = FillBlobRequest::decode(msg) {
                 let _ = f.rt.block_on(cache_fuzz_fill(&fx.server, req));
+            }
+        } else if kind % 4 == 2 {
+            if let Ok(req) = FillBlobsRequest::decode(msg) {
+                let _ = f.rt.block_on(cache_fuzz_fills(&fx.server, req));
             }
         } else if let Ok(req) = TouchRequest::decode(msg) {
             let _ = f.rt.block_on(fx.server.touch(tonic::Request::new(req)));
@@ -941,7 +982,7 @@ pub fn cache_service(data: &[u8]) {
 /// blob declaring most of the cache, a missing one declaring more than
 /// the cache, and Touches of the residents and of garbage.
 fn cache_service_seeds() -> Vec<(&'static str, Vec<u8>)> {
-    use crate::wire::cache::{FillBlobRequest, TouchRequest};
+    use crate::wire::cache::{FillBlobRequest, FillBlobsRequest, TouchRequest};
     let fx = cache_fixture();
     let frame = |kind: u8, m: Vec<u8>| {
         let mut out = vec![kind];
@@ -971,6 +1012,26 @@ fn cache_service_seeds() -> Vec<(&'static str, Vec<u8>)> {
     );
     let mut missing = vec![0x77u8; 32];
     missing[0] = 0;
+    let fills = frame(
+        2,
+        FillBlobsRequest {
+            blobs: vec![
+                FillBlobRequest {
+                    digest: bytes::Bytes::copy_from_slice(c.as_bytes()),
+                    size: c_size,
+                },
+                FillBlobRequest {
+                    digest: bytes::Bytes::copy_from_slice(&missing),
+                    size: 3,
+                },
+                FillBlobRequest {
+                    digest: bytes::Bytes::copy_from_slice(&missing),
+                    size: CACHE_FUZZ_MAX * 4,
+                },
+            ],
+        }
+        .encode_to_vec(),
+    );
     let mut all = fill(c.as_bytes(), c_size);
     all.extend(fill(&missing, CACHE_FUZZ_MAX - 4096));
     all.extend(touch.clone());
@@ -979,6 +1040,7 @@ fn cache_service_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("cache_service", fill(&missing, CACHE_FUZZ_MAX - 4096)),
         ("cache_service", fill(&missing, CACHE_FUZZ_MAX * 4)),
         ("cache_service", touch),
+        ("cache_service", fills),
         ("cache_service", all),
     ]
 }
