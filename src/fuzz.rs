@@ -944,7 +944,7 @@ pub fn cache_service(data: &[u8]) {
         let msg = &body[..take];
         rest = &body[take..];
         sent += 1;
-        if kind % 4 == 0 {
+        if kind.is_multiple_of(4) {
             if let Ok(req) = FillBlobRequest::decode(msg) {
                 let _ = f.rt.block_on(cache_fuzz_fill(&fx.server, req));
             }
