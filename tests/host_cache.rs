@@ -2095,7 +2095,7 @@ fn a_guests_many_misses_go_in_fill_batches() {
 
 /// FillBlobs asked directly: each blob answered once by its index (in
 /// the cache, or missing), a slow one kept alive by signs of life while
-/// its bytes arrive, and more than 64 blobs refused.
+/// its bytes arrive; more than 64 blobs, or one twice, refused.
 #[test]
 fn fill_blobs_answers_each_blob() {
     let rt = runtime();
@@ -2168,6 +2168,17 @@ fn fill_blobs_answers_each_blob() {
             .collect(),
     };
     let e = rt.block_on(client.fill_blobs(too_many)).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    let twice = FillBlobsRequest {
+        blobs: vec![
+            FillBlobRequest {
+                digest: missing.into(),
+                size: 1,
+            };
+            2
+        ],
+    };
+    let e = rt.block_on(client.fill_blobs(twice)).unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
 }
 

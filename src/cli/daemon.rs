@@ -455,6 +455,7 @@ pub async fn run(store_args: &StoreArgs, args: DaemonArgs) -> anyhow::Result<()>
                 std::sync::Arc::new(crate::serve::grpc::tenants::Tenants {
                     store: tenant_store.clone(),
                     cache,
+                    bounds: bounds.clone(),
                 })
             });
             let incoming = crate::serve::grpc::tenants::incoming(l, tenants);

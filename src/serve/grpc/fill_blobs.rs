@@ -3,7 +3,8 @@
 //! calls to the host daemon, not 64 streams each costing both sides. Every
 //! blob is still its own flight (one fetch however many ask; the host's
 //! misses go on to the remote in batches of their own) and is answered as
-//! soon as it ends.
+//! soon as it ends. Bounded: 64 distinct blobs a call, 4,096 across the
+//! calls being answered.
 use super::store::digest_arg;
 use crate::castore::B3Digest;
 use crate::store::cache::flights::{Outcome, Progress};
@@ -17,6 +18,12 @@ use tonic::Status;
 
 /// Most blobs one call may ask for.
 pub const MAX_FILLS: usize = 64;
+/// Blobs of all FillBlobs calls being answered at once: a call starts a
+/// fill per blob whether or not its client reads the answers, so calls
+/// beyond this are refused (UNAVAILABLE: the client asks blob by blob,
+/// one stream a fill, as the listener's stream bounds allow).
+const BATCHED_FILLS: usize = 4096;
+static BATCHED: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(BATCHED_FILLS);
 
 pub type DoneStream = BoxStream<'static, Result<pb::FillDone, Status>>;
 
@@ -28,16 +35,30 @@ pub fn blobs_of(req: &pb::FillBlobsRequest) -> Result<Vec<(B3Digest, Option<u64>
             req.blobs.len()
         )));
     }
-    req.blobs
+    let blobs = req
+        .blobs
         .iter()
         .map(|b| Ok((digest_arg(&b.digest)?, (b.size > 0).then_some(b.size))))
-        .collect()
+        .collect::<Result<Vec<_>, Status>>()?;
+    let mut seen = std::collections::HashSet::with_capacity(blobs.len());
+    if let Some((d, _)) = blobs.iter().find(|(d, _)| !seen.insert(*d)) {
+        return Err(Status::invalid_argument(format!(
+            "blob {d} asked twice in one call"
+        )));
+    }
+    Ok(blobs)
 }
 
 /// Starts (or joins) the fill of each of `blobs` and answers each as its
 /// fill ends; while none ends but bytes move, a sign of life at most
 /// every [`super::cache::FILL_PROGRESS_EVERY`].
 pub fn serve(cache: &Arc<Cache>, blobs: &[(B3Digest, Option<u64>)]) -> Result<DoneStream, Status> {
+    let n = u32::try_from(blobs.len()).unwrap_or(u32::MAX);
+    let held = BATCHED.try_acquire_many(n).map_err(|_| {
+        Status::unavailable(format!(
+            "{BATCHED_FILLS} blobs of batched fills are being answered already: ask alone"
+        ))
+    })?;
     let rxs = blobs
         .iter()
         .map(|&(digest, size)| cache.fill_blob(digest, size))
@@ -49,6 +70,7 @@ pub fn serve(cache: &Arc<Cache>, blobs: &[(B3Digest, Option<u64>)]) -> Result<Do
         .map(|(i, rx)| end_of(i as u32, rx))
         .collect();
     let s = async_stream::stream! {
+        let _held = held;
         let mut tick = tokio::time::interval(super::cache::FILL_PROGRESS_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;

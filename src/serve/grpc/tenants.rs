@@ -160,6 +160,9 @@ pub struct Tenants {
     /// The cached store (the filler's view of it).
     pub store: Store,
     pub cache: Arc<Cache>,
+    /// The listener's bounds, which a tenant's connection is held to as
+    /// any other (streams, windows, request bodies).
+    pub bounds: super::bounds::GrpcBounds,
 }
 
 /// Why a handshake failed, told to the client.
@@ -258,7 +261,12 @@ fn serve_scoped(
         prefetch: session,
     };
     let (blobs, directories, path_infos) = server.services();
-    let router = tonic::transport::Server::builder()
+    let router = tenants
+        .bounds
+        .builder()
+        .layer(tower::util::MapRequestLayer::new(
+            tenants.bounds.cap_bodies(),
+        ))
         .add_service(blobs)
         .add_service(directories)
         .add_service(path_infos)

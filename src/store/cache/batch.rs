@@ -9,8 +9,8 @@
 //!
 //! Guests' misses of small blobs go in batches too ([`Misses`]): a miss
 //! is asked at once while fewer than [`MISS_BATCHES`] batches are out (a
-//! batch counts as out for 100 ms at most), and the misses that come
-//! meanwhile wait for the next one. A guest reading
+//! batch counts as out for 100 ms at most, and at most 16 run at once),
+//! and the misses that come meanwhile wait for the next one. A guest reading
 //! one file at a time pays nothing for it; 64 readers at once send a few
 //! calls instead of 64.
 use super::flights::{Key, Reporter};
@@ -48,7 +48,40 @@ pub(super) struct Misses {
 #[derive(Default)]
 struct MissQueue {
     waiting: Vec<Wanted>,
+    /// Batches out (for at most [`MISS_BATCH_OUT_AT_MOST`] each).
     out: usize,
+    /// Batches not ended.
+    running: usize,
+}
+
+/// Batches of misses running at once however long they take.
+const MISS_BATCHES_RUNNING: usize = 16;
+
+/// A batch's places in the counts of [`MissQueue`], given back when its
+/// task ends (or is dropped), and the next batch sent.
+struct MissSlot {
+    cache: Arc<Cache>,
+    out: bool,
+}
+
+impl MissSlot {
+    fn update(&mut self, end: bool) {
+        let Ok(f) = self.cache.filler() else { return };
+        let mut q = lock(&f.misses.inner);
+        if std::mem::take(&mut self.out) {
+            q.out -= 1;
+        }
+        if end {
+            q.running -= 1;
+        }
+        self.cache.send_misses(&mut q);
+    }
+}
+
+impl Drop for MissSlot {
+    fn drop(&mut self) {
+        self.update(true);
+    }
 }
 
 /// Small blobs a walk has met and not asked for yet.
@@ -111,35 +144,36 @@ impl Cache {
             rep,
             done,
         });
-        if q.out < MISS_BATCHES {
-            self.send_misses(&mut q);
-        }
+        self.send_misses(&mut q);
     }
 
-    /// Sends the waiting misses (up to a batch) as one batch.
+    /// Sends the waiting misses (up to a batch) as one batch, if a batch
+    /// may go out now.
     fn send_misses(self: &Arc<Self>, q: &mut MissQueue) {
         let n = q.waiting.len().min(BATCH_BLOBS);
-        if n == 0 {
+        if n == 0 || q.out >= MISS_BATCHES || q.running >= MISS_BATCHES_RUNNING {
             return;
         }
+        // none when the runtime is gone (a slot dropped at shutdown)
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let batch: Vec<Wanted> = q.waiting.drain(..n).collect();
         q.out += 1;
+        q.running += 1;
+        let mut slot = MissSlot {
+            cache: self.clone(),
+            out: true,
+        };
         let this = self.clone();
-        tokio::spawn(async move {
-            let run = this.clone().run_batch(batch, None);
+        rt.spawn(async move {
+            let run = this.run_batch(batch, None);
             tokio::pin!(run);
-            let ended = tokio::select! {
-                _ = &mut run => true,
-                _ = tokio::time::sleep(MISS_BATCH_OUT_AT_MOST) => false,
-            };
-            if let Ok(f) = this.filler() {
-                let mut q = lock(&f.misses.inner);
-                q.out -= 1;
-                this.send_misses(&mut q);
+            tokio::select! {
+                _ = &mut run => return,
+                _ = tokio::time::sleep(MISS_BATCH_OUT_AT_MOST) => slot.update(false),
             }
-            if !ended {
-                run.await;
-            }
+            run.await;
         });
     }
 

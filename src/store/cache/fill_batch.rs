@@ -9,6 +9,7 @@
 //! fills each blob as its own flight and answers each as soon as it ends.
 //! A host daemon without the call (an older one) is asked blob by blob.
 use crate::castore::B3Digest;
+use crate::host::fd_pass::Inbox;
 use crate::lock;
 use crate::store::channel::WireChannel;
 use crate::store::Error;
@@ -28,6 +29,9 @@ const BATCHES_OUT: usize = 4;
 /// How long a call counts as out: one slow blob (a remote that trickles
 /// it) must not hold back every miss behind its batch.
 const OUT_AT_MOST: Duration = Duration::from_millis(100);
+/// Calls running at once however long they take (those past
+/// [`OUT_AT_MOST`] included).
+const RUNNING_AT_MOST: usize = 16;
 
 /// How a batch answered one blob.
 pub(super) enum Answer {
@@ -51,18 +55,55 @@ pub(super) struct FillBatches {
     queue: Mutex<Queue>,
     /// The host answered UNIMPLEMENTED: everything is asked alone.
     off: AtomicBool,
+    /// On a tenant's connection, where passed files arrive: one answered
+    /// to an asker that went is taken and closed, not left there.
+    inbox: Option<Arc<Inbox>>,
 }
 
 #[derive(Default)]
 struct Queue {
-    waiting: Vec<Asked>,
+    waiting: std::collections::VecDeque<Asked>,
+    /// Calls out (for at most [`OUT_AT_MOST`] each).
     out: usize,
+    /// Calls not ended.
+    running: usize,
+}
+
+/// A call's places in the queue's counts, given back when its task ends
+/// (or is dropped), and the next batch sent.
+struct Slot {
+    batches: Arc<FillBatches>,
+    out: bool,
+}
+
+impl Slot {
+    /// The call no longer counts as out (it still runs).
+    fn release_out(&mut self) {
+        if std::mem::take(&mut self.out) {
+            let mut q = lock(&self.batches.queue);
+            q.out -= 1;
+            self.batches.send(&mut q);
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut q = lock(&self.batches.queue);
+        if std::mem::take(&mut self.out) {
+            q.out -= 1;
+        }
+        q.running -= 1;
+        self.batches.send(&mut q);
+    }
 }
 
 struct Asked {
     digest: B3Digest,
     size: u64,
     answer: oneshot::Sender<Answer>,
+    /// Others who asked for the same blob before the call went out.
+    also: Vec<oneshot::Sender<Answer>>,
 }
 
 fn stalled(idle: Duration) -> Error {
@@ -72,12 +113,17 @@ fn stalled(idle: Duration) -> Error {
 }
 
 impl FillBatches {
-    pub(super) fn new(client: CacheServiceClient<WireChannel>, idle: Duration) -> Arc<Self> {
+    pub(super) fn new(
+        client: CacheServiceClient<WireChannel>,
+        idle: Duration,
+        inbox: Option<Arc<Inbox>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             client,
             idle,
             queue: Mutex::default(),
             off: AtomicBool::new(false),
+            inbox,
         })
     }
 
@@ -92,42 +138,86 @@ impl FillBatches {
         let (answer, rx) = oneshot::channel();
         {
             let mut q = lock(&self.queue);
-            q.waiting.push(Asked {
+            q.waiting.push_back(Asked {
                 digest,
                 size,
                 answer,
+                also: Vec::new(),
             });
-            if q.out < BATCHES_OUT {
-                self.send(&mut q);
-            }
+            self.send(&mut q);
         }
         rx.await.unwrap_or(Answer::Alone)
     }
 
+    /// Sends the waiting asks (up to a batch) as one call, if a call may
+    /// go out now; asks whose askers went are dropped, and a digest asked
+    /// twice is asked once (see [`Self::answer`]).
     fn send(self: &Arc<Self>, q: &mut Queue) {
-        let n = q.waiting.len().min(BATCH_FILLS);
-        if n == 0 {
+        if q.out >= BATCHES_OUT || q.running >= RUNNING_AT_MOST {
             return;
         }
-        let batch: Vec<Asked> = q.waiting.drain(..n).collect();
+        // none when the runtime is gone (a slot dropped at shutdown)
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut batch: Vec<Asked> = Vec::new();
+        while batch.len() < BATCH_FILLS {
+            let Some(a) = q.waiting.pop_front() else {
+                break;
+            };
+            if a.answer.is_closed() {
+                continue;
+            }
+            if let Some(b) = batch.iter_mut().find(|b| b.digest == a.digest) {
+                b.also.push(a.answer);
+                continue;
+            }
+            batch.push(a);
+        }
+        if batch.is_empty() {
+            return;
+        }
         q.out += 1;
+        q.running += 1;
+        let mut slot = Slot {
+            batches: self.clone(),
+            out: true,
+        };
         let this = self.clone();
-        tokio::spawn(async move {
+        rt.spawn(async move {
             let run = this.run(batch);
             tokio::pin!(run);
-            let ended = tokio::select! {
-                _ = &mut run => true,
-                _ = tokio::time::sleep(OUT_AT_MOST) => false,
-            };
-            {
-                let mut q = lock(&this.queue);
-                q.out -= 1;
-                this.send(&mut q);
+            tokio::select! {
+                _ = &mut run => return,
+                _ = tokio::time::sleep(OUT_AT_MOST) => slot.release_out(),
             }
-            if !ended {
-                run.await;
-            }
+            run.await;
         });
+    }
+
+    /// Gives `answer` to its asker; a passed file nobody takes is closed.
+    /// Gives `answer` to the first asker still waiting. Others who asked
+    /// for the same blob get the same, but a passed file goes to one
+    /// (they ask alone, as after a failure); a passed file nobody takes is
+    /// closed.
+    fn answer(&self, a: Asked, answer: Answer) {
+        let other = match &answer {
+            Answer::Done { fd_seq: 0 } => || Answer::Done { fd_seq: 0 },
+            Answer::Missing => || Answer::Missing,
+            _ => || Answer::Alone,
+        };
+        let mut left = Some(answer);
+        for waiter in std::iter::once(a.answer).chain(a.also) {
+            match left.take() {
+                Some(answer) => left = waiter.send(answer).err(),
+                None => drop(waiter.send(other())),
+            }
+        }
+        if let (Some(Answer::Done { fd_seq }), Some(inbox)) = (left, &self.inbox) {
+            if fd_seq > 0 {
+                drop(inbox.take(fd_seq));
+            }
+        }
     }
 
     async fn run(&self, batch: Vec<Asked>) {
@@ -142,7 +232,7 @@ impl FillBatches {
         };
         let all = |batch: Vec<Asked>, answer: &dyn Fn() -> Answer| {
             for a in batch {
-                let _ = a.answer.send(answer());
+                self.answer(a, answer());
             }
         };
         let mut stream =
@@ -196,7 +286,7 @@ impl FillBatches {
                     Answer::Failed(Error::from(tonic::Status::new(code, done.message)))
                 }
             };
-            let _ = a.answer.send(answer);
+            self.answer(a, answer);
         };
         // the call ended early: what it did not answer is asked alone,
         // unless it ended in a timeout (asking again would wait as long)
@@ -205,11 +295,12 @@ impl FillBatches {
             tracing::debug!("a batch of fills ended early: {e}");
         }
         for a in slots.into_iter().flatten() {
-            let answer = match &rest {
-                Some(e) if timed_out => Answer::Failed(Error::Timeout(e.to_string())),
-                _ => Answer::Alone,
+            let answer = if timed_out {
+                Answer::Failed(stalled(self.idle))
+            } else {
+                Answer::Alone
             };
-            let _ = a.answer.send(answer);
+            self.answer(a, answer);
         }
     }
 }

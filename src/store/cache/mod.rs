@@ -274,7 +274,7 @@ impl Cache {
                     fills: AtomicBool::new(client.is_some()),
                     batches: client
                         .clone()
-                        .map(|c| fill_batch::FillBatches::new(c, idle)),
+                        .map(|c| fill_batch::FillBatches::new(c, idle, None)),
                     client,
                     touches: touches::Touches::default(),
                     ahead: Arc::new(tokio::sync::Semaphore::new(FILLS_AHEAD)),

@@ -146,7 +146,7 @@ pub fn open_store(conn: UnixStream, idle: Duration, fd_limit: usize) -> Result<S
     Ok(Store {
         blob: Arc::new(TenantBlobs {
             asker: Asker {
-                batches: FillBatches::new(client.clone(), idle),
+                batches: FillBatches::new(client.clone(), idle, Some(inbox.clone())),
                 client,
                 inbox,
                 idle,
