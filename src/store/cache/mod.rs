@@ -155,8 +155,9 @@ struct Filler {
     /// The remote has answered a ReadBlobs: until then a batch holds a
     /// fill slot per blob, as the blob-by-blob fetches it falls back to do.
     batch_answered: AtomicBool,
-    /// Guests' misses of small blobs waiting for a batch.
-    misses: batch::Misses,
+    /// Guests' misses of small blobs waiting for a batch (boxed: the
+    /// filler is most of the role's size).
+    misses: Box<batch::Misses>,
     /// flock'd for as long as we fill: one filler per directory.
     _lock: std::fs::File,
 }
@@ -246,7 +247,7 @@ impl Cache {
                     prefetch: Box::new(prefetch::Prefetcher::new()),
                     batching: AtomicBool::new(filler.is_some()),
                     batch_answered: AtomicBool::new(false),
-                    misses: batch::Misses::default(),
+                    misses: Box::default(),
                     batch: filler.clone().map(|c| {
                         Box::new(
                             CacheServiceClient::new(c)
