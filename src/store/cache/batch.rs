@@ -7,12 +7,9 @@
 //! that has no ReadBlobs (not ours) is asked blob by blob from then on; a
 //! batch that fails is fetched blob by blob.
 //!
-//! Guests' misses of small blobs go in batches too ([`Misses`]): a miss
-//! is asked at once while fewer than [`MISS_BATCHES`] batches are out (a
-//! batch counts as out for 100 ms at most, and at most 16 run at once),
-//! and the misses that come meanwhile wait for the next one. A guest reading
-//! one file at a time pays nothing for it; 64 readers at once send a few
-//! calls instead of 64.
+//! Guests' misses of small blobs go in batches too ([`Misses`]), as many
+//! out at once as [`super::batch_slots`] lets go.
+use super::batch_slots::{self, Counts};
 use super::flights::{Key, Reporter};
 use super::prefetch::{alive, Interest};
 use super::Cache;
@@ -33,12 +30,6 @@ const BATCH_BYTES: u64 = 2 << 20;
 /// Blobs of a batch per prefetch fill slot it takes.
 const BLOBS_PER_SLOT: usize = 4;
 
-/// Batches of guests' misses out at once.
-const MISS_BATCHES: usize = 4;
-/// How long a batch of misses counts as out: one blob the remote trickles
-/// must not hold back every other miss behind its batch.
-const MISS_BATCH_OUT_AT_MOST: std::time::Duration = std::time::Duration::from_millis(100);
-
 /// Guests' misses waiting for a batch, and the batches out.
 #[derive(Default)]
 pub(super) struct Misses {
@@ -48,40 +39,7 @@ pub(super) struct Misses {
 #[derive(Default)]
 struct MissQueue {
     waiting: Vec<Wanted>,
-    /// Batches out (for at most [`MISS_BATCH_OUT_AT_MOST`] each).
-    out: usize,
-    /// Batches not ended.
-    running: usize,
-}
-
-/// Batches of misses running at once however long they take.
-const MISS_BATCHES_RUNNING: usize = 16;
-
-/// A batch's places in the counts of [`MissQueue`], given back when its
-/// task ends (or is dropped), and the next batch sent.
-struct MissSlot {
-    cache: Arc<Cache>,
-    out: bool,
-}
-
-impl MissSlot {
-    fn update(&mut self, end: bool) {
-        let Ok(f) = self.cache.filler() else { return };
-        let mut q = lock(&f.misses.inner);
-        if std::mem::take(&mut self.out) {
-            q.out -= 1;
-        }
-        if end {
-            q.running -= 1;
-        }
-        self.cache.send_misses(&mut q);
-    }
-}
-
-impl Drop for MissSlot {
-    fn drop(&mut self) {
-        self.update(true);
-    }
+    batches: Counts,
 }
 
 /// Small blobs a walk has met and not asked for yet.
@@ -148,32 +106,21 @@ impl Cache {
     }
 
     /// Sends the waiting misses (up to a batch) as one batch, if a batch
-    /// may go out now.
+    /// may go out now (see [`super::batch_slots`]).
     fn send_misses(self: &Arc<Self>, q: &mut MissQueue) {
         let n = q.waiting.len().min(BATCH_BLOBS);
-        if n == 0 || q.out >= MISS_BATCHES || q.running >= MISS_BATCHES_RUNNING {
+        if n == 0 || !q.batches.may_send() {
             return;
         }
-        // none when the runtime is gone (a slot dropped at shutdown)
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let batch: Vec<Wanted> = q.waiting.drain(..n).collect();
-        q.out += 1;
-        q.running += 1;
-        let mut slot = MissSlot {
-            cache: self.clone(),
-            out: true,
-        };
-        let this = self.clone();
-        rt.spawn(async move {
-            let run = this.run_batch(batch, None);
-            tokio::pin!(run);
-            tokio::select! {
-                _ = &mut run => return,
-                _ = tokio::time::sleep(MISS_BATCH_OUT_AT_MOST) => slot.update(false),
+        let (this, back) = (self.clone(), self.clone());
+        let run = async move { this.run_batch(batch, None).await };
+        batch_slots::spawn(&mut q.batches, run, move |r| {
+            if let Ok(f) = back.filler() {
+                let mut q = lock(&f.misses.inner);
+                q.batches.give_back(r);
+                back.send_misses(&mut q);
             }
-            run.await;
         });
     }
 

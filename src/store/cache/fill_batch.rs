@@ -1,13 +1,11 @@
 //! A per-VM daemon's fills in batches: its guest misses many small files
 //! at once (64 readers, or a directory's files asked ahead), and each was
 //! one `FillBlob` call to the host daemon, a stream of its own on both
-//! sides. Here misses go in `CacheService/FillBlobs` calls instead: one is
-//! sent at once while fewer than [`BATCHES_OUT`] are out (a call counts as
-//! out for [`OUT_AT_MOST`] at most), and the misses that come meanwhile
-//! wait for the next one, so a guest reading one file at a time pays
-//! nothing and 64 at once pay a few calls. The host still
+//! sides. Here misses go in `CacheService/FillBlobs` calls instead, as
+//! many out at once as [`super::batch_slots`] lets go. The host still
 //! fills each blob as its own flight and answers each as soon as it ends.
 //! A host daemon without the call (an older one) is asked blob by blob.
+use super::batch_slots::{self, Counts};
 use crate::castore::B3Digest;
 use crate::host::fd_pass::Inbox;
 use crate::lock;
@@ -24,15 +22,6 @@ use tokio::sync::oneshot;
 pub(super) const BATCH_FILL_MAX: u64 = 256 << 10;
 /// Blobs in one call (the host answers up to 64).
 const BATCH_FILLS: usize = 32;
-/// Calls out at once.
-const BATCHES_OUT: usize = 4;
-/// How long a call counts as out: one slow blob (a remote that trickles
-/// it) must not hold back every miss behind its batch.
-const OUT_AT_MOST: Duration = Duration::from_millis(100);
-/// Calls running at once however long they take (those past
-/// [`OUT_AT_MOST`] included).
-const RUNNING_AT_MOST: usize = 16;
-
 /// How a batch answered one blob.
 pub(super) enum Answer {
     /// In the cache directory; on a tenant's connection, its file is the
@@ -63,39 +52,7 @@ pub(super) struct FillBatches {
 #[derive(Default)]
 struct Queue {
     waiting: std::collections::VecDeque<Asked>,
-    /// Calls out (for at most [`OUT_AT_MOST`] each).
-    out: usize,
-    /// Calls not ended.
-    running: usize,
-}
-
-/// A call's places in the queue's counts, given back when its task ends
-/// (or is dropped), and the next batch sent.
-struct Slot {
-    batches: Arc<FillBatches>,
-    out: bool,
-}
-
-impl Slot {
-    /// The call no longer counts as out (it still runs).
-    fn release_out(&mut self) {
-        if std::mem::take(&mut self.out) {
-            let mut q = lock(&self.batches.queue);
-            q.out -= 1;
-            self.batches.send(&mut q);
-        }
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut q = lock(&self.batches.queue);
-        if std::mem::take(&mut self.out) {
-            q.out -= 1;
-        }
-        q.running -= 1;
-        self.batches.send(&mut q);
-    }
+    calls: Counts,
 }
 
 struct Asked {
@@ -153,13 +110,9 @@ impl FillBatches {
     /// go out now; asks whose askers went are dropped, and a digest asked
     /// twice is asked once (see [`Self::answer`]).
     fn send(self: &Arc<Self>, q: &mut Queue) {
-        if q.out >= BATCHES_OUT || q.running >= RUNNING_AT_MOST {
+        if !q.calls.may_send() {
             return;
         }
-        // none when the runtime is gone (a slot dropped at shutdown)
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let mut batch: Vec<Asked> = Vec::new();
         while batch.len() < BATCH_FILLS {
             let Some(a) = q.waiting.pop_front() else {
@@ -177,25 +130,15 @@ impl FillBatches {
         if batch.is_empty() {
             return;
         }
-        q.out += 1;
-        q.running += 1;
-        let mut slot = Slot {
-            batches: self.clone(),
-            out: true,
-        };
-        let this = self.clone();
-        rt.spawn(async move {
-            let run = this.run(batch);
-            tokio::pin!(run);
-            tokio::select! {
-                _ = &mut run => return,
-                _ = tokio::time::sleep(OUT_AT_MOST) => slot.release_out(),
-            }
-            run.await;
+        let (this, back) = (self.clone(), self.clone());
+        let run = async move { this.run(batch).await };
+        batch_slots::spawn(&mut q.calls, run, move |r| {
+            let mut q = lock(&back.queue);
+            q.calls.give_back(r);
+            back.send(&mut q);
         });
     }
 
-    /// Gives `answer` to its asker; a passed file nobody takes is closed.
     /// Gives `answer` to the first asker still waiting. Others who asked
     /// for the same blob get the same, but a passed file goes to one
     /// (they ask alone, as after a failure); a passed file nobody takes is

@@ -19,6 +19,7 @@
 //! every read, blobs before their first byte in the view), so not even a
 //! corrupted cache directory makes a guest read wrong bytes.
 mod batch;
+mod batch_slots;
 mod blob;
 mod directory;
 mod fill_batch;
